@@ -1,0 +1,47 @@
+"""Attach a trained FlashBack LoRA adapter (PEFT) to a base model, checking it belongs to it.
+
+`flashback train` writes, beside the PEFT files, `flashback.json`: the card that says which base
+model and tokenizer the adapter was trained for and how. Training itself lives in train.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flashback.errors import FlashbackError
+
+CARD = "flashback.json"
+
+
+def read_card(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise FlashbackError(f"{path} is not an adapter folder (no adapter_config.json)")
+    card = path / CARD
+    if not card.is_file():
+        return {}
+    try:
+        return json.loads(card.read_text())
+    except json.JSONDecodeError as exc:
+        raise FlashbackError(f"{card} is corrupt: {exc}") from None
+
+
+def attach_adapter(model, tokenizer, path: str | Path, base_name: str):
+    """Wrap `model` in the PEFT adapter at `path`; the tokenizer must already hold the markers."""
+    from peft import PeftModel
+
+    from flashback.model import tokenizer_fingerprint
+
+    card = read_card(path)
+    want = card.get("tokenizer_fingerprint")
+    if want and want != tokenizer_fingerprint(tokenizer):
+        raise FlashbackError(
+            f"adapter {path} was trained for another tokenizer/base model ({card.get('base_model')}), "
+            f"not {base_name}"
+        )
+    try:
+        return PeftModel.from_pretrained(model, str(path))
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FlashbackError(f"cannot load adapter {path} onto {base_name}: {first}") from None

@@ -1,0 +1,235 @@
+"""The `flashback` command: a table of subcommands, each a thin wrapper over the library.
+
+Errors the user can fix (FlashbackError) become one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from flashback.errors import FlashbackError
+from flashback.model import DEFAULT_MODEL, cache_root
+
+DEFAULT_INDEX = cache_root() / "indexes" / "default"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hugging Face model directory or hub id (default: {DEFAULT_MODEL}, installed offline)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", default=None, help=f"index folder (default: {DEFAULT_INDEX})")
+    p.add_argument(
+        "--mode",
+        default="append",
+        choices=["append", "prepend", "none"],
+        help="append = FlashBack, prepend = In-Context RALM, none = no retrieval",
+    )
+    p.add_argument("--stride", type=int, default=16, help="retrieve every N generated tokens (default 16)")
+    p.add_argument("--query-tokens", type=int, default=32, help="query = the last N tokens (default 32)")
+    p.add_argument("--k", type=int, default=1, help="passages per retrieval, concatenated (default 1)")
+    p.add_argument(
+        "--markers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap appended passages in <MARK_L>/<MARK_R> (default: on with an adapter)",
+    )
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder trained with `flashback train`")
+
+
+# ---- index / search ----------------------------------------------------------------------------
+def cmd_index(args: argparse.Namespace) -> int:
+    from flashback.corpus import expand_paths, read_documents, split_passages
+    from flashback.model import load_tokenizer, tokenizer_fingerprint
+    from flashback.retrieval import Index
+
+    start = time.perf_counter()
+    expand_paths(args.corpus)  # fail on a bad path before the slow part
+    if args.chunk_tokens < 1:
+        raise FlashbackError("--chunk-tokens must be at least 1")
+    tokenizer = load_tokenizer(args.model)
+    passages = split_passages(
+        read_documents(args.corpus), tokenizer, args.chunk_tokens, progress=not args.quiet
+    )
+    index = Index.build(
+        passages,
+        tokenizer_name=args.model,
+        fingerprint=tokenizer_fingerprint(tokenizer),
+        chunk_tokens=args.chunk_tokens,
+        sources=args.corpus,
+    )
+    index.save(args.out)
+    m = index.manifest
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "documents": m["num_documents"],
+                "passages": m["num_passages"],
+                "tokens": m["num_tokens"],
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
+    )
+    return 0
+
+
+def _load_index(path: str | None):
+    from flashback.retrieval import Index
+
+    return Index.load(path or DEFAULT_INDEX)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    index = _load_index(args.index)
+    hits = index.search([args.query], args.k)[0]
+    if args.json:
+        print(
+            json.dumps(
+                [{**h.to_json(), "text": index.passage_text(h.index)} for h in hits], ensure_ascii=False
+            )
+        )
+        return 0
+    for rank, h in enumerate(hits, 1):
+        print(f"{rank}. [{h.score:.3f}] {h.id}  {h.title}")
+        print("   " + index.passage_text(h.index)[:300].replace("\n", " ") + "\n")
+    return 0
+
+
+# ---- generate ----------------------------------------------------------------------------------
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file:
+        try:
+            return Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FlashbackError(f"cannot read prompt file {args.prompt_file}: {exc}") from None
+    return args.prompt
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from flashback.generate import GenerationConfig, IndexRetriever, TextStreamer, generate, stream
+    from flashback.model import load_model, tokenizer_fingerprint
+
+    prompt = _read_prompt(args)
+    if not prompt.strip():
+        raise FlashbackError("the prompt is empty")
+    markers = args.markers if args.markers is not None else bool(args.adapter)
+    cfg = GenerationConfig(
+        mode=args.mode,
+        stride=args.stride,
+        query_tokens=args.query_tokens,
+        k=args.k,
+        max_new_tokens=args.max_new_tokens,
+        markers=markers,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    cfg.validate()
+    index = _load_index(args.index) if cfg.mode != "none" else None
+    lm = load_model(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        markers=markers and cfg.mode == "append",
+        adapter=args.adapter,
+    )
+    retriever = None
+    if index is not None:
+        index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
+        if cfg.k > len(index):
+            raise FlashbackError(f"k={cfg.k} is larger than the index ({len(index)} passages)")
+        retriever = IndexRetriever(index)
+    prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if args.json:
+        print(json.dumps(generate(lm, prompt_ids, retriever, cfg).to_json(), ensure_ascii=False))
+        return 0
+    streamer = TextStreamer(lm.tokenizer)
+    for token in stream(lm, prompt_ids, retriever, cfg):
+        sys.stdout.write(streamer.push(token))
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashback",
+        description="FlashBack: retrieval-augmented generation that appends retrieved passages after "
+        "the context and reuses the KV cache, instead of prepending and recomputing.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("index", help="split a corpus into passages and build a BM25 index")
+    p.add_argument("corpus", nargs="+", help=".txt/.md/.rst files, folders, .jsonl(.gz) with id/title/text")
+    p.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model whose tokenizer cuts the passages")
+    p.add_argument(
+        "--chunk-tokens", type=int, default=128, help="passage length in model tokens (default 128)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="show the top BM25 passages for a query")
+    p.add_argument("index", help="index folder")
+    p.add_argument("query")
+    p.add_argument("-k", "--k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print a JSON list of hits")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("generate", help="generate with retrieval (append / prepend / none)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="read the prompt from a file")
+    _add_model_args(p)
+    _add_retrieval_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object: text, retrievals, forward passes, timings"
+    )
+    p.set_defaults(func=cmd_generate)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("flashback: %(levelname)s: %(message)s"))
+    log = logging.getLogger("flashback")
+    log.handlers[:] = [handler]
+    log.propagate = False
+    logging.getLogger("bm25s").setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FlashbackError as exc:
+        print(f"flashback: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flashback: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Read documents from text files and JSON Lines, and split them into passages of N model tokens.
+
+Passages are cut on model tokens (not words) so that a passage appended at generation time
+costs exactly `chunk_tokens` positions, as in the paper. Retrieval lives in retrieval.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from flashback.errors import FlashbackError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str  # "<doc id>#<chunk number>"
+    doc_id: str
+    title: str
+    text: str
+    token_ids: np.ndarray  # (chunk_tokens,) or shorter for a document's last chunk
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.endswith(JSONL_SUFFIXES)
+
+
+def _is_text(path: Path) -> bool:
+    return path.suffix.lower() in TEXT_SUFFIXES
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files named directly plus the readable files found (recursively, sorted) in folders."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and (_is_text(p) or _is_jsonl(p)))
+            if not found:
+                raise FlashbackError(f"{path}: folder holds no .txt/.md/.rst/.jsonl/.jsonl.gz files")
+            files.extend(found)
+        elif path.is_file():
+            if not (_is_text(path) or _is_jsonl(path)):
+                raise FlashbackError(
+                    f"{path}: unsupported file type (use .txt, .md, .rst, .jsonl, .jsonl.gz)"
+                )
+            files.append(path)
+        else:
+            raise FlashbackError(f"{path}: no such file or folder")
+    return files
+
+
+def _read_jsonl(path: Path) -> Iterator[Document]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise FlashbackError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise FlashbackError(f'{path}:{lineno}: expected an object with a string "text" field')
+                doc_id = str(record.get("id", f"{path.name}:{lineno}"))
+                yield Document(id=doc_id, title=str(record.get("title", "")), text=record["text"])
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise FlashbackError(f"{path}: cannot read ({exc})") from None
+
+
+def read_documents(paths: Iterable[str | Path]) -> Iterator[Document]:
+    """Yield every document of the given files and folders; a text file is one document."""
+    for path in expand_paths(paths):
+        if _is_jsonl(path):
+            yield from _read_jsonl(path)
+        else:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise FlashbackError(f"{path}: cannot read ({exc})") from None
+            yield Document(id=str(path), title=path.stem, text=text)
+
+
+def split_passages(
+    documents: Iterable[Document],
+    tokenizer,
+    chunk_tokens: int = 128,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> list[Passage]:
+    """Tokenize documents in batches and cut each into consecutive `chunk_tokens`-token passages."""
+    if chunk_tokens < 1:
+        raise FlashbackError("--chunk-tokens must be at least 1")
+    passages: list[Passage] = []
+    batch: list[Document] = []
+    bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
+
+    def flush() -> None:
+        encoded = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
+        for doc, ids in zip(batch, encoded, strict=True):
+            ids = np.asarray(ids, dtype=np.int32)
+            for n, start in enumerate(range(0, len(ids), chunk_tokens)):
+                chunk = ids[start : start + chunk_tokens]
+                text = tokenizer.decode(chunk.tolist())
+                passages.append(Passage(f"{doc.id}#{n}", doc.id, doc.title, text, chunk))
+        bar.update(len(batch))
+        batch.clear()
+
+    for doc in documents:
+        if doc.text.strip():
+            batch.append(doc)
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    bar.close()
+    return passages

@@ -1,0 +1,284 @@
+"""Retrieval-augmented generation loops: append (FlashBack), prepend (In-Context RALM), none.
+
+Retrieval happens before the first token and then every `stride` generated tokens, with the last
+`query_tokens` tokens of context + generated text as the query.
+
+  append:  [context][<MARK_L> passage <MARK_R>][generated since the last retrieval]
+           At a retrieval the cache is rolled back to the end of the context, the tokens generated
+           since the previous retrieval are encoded as context (without the old passage), and the
+           new passage is appended: stride + passage tokens per retrieval.
+  prepend: [passage][context + generated], recomputed from scratch at every retrieval.
+  none:    [context][generated].
+
+Everything here works on token ids; text appears only in the retrieval query and the streamer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from flashback.cache import KVCache
+from flashback.errors import FlashbackError
+from flashback.model import LoadedModel
+from flashback.retrieval import Hit, Index
+
+log = logging.getLogger("flashback")
+MODES = ("append", "prepend", "none")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    mode: str = "append"
+    stride: int = 16
+    query_tokens: int = 32
+    k: int = 1
+    max_new_tokens: int = 64
+    markers: bool = True  # append mode only: wrap passages in <MARK_L> ... <MARK_R>
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise FlashbackError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        for name in ("stride", "query_tokens", "k", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise FlashbackError(f"{name.replace('_', '-')} must be at least 1")
+        if self.temperature < 0:
+            raise FlashbackError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise FlashbackError("top-p must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    hit: Hit
+    token_ids: np.ndarray
+
+
+class Retriever(Protocol):
+    max_passage_tokens: int
+
+    def __call__(self, query: str, k: int) -> list[Retrieved]: ...
+
+
+class IndexRetriever:
+    """Top-k BM25 passages from an Index, with the model token ids stored at indexing time."""
+
+    def __init__(self, index: Index):
+        self.index = index
+        self.max_passage_tokens = index.chunk_tokens
+
+    def __call__(self, query: str, k: int) -> list[Retrieved]:
+        hits = self.index.search([query], k)[0]
+        return [Retrieved(h, self.index.passage_tokens(h.index)) for h in hits]
+
+
+@dataclass
+class Trace:
+    """What happened during one generation, for --json output and the tests."""
+
+    mode: str
+    prompt_tokens: int = 0
+    dropped_prompt_tokens: int = 0
+    retrievals: list[dict] = field(default_factory=list)
+    forwards: list = field(default_factory=list)
+    retrieval_s: float = 0.0
+    total_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning(message)
+
+    def timings(self) -> dict:
+        by_kind = {"prefill_s": 0.0, "extend_s": 0.0, "decode_s": 0.0}
+        for f in self.forwards:
+            by_kind[f"{f.kind}_s"] += f.seconds
+        return {"retrieval_s": self.retrieval_s, **by_kind, "total_s": self.total_s}
+
+    def to_json(self) -> dict:
+        return {
+            "mode": self.mode,
+            "prompt_tokens": self.prompt_tokens,
+            "dropped_prompt_tokens": self.dropped_prompt_tokens,
+            "retrievals": self.retrievals,
+            "forwards": [f.to_json() for f in self.forwards],
+            "timings": {k: round(v, 6) for k, v in self.timings().items()},
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    trace: Trace
+    config: GenerationConfig
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "config": asdict(self.config),
+            **self.trace.to_json(),
+        }
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy when temperature is 0, else nucleus sampling. logits: (V,)."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def fit_to_positions(
+    prompt: list[int], cfg: GenerationConfig, reserve: int, max_positions: int, trace: Trace
+) -> tuple[list[int], int]:
+    """Keep the most recent prompt tokens so that prompt + passages + new tokens fit the model."""
+    max_new = cfg.max_new_tokens
+    if max_new > max_positions - reserve - 1:
+        max_new = max(1, max_positions - reserve - 1)
+        trace.warn(f"max-new-tokens lowered to {max_new} to fit the model's {max_positions} positions")
+    keep = max_positions - reserve - max_new
+    if len(prompt) > keep:
+        trace.dropped_prompt_tokens = len(prompt) - keep
+        trace.warn(
+            f"prompt too long for the model's {max_positions} positions: kept its last {keep} tokens "
+            f"(dropped {len(prompt) - keep})"
+        )
+        prompt = prompt[-keep:]
+    return prompt, max_new
+
+
+def stream(
+    lm: LoadedModel,
+    prompt_ids: Sequence[int],
+    retriever: Retriever | None,
+    cfg: GenerationConfig,
+    trace: Trace | None = None,
+) -> Iterator[int]:
+    """Check the request, then return an iterator of generated token ids that fills `trace`.
+
+    Validation happens here, before the first token is asked for, so callers can reject bad input
+    before they start streaming.
+    """
+    cfg.validate()
+    trace = trace if trace is not None else Trace(cfg.mode)
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise FlashbackError("the prompt is empty")
+    retrieving = cfg.mode != "none"
+    if retrieving and retriever is None:
+        raise FlashbackError(f"mode {cfg.mode} needs an index to retrieve from")
+    use_markers = cfg.mode == "append" and cfg.markers
+    if use_markers and lm.marker_ids is None:
+        raise FlashbackError(
+            "markers were asked for but the model has no marking tokens (load it with markers)"
+        )
+    reserve = (cfg.k * retriever.max_passage_tokens + 2 * use_markers) if retrieving else 0
+    prompt, max_new = fit_to_positions(prompt, cfg, reserve, lm.max_positions, trace)
+    trace.prompt_tokens = len(prompt)
+    return _loop(lm, prompt, retriever, cfg, max_new, use_markers, trace)
+
+
+def _loop(
+    lm: LoadedModel,
+    prompt: list[int],
+    retriever: Retriever | None,
+    cfg: GenerationConfig,
+    max_new: int,
+    use_markers: bool,
+    trace: Trace,
+) -> Iterator[int]:
+    retrieving = cfg.mode != "none"
+    cache = KVCache(lm.model, lm.device)
+    trace.forwards = cache.forwards
+    banned = list(lm.marker_ids) if lm.marker_ids else []
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    eos = lm.eos_ids
+    generated: list[int] = []
+    absorbed = 0  # generated tokens already encoded as context (append mode)
+    start = time.perf_counter()
+    try:
+        for step in range(max_new):
+            if retrieving and step % cfg.stride == 0:
+                passage = _retrieve(lm, retriever, prompt + generated, cfg, step, trace)
+                if cfg.mode == "append":
+                    if step == 0:
+                        cache.extend(prompt)
+                    else:
+                        cache.rollback(len(prompt) + absorbed)
+                    new_context = generated[absorbed:]
+                    absorbed = len(generated)
+                    if use_markers:
+                        passage = [lm.marker_ids[0], *passage, lm.marker_ids[1]]
+                    logits = cache.extend(new_context + passage)
+                else:  # prepend: the prefix changed, so nothing cached is valid any more
+                    cache.reset()
+                    logits = cache.extend(passage + prompt + generated)
+            elif step == 0:
+                logits = cache.extend(prompt)
+            else:
+                logits = cache.extend(generated[-1:])
+            if banned:
+                logits[banned] = float("-inf")
+            token = sample(logits, cfg.temperature, cfg.top_p, generator)
+            generated.append(token)
+            yield token
+            if token in eos:
+                break
+    finally:
+        trace.total_s = time.perf_counter() - start
+
+
+def _retrieve(
+    lm: LoadedModel, retriever: Retriever, history: list[int], cfg: GenerationConfig, step: int, trace: Trace
+) -> list[int]:
+    t0 = time.perf_counter()
+    query = lm.tokenizer.decode(history[-cfg.query_tokens :])
+    found = retriever(query, cfg.k)
+    trace.retrieval_s += time.perf_counter() - t0
+    trace.retrievals.append({"step": step, "query": query, "passages": [r.hit.to_json() for r in found]})
+    # Concatenated in rank order (best first), as the paper does for k > 1.
+    return [int(t) for r in found for t in r.token_ids]
+
+
+def generate(
+    lm: LoadedModel, prompt_ids: Sequence[int], retriever: Retriever | None, cfg: GenerationConfig
+) -> GenerationResult:
+    trace = Trace(cfg.mode)
+    tokens = list(stream(lm, prompt_ids, retriever, cfg, trace))
+    text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
+    return GenerationResult(text=text, token_ids=tokens, trace=trace, config=cfg)
+
+
+class TextStreamer:
+    """Turns a token stream into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.emitted = 0
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece
