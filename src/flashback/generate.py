@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -169,6 +169,7 @@ def stream(
     retriever: Retriever | None,
     cfg: GenerationConfig,
     trace: Trace | None = None,
+    observe: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Iterator[int]:
     """Check the request, then return an iterator of generated token ids that fills `trace`.
 
@@ -191,7 +192,7 @@ def stream(
     reserve = (cfg.k * retriever.max_passage_tokens + 2 * use_markers) if retrieving else 0
     prompt, max_new = fit_to_positions(prompt, cfg, reserve, lm.max_positions, trace)
     trace.prompt_tokens = len(prompt)
-    return _loop(lm, prompt, retriever, cfg, max_new, use_markers, trace)
+    return _loop(lm, prompt, retriever, cfg, max_new, use_markers, trace, observe)
 
 
 def _loop(
@@ -202,11 +203,12 @@ def _loop(
     max_new: int,
     use_markers: bool,
     trace: Trace,
+    observe: Callable[[int, torch.Tensor], None] | None,
 ) -> Iterator[int]:
     retrieving = cfg.mode != "none"
     cache = KVCache(lm.model, lm.device)
     trace.forwards = cache.forwards
-    banned = list(lm.marker_ids) if lm.marker_ids else []
+    banned = torch.tensor(lm.marker_ids if lm.marker_ids else [], dtype=torch.long, device=lm.device)
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -235,8 +237,10 @@ def _loop(
                 logits = cache.extend(prompt)
             else:
                 logits = cache.extend(generated[-1:])
-            if banned:
-                logits[banned] = float("-inf")
+            if observe is not None:  # tests compare these with a from-scratch recomputation
+                observe(step, logits)
+            if len(banned):
+                logits = logits.index_fill(0, banned, float("-inf"))  # never emit a marker
             token = sample(logits, cfg.temperature, cfg.top_p, generator)
             generated.append(token)
             yield token

