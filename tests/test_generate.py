@@ -119,9 +119,8 @@ def test_result_json_has_text_retrievals_forwards_timings(tiny_lm, index):
     first = out["retrievals"][0]
     assert first["query"] == tiny_lm.tokenizer.decode(prompt[-32:])
     assert set(first["passages"][0]) == {"id", "doc_id", "title", "score"}
-    assert (
-        len(out["forwards"]) == 20 + 1
-    )  # prefill + one pass per token (the retrieval at 16 replaces a decode)
+    # step 0: prefill + passage; then one pass per token (the retrieval at step 16 replaces a decode)
+    assert len(out["forwards"]) == 2 + 19
     assert set(out["timings"]) == {"retrieval_s", "prefill_s", "extend_s", "decode_s", "total_s"}
 
 
