@@ -9,9 +9,7 @@ from flashback.errors import FlashbackError
 from flashback.generate import GenerationConfig, IndexRetriever, Trace, generate, stream
 from flashback.retrieval import Index
 
-PROMPT = (
-    "Garbage collection frees memory. A lambda expression creates a function and a socket binds to a port"
-)
+PROMPT = "Garbage collection frees memory. A lambda expression creates a function and a socket binds to a port"
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +46,7 @@ def naive_layout(
 
 
 def run(lm, index, mode, markers=True, max_new=40, stride=16, k=1):
-    cfg = GenerationConfig(
-        mode=mode, stride=stride, query_tokens=32, k=k, max_new_tokens=max_new, markers=markers
-    )
+    cfg = GenerationConfig(mode=mode, stride=stride, query_tokens=32, k=k, max_new_tokens=max_new, markers=markers)
     prompt = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     trace = Trace(mode)
     seen: dict[int, torch.Tensor] = {}

@@ -37,8 +37,7 @@ def attach_adapter(model, tokenizer, path: str | Path, base_name: str):
     want = card.get("tokenizer_fingerprint")
     if want and want != tokenizer_fingerprint(tokenizer):
         raise FlashbackError(
-            f"adapter {path} was trained for another tokenizer/base model ({card.get('base_model')}), "
-            f"not {base_name}"
+            f"adapter {path} was trained for another tokenizer/base model ({card.get('base_model')}), not {base_name}"
         )
     try:
         return PeftModel.from_pretrained(model, str(path))

@@ -59,9 +59,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.chunk_tokens < 1:
         raise FlashbackError("--chunk-tokens must be at least 1")
     tokenizer = load_tokenizer(args.model)
-    passages = split_passages(
-        read_documents(args.corpus), tokenizer, args.chunk_tokens, progress=not args.quiet
-    )
+    passages = split_passages(read_documents(args.corpus), tokenizer, args.chunk_tokens, progress=not args.quiet)
     index = Index.build(
         passages,
         tokenizer_name=args.model,
@@ -95,11 +93,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     index = _load_index(args.index)
     hits = index.search([args.query], args.k)[0]
     if args.json:
-        print(
-            json.dumps(
-                [{**h.to_json(), "text": index.passage_text(h.index)} for h in hits], ensure_ascii=False
-            )
-        )
+        print(json.dumps([{**h.to_json(), "text": index.passage_text(h.index)} for h in hits], ensure_ascii=False))
         return 0
     for rank, h in enumerate(hits, 1):
         print(f"{rank}. [{h.score:.3f}] {h.id}  {h.title}")
@@ -175,9 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("corpus", nargs="+", help=".txt/.md/.rst files, folders, .jsonl(.gz) with id/title/text")
     p.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model whose tokenizer cuts the passages")
-    p.add_argument(
-        "--chunk-tokens", type=int, default=128, help="passage length in model tokens (default 128)"
-    )
+    p.add_argument("--chunk-tokens", type=int, default=128, help="passage length in model tokens (default 128)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)
 

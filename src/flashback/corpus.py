@@ -57,9 +57,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
             files.extend(found)
         elif path.is_file():
             if not (_is_text(path) or _is_jsonl(path)):
-                raise FlashbackError(
-                    f"{path}: unsupported file type (use .txt, .md, .rst, .jsonl, .jsonl.gz)"
-                )
+                raise FlashbackError(f"{path}: unsupported file type (use .txt, .md, .rst, .jsonl, .jsonl.gz)")
             files.append(path)
         else:
             raise FlashbackError(f"{path}: no such file or folder")

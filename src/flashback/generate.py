@@ -186,9 +186,7 @@ def stream(
         raise FlashbackError(f"mode {cfg.mode} needs an index to retrieve from")
     use_markers = cfg.mode == "append" and cfg.markers
     if use_markers and lm.marker_ids is None:
-        raise FlashbackError(
-            "markers were asked for but the model has no marking tokens (load it with markers)"
-        )
+        raise FlashbackError("markers were asked for but the model has no marking tokens (load it with markers)")
     reserve = (cfg.k * retriever.max_passage_tokens + 2 * use_markers) if retrieving else 0
     prompt, max_new = fit_to_positions(prompt, cfg, reserve, lm.max_positions, trace)
     trace.prompt_tokens = len(prompt)

