@@ -157,6 +157,53 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- bench ---------------------------------------------------------------------------------------
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("expected positive integers")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from flashback.bench import BenchConfig, format_table, plot, run_bench
+    from flashback.model import load_model, tokenizer_fingerprint
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    bc = BenchConfig(
+        context_lengths=args.context_lengths,
+        new_tokens=args.new_tokens,
+        stride=args.stride,
+        passage_tokens=args.passage_tokens,
+        k=args.k,
+        repeats=args.repeats,
+        markers=args.markers,
+        lora_overhead=not args.no_lora,
+    )
+    for name in ("new_tokens", "stride", "passage_tokens", "k", "repeats"):
+        if getattr(bc, name) < 1:
+            raise FlashbackError(f"--{name.replace('_', '-')} must be at least 1")
+    index = _load_index(args.index) if args.index else None
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=args.markers)
+    if index is not None:
+        index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
+    else:
+        print("flashback: passages are random tokens (no --index given)", file=sys.stderr)
+    result = run_bench(lm, bc, index, progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashback",
@@ -194,6 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object: text, retrievals, forward passes, timings"
     )
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="time append vs prepend generation across context lengths")
+    _add_model_args(p)
+    p.add_argument("--index", default=None, help="retrieve real passages from this index (default: random tokens)")
+    p.add_argument("--context-lengths", type=_int_list, default=(512, 1024, 2048, 4096))
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--passage-tokens", type=int, default=128, help="random-passage length (without --index)")
+    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--markers", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--no-lora", action="store_true", help="skip the unmerged-vs-merged LoRA measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", help="write every row to this JSON file")
+    p.add_argument("--plot", help="draw time vs context length to this PNG")
+    p.set_defaults(func=cmd_bench)
 
     return parser
 

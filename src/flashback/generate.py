@@ -44,6 +44,7 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    stop_at_eos: bool = True  # benchmarks turn this off to generate a fixed number of tokens
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -242,7 +243,7 @@ def _loop(
             token = sample(logits, cfg.temperature, cfg.top_p, generator)
             generated.append(token)
             yield token
-            if token in eos:
+            if cfg.stop_at_eos and token in eos:
                 break
     finally:
         trace.total_s = time.perf_counter() - start

@@ -1,0 +1,307 @@
+"""Runtime of append (FlashBack) vs prepend (In-Context RALM) generation across context lengths.
+
+For each context length both modes generate the same number of tokens with the same retrieval
+schedule; runs are interleaved (the order alternates each repeat) after a warm-up, and medians are
+reported. Beside each measured speedup stands the FLOP-model limit, computed from the forward
+passes the two runs actually made, so a reader sees how close the implementation gets.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flashback.cache import KVCache
+from flashback.errors import FlashbackError
+from flashback.generate import GenerationConfig, IndexRetriever, Retrieved, generate
+from flashback.model import LoadedModel
+from flashback.retrieval import Hit, Index
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    context_lengths: tuple[int, ...] = (512, 1024, 2048, 4096)
+    new_tokens: int = 128
+    stride: int = 16
+    passage_tokens: int = 128
+    query_tokens: int = 32
+    k: int = 1
+    repeats: int = 3
+    markers: bool = True
+    lora_overhead: bool = True  # also time an unmerged LoRA adapter vs merged weights
+    seed: int = 0
+
+
+class RandomRetriever:
+    """Random-token passages: measures the model side alone when no index is given."""
+
+    def __init__(self, vocab_size: int, passage_tokens: int, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.vocab_size = vocab_size
+        self.max_passage_tokens = passage_tokens
+
+    def __call__(self, query: str, k: int) -> list[Retrieved]:
+        return [
+            Retrieved(
+                Hit(-1, f"random#{i}", "random", "", 0.0),
+                self.rng.integers(0, self.vocab_size, self.max_passage_tokens, dtype=np.int64),
+            )
+            for i in range(k)
+        ]
+
+
+def flops(model: torch.nn.Module, n: int, cached: int) -> float:
+    """FLOP model of one forward of n new tokens over `cached` tokens (logits for the last one only).
+
+    2·P·n for the weights (P without the embedding lookup) + 4·layers·width·(n·c + n²/2) for attention.
+    """
+    cfg = model.config
+    width, layers = cfg.hidden_size, cfg.num_hidden_layers
+    emb = model.get_input_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - emb * (1 if cfg.tie_word_embeddings else 2)
+    return 2 * body * n + 2 * emb + 4 * layers * width * (n * cached + n * n / 2)
+
+
+def trace_flops(model, forwards) -> float:
+    return sum(flops(model, f.tokens, f.cache_len - f.tokens) for f in forwards)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def context_tokens(lm: LoadedModel, length: int, index: Index | None, seed: int) -> list[int]:
+    """Real text (consecutive index passages) when an index is given, else random tokens."""
+    if index is not None:
+        ids = index.token_ids[:length].tolist()
+        if len(ids) < length:
+            raise FlashbackError(f"the index holds fewer than {length} tokens for a context")
+        return ids
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, len(lm.tokenizer) - 2, length).tolist()
+
+
+def _run(lm, context, retriever, cfg: GenerationConfig) -> dict:
+    _sync(lm.device)
+    t0 = time.perf_counter()
+    result = generate(lm, context, retriever, cfg)
+    _sync(lm.device)
+    wall = time.perf_counter() - t0
+    trace = result.trace
+    if len(result.token_ids) != cfg.max_new_tokens or trace.dropped_prompt_tokens:
+        raise FlashbackError("benchmark run was cut short (context too long for the model?)")
+    steps = [f.seconds for f in trace.forwards if f.kind != "decode"]
+    return {
+        "wall_s": wall,
+        **trace.timings(),
+        "retrievals": len(trace.retrievals),
+        # retrieval steps after the first: the first one includes the context prefill in both modes
+        "step_s": steps[2:] if cfg.mode == "append" else steps[1:],
+        "retrieval_each_s": trace.retrieval_s / max(1, len(trace.retrievals)),
+        "flops": trace_flops(lm.model, trace.forwards),
+    }
+
+
+def bare_extend_seconds(lm: LoadedModel, context: list[int], n: int, repeats: int) -> float:
+    """Median time of one forward of n tokens against the context's cache, then rolled back."""
+    cache = KVCache(lm.model, lm.device)
+    cache.extend(context)
+    ids = context[:n]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        cache.extend(ids)
+        _sync(lm.device)
+        times.append(time.perf_counter() - t0)
+        cache.rollback(len(context))
+    return statistics.median(times)
+
+
+def _summary(values: Sequence[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run_bench(
+    lm: LoadedModel, bc: BenchConfig, index: Index | None = None, progress: Callable[[str], None] = lambda s: None
+) -> dict:
+    retriever = (
+        IndexRetriever(index)
+        if index is not None
+        else RandomRetriever(len(lm.tokenizer) - 2, bc.passage_tokens, bc.seed)
+    )
+    passage = retriever.max_passage_tokens
+    markers = bc.markers and lm.marker_ids is not None
+    rows = []
+    for length in bc.context_lengths:
+        if length + bc.new_tokens + bc.k * passage + 2 > lm.max_positions:
+            raise FlashbackError(f"context length {length} does not fit the model's {lm.max_positions} positions")
+        context = context_tokens(lm, length, index, bc.seed)
+        cfgs = {
+            m: GenerationConfig(
+                mode=m,
+                stride=bc.stride,
+                query_tokens=bc.query_tokens,
+                k=bc.k,
+                max_new_tokens=bc.new_tokens,
+                markers=markers,
+                stop_at_eos=False,
+            )
+            for m in ("append", "prepend")
+        }
+        progress(f"L={length}: warm-up")
+        for mode in cfgs:
+            _run(lm, context, retriever, cfgs[mode])
+        runs: dict[str, list[dict]] = {"append": [], "prepend": []}
+        for r in range(bc.repeats):
+            for mode in ("append", "prepend") if r % 2 == 0 else ("prepend", "append"):
+                progress(f"L={length}: {mode} run {r + 1}/{bc.repeats}")
+                runs[mode].append(_run(lm, context, retriever, cfgs[mode]))
+        bare = bare_extend_seconds(lm, context, bc.stride + bc.k * passage + 2 * markers, max(3, bc.repeats))
+        row = {"context_length": length, "new_tokens": bc.new_tokens}
+        for mode, rs in runs.items():
+            wall = _summary([x["wall_s"] for x in rs])
+            row[mode] = {
+                "wall_s": wall,
+                "tokens_per_s": bc.new_tokens / wall["median"],
+                "breakdown_s": {
+                    k: statistics.median(x[k] for x in rs) for k in ("retrieval_s", "prefill_s", "extend_s", "decode_s")
+                },
+                "retrieval_step_s": statistics.median(s + x["retrieval_each_s"] for x in rs for s in x["step_s"]),
+                "decode_ms_per_token": 1000
+                * statistics.median(x["decode_s"] for x in rs)
+                / (bc.new_tokens - rs[0]["retrievals"]),
+                "flops": rs[0]["flops"],
+            }
+        a, p = row["append"], row["prepend"]
+        row["speedup"] = p["wall_s"]["median"] / a["wall_s"]["median"]
+        row["flop_limit_speedup"] = p["flops"] / a["flops"]
+        row["step_speedup"] = p["retrieval_step_s"] / a["retrieval_step_s"]
+        row["step_flop_limit"] = flops(lm.model, length + bc.k * passage, 0) / flops(
+            lm.model, bc.stride + bc.k * passage + 2 * markers, length
+        )
+        row["bare_extend_s"] = bare
+        row["append_step_over_bare"] = a["retrieval_step_s"] / bare
+        rows.append(row)
+        progress(f"L={length}: speedup {row['speedup']:.2f}x (FLOP limit {row['flop_limit_speedup']:.2f}x)")
+    out = {
+        "model": lm.name,
+        "device": str(lm.device),
+        "dtype": str(next(lm.model.parameters()).dtype),
+        "threads": torch.get_num_threads(),
+        "passages": "index" if index is not None else "random tokens",
+        "config": bc.__dict__,
+        "rows": rows,
+    }
+    if bc.lora_overhead:
+        out["lora"] = lora_overhead(lm, bc, retriever, progress)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if lm.device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(lm.device) / 2**20
+    return out
+
+
+def lora_overhead(lm: LoadedModel, bc: BenchConfig, retriever, progress) -> dict:
+    """Append-mode generation with an unmerged LoRA adapter (r=16 on q,v) vs the same merged."""
+    from peft import LoraConfig, get_peft_model
+
+    length = min(bc.context_lengths[-1], 2048)
+    context = context_tokens(lm, length, getattr(retriever, "index", None), bc.seed)
+    cfg = GenerationConfig(
+        mode="append",
+        stride=bc.stride,
+        k=bc.k,
+        max_new_tokens=bc.new_tokens,
+        markers=lm.marker_ids is not None and bc.markers,
+        stop_at_eos=False,
+    )
+    base = lm.model
+    peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+    peft_model.eval()
+    try:
+        unmerged = LoadedModel(peft_model, lm.tokenizer, lm.name, lm.device, lm.marker_ids)
+        times = {"unmerged": [], "merged": []}
+        _run(unmerged, context, retriever, cfg)
+        for r in range(bc.repeats):
+            progress(f"LoRA overhead: run {r + 1}/{bc.repeats}")
+            times["unmerged"].append(_run(unmerged, context, retriever, cfg)["wall_s"])
+        peft_model.merge_adapter()
+        _run(unmerged, context, retriever, cfg)
+        for _ in range(bc.repeats):
+            times["merged"].append(_run(unmerged, context, retriever, cfg)["wall_s"])
+        peft_model.unmerge_adapter()
+    finally:
+        lm.model = peft_model.unload()  # the plain base model again
+    um, m = statistics.median(times["unmerged"]), statistics.median(times["merged"])
+    return {"context_length": length, "unmerged_s": um, "merged_s": m, "overhead": um / m - 1}
+
+
+def format_table(result: dict) -> str:
+    head = (
+        "| L | append s (min-max) | prepend s (min-max) | speedup | FLOP limit | step append s | "
+        "step prepend s | step speedup | step FLOP limit | append step / bare fwd | decode ms/tok |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    for r in result["rows"]:
+        a, p = r["append"], r["prepend"]
+        lines.append(
+            f"| {r['context_length']} | {a['wall_s']['median']:.2f} ({a['wall_s']['min']:.2f}-{a['wall_s']['max']:.2f})"
+            f" | {p['wall_s']['median']:.2f} ({p['wall_s']['min']:.2f}-{p['wall_s']['max']:.2f})"
+            f" | {r['speedup']:.2f}x | {r['flop_limit_speedup']:.2f}x | {a['retrieval_step_s']:.3f}"
+            f" | {p['retrieval_step_s']:.3f} | {r['step_speedup']:.2f}x | {r['step_flop_limit']:.2f}x"
+            f" | {r['append_step_over_bare']:.2f} | {a['decode_ms_per_token']:.1f} |"
+        )
+    lines.append("")
+    lines.append("| L | mode | retrieval s | prefill s | extend s | decode s | tokens/s |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        for mode in ("append", "prepend"):
+            b = r[mode]["breakdown_s"]
+            lines.append(
+                f"| {r['context_length']} | {mode} | {b['retrieval_s']:.3f} | {b['prefill_s']:.2f} | "
+                f"{b['extend_s']:.2f} | {b['decode_s']:.2f} | {r[mode]['tokens_per_s']:.1f} |"
+            )
+    if "lora" in result:
+        lo = result["lora"]
+        lines.append("")
+        lines.append(
+            f"LoRA (r=16, q/v) at L={lo['context_length']}: unmerged {lo['unmerged_s']:.2f} s, "
+            f"merged {lo['merged_s']:.2f} s, overhead {100 * lo['overhead']:.1f}%"
+        )
+    lines.append(
+        f"peak RSS {result['peak_rss_mb']:.0f} MB; passages: {result['passages']}; "
+        f"{result['threads']} threads; {result['device']} {result['dtype']}"
+    )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [r["context_length"] for r in result["rows"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode, style in (("prepend", "o-"), ("append", "s-")):
+        med = [r[mode]["wall_s"]["median"] for r in result["rows"]]
+        lo = [r[mode]["wall_s"]["median"] - r[mode]["wall_s"]["min"] for r in result["rows"]]
+        hi = [r[mode]["wall_s"]["max"] - r[mode]["wall_s"]["median"] for r in result["rows"]]
+        label = "prepend (In-Context RALM)" if mode == "prepend" else "append (FlashBack)"
+        ax.errorbar(lengths, med, yerr=[lo, hi], fmt=style, capsize=3, label=label)
+    cfg = result["config"]
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(f"seconds for {cfg['new_tokens']} new tokens")
+    ax.set_title(f"{result['model']} on {result['device']}, stride {cfg['stride']}, passage {cfg['passage_tokens']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
