@@ -204,6 +204,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve ---------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from flashback.server import ServerLimits, create_app
+    except ImportError:
+        raise FlashbackError("the server needs its extras: pip install 'flashback[server]'") from None
+    from flashback.generate import IndexRetriever
+    from flashback.model import load_model, tokenizer_fingerprint
+
+    index = _load_index(args.index)
+    markers = args.markers if args.markers is not None else bool(args.adapter)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=markers, adapter=args.adapter)
+    index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
+    limits = ServerLimits(
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_active=args.max_active
+    )
+    app = create_app(lm, IndexRetriever(index), limits, markers=markers)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flashback",
@@ -257,6 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write every row to this JSON file")
     p.add_argument("--plot", help="draw time vs context length to this PNG")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP completions with FlashBack retrieval")
+    _add_model_args(p)
+    p.add_argument("--index", default=None, help=f"index folder (default: {DEFAULT_INDEX})")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder trained with `flashback train`")
+    p.add_argument(
+        "--markers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="append-mode marking tokens (default: on with an adapter)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-prompt-tokens", type=int, default=4096)
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-active", type=int, default=8, help="generations in flight; more requests wait")
+    p.set_defaults(func=cmd_serve)
 
     return parser
 

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flashback.bench import BenchConfig, flops, format_table, run_bench
+from flashback.cli import main
+from flashback.errors import FlashbackError
+
+
+def test_flop_model_matches_the_formula(tiny_lm):
+    model = tiny_lm.model
+    cfg = model.config
+    emb = model.get_input_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - emb
+    n, c = 10, 100
+    want = 2 * body * n + 2 * emb + 4 * cfg.num_hidden_layers * cfg.hidden_size * (n * c + n * n / 2)
+    assert flops(model, n, c) == pytest.approx(want)
+    assert flops(model, 1, 1000) > flops(model, 1, 10)  # attention grows with the cache
+
+
+def test_bench_rows_and_flop_limits(tiny_lm):
+    bc = BenchConfig(
+        context_lengths=(32, 256), new_tokens=32, stride=8, passage_tokens=16, repeats=1, lora_overhead=False
+    )
+    result = run_bench(tiny_lm, bc)
+    assert [r["context_length"] for r in result["rows"]] == [32, 256]
+    short, long = result["rows"]
+    for row in result["rows"]:
+        for mode in ("append", "prepend"):
+            wall = row[mode]["wall_s"]
+            assert 0 < wall["min"] <= wall["median"] <= wall["max"]
+        assert row["speedup"] > 0 and row["bare_extend_s"] > 0
+    # Prepend re-encodes the context at each of the 4 retrievals; append encodes it once.
+    assert long["flop_limit_speedup"] > short["flop_limit_speedup"] > 1
+    assert long["step_flop_limit"] > 4
+    assert "| 256 |" in format_table(result)
+
+
+def test_bench_rejects_contexts_beyond_the_model(tiny_lm):
+    with pytest.raises(FlashbackError, match="does not fit"):
+        run_bench(tiny_lm, BenchConfig(context_lengths=(500,), new_tokens=64, repeats=1, lora_overhead=False))
+
+
+def test_bench_cli_writes_json_and_plot(capsys, tiny_model_dir, tmp_path):
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(tiny_model_dir),
+            "--context-lengths",
+            "64",
+            "--new-tokens",
+            "16",
+            "--stride",
+            "8",
+            "--passage-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--json",
+            str(tmp_path / "b.json"),
+            "--plot",
+            str(tmp_path / "b.png"),
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0 and "random tokens" in err
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["rows"][0]["context_length"] == 64 and "lora" in data
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
