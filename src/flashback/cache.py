@@ -15,6 +15,69 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from flashback.errors import FlashbackError
+
+
+class GrowableLayer(DynamicLayer):
+    """A DynamicLayer that writes into preallocated buffers instead of concatenating.
+
+    DynamicLayer appends with torch.cat, which copies the whole cache at every decoded token (about
+    a quarter of a decode step at 2k tokens on CPU for SmolLM2). Here capacity doubles when full, new
+    states are written in place, and `keys` / `values` are views of the filled part, so a crop is
+    just a shorter view.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._k = self._v = None
+        self._len = 0
+
+    def _reserve(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        capacity = 0 if self._k is None else self._k.shape[-2]
+        if needed <= capacity:
+            return
+        size = max(needed, 2 * capacity, 256)
+        k = like_k.new_empty((*like_k.shape[:-2], size, like_k.shape[-1]))
+        v = like_v.new_empty((*like_v.shape[:-2], size, like_v.shape[-1]))
+        if self._len:
+            k[..., : self._len, :] = self._k[..., : self._len, :]
+            v[..., : self._len, :] = self._v[..., : self._len, :]
+        self._k, self._v = k, v
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        self._reserve(self._len + n, key_states, value_states)
+        self._k[..., self._len : self._len + n, :] = key_states
+        self._v[..., self._len : self._len + n, :] = value_states
+        self._len += n
+        self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to drop")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self._len = max(0, self._len + tokens_to_remove)
+        self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        self._len = 0
+        super().reset()
+
+
+def new_cache(config) -> DynamicCache:
+    """A DynamicCache whose full-attention layers are GrowableLayers."""
+    cache = DynamicCache(config=config)
+    if any(layer.is_sliding for layer in cache.layers):
+        raise FlashbackError("sliding-window attention models are not supported: their cache cannot be rolled back")
+    cache.layers = [GrowableLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 @dataclass(frozen=True)
@@ -39,7 +102,7 @@ class KVCache:
     def __init__(self, model: torch.nn.Module, device: torch.device | str | None = None):
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.cache = DynamicCache(config=model.config)
+        self.cache = new_cache(model.config)
         self.forwards: list[Forward] = []
 
     def __len__(self) -> int:
@@ -73,7 +136,7 @@ class KVCache:
             self.cache.crop(-drop)
 
     def reset(self) -> None:
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = new_cache(self.model.config)
 
     def key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (keys, values), each (B, heads, T, head_dim); for checks and tests."""
