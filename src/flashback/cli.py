@@ -48,9 +48,22 @@ def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="LoRA adapter folder trained with `flashback train`")
 
 
+def _add_filter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="keep only documents whose id matches (repeatable), e.g. 'python:library/*'",
+    )
+    p.add_argument(
+        "--exclude", action="append", default=[], metavar="GLOB", help="drop documents whose id matches (repeatable)"
+    )
+
+
 # ---- index / search ----------------------------------------------------------------------------
 def cmd_index(args: argparse.Namespace) -> int:
-    from flashback.corpus import expand_paths, read_documents, split_passages
+    from flashback.corpus import expand_paths, read_documents, select, split_passages
     from flashback.model import load_tokenizer, tokenizer_fingerprint
     from flashback.retrieval import Index
 
@@ -59,13 +72,14 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.chunk_tokens < 1:
         raise FlashbackError("--chunk-tokens must be at least 1")
     tokenizer = load_tokenizer(args.model)
-    passages = split_passages(read_documents(args.corpus), tokenizer, args.chunk_tokens, progress=not args.quiet)
+    docs = select(read_documents(args.corpus), args.include, args.exclude)
+    passages = split_passages(docs, tokenizer, args.chunk_tokens, progress=not args.quiet)
     index = Index.build(
         passages,
         tokenizer_name=args.model,
         fingerprint=tokenizer_fingerprint(tokenizer),
         chunk_tokens=args.chunk_tokens,
-        sources=args.corpus,
+        sources=[*args.corpus, *(f"include:{g}" for g in args.include), *(f"exclude:{g}" for g in args.exclude)],
     )
     index.save(args.out)
     m = index.manifest
@@ -157,6 +171,97 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- prepare / train -----------------------------------------------------------------------------
+def _read_titles(path: str | None) -> frozenset[str]:
+    if not path:
+        return frozenset()
+    try:
+        return frozenset(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FlashbackError(f"cannot read --forbid-titles file {path}: {exc}") from None
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from flashback.corpus import expand_paths, read_documents, select
+    from flashback.data import PrepareConfig, prepare
+    from flashback.model import load_tokenizer, tokenizer_fingerprint
+
+    expand_paths(args.text)
+    cfg = PrepareConfig(
+        stride=args.stride,
+        query_tokens=args.query_tokens,
+        k=args.k,
+        max_length=args.max_length,
+        val_fraction=args.val_fraction,
+        max_examples=args.max_examples,
+        seed=args.seed,
+    )
+    if min(cfg.stride, cfg.query_tokens, cfg.k, cfg.max_length) < 1 or not 0 <= cfg.val_fraction < 1:
+        raise FlashbackError("stride, query-tokens, k and max-length must be positive; val-fraction in [0, 1)")
+    forbid = _read_titles(args.forbid_titles)
+    index = _load_index(args.index)
+    tokenizer = load_tokenizer(args.model)
+    docs = select(
+        read_documents(args.text), args.include, args.exclude, args.heldout, "train" if args.heldout else "all"
+    )
+    manifest = prepare(
+        docs,
+        tokenizer,
+        args.model,
+        tokenizer_fingerprint(tokenizer),
+        index,
+        args.index or str(DEFAULT_INDEX),
+        args.out,
+        cfg,
+        forbid,
+        progress=not args.quiet,
+    )
+    print(json.dumps({"out": str(args.out), **manifest["counts"], "documents": manifest["documents"]}))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flashback.model import load_model
+    from flashback.train import TrainConfig, train
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(
+        position=args.position,
+        markers=args.markers,
+        r=args.r,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        target_modules=tuple(m for m in args.target_modules.split(",") if m),
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        max_val_examples=args.max_val_examples,
+        seed=args.seed,
+    )
+    cfg.validate()
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=cfg.markers)
+    result = train(
+        lm,
+        args.data,
+        args.out,
+        cfg,
+        resume=args.resume,
+        log=lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True),
+        progress=not args.quiet,
+    )
+    summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+    print(json.dumps({"out": str(args.out), **summary}))
+    return 0
+
+
 # ---- bench ---------------------------------------------------------------------------------------
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -240,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model whose tokenizer cuts the passages")
     p.add_argument("--chunk-tokens", type=int, default=128, help="passage length in model tokens (default 128)")
+    _add_filter_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)
 
@@ -264,6 +370,54 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object: text, retrievals, forward passes, timings"
     )
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("prepare", help="turn running text into (context, passages, target) training examples")
+    p.add_argument("text", nargs="+", help="same formats as `index`")
+    p.add_argument("--index", required=True, help="index to retrieve passages from")
+    p.add_argument("--out", required=True, help="data folder to write (train.jsonl, val.jsonl, manifest.json)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model whose tokenizer is used")
+    p.add_argument("--stride", type=int, default=16, help="target tokens per example (default 16)")
+    p.add_argument("--query-tokens", type=int, default=32)
+    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=512, help="context + markers + passages + target")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="documents set aside for validation")
+    p.add_argument(
+        "--heldout",
+        type=float,
+        default=0.0,
+        help="leave out this hashed fraction of documents for evaluation (use the same in `eval`)",
+    )
+    p.add_argument("--max-examples", type=int, default=None, help="keep a seeded sample of this many examples")
+    p.add_argument("--forbid-titles", default=None, help="file of titles never to retrieve, one a line")
+    p.add_argument("--seed", type=int, default=0)
+    _add_filter_args(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter + marker embeddings (base model frozen)")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="folder written by `flashback prepare`")
+    p.add_argument("--out", required=True, help="adapter folder to write")
+    p.add_argument("--position", default="append", choices=["append", "prepend"])
+    p.add_argument("--markers", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--alpha", type=int, default=32)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated linear layer names")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--max-val-examples", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="time append vs prepend generation across context lengths")
     _add_model_args(p)

@@ -6,9 +6,11 @@ costs exactly `chunk_tokens` positions, as in the paper. Retrieval lives in retr
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
+import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +83,33 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
                 yield Document(id=doc_id, title=str(record.get("title", "")), text=record["text"])
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise FlashbackError(f"{path}: cannot read ({exc})") from None
+
+
+def is_heldout(doc_id: str, fraction: float) -> bool:
+    """A stable, seed-free split: the same documents are held out in prepare and eval."""
+    bucket = int.from_bytes(hashlib.sha1(doc_id.encode()).digest()[:4], "big") % 10_000
+    return bucket < fraction * 10_000
+
+
+def select(
+    documents: Iterable[Document],
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    heldout: float = 0.0,
+    split: str = "all",
+) -> Iterator[Document]:
+    """Filter documents by id globs (e.g. 'python:library/*') and by the held-out split.
+
+    split: "all", "train" (drop the held-out fraction) or "heldout" (keep only it).
+    """
+    for doc in documents:
+        if include and not any(fnmatch.fnmatchcase(doc.id, g) for g in include):
+            continue
+        if any(fnmatch.fnmatchcase(doc.id, g) for g in exclude):
+            continue
+        if split != "all" and is_heldout(doc.id, heldout) != (split == "heldout"):
+            continue
+        yield doc
 
 
 def read_documents(paths: Iterable[str | Path]) -> Iterator[Document]:

@@ -12,8 +12,6 @@ The model token ids are stored so that generation appends exactly the tokens tha
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
+from flashback.atomic import atomic_folder
 from flashback.corpus import Passage
 from flashback.errors import FlashbackError
 
@@ -95,27 +94,17 @@ class Index:
     def save(self, out: str | Path) -> Path:
         """Write to a temporary sibling folder, then swap it in: a crash leaves no half index."""
         out = Path(out).expanduser()
-        if out.exists() and any(out.iterdir()) and not (out / "manifest.json").exists():
-            raise FlashbackError(f"{out} exists and is not a FlashBack index; refusing to overwrite it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
-            with open(tmp / "passages.jsonl", "w", encoding="utf-8") as fh:
-                for row in self.meta:
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            np.save(tmp / "token_ids.npy", self.token_ids)
-            np.save(tmp / "offsets.npy", self.offsets)
-            self.bm25.save(tmp / "bm25", show_progress=False)
-            (tmp / "manifest.json").write_text(json.dumps(self.manifest, indent=2) + "\n")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            if out.exists():
-                os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with atomic_folder(out, "manifest.json") as tmp:
+                with open(tmp / "passages.jsonl", "w", encoding="utf-8") as fh:
+                    for row in self.meta:
+                        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                np.save(tmp / "token_ids.npy", self.token_ids)
+                np.save(tmp / "offsets.npy", self.offsets)
+                self.bm25.save(tmp / "bm25", show_progress=False)
+                (tmp / "manifest.json").write_text(json.dumps(self.manifest, indent=2) + "\n")
+        except FlashbackError as exc:
+            raise FlashbackError(f"{exc} (it is not a FlashBack index)") from None
         return out
 
     # ---- loading --------------------------------------------------------------------------
