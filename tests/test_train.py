@@ -1,0 +1,261 @@
+"""prepare + train on the tiny model: loss mask, frozen base, adapter round trip, learning, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from flashback.cli import main
+from flashback.data import FORMAT, Example, layout, load_examples
+from flashback.errors import FlashbackError
+from flashback.model import load_model, tokenizer_fingerprint
+from flashback.train import TrainConfig, collate, evaluate_loss, target_loss, train
+
+TOY_CFG = dict(
+    target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+    dropout=0.0,
+    batch_size=8,
+    warmup_steps=5,
+    eval_every=1000,
+    save_every=1000,
+)
+
+
+def write_data(folder, lm, train_examples, val_examples):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train_examples), ("val", val_examples)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(e.to_json()) + "\n" for e in rows))
+    manifest = {"format": FORMAT, "tokenizer": {"name": "tiny", "fingerprint": tokenizer_fingerprint(lm.tokenizer)}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def copy_task(n: int, seed: int) -> list[Example]:
+    """The answer is only in the passage: the target repeats the passage's token."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a = rng.randrange(50, 70)
+        out.append(Example(f"d{seed}-{i}", 0, [rng.randrange(100, 300) for _ in range(20)], [[a] * 12], ["p"], [a] * 6))
+    return out
+
+
+@pytest.fixture
+def fresh_lm(tiny_model_dir):
+    return load_model(str(tiny_model_dir), markers=True)
+
+
+def test_loss_covers_target_tokens_only_and_excludes_markers(fresh_lm):
+    lm = fresh_lm
+    ex = Example("d", 0, [120, 130, 140, 150], [[60, 61, 62]], ["p"], [70, 71, 72])
+    batch = collate([ex], "append", lm.marker_ids, 0, lm.device)
+    loss, n = target_loss(lm.model, batch, torch.tensor(lm.marker_ids))
+    ids, start = layout(ex.context, ex.passages, ex.target, "append", lm.marker_ids)
+    assert ids[start:] == ex.target and n == 3
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([ids])).logits[0].float()
+    logits[:, list(lm.marker_ids)] = float("-inf")
+    logp = torch.log_softmax(logits[start - 1 : -1], dim=-1)
+    want = -logp[torch.arange(3), torch.tensor(ex.target)].mean()
+    torch.testing.assert_close(loss.detach(), want, atol=1e-5, rtol=0)
+    # However much the model likes the markers, the loss does not change: they are out of the softmax.
+    # (Checked on a layout without markers in the input, since the output rows are tied to the input rows.)
+    plain = collate([ex], "append", None, 0, lm.device)
+    before, _ = target_loss(lm.model, plain, torch.tensor(lm.marker_ids))
+    unmasked, _ = target_loss(lm.model, plain, None)
+    with torch.no_grad():  # point the marker output rows along the final hidden states: large marker logits
+        hidden = lm.model(input_ids=plain.input_ids, output_hidden_states=True).hidden_states[-1][0, -4:]
+        direction = torch.nn.functional.normalize(lm.model.model.norm(hidden).mean(0), dim=0)
+        lm.model.get_output_embeddings().weight[list(lm.marker_ids)] = 30 * direction
+    boosted, _ = target_loss(lm.model, plain, torch.tensor(lm.marker_ids))
+    boosted_unmasked, _ = target_loss(lm.model, plain, None)
+    torch.testing.assert_close(boosted.detach(), before.detach(), atol=1e-5, rtol=0)
+    assert boosted_unmasked - unmasked > 1.0  # without the mask the markers would take probability
+    # Left padding keeps every target at the end of its row.
+    batch = collate([ex, Example("e", 0, [120], [[60]], ["p"], [80, 81, 82])], "append", lm.marker_ids, 0, lm.device)
+    assert batch.targets.tolist() == [[70, 71, 72], [80, 81, 82]]
+    assert batch.attention_mask[1, 0] == 0 and batch.position_ids[1, -1] == 6  # 7 real tokens
+
+
+def test_training_changes_only_markers_and_lora_and_reloads_exactly(fresh_lm, tiny_model_dir, tmp_path):
+    lm = fresh_lm
+    data = write_data(tmp_path / "data", lm, copy_task(32, 0), copy_task(8, 1))
+    base = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    vocab = torch.arange(lm.model.get_input_embeddings().weight.shape[0])
+    with torch.no_grad():
+        emb_before = lm.model.get_input_embeddings()(vocab).clone()
+    train(
+        lm, data, tmp_path / "adapter", TrainConfig(lr=1e-2, max_steps=4, **TOY_CFG), progress=False, log=lambda m: None
+    )
+    peft_model = lm.model
+    for name, weight in peft_model.get_base_model().state_dict().items():
+        clean = name.replace(".base_layer", "")
+        if clean in base and "lora_" not in name:
+            assert torch.equal(weight, base[clean]), f"base weight {name} changed"
+    with torch.no_grad():
+        emb_after = peft_model.get_input_embeddings()(vocab)
+    changed = (emb_after != emb_before).any(dim=-1).nonzero().flatten().tolist()
+    assert changed == sorted(lm.marker_ids)
+    assert any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    size = sum(f.stat().st_size for f in (tmp_path / "adapter").iterdir())
+    assert size < 200_000, "the adapter should not carry the embedding matrix"
+
+    reloaded = load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
+    ids = torch.tensor([[120, 130, lm.marker_ids[0], 60, 61, lm.marker_ids[1], 70]])
+    peft_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded.model(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
+    card = json.loads((tmp_path / "adapter" / "flashback.json").read_text())
+    assert card["steps"] == 4 and card["markers"] and card["position"] == "append"
+
+
+def test_a_few_steps_learn_to_use_the_appended_passage(fresh_lm, tmp_path):
+    lm = fresh_lm
+    val = copy_task(48, 1)
+    data = write_data(tmp_path / "data", lm, copy_task(400, 0), val)
+    cfg = TrainConfig(lr=3e-3, max_steps=50, max_val_examples=48, **TOY_CFG)
+    result = train(lm, data, tmp_path / "adapter", cfg, progress=False, log=lambda m: None)
+    assert result.val_loss_after < result.val_loss_before - 1.0
+    swapped = [
+        Example(e.doc_id, 0, e.context, val[(i + 1) % len(val)].passages, e.passage_ids, e.target)
+        for i, e in enumerate(val)
+    ]
+    wrong = evaluate_loss(lm.model, swapped, cfg, lm.marker_ids, 0, torch.tensor(lm.marker_ids), lm.device)
+    assert result.val_loss_after < wrong - 0.3, "the model should rely on the passage, not just on token counts"
+
+
+def test_resume_continues_from_the_checkpoint(fresh_lm, tiny_model_dir, tmp_path, monkeypatch):
+    import flashback.train as train_mod
+
+    data = write_data(tmp_path / "data", fresh_lm, copy_task(40, 0), copy_task(8, 1))
+    cfg = TrainConfig(lr=1e-3, max_steps=4, **{**TOY_CFG, "save_every": 2})
+    with pytest.raises(FlashbackError, match="nothing to resume"):
+        train(fresh_lm, data, tmp_path / "a", cfg, resume=True, progress=False, log=lambda m: None)
+
+    class Crash(Exception):
+        pass
+
+    def save_then_crash(*args, **kwargs):
+        original(*args, **kwargs)
+        raise Crash
+
+    original = train_mod._save_checkpoint
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):  # dies right after the checkpoint of step 2
+        train(
+            load_model(str(tiny_model_dir), markers=True), data, tmp_path / "c", cfg, progress=False, log=lambda m: None
+        )
+    monkeypatch.setattr(train_mod, "_save_checkpoint", original)
+    assert (tmp_path / "c.checkpoint" / "state.pt").exists() and not (tmp_path / "c").exists()
+
+    messages: list[str] = []
+    result = train(
+        load_model(str(tiny_model_dir), markers=True),
+        data,
+        tmp_path / "c",
+        cfg,
+        resume=True,
+        progress=False,
+        log=messages.append,
+    )
+    assert "resumed from step 2" in messages and result.steps == 4
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4]
+    assert (tmp_path / "c" / "adapter_config.json").exists() and not (tmp_path / "c.checkpoint").exists()
+
+
+def test_prepare_writes_examples_with_leakage_filter(capsys, tiny_model_dir, tiny_index_dir, corpus_file, tmp_path):
+    out = tmp_path / "data"
+    code = main(
+        [
+            "prepare",
+            str(corpus_file),
+            "--index",
+            str(tiny_index_dir),
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--max-length",
+            "128",
+            "--stride",
+            "8",
+            "--query-tokens",
+            "8",
+            "--val-fraction",
+            "0.3",
+            "--quiet",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    lm_tok = load_model(str(tiny_model_dir)).tokenizer
+    examples, manifest = load_examples(out, "train", tokenizer_fingerprint(lm_tok))
+    val, _ = load_examples(out, "val")
+    assert examples and val and {e.doc_id for e in examples}.isdisjoint({e.doc_id for e in val})
+    for ex in examples:
+        assert len(ex.target) == 8 and len(ex.context) >= 8 and len(ex.passages) == 1
+        assert len(ex.context) + len(ex.passages[0]) + 2 + 8 <= 128
+        assert not ex.passage_ids[0].startswith(ex.doc_id + "#"), "leakage: passage from the same document"
+        title = ex.doc_id.rsplit("-", 1)[0]
+        assert not ex.passage_ids[0].startswith(title + "-"), "leakage: passage with the same title"
+    assert manifest["settings"]["stride"] == 8
+
+
+def test_bad_training_input(
+    capsys, tiny_model_dir, other_tokenizer_model_dir, tiny_index_dir, corpus_file, tmp_path, fresh_lm
+):
+    empty = write_data(tmp_path / "empty", fresh_lm, [], [])
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(empty), "--out", str(tmp_path / "a")])
+    assert code == 2 and "holds no examples" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+    other = load_model(str(other_tokenizer_model_dir))
+    foreign = write_data(tmp_path / "foreign", other, copy_task(4, 0), [])
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(foreign), "--out", str(tmp_path / "a")])
+    assert code == 2 and "another tokenizer" in capsys.readouterr().err
+
+    code = main(
+        [
+            "prepare",
+            str(corpus_file),
+            "--index",
+            str(tmp_path / "no-index"),
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(tmp_path / "d"),
+        ]
+    )
+    assert code == 2 and "not found" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+    code = main(
+        ["train", "--model", str(tiny_model_dir), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "a")]
+    )
+    assert code == 2 and "not a prepared data folder" in capsys.readouterr().err
+
+
+def test_adapter_for_another_base_is_rejected(
+    capsys, tiny_model_dir, other_tokenizer_model_dir, tiny_index_dir, fresh_lm, tmp_path
+):
+    data = write_data(tmp_path / "data", fresh_lm, copy_task(8, 0), [])
+    train(fresh_lm, data, tmp_path / "adapter", TrainConfig(max_steps=1, **TOY_CFG), progress=False, log=lambda m: None)
+    with pytest.raises(FlashbackError, match="another tokenizer"):
+        load_model(str(other_tokenizer_model_dir), adapter=str(tmp_path / "adapter"))
+    code = main(
+        [
+            "generate",
+            "--index",
+            str(tiny_index_dir),
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            "hi",
+            "--adapter",
+            str(tmp_path / "nope"),
+        ]
+    )
+    assert code == 2 and "not an adapter folder" in capsys.readouterr().err
