@@ -304,7 +304,7 @@ def _save_checkpoint(
     with atomic_folder(ckpt, "state.pt") as tmp:
         torch.save(
             {
-                "adapter": get_peft_model_state_dict(model),
+                "adapter": get_peft_model_state_dict(model, save_embedding_layers=False),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "step": step,
