@@ -262,6 +262,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- eval ----------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from flashback.corpus import expand_paths, read_documents, select
+    from flashback.evaluate import EvalConfig, ModeSpec, evaluate, format_table
+    from flashback.model import load_model, tokenizer_fingerprint
+
+    expand_paths(args.text)
+    specs = [ModeSpec.parse(m) for m in args.modes.split(",") if m.strip()]
+    if not specs:
+        raise FlashbackError("--modes is empty")
+    if any(s.adapter for s in specs) and not args.adapter:
+        raise FlashbackError("a +adapter mode needs --adapter DIR")
+    cfg = EvalConfig(
+        stride=args.stride,
+        query_tokens=args.query_tokens,
+        k=args.k,
+        max_length=args.max_length,
+        limit_tokens=args.limit_tokens,
+        ensemble=args.ensemble,
+        fast=not args.slow,
+    )
+    if min(cfg.stride, cfg.query_tokens, cfg.k, cfg.max_length) < 1:
+        raise FlashbackError("stride, query-tokens, k and max-length must be at least 1")
+    forbid = _read_titles(args.forbid_titles)
+    index = _load_index(args.index)
+    needs_markers = any(s.markers or s.adapter for s in specs)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=needs_markers, adapter=args.adapter)
+    index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
+    docs = select(
+        read_documents(args.text), args.include, args.exclude, args.heldout, "heldout" if args.heldout else "all"
+    )
+    results = evaluate(
+        lm, docs, index, specs, cfg, forbid, progress=lambda msg: print(f"[eval] {msg}", file=sys.stderr, flush=True)
+    )
+    print(format_table(results))
+    if args.json:
+        payload = {
+            "config": cfg.__dict__,
+            "index": str(args.index or DEFAULT_INDEX),
+            "text": args.text,
+            "include": args.include,
+            "exclude": args.exclude,
+            "heldout": args.heldout,
+            "results": [r.to_json() for r in results],
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
 # ---- bench ---------------------------------------------------------------------------------------
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -418,6 +467,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity of retrieval modes on the same target tokens")
+    p.add_argument("text", nargs="+", help="same formats as `index`")
+    _add_model_args(p)
+    p.add_argument("--index", default=None, help=f"index folder (default: {DEFAULT_INDEX})")
+    p.add_argument(
+        "--modes",
+        default="none,prepend,append",
+        help="comma-separated: none, prepend, append, append+markers, and +adapter on any of them",
+    )
+    p.add_argument("--adapter", default=None, help="adapter for the +adapter modes")
+    p.add_argument("--k", type=int, default=1)
+    p.add_argument("--ensemble", action="store_true", help="mix per-passage probabilities instead of concatenating")
+    p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--query-tokens", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--limit-tokens", type=int, default=None, help="score about this many tokens, spread evenly")
+    p.add_argument(
+        "--heldout",
+        type=float,
+        default=0.0,
+        help="evaluate only the hashed held-out fraction of documents (the one `prepare` left out)",
+    )
+    p.add_argument("--forbid-titles", default=None, help="file of titles never to retrieve, one a line")
+    p.add_argument("--slow", action="store_true", help="score every example from scratch (no shared cache)")
+    p.add_argument("--json", help="write the results to this JSON file")
+    _add_filter_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="time append vs prepend generation across context lengths")
     _add_model_args(p)

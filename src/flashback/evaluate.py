@@ -1,0 +1,283 @@
+"""Token-level perplexity of retrieval modes on exactly the same target tokens.
+
+Protocol (per-example, as the paper): every document is cut into targets of `stride` tokens; the query
+for a target is the `query_tokens` before it; passages of the same document or title are never used
+(the leakage filter of data.py). A target's context is the document text before it, starting at a
+segment boundary: segments start every H = (max_length - passages - markers - stride) / 2 tokens, and
+a target at position p uses the segment that gives it between H and 2H tokens of context. Fixed
+segment starts (instead of a sliding window) let consecutive targets share one KV cache, so append
+and none modes have a fast exact path: prefill the segment once, then per target append the passage
+and the target, score, roll back, and extend with the text up to the next target. The slow path
+builds every example from scratch with the same contexts; the two agree within fp32 tolerance.
+
+Mode specs: `none`, `prepend`, `append`, `append+markers`, and `+adapter` on any of them (the adapter
+is disabled for specs without it). `ensemble` scores each of the k passages separately and mixes the
+next-token probabilities with softmax(BM25 score) weights (REPLUG-style) instead of concatenating.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flashback.cache import KVCache
+from flashback.corpus import Document
+from flashback.data import layout
+from flashback.errors import FlashbackError
+from flashback.model import LoadedModel
+from flashback.retrieval import Index
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    stride: int = 16
+    query_tokens: int = 32
+    k: int = 1
+    max_length: int = 512
+    limit_tokens: int | None = None
+    ensemble: bool = False
+    fast: bool = True
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    position: str  # none | prepend | append
+    markers: bool = False
+    adapter: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> ModeSpec:
+        parts = [p.strip() for p in text.split("+")]
+        if parts[0] not in ("none", "prepend", "append") or not set(parts[1:]) <= {"markers", "adapter"}:
+            raise FlashbackError(f"bad mode {text!r}: use none|prepend|append, optionally +markers and +adapter")
+        if "markers" in parts and parts[0] != "append":
+            raise FlashbackError(f"bad mode {text!r}: markers only go with append")
+        return cls(parts[0], "markers" in parts, "adapter" in parts)
+
+    def __str__(self) -> str:
+        return self.position + ("+markers" if self.markers else "") + ("+adapter" if self.adapter else "")
+
+
+@dataclass(frozen=True)
+class Target:
+    doc_index: int
+    position: int  # first target token in the document
+    segment_start: int
+
+
+@dataclass
+class Retrieval:
+    passages: list[list[int]]
+    scores: list[float]
+
+
+def segment_size(cfg: EvalConfig, chunk_tokens: int) -> int:
+    room = cfg.max_length - cfg.k * chunk_tokens - 2 - cfg.stride
+    if room < 2 * cfg.query_tokens:
+        raise FlashbackError(f"--max-length {cfg.max_length} leaves too little context room for k={cfg.k} passages")
+    return room // 2
+
+
+def plan_targets(docs: Sequence[list[int]], cfg: EvalConfig, half: int) -> list[Target]:
+    """All target slots (every stride tokens after query_tokens), thinned evenly to --limit-tokens."""
+    slots = []
+    for d, tokens in enumerate(docs):
+        for p in range(cfg.query_tokens, len(tokens) - cfg.stride + 1, cfg.stride):
+            start = 0 if p < 2 * half else (p // half - 1) * half  # context length in [half, 2 * half)
+            slots.append(Target(d, p, start))
+    if cfg.limit_tokens is not None and len(slots) * cfg.stride > cfg.limit_tokens:
+        keep = max(1, cfg.limit_tokens // cfg.stride)
+        step = len(slots) / keep
+        slots = [slots[int(i * step)] for i in range(keep)]
+    return slots
+
+
+def retrieve_all(
+    targets: Sequence[Target],
+    docs: Sequence[list[int]],
+    documents: Sequence[Document],
+    index: Index,
+    tokenizer,
+    cfg: EvalConfig,
+    forbid_titles: frozenset[str],
+    batch: int = 512,
+) -> list[Retrieval]:
+    out = []
+    for i in range(0, len(targets), batch):
+        chunk = targets[i : i + batch]
+        queries = [tokenizer.decode(docs[t.doc_index][t.position - cfg.query_tokens : t.position]) for t in chunk]
+        hits = index.search(
+            queries,
+            cfg.k,
+            exclude_titles=[forbid_titles | {documents[t.doc_index].title} for t in chunk],
+            exclude_docs=[{documents[t.doc_index].id} for t in chunk],
+        )
+        out += [
+            Retrieval([index.passage_tokens(h.index).tolist() for h in row], [h.score for h in row]) for row in hits
+        ]
+    return out
+
+
+def _target_nll(logits: torch.Tensor, target: Sequence[int], banned: torch.Tensor | None) -> torch.Tensor:
+    """Per-token negative log-likelihood (S,) from the logits that predict each target token (S, V)."""
+    if banned is not None and len(banned):
+        logits = logits.index_fill(-1, banned, float("-inf"))
+    return -torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(target)), torch.tensor(target)]
+
+
+def _mix(nlls: list[torch.Tensor], scores: list[float]) -> torch.Tensor:
+    """REPLUG-style: -log sum_i w_i p_i(y) with w = softmax(retrieval scores)."""
+    log_w = torch.log_softmax(torch.tensor(scores, dtype=torch.float32), dim=0)
+    return -torch.logsumexp(torch.stack([-n for n in nlls]) + log_w[:, None], dim=0)
+
+
+def _passage_sets(r: Retrieval, cfg: EvalConfig) -> list[list[list[int]]]:
+    return [[p] for p in r.passages] if cfg.ensemble else [r.passages]
+
+
+@torch.inference_mode()
+def score_slow(
+    lm: LoadedModel, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned
+) -> list[torch.Tensor]:
+    """Every example from scratch: one forward over context + passages + target."""
+    markers = lm.marker_ids if spec.markers else None
+    out = []
+    for t, r in zip(targets, retrievals, strict=True):
+        tokens = docs[t.doc_index]
+        context, target = tokens[t.segment_start : t.position], tokens[t.position : t.position + cfg.stride]
+        nlls = []
+        for passages in _passage_sets(r, cfg) if spec.position != "none" else [[]]:
+            ids, start = layout(context, passages, target, spec.position, markers)
+            logits = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0]
+            nlls.append(_target_nll(logits[start - 1 : -1], target, banned))
+        out.append(_mix(nlls, r.scores) if len(nlls) > 1 else nlls[0])
+    return out
+
+
+def score_fast(
+    lm: LoadedModel, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned
+) -> list[torch.Tensor]:
+    """Consecutive targets of a segment share its KV cache (append and none modes)."""
+    if spec.position == "prepend":
+        raise FlashbackError("prepend has no fast path: its prefix changes with every passage")
+    markers = lm.marker_ids if spec.markers else None
+    out: list[torch.Tensor] = []
+    cache, key, last = None, None, None
+    for i, (t, r) in enumerate(zip(targets, retrievals, strict=True)):
+        tokens = docs[t.doc_index]
+        target = tokens[t.position : t.position + cfg.stride]
+        if (t.doc_index, t.segment_start) != key:  # new segment: prefill its context once
+            cache, key = KVCache(lm.model, lm.device), (t.doc_index, t.segment_start)
+            last = cache.extend(tokens[t.segment_start : t.position])
+        if spec.position == "none":
+            logits = torch.cat([last[None], cache.extend(target, all_logits=True)[:-1]])
+            out.append(_target_nll(logits, target, banned))
+            cache.rollback(t.position - t.segment_start)
+        else:
+            nlls = []
+            for passages in _passage_sets(r, cfg):
+                middle = layout([], passages, [], "append", markers)[0]
+                logits = cache.extend(middle + target, all_logits=True)
+                nlls.append(_target_nll(logits[len(middle) - 1 : -1], target, banned))
+                cache.rollback(t.position - t.segment_start)
+            out.append(_mix(nlls, r.scores) if len(nlls) > 1 else nlls[0])
+        nxt = targets[i + 1] if i + 1 < len(targets) else None
+        if nxt is not None and (nxt.doc_index, nxt.segment_start) == key:
+            last = cache.extend(tokens[t.position : nxt.position])  # the text up to the next target joins the context
+    return out
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    adapter: str | None
+    markers: bool
+    k: int
+    ensemble: bool
+    perplexity: float
+    nll: float
+    tokens: int
+    seconds: float
+    path: str
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "tokens_per_s": self.tokens_per_s}
+
+
+def evaluate(
+    lm: LoadedModel,
+    documents: Iterable[Document],
+    index: Index,
+    specs: Sequence[ModeSpec],
+    cfg: EvalConfig,
+    forbid_titles: frozenset[str] = frozenset(),
+    progress: Callable[[str], None] = lambda s: None,
+) -> list[ModeResult]:
+    documents = [d for d in documents if d.text.strip()]
+    if not documents:
+        raise FlashbackError("no text to evaluate")
+    if any(s.adapter for s in specs) and lm.adapter is None:
+        raise FlashbackError("a +adapter mode needs --adapter")
+    if any(s.markers for s in specs) and lm.marker_ids is None:
+        raise FlashbackError("a +markers mode needs a model loaded with marking tokens")
+    docs = [lm.tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in documents]
+    half = segment_size(cfg, index.chunk_tokens)
+    targets = plan_targets(docs, cfg, half)
+    if not targets:
+        raise FlashbackError(
+            f"no document is longer than query-tokens + stride ({cfg.query_tokens + cfg.stride} "
+            "tokens): nothing to score"
+        )
+    progress(f"{len(targets)} targets ({len(targets) * cfg.stride} tokens) from {len(docs)} documents; retrieving")
+    retrievals = retrieve_all(targets, docs, documents, index, lm.tokenizer, cfg, forbid_titles)
+    banned = torch.tensor(lm.marker_ids, device=lm.device) if lm.marker_ids else None
+    results = []
+    for spec in specs:
+        fast = cfg.fast and spec.position != "prepend"
+        progress(f"scoring {spec} ({'fast' if fast else 'from scratch'})")
+        toggle = contextlib.nullcontext() if spec.adapter or lm.adapter is None else lm.model.disable_adapter()
+        start = time.perf_counter()
+        with toggle:
+            scorer = score_fast if fast else score_slow
+            nlls = torch.cat(scorer(lm, spec, docs, targets, retrievals, cfg, banned))
+        seconds = time.perf_counter() - start
+        nll = float(nlls.mean())
+        results.append(
+            ModeResult(
+                str(spec),
+                lm.adapter if spec.adapter else None,
+                spec.markers,
+                cfg.k,
+                cfg.ensemble and spec.position != "none",
+                math.exp(nll),
+                nll,
+                nlls.numel(),
+                seconds,
+                "fast" if fast else "from scratch",
+            )
+        )
+        progress(f"{spec}: perplexity {math.exp(nll):.3f} over {nlls.numel()} tokens in {seconds:.1f} s")
+    return results
+
+
+def format_table(results: Sequence[ModeResult]) -> str:
+    lines = [
+        "| mode | adapter | markers | k | perplexity | tokens scored | wall s | tokens/s | path |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        k = f"{r.k} (ensemble)" if r.ensemble else str(r.k)
+        lines.append(
+            f"| {r.mode} | {'yes' if r.adapter else 'no'} | {'yes' if r.markers else 'no'} | {k} | "
+            f"{r.perplexity:.3f} | {r.tokens} | {r.seconds:.1f} | {r.tokens_per_s:.1f} | {r.path} |"
+        )
+    return "\n".join(lines)

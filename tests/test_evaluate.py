@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flashback.cli import main
+from flashback.corpus import read_documents
+from flashback.errors import FlashbackError
+from flashback.evaluate import (
+    EvalConfig,
+    ModeSpec,
+    evaluate,
+    plan_targets,
+    retrieve_all,
+    score_fast,
+    score_slow,
+    segment_size,
+)
+from flashback.retrieval import Index
+
+CFG = EvalConfig(stride=8, query_tokens=8, k=1, max_length=96)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_lm, tiny_index_dir, corpus_file):
+    index = Index.load(tiny_index_dir)
+    documents = list(read_documents([corpus_file]))[:6]
+    docs = [tiny_lm.tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in documents]
+    return index, documents, docs
+
+
+def scored(lm, spec, setup, cfg):
+    index, documents, docs = setup
+    targets = plan_targets(docs, cfg, segment_size(cfg, index.chunk_tokens))
+    retrievals = retrieve_all(targets, docs, documents, index, lm.tokenizer, cfg, frozenset())
+    banned = torch.tensor(lm.marker_ids)
+    return (
+        torch.cat(score_fast(lm, spec, docs, targets, retrievals, cfg, banned)),
+        torch.cat(score_slow(lm, spec, docs, targets, retrievals, cfg, banned)),
+    )
+
+
+@pytest.mark.parametrize("mode", ["none", "append", "append+markers"])
+def test_fast_path_equals_scoring_each_example_from_scratch(tiny_lm, setup, mode):
+    fast, slow = scored(tiny_lm, ModeSpec.parse(mode), setup, CFG)
+    assert fast.numel() > 100
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
+
+
+def test_fast_path_with_thinned_targets_and_ensemble(tiny_lm, setup):
+    cfg = EvalConfig(stride=8, query_tokens=8, k=2, max_length=120, limit_tokens=200, ensemble=True)
+    fast, slow = scored(tiny_lm, ModeSpec.parse("append+markers"), setup, cfg)
+    assert 0 < fast.numel() <= 200
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
+
+
+def test_ensemble_of_one_passage_equals_concatenation(tiny_lm, setup):
+    spec = ModeSpec.parse("append+markers")
+    single, _ = scored(tiny_lm, spec, setup, CFG)
+    mixed, _ = scored(tiny_lm, spec, setup, EvalConfig(**{**CFG.__dict__, "ensemble": True}))
+    torch.testing.assert_close(single, mixed, atol=1e-5, rtol=0)
+
+
+def test_contexts_fit_and_segments_give_enough_context(setup):
+    index, _, docs = setup
+    half = segment_size(CFG, index.chunk_tokens)
+    targets = plan_targets(docs, CFG, half)
+    for t in targets:
+        context = t.position - t.segment_start
+        assert context + index.chunk_tokens + 2 + CFG.stride <= CFG.max_length
+        assert context == t.position if t.position < 2 * half else half <= context < 2 * half
+
+
+def test_all_modes_score_the_same_tokens(tiny_lm, setup):
+    index, documents, _ = setup
+    specs = [ModeSpec.parse(m) for m in ("none", "prepend", "append", "append+markers")]
+    results = evaluate(tiny_lm, documents, index, specs, CFG)
+    assert len({r.tokens for r in results}) == 1 and results[0].tokens > 0
+    assert [r.path for r in results] == ["fast", "from scratch", "fast", "fast"]
+    assert all(r.perplexity > 1 for r in results)
+
+
+def test_mode_spec_parsing():
+    assert str(ModeSpec.parse("append+markers+adapter")) == "append+markers+adapter"
+    for bad in ("sideways", "prepend+markers", "append+turbo"):
+        with pytest.raises(FlashbackError):
+            ModeSpec.parse(bad)
+
+
+def test_eval_cli_and_bad_input(capsys, tiny_model_dir, tiny_index_dir, corpus_file, tmp_path):
+    out = tmp_path / "eval.json"
+    args = [
+        "eval",
+        str(corpus_file),
+        "--index",
+        str(tiny_index_dir),
+        "--model",
+        str(tiny_model_dir),
+        "--stride",
+        "8",
+        "--query-tokens",
+        "8",
+        "--max-length",
+        "96",
+        "--limit-tokens",
+        "160",
+    ]
+    assert main([*args, "--modes", "none,append+markers", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| append+markers | no | yes |" in table
+    assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["none", "append+markers"]
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main([*args[:1], str(empty), *args[2:]]) == 2
+    assert "no text to evaluate" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("tiny text")
+    assert main([*args[:1], str(short), *args[2:]]) == 2
+    assert "nothing to score" in capsys.readouterr().err
+    assert main(["eval", str(corpus_file), "--index", str(tmp_path / "none"), "--model", str(tiny_model_dir)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main([*args, "--modes", "append+adapter"]) == 2
+    assert "needs --adapter" in capsys.readouterr().err
