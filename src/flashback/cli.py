@@ -45,7 +45,25 @@ def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="wrap appended passages in <MARK_L>/<MARK_R> (default: on with an adapter)",
     )
-    p.add_argument("--adapter", default=None, help="LoRA adapter folder trained with `flashback train`")
+    _add_adapter_args(p)
+
+
+def _add_adapter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="LoRA adapter folder from `flashback train` (default: the shipped adapter, for append mode on "
+        "the default model)",
+    )
+    p.add_argument("--no-adapter", action="store_true", help="do not use the shipped default adapter")
+
+
+def _adapter(args: argparse.Namespace, mode: str) -> str | None:
+    from flashback.model import default_adapter
+
+    if args.adapter:
+        return args.adapter
+    return None if args.no_adapter else default_adapter(args.model, mode)
 
 
 def _add_filter_args(p: argparse.ArgumentParser) -> None:
@@ -132,7 +150,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     if not prompt.strip():
         raise FlashbackError("the prompt is empty")
-    markers = args.markers if args.markers is not None else bool(args.adapter)
+    adapter = _adapter(args, args.mode)
+    markers = args.markers if args.markers is not None else bool(adapter)
     cfg = GenerationConfig(
         mode=args.mode,
         stride=args.stride,
@@ -151,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         markers=markers and cfg.mode == "append",
-        adapter=args.adapter,
+        adapter=adapter,
     )
     retriever = None
     if index is not None:
@@ -224,10 +243,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from flashback.model import load_model
     from flashback.train import TrainConfig, train
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     cfg = TrainConfig(
         position=args.position,
         markers=args.markers,
@@ -326,10 +341,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from flashback.bench import BenchConfig, format_table, plot, run_bench
     from flashback.model import load_model, tokenizer_fingerprint
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     bc = BenchConfig(
         context_lengths=args.context_lengths,
         new_tokens=args.new_tokens,
@@ -370,8 +381,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flashback.model import load_model, tokenizer_fingerprint
 
     index = _load_index(args.index)
-    markers = args.markers if args.markers is not None else bool(args.adapter)
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=markers, adapter=args.adapter)
+    adapter = _adapter(args, "append")
+    markers = args.markers if args.markers is not None else bool(adapter)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=markers, adapter=adapter)
     index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
     limits = ServerLimits(
         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_active=args.max_active
@@ -515,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP completions with FlashBack retrieval")
     _add_model_args(p)
     p.add_argument("--index", default=None, help=f"index folder (default: {DEFAULT_INDEX})")
-    p.add_argument("--adapter", default=None, help="LoRA adapter folder trained with `flashback train`")
+    _add_adapter_args(p)
     p.add_argument(
         "--markers",
         action=argparse.BooleanOptionalAction,
@@ -547,6 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except FlashbackError as exc:

@@ -86,6 +86,20 @@ def default_model_dir() -> Path:
     return target
 
 
+SHIPPED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-append"
+
+
+def default_adapter(model: str | None, mode: str) -> str | None:
+    """The adapter shipped with the package, used for append mode on the default model."""
+    if (
+        (model or DEFAULT_MODEL) == DEFAULT_MODEL
+        and mode == "append"
+        and (SHIPPED_ADAPTER / "adapter_config.json").exists()
+    ):
+        return str(SHIPPED_ADAPTER)
+    return None
+
+
 def resolve_model_path(name: str | None) -> str:
     if not name or name == DEFAULT_MODEL:
         return str(default_model_dir())
