@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,20 @@ def test_real_retrieval_finds_a_passage_from_its_own_words(real):
         words = index.passage_text(row).split()[:40]
         found = retriever(" ".join(words), 3)
         assert found[0].hit.doc_id == index.meta[row]["doc_id"], (row, [r.hit.id for r in found])
+
+
+def test_shipped_adapter_is_the_default_for_append_and_generates(real):
+    from flashback.generate import GenerationConfig, generate
+    from flashback.model import SHIPPED_ADAPTER, default_adapter, load_model
+
+    _, retriever = real
+    assert default_adapter(None, "append") == str(SHIPPED_ADAPTER)
+    assert default_adapter(None, "prepend") is None and default_adapter("other/model", "append") is None
+    lm = load_model(adapter=default_adapter(None, "append"))
+    card = json.loads((SHIPPED_ADAPTER / "flashback.json").read_text())
+    assert card["markers"] and card["position"] == "append" and lm.marker_ids is not None
+    size = sum(f.stat().st_size for f in SHIPPED_ADAPTER.iterdir())
+    assert size < 8_000_000, "the shipped adapter must stay a few MB"
+    prompt = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    result = generate(lm, prompt, retriever, GenerationConfig(mode="append", max_new_tokens=20, markers=True))
+    assert len(result.token_ids) > 0 and not set(result.token_ids) & set(lm.marker_ids)
