@@ -29,6 +29,9 @@ if [[ $step == eval || $step == all ]]; then
     --modes "$MODES" --adapter "$ADAPTER" --limit-tokens 4000 --json "$RUNS/eval-python.json"
   flashback eval "$DATA/jargon.jsonl.gz" --index "$WORK/index" \
     --modes "$MODES" --adapter "$ADAPTER" --limit-tokens 4000 --json "$RUNS/eval-jargon.json"
+  # the same targets scored from scratch: the fast path's speed ratio
+  flashback eval "$DATA/python-docs.jsonl.gz" "${NOT_LIB[@]}" --heldout 0.1 --index "$WORK/index" \
+    --modes append+markers+adapter --adapter "$ADAPTER" --limit-tokens 4000 --slow --json "$RUNS/eval-python-slow.json"
 fi
 if [[ $step == bench || $step == all ]]; then
   flashback bench --index "$HOME/.cache/flashback/indexes/default" --repeats 3 \

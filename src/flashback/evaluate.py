@@ -84,17 +84,28 @@ def segment_size(cfg: EvalConfig, chunk_tokens: int) -> int:
 
 
 def plan_targets(docs: Sequence[list[int]], cfg: EvalConfig, half: int) -> list[Target]:
-    """All target slots (every stride tokens after query_tokens), thinned evenly to --limit-tokens."""
-    slots = []
+    """All target slots (every stride tokens after query_tokens), limited to about --limit-tokens.
+
+    The limit keeps whole segments, evenly spread over the text, so that the targets kept still share
+    their segment's KV cache in the fast path.
+    """
+    segments: dict[tuple[int, int], list[Target]] = {}
     for d, tokens in enumerate(docs):
         for p in range(cfg.query_tokens, len(tokens) - cfg.stride + 1, cfg.stride):
             start = 0 if p < 2 * half else (p // half - 1) * half  # context length in [half, 2 * half)
-            slots.append(Target(d, p, start))
-    if cfg.limit_tokens is not None and len(slots) * cfg.stride > cfg.limit_tokens:
-        keep = max(1, cfg.limit_tokens // cfg.stride)
-        step = len(slots) / keep
-        slots = [slots[int(i * step)] for i in range(keep)]
-    return slots
+            segments.setdefault((d, start), []).append(Target(d, p, start))
+    groups = list(segments.values())
+    total = sum(len(g) for g in groups)
+    if cfg.limit_tokens is not None and total * cfg.stride > cfg.limit_tokens:
+        share = cfg.limit_tokens / (total * cfg.stride)
+        picked, owed = [], 0.0
+        for g in groups:  # keep a segment whenever the kept share falls behind
+            owed += len(g) * share
+            if owed >= len(g) / 2:
+                picked.append(g)
+                owed -= len(g)
+        groups = picked or groups[:1]
+    return [t for g in groups for t in g]
 
 
 def retrieve_all(
