@@ -79,7 +79,7 @@ def test_all_modes_score_the_same_tokens(tiny_lm, setup):
     results = evaluate(tiny_lm, documents, index, specs, CFG)
     assert len({r.tokens for r in results}) == 1 and results[0].tokens > 0
     assert [r.path for r in results] == ["fast", "from scratch", "fast", "fast"]
-    assert all(r.perplexity > 1 for r in results)
+    assert all(r.perplexity > 1 and len(r.perplexity_by_offset) == CFG.stride for r in results)
 
 
 def test_mode_spec_parsing():

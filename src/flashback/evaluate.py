@@ -215,6 +215,7 @@ class ModeResult:
     tokens: int
     seconds: float
     path: str
+    perplexity_by_offset: list[float]  # target token 1..stride: where in the target the loss sits
 
     @property
     def tokens_per_s(self) -> float:
@@ -274,6 +275,7 @@ def evaluate(
                 nlls.numel(),
                 seconds,
                 "fast" if fast else "from scratch",
+                [round(math.exp(float(v)), 3) for v in nlls.reshape(-1, cfg.stride).mean(dim=0)],
             )
         )
         progress(f"{spec}: perplexity {math.exp(nll):.3f} over {nlls.numel()} tokens in {seconds:.1f} s")
