@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from tests.conftest import needs_default_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(os.environ.get("FLASHBACK_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = [
     pytest.mark.slow,
     needs_default_model,
