@@ -92,6 +92,22 @@ def target_slots(documents: Iterable[Document], tokenizer, stride: int, query_to
             yield TargetSlot(doc, tokens, position)
 
 
+def search_without_leakage(
+    index: Index,
+    queries: Sequence[str],
+    sources: Sequence[Document],
+    k: int,
+    forbid_titles: frozenset[str] = frozenset(),
+):
+    """Top-k hits per query, never from the query's own document or a document with its title.
+
+    The one leakage filter, shared by `prepare` and `eval`.
+    """
+    return index.search(
+        queries, k, exclude_titles=[forbid_titles | {d.title} for d in sources], exclude_docs=[{d.id} for d in sources]
+    )
+
+
 def retrieve_for(
     slots: Sequence[TargetSlot],
     index: Index,
@@ -99,14 +115,9 @@ def retrieve_for(
     cfg: PrepareConfig,
     forbid_titles: frozenset[str] = frozenset(),
 ) -> list[list]:
-    """Batched BM25 retrieval for many target slots, with the leakage filter."""
+    """Batched BM25 retrieval for many target slots."""
     queries = [tokenizer.decode(s.tokens[s.position - cfg.query_tokens : s.position]) for s in slots]
-    return index.search(
-        queries,
-        cfg.k,
-        exclude_titles=[forbid_titles | {s.doc.title} for s in slots],
-        exclude_docs=[{s.doc.id} for s in slots],
-    )
+    return search_without_leakage(index, queries, [s.doc for s in slots], cfg.k, forbid_titles)
 
 
 def make_examples(

@@ -27,7 +27,7 @@ import torch
 
 from flashback.cache import KVCache
 from flashback.corpus import Document
-from flashback.data import layout
+from flashback.data import layout, search_without_leakage
 from flashback.errors import FlashbackError
 from flashback.model import LoadedModel
 from flashback.retrieval import Index
@@ -122,12 +122,7 @@ def retrieve_all(
     for i in range(0, len(targets), batch):
         chunk = targets[i : i + batch]
         queries = [tokenizer.decode(docs[t.doc_index][t.position - cfg.query_tokens : t.position]) for t in chunk]
-        hits = index.search(
-            queries,
-            cfg.k,
-            exclude_titles=[forbid_titles | {documents[t.doc_index].title} for t in chunk],
-            exclude_docs=[{documents[t.doc_index].id} for t in chunk],
-        )
+        hits = search_without_leakage(index, queries, [documents[t.doc_index] for t in chunk], cfg.k, forbid_titles)
         out += [
             Retrieval([index.passage_tokens(h.index).tolist() for h in row], [h.score for h in row]) for row in hits
         ]
