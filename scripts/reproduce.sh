@@ -32,6 +32,9 @@ if [[ $step == eval || $step == all ]]; then
   # the same targets scored from scratch: the fast path's speed ratio
   flashback eval "$DATA/python-docs.jsonl.gz" "${NOT_LIB[@]}" --heldout 0.1 --index "$WORK/index" \
     --modes append+markers+adapter --adapter "$ADAPTER" --limit-tokens 4000 --slow --json "$RUNS/eval-python-slow.json"
+  # where append loses: perplexity by target offset (in the JSON)
+  flashback eval "$DATA/python-docs.jsonl.gz" "${NOT_LIB[@]}" --heldout 0.1 --index "$WORK/index" \
+    --modes none,prepend,append+markers+adapter --adapter "$ADAPTER" --limit-tokens 1600 --json "$RUNS/eval-offsets.json"
 fi
 if [[ $step == bench || $step == all ]]; then
   flashback bench --index "$HOME/.cache/flashback/indexes/default" --repeats 3 \
