@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -277,8 +278,6 @@ def train(
     with atomic_folder(out, CARD) as tmp:
         model.save_pretrained(tmp, save_embedding_layers=False)
         (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
-    import shutil
-
     shutil.rmtree(ckpt, ignore_errors=True)
     lm.model = model
     return result
