@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from flashback.errors import FlashbackError
@@ -551,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     log.handlers[:] = [handler]
     log.propagate = False
     logging.getLogger("bm25s").setLevel(logging.ERROR)
+    # transformers warns about its own deprecations when peft calls it; not actionable for users
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         import transformers
 
