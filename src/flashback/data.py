@@ -202,7 +202,7 @@ def prepare(
         "counts": {name: len(rows) for name, rows in splits.items()},
         "documents": len({ex.doc_id for ex in examples}),
     }
-    with atomic_folder(out, "manifest.json") as tmp:
+    with atomic_folder(out, "manifest.json", "prepared data folder") as tmp:
         for name, rows in splits.items():
             with open(tmp / f"{name}.jsonl", "w") as fh:
                 for ex in rows:

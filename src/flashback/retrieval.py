@@ -94,17 +94,14 @@ class Index:
     def save(self, out: str | Path) -> Path:
         """Write to a temporary sibling folder, then swap it in: a crash leaves no half index."""
         out = Path(out).expanduser()
-        try:
-            with atomic_folder(out, "manifest.json") as tmp:
-                with open(tmp / "passages.jsonl", "w", encoding="utf-8") as fh:
-                    for row in self.meta:
-                        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                np.save(tmp / "token_ids.npy", self.token_ids)
-                np.save(tmp / "offsets.npy", self.offsets)
-                self.bm25.save(tmp / "bm25", show_progress=False)
-                (tmp / "manifest.json").write_text(json.dumps(self.manifest, indent=2) + "\n")
-        except FlashbackError as exc:
-            raise FlashbackError(f"{exc} (it is not a FlashBack index)") from None
+        with atomic_folder(out, "manifest.json", "FlashBack index") as tmp:
+            with open(tmp / "passages.jsonl", "w", encoding="utf-8") as fh:
+                for row in self.meta:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            np.save(tmp / "token_ids.npy", self.token_ids)
+            np.save(tmp / "offsets.npy", self.offsets)
+            self.bm25.save(tmp / "bm25", show_progress=False)
+            (tmp / "manifest.json").write_text(json.dumps(self.manifest, indent=2) + "\n")
         return out
 
     # ---- loading --------------------------------------------------------------------------

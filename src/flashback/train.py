@@ -275,7 +275,7 @@ def train(
         "val_loss_after": val_after,
         "history": history,
     }
-    with atomic_folder(out, CARD) as tmp:
+    with atomic_folder(out, CARD, "FlashBack adapter folder") as tmp:
         model.save_pretrained(tmp, save_embedding_layers=False)
         (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -300,7 +300,7 @@ def _save_checkpoint(
 ) -> None:
     from peft import get_peft_model_state_dict
 
-    with atomic_folder(ckpt, "state.pt") as tmp:
+    with atomic_folder(ckpt, "state.pt", "FlashBack training checkpoint") as tmp:
         torch.save(
             {
                 "adapter": get_peft_model_state_dict(model, save_embedding_layers=False),
