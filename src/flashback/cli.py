@@ -176,8 +176,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     retriever = None
     if index is not None:
         index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
-        if cfg.k > len(index):
-            raise FlashbackError(f"k={cfg.k} is larger than the index ({len(index)} passages)")
         retriever = IndexRetriever(index)
     prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if args.json:
