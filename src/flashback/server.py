@@ -215,11 +215,15 @@ def create_app(
         except StopAsyncIteration:
             first = None
 
+        async def all_parts():
+            if first is not None:
+                yield first
+            async for part in parts:
+                yield part
+
         if not req.stream:
             text, finish, retrievals, usage = "", "length", [], {}
-            pieces = [first] if first else []
-            pieces += [part async for part in parts]
-            for piece, fin, extra in pieces:
+            async for piece, fin, extra in all_parts():
                 text += piece
                 finish = fin or finish
                 retrievals += extra.get("retrievals", [])
@@ -228,15 +232,7 @@ def create_app(
 
         async def events():
             try:
-                pending = [first] if first else []
-                while True:
-                    if pending:
-                        piece, fin, extra = pending.pop()
-                    else:
-                        try:
-                            piece, fin, extra = await anext(parts)
-                        except StopAsyncIteration:
-                            break
+                async for piece, fin, extra in all_parts():
                     yield f"data: {json.dumps({**_envelope(cid, created, piece, fin), **extra})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
