@@ -20,7 +20,7 @@ from flashback.evaluate import (
 )
 from flashback.retrieval import Index
 
-CFG = EvalConfig(stride=8, query_tokens=8, k=1, max_length=96)
+CFG = EvalConfig(stride=8, query_tokens=8, k=1, max_length=96, tail=0)
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +42,22 @@ def scored(lm, spec, setup, cfg):
     )
 
 
-@pytest.mark.parametrize("mode", ["none", "append", "append+markers"])
-def test_fast_path_equals_scoring_each_example_from_scratch(tiny_lm, setup, mode):
-    fast, slow = scored(tiny_lm, ModeSpec.parse(mode), setup, CFG)
+@pytest.mark.parametrize(
+    ("mode", "tail"), [("none", 0), ("append", 0), ("append+markers", 0), ("append+markers", 6), ("append", 40)]
+)
+def test_fast_path_equals_scoring_each_example_from_scratch(tiny_lm, setup, mode, tail):
+    """Tail 40 is longer than some contexts (31 tokens and up): those passages go first."""
+    cfg = EvalConfig(**{**CFG.__dict__, "tail": tail})
+    fast, slow = scored(tiny_lm, ModeSpec.parse(mode), setup, cfg)
     assert fast.numel() > 100
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
+    if tail:  # the tail changes what append scores
+        plain, _ = scored(tiny_lm, ModeSpec.parse(mode), setup, CFG)
+        assert (plain - fast).abs().max() > 1e-2
 
 
 def test_fast_path_with_thinned_targets_and_ensemble(tiny_lm, setup):
-    cfg = EvalConfig(stride=8, query_tokens=8, k=2, max_length=120, limit_tokens=200, ensemble=True)
+    cfg = EvalConfig(stride=8, query_tokens=8, k=2, max_length=120, limit_tokens=200, ensemble=True, tail=5)
     fast, slow = scored(tiny_lm, ModeSpec.parse("append+markers"), setup, cfg)
     assert 0 < fast.numel() <= 200
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)

@@ -32,6 +32,7 @@ def naive_layout(
     step: int,
     passages: dict,
     markers: tuple[int, int] | None,
+    tail: int = 0,
 ) -> list[int]:
     """The token layout the model should see before emitting token `step`, built from scratch."""
     if mode == "none":
@@ -42,11 +43,15 @@ def naive_layout(
         return passage + prompt + generated[:step]
     if markers:
         passage = [markers[0], *passage, markers[1]]
-    return prompt + generated[:r] + passage + generated[r:step]
+    history = prompt + generated[:r]
+    cut = max(0, len(history) - tail)  # the passage goes `tail` tokens before the end of the context
+    return history[:cut] + passage + history[cut:] + generated[r:step]
 
 
-def run(lm, index, mode, markers=True, max_new=40, stride=16, k=1):
-    cfg = GenerationConfig(mode=mode, stride=stride, query_tokens=32, k=k, max_new_tokens=max_new, markers=markers)
+def run(lm, index, mode, markers=True, max_new=40, stride=16, k=1, tail=0):
+    cfg = GenerationConfig(
+        mode=mode, stride=stride, query_tokens=32, k=k, max_new_tokens=max_new, markers=markers, tail=tail
+    )
     prompt = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     trace = Trace(mode)
     seen: dict[int, torch.Tensor] = {}
@@ -64,24 +69,28 @@ def run(lm, index, mode, markers=True, max_new=40, stride=16, k=1):
 
 
 @pytest.mark.parametrize(
-    ("mode", "markers", "k"),
+    ("mode", "markers", "k", "tail"),
     [
-        ("append", True, 1),
-        ("append", False, 1),
-        ("prepend", False, 1),
-        ("append", True, 2),
-        ("none", False, 1),
+        ("append", True, 1, 0),
+        ("append", False, 1, 0),
+        ("prepend", False, 1, 0),
+        ("append", True, 2, 0),
+        ("none", False, 1, 0),
+        ("append", True, 1, 5),
+        ("append", True, 2, 24),  # a tail longer than the stride: tokens stay in the tail across retrievals
+        ("append", True, 1, 500),  # longer than the prompt: the passage goes first
+        ("prepend", False, 1, 5),  # tail is an append-mode setting: prepend ignores it
     ],
 )
-def test_every_step_matches_full_recomputation(tiny_lm, index, mode, markers, k):
-    prompt, tokens, trace, seen = run(tiny_lm, index, mode, markers, k=k)
+def test_every_step_matches_full_recomputation(tiny_lm, index, mode, markers, k, tail):
+    prompt, tokens, trace, seen = run(tiny_lm, index, mode, markers, k=k, tail=tail)
     assert len(tokens) == 40, "the tiny model stopped early; the check would be too weak"
     passages = passages_by_step(index, trace)
     if mode != "none":
         assert sorted(passages) == [0, 16, 32]
         assert all(len(r["passages"]) == k for r in trace.retrievals)
     for step in range(len(tokens)):
-        layout = naive_layout(mode, prompt, tokens, step, passages, tiny_lm.marker_ids if markers else None)
+        layout = naive_layout(mode, prompt, tokens, step, passages, tiny_lm.marker_ids if markers else None, tail)
         with torch.no_grad():
             want = tiny_lm.model(input_ids=torch.tensor([layout])).logits[0, -1].float()
         torch.testing.assert_close(seen[step], want, atol=1e-4, rtol=0)
@@ -89,11 +98,14 @@ def test_every_step_matches_full_recomputation(tiny_lm, index, mode, markers, k)
         assert tokens[step] == int(want.argmax()), f"greedy token differs at step {step}"
 
 
-def test_append_computes_stride_plus_passage_and_prepend_recomputes(tiny_lm, index):
-    prompt, _, append, _ = run(tiny_lm, index, "append", max_new=48)
+@pytest.mark.parametrize("tail", [0, 8])
+def test_append_computes_stride_plus_tail_plus_passage_and_prepend_recomputes(tiny_lm, index, tail):
+    prompt, _, append, _ = run(tiny_lm, index, "append", max_new=48, tail=tail)
     lengths = {s: len(p) + 2 for s, p in passages_by_step(index, append).items()}  # with markers
     multi = [f for f in append.forwards if f.kind != "decode"]
-    assert [f.tokens for f in multi] == [len(prompt), lengths[0], 16 + lengths[16], 16 + lengths[32]]
+    per_step = [lengths[0] + tail, 16 + lengths[16] + tail, 16 + lengths[32] + tail]
+    assert [f.tokens for f in multi] == [len(prompt) - tail, *per_step]
+    assert [r["computed_tokens"] for r in append.retrievals] == per_step
     # The context is never recomputed: after the prefill the cache only grows by what each pass adds.
     assert all(f.kind == "extend" for f in multi[1:])
     assert multi[-1].cache_len == len(prompt) + 32 + lengths[32]
@@ -108,8 +120,9 @@ def test_append_computes_stride_plus_passage_and_prepend_recomputes(tiny_lm, ind
 
 def test_result_json_has_text_retrievals_forwards_timings(tiny_lm, index):
     prompt = tiny_lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    cfg = GenerationConfig(mode="append", max_new_tokens=20)
+    cfg = GenerationConfig(mode="append", max_new_tokens=20, tail=4)
     out = generate(tiny_lm, prompt, IndexRetriever(index), cfg).to_json()
+    assert out["config"]["tail"] == 4 and out["retrievals"][1]["computed_tokens"] == 16 + 4 + 24 + 2
     assert out["text"] == tiny_lm.tokenizer.decode(out["token_ids"], skip_special_tokens=True)
     assert [r["step"] for r in out["retrievals"]] == [0, 16]
     first = out["retrievals"][0]
@@ -152,6 +165,7 @@ def test_max_new_tokens_beyond_positions_is_lowered_not_a_crash(tiny_lm, index):
         (GenerationConfig(stride=0), "stride"),
         (GenerationConfig(k=0), "k must"),
         (GenerationConfig(top_p=0), "top-p"),
+        (GenerationConfig(tail=-1), "tail"),
     ],
 )
 def test_bad_config_is_a_clear_error(tiny_lm, index, cfg, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -9,43 +10,96 @@ import pytest
 import torch
 
 from flashback.cli import main
-from flashback.data import FORMAT, Example, layout, load_examples
+from flashback.data import FORMAT, Example, Segment, layout, load_segments
 from flashback.errors import FlashbackError
 from flashback.model import load_model, tokenizer_fingerprint
-from flashback.train import TrainConfig, collate, evaluate_loss, target_loss, train
+from flashback.train import TrainConfig, add_adapter, collate, evaluate_loss, pack, target_loss, target_nll, train
 
 TOY_CFG = dict(
     target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
     dropout=0.0,
-    batch_size=8,
+    batch_size=2,
     warmup_steps=5,
     eval_every=1000,
     save_every=1000,
 )
 
 
-def write_data(folder, lm, train_examples, val_examples):
+def write_data(folder, lm, train_segments, val_segments):
     folder.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train_examples), ("val", val_examples)):
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(e.to_json()) + "\n" for e in rows))
+    for name, rows in (("train", train_segments), ("val", val_segments)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(s.to_json()) + "\n" for s in rows))
     manifest = {"format": FORMAT, "tokenizer": {"name": "tiny", "fingerprint": tokenizer_fingerprint(lm.tokenizer)}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
 
-def copy_task(n: int, seed: int) -> list[Example]:
-    """The answer is only in the passage: the target repeats the passage's token."""
+def copy_task(n: int, seed: int, targets_per_segment: int = 4) -> list[Segment]:
+    """The answer is only in the passage: each target repeats its passage's token."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        a = rng.randrange(50, 70)
-        out.append(Example(f"d{seed}-{i}", 0, [rng.randrange(100, 300) for _ in range(20)], [[a] * 12], ["p"], [a] * 6))
+        tokens, targets, passages = [], [], []
+        for _ in range(targets_per_segment):
+            a = rng.randrange(50, 70)
+            tokens += [rng.randrange(100, 300) for _ in range(rng.randrange(6, 14))]
+            targets.append(len(tokens))
+            tokens += [a] * 6
+            passages.append([[a] * 12])
+        out.append(Segment(f"d{seed}-{i}", 0, 6, tokens, targets, passages, [["p"]] * targets_per_segment))
     return out
 
 
 @pytest.fixture
 def fresh_lm(tiny_model_dir):
     return load_model(str(tiny_model_dir), markers=True)
+
+
+def random_segment(k: int, seed: int = 0) -> Segment:
+    rng = random.Random(seed)
+    tokens = [rng.randrange(100, 300) for _ in range(70)]
+    targets = [6, 14, 22, 38, 54]  # irregular gaps, context from 6 to 54 tokens
+    passages = [[[rng.randrange(60, 300) for _ in range(rng.choice([9, 12]))] for _ in range(k)] for _ in targets]
+    return Segment("d", 0, 8, tokens, targets, passages, [["p"] * k] * len(targets))
+
+
+@pytest.mark.parametrize("tail,k", [(0, 1), (4, 1), (10, 2)])
+def test_packed_loss_and_gradient_equal_one_example_per_row(fresh_lm, tail, k):
+    """Tail 10 is longer than the first context (6 tokens): that row has no shared prefix at all."""
+    lm = fresh_lm
+    model = add_adapter(lm, TrainConfig(dropout=0.0, **{k_: v for k_, v in TOY_CFG.items() if k_ == "target_modules"}))
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter do something
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens" in name:
+                p.normal_(0, 0.05)
+    segment, banned = random_segment(k), torch.tensor(lm.marker_ids)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        nll = target_nll(model, batch, banned)
+        nll.mean().backward()
+        return nll.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    packed_batch = pack(segment, lm.marker_ids, tail, 0, lm.device)
+    one_per_row = collate(segment.examples(), "append", lm.marker_ids, 0, lm.device, tail)
+    packed, packed_grads = loss_and_grads(packed_batch)
+    plain, plain_grads = loss_and_grads(one_per_row)
+    torch.testing.assert_close(packed, plain, atol=2e-5, rtol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert packed_batch.computed < one_per_row.computed
+    # Each row of the per-example batch is data.layout() of its example, target last.
+    for row, ex in zip(one_per_row.input_ids.tolist(), segment.examples(), strict=True):
+        ids, start = layout(ex.context, ex.passages, ex.target, "append", lm.marker_ids, tail)
+        assert row[-len(ids) :] == ids and ids[start:] == ex.target
+
+
+def test_layout_with_tail_moves_the_passage_before_the_last_context_tokens():
+    ids, start = layout([1, 2, 3, 4, 5], [[7, 8]], [9], "append", (90, 91), tail=2)
+    assert ids == [1, 2, 3, 90, 7, 8, 91, 4, 5, 9] and start == 9
+    assert layout([1, 2], [[7]], [9], "append", (90, 91), tail=5)[0] == [90, 7, 91, 1, 2, 9]
+    assert layout([1, 2], [[7]], [9], "append", None, tail=0)[0] == [1, 2, 7, 9]
+    assert layout([1, 2], [[7]], [9], "prepend", None, tail=1)[0] == [7, 1, 2, 9]
 
 
 def test_loss_covers_target_tokens_only_and_excludes_markers(fresh_lm):
@@ -82,7 +136,7 @@ def test_loss_covers_target_tokens_only_and_excludes_markers(fresh_lm):
 
 def test_training_changes_only_markers_and_lora_and_reloads_exactly(fresh_lm, tiny_model_dir, tmp_path):
     lm = fresh_lm
-    data = write_data(tmp_path / "data", lm, copy_task(32, 0), copy_task(8, 1))
+    data = write_data(tmp_path / "data", lm, copy_task(16, 0), copy_task(4, 1))
     base = {k: v.clone() for k, v in lm.model.state_dict().items()}
     vocab = torch.arange(lm.model.get_input_embeddings().weight.shape[0])
     with torch.no_grad():
@@ -116,23 +170,24 @@ def test_training_changes_only_markers_and_lora_and_reloads_exactly(fresh_lm, ti
 
 def test_a_few_steps_learn_to_use_the_appended_passage(fresh_lm, tmp_path):
     lm = fresh_lm
-    val = copy_task(48, 1)
-    data = write_data(tmp_path / "data", lm, copy_task(400, 0), val)
-    cfg = TrainConfig(lr=3e-3, max_steps=50, max_val_examples=48, **TOY_CFG)
+    val = copy_task(12, 1)
+    data = write_data(tmp_path / "data", lm, copy_task(100, 0), val)
+    cfg = TrainConfig(lr=3e-3, max_steps=50, max_val_segments=12, tail=3, **TOY_CFG)
     result = train(lm, data, tmp_path / "adapter", cfg, progress=False, log=lambda m: None)
     assert result.val_loss_after < result.val_loss_before - 1.0
+    assert "val_by_offset" in result.history[-1] and result.target_tokens == 50 * 2 * 4 * 6
     swapped = [
-        Example(e.doc_id, 0, e.context, val[(i + 1) % len(val)].passages, e.passage_ids, e.target)
-        for i, e in enumerate(val)
+        Segment(s.doc_id, 0, s.stride, s.tokens, s.targets, val[(i + 1) % len(val)].passages, s.passage_ids)
+        for i, s in enumerate(val)
     ]
-    wrong = evaluate_loss(lm.model, swapped, cfg, lm.marker_ids, 0, torch.tensor(lm.marker_ids), lm.device)
+    wrong = evaluate_loss(lm.model, swapped, cfg, lm.marker_ids, 0, torch.tensor(lm.marker_ids), lm.device)["loss"]
     assert result.val_loss_after < wrong - 0.3, "the model should rely on the passage, not just on token counts"
 
 
 def test_resume_continues_from_the_checkpoint(fresh_lm, tiny_model_dir, tmp_path, monkeypatch):
     import flashback.train as train_mod
 
-    data = write_data(tmp_path / "data", fresh_lm, copy_task(40, 0), copy_task(8, 1))
+    data = write_data(tmp_path / "data", fresh_lm, copy_task(20, 0), copy_task(4, 1))
     cfg = TrainConfig(lr=1e-3, max_steps=4, **{**TOY_CFG, "save_every": 2})
     with pytest.raises(FlashbackError, match="nothing to resume"):
         train(fresh_lm, data, tmp_path / "a", cfg, resume=True, progress=False, log=lambda m: None)
@@ -193,9 +248,13 @@ def test_prepare_writes_examples_with_leakage_filter(capsys, tiny_model_dir, tin
     )
     assert code == 0, capsys.readouterr().err
     lm_tok = load_model(str(tiny_model_dir)).tokenizer
-    examples, manifest = load_examples(out, "train", tokenizer_fingerprint(lm_tok))
-    val, _ = load_examples(out, "val")
-    assert examples and val and {e.doc_id for e in examples}.isdisjoint({e.doc_id for e in val})
+    segments, manifest = load_segments(out, "train", tokenizer_fingerprint(lm_tok))
+    val, _ = load_segments(out, "val")
+    assert segments and val and {s.doc_id for s in segments}.isdisjoint({s.doc_id for s in val})
+    examples = [ex for seg in segments for ex in seg.examples()]
+    assert len(examples) > len(segments), "a segment holds several targets"
+    for seg in segments:  # targets every stride tokens, contexts from query-tokens on
+        assert seg.targets[0] == 8 and all(b - a == 8 for a, b in itertools.pairwise(seg.targets))
     for ex in examples:
         assert len(ex.target) == 8 and len(ex.context) >= 8 and len(ex.passages) == 1
         assert len(ex.context) + len(ex.passages[0]) + 2 + 8 <= 128

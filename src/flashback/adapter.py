@@ -27,6 +27,14 @@ def read_card(path: str | Path) -> dict:
         raise FlashbackError(f"{card} is corrupt: {exc}") from None
 
 
+def adapter_tail(path: str | Path | None) -> int | None:
+    """The tail an adapter was trained with: its card's `tail`, 0 for cards written before tails existed."""
+    if not path:
+        return None
+    card = read_card(path)
+    return int(card.get("tail", 0)) if card else None
+
+
 def attach_adapter(model, tokenizer, path: str | Path, base_name: str):
     """Wrap `model` in the PEFT adapter at `path`; the tokenizer must already hold the markers."""
     from peft import PeftModel

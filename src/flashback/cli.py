@@ -13,6 +13,7 @@ import time
 import warnings
 from pathlib import Path
 
+from flashback.data import DEFAULT_TAIL
 from flashback.errors import FlashbackError
 from flashback.model import DEFAULT_MODEL, cache_root
 
@@ -46,6 +47,7 @@ def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="wrap appended passages in <MARK_L>/<MARK_R> (default: on with an adapter)",
     )
+    _add_tail_arg(p)
     _add_adapter_args(p)
 
 
@@ -57,6 +59,28 @@ def _add_adapter_args(p: argparse.ArgumentParser) -> None:
         "the default model)",
     )
     p.add_argument("--no-adapter", action="store_true", help="do not use the shipped default adapter")
+
+
+def _add_tail_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tail",
+        type=int,
+        default=None,
+        help="append mode: put the passage this many context tokens before the end of the context "
+        f"(default: the adapter's own, else {DEFAULT_TAIL})",
+    )
+
+
+def _tail(args: argparse.Namespace, adapter: str | None) -> int:
+    """--tail, else the tail the adapter was trained with, else the package default."""
+    from flashback.adapter import adapter_tail
+
+    if args.tail is not None:
+        if args.tail < 0:
+            raise FlashbackError("--tail must be >= 0")
+        return args.tail
+    trained = adapter_tail(adapter)
+    return DEFAULT_TAIL if trained is None else trained
 
 
 def _adapter(args: argparse.Namespace, mode: str) -> str | None:
@@ -160,6 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         k=args.k,
         max_new_tokens=args.max_new_tokens,
         markers=markers,
+        tail=_tail(args, adapter),
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
@@ -211,7 +236,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         k=args.k,
         max_length=args.max_length,
         val_fraction=args.val_fraction,
-        max_examples=args.max_examples,
+        max_segments=args.max_segments,
         seed=args.seed,
     )
     if min(cfg.stride, cfg.query_tokens, cfg.k, cfg.max_length) < 1 or not 0 <= cfg.val_fraction < 1:
@@ -245,11 +270,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         position=args.position,
         markers=args.markers,
+        tail=args.tail,
+        pack=args.pack,
         r=args.r,
         alpha=args.alpha,
         dropout=args.dropout,
         target_modules=tuple(m for m in args.target_modules.split(",") if m),
         lr=args.lr,
+        marker_lr=args.marker_lr,
+        early_weight=args.early_weight,
+        early_tokens=args.early_tokens,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         epochs=args.epochs,
@@ -257,11 +287,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         eval_every=args.eval_every,
         save_every=args.save_every,
-        max_val_examples=args.max_val_examples,
+        max_val_segments=args.max_val_segments,
         seed=args.seed,
+        autocast=args.autocast,
     )
     cfg.validate()
     lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=cfg.markers)
+    if args.throughput:
+        from flashback.train import throughput
+
+        print(json.dumps(throughput(lm, args.data, cfg, args.throughput)))
+        return 0
     result = train(
         lm,
         args.data,
@@ -272,6 +308,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+    summary["target_tokens_per_s"] = round(result.target_tokens_per_s, 2)
     print(json.dumps({"out": str(args.out), **summary}))
     return 0
 
@@ -296,6 +333,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit_tokens=args.limit_tokens,
         ensemble=args.ensemble,
         fast=not args.slow,
+        tail=_tail(args, args.adapter),
     )
     if min(cfg.stride, cfg.query_tokens, cfg.k, cfg.max_length) < 1:
         raise FlashbackError("stride, query-tokens, k and max-length must be at least 1")
@@ -348,6 +386,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         k=args.k,
         repeats=args.repeats,
         markers=args.markers,
+        tail=_tail(args, None),
         lora_overhead=not args.no_lora,
     )
     for name in ("new_tokens", "stride", "passage_tokens", "k", "repeats"):
@@ -387,7 +426,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(
         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_active=args.max_active
     )
-    app = create_app(lm, IndexRetriever(index), limits, markers=markers)
+    app = create_app(lm, IndexRetriever(index), limits, markers=markers, tail=_tail(args, adapter))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -447,7 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="leave out this hashed fraction of documents for evaluation (use the same in `eval`)",
     )
-    p.add_argument("--max-examples", type=int, default=None, help="keep a seeded sample of this many examples")
+    p.add_argument(
+        "--max-segments", type=int, default=None, help="keep a seeded sample of this many segments (text windows)"
+    )
     p.add_argument("--forbid-titles", default=None, help="file of titles never to retrieve, one a line")
     p.add_argument("--seed", type=int, default=0)
     _add_filter_args(p)
@@ -460,22 +501,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="adapter folder to write")
     p.add_argument("--position", default="append", choices=["append", "prepend"])
     p.add_argument("--markers", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--tail", type=int, default=0, help="context tokens placed after the passage (append; default 0)")
+    p.add_argument(
+        "--pack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="append: train all targets of a segment in one forward over a shared prefix (default on)",
+    )
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=int, default=32)
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated linear layer names")
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--marker-lr", type=float, default=None, help="learning rate of the marker rows (default: --lr)")
+    p.add_argument(
+        "--early-weight", type=float, default=1.0, help="loss weight of the first --early-tokens target tokens"
+    )
+    p.add_argument("--early-tokens", type=int, default=2)
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="segments per step when packing, else examples (default 1)"
+    )
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--max-val-examples", type=int, default=64)
+    p.add_argument("--max-val-segments", type=int, default=8, help="validation segments, spread over the split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--autocast",
+        default="auto",
+        choices=["auto", "bfloat16", "none"],
+        help="bf16 matmuls over fp32 weights; auto = where the hardware runs bf16 natively (default)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint")
+    p.add_argument(
+        "--throughput",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure target tokens/s packed vs per example on N segments (JSON) instead of training",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -489,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: none, prepend, append, append+markers, and +adapter on any of them",
     )
     p.add_argument("--adapter", default=None, help="adapter for the +adapter modes")
+    _add_tail_arg(p)
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--ensemble", action="store_true", help="mix per-passage probabilities instead of concatenating")
     p.add_argument("--stride", type=int, default=16)
@@ -517,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--markers", action=argparse.BooleanOptionalAction, default=True)
+    _add_tail_arg(p)
     p.add_argument("--no-lora", action="store_true", help="skip the unmerged-vs-merged LoRA measurement")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", help="write every row to this JSON file")
@@ -533,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="append-mode marking tokens (default: on with an adapter)",
     )
+    _add_tail_arg(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-prompt-tokens", type=int, default=4096)

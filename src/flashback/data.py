@@ -1,10 +1,21 @@
-"""Training and evaluation examples: (context, retrieved passages, target), as the paper builds them.
+"""Training and evaluation data: text segments with their targets and retrieved passages.
 
-Each document is walked in steps of `stride` target tokens. The query for a target is the
-`query_tokens` tokens before it; passages of the same document or title are never retrieved
-(leakage filter). The context is the text before the target, cut to a seeded random length so that
-context + markers + passages + target fit in `max_length` positions. The token layout a model sees
-is built by `layout()`, the one place that decides it for training and evaluation.
+The token layout every part of FlashBack uses is decided here, in `append_parts` / `layout`:
+
+    append:  context[:-tail] [<MARK_L>] passages [<MARK_R>] context[-tail:] target   (FlashBack)
+    prepend: passages context target                                                (In-Context RALM)
+    none:    context target
+
+`tail` puts the passage a few tokens before the end of the context, so the model resumes a
+sentence it has just seen instead of one it last saw a passage ago. Generation, the evaluation
+fast path and packed training all derive their tokens from these functions.
+
+Prepared data is a list of `Segment`s: a window of a document with a target every `stride`
+tokens (the query is the `query_tokens` before each target; passages of the same document or
+title are never retrieved). A target's context is the window's text before it, so contexts range
+from `query_tokens` to the longest that lets context + markers + passages + target fit
+`max_length`. One segment trains all its targets at once (train.py packs them); `examples()`
+gives the same data one example per target. The data does not depend on `tail`.
 """
 
 from __future__ import annotations
@@ -22,7 +33,9 @@ from flashback.corpus import Document, is_heldout
 from flashback.errors import FlashbackError
 from flashback.retrieval import Index
 
-FORMAT = "flashback-data/1"
+FORMAT = "flashback-data/2"
+# Context tokens placed after the passage when neither the user nor an adapter's card says otherwise.
+DEFAULT_TAIL = 32
 
 
 @dataclass(frozen=True)
@@ -32,22 +45,29 @@ class PrepareConfig:
     k: int = 1
     max_length: int = 512
     val_fraction: float = 0.05
-    max_examples: int | None = None  # keep a seeded sample of this many (training budget)
+    max_segments: int | None = None  # keep a seeded sample of this many segments (training budget)
     seed: int = 0
     batch_queries: int = 512
 
 
-@dataclass(frozen=True)
-class Example:
-    doc_id: str
-    position: int  # index of the first target token in the document
-    context: list[int]
-    passages: list[list[int]]
-    passage_ids: list[str]
-    target: list[int]
+def split_point(context_len: int, tail: int) -> int:
+    """Where the passage goes: `tail` tokens before the end of the context (never before its start)."""
+    return max(0, context_len - tail)
 
-    def to_json(self) -> dict:
-        return asdict(self)
+
+def passage_block(passages: Sequence[Sequence[int]], markers: tuple[int, int] | None) -> list[int]:
+    """[<MARK_L>] passages [<MARK_R>], passages concatenated best first."""
+    flat = [int(t) for p in passages for t in p]
+    return [markers[0], *flat, markers[1]] if markers else flat
+
+
+def append_parts(
+    context: Sequence[int], passages: Sequence[Sequence[int]], markers: tuple[int, int] | None, tail: int
+) -> tuple[list[int], list[int]]:
+    """Append layout of a context as (kept, block): `kept` stays cached across retrievals, `block` is
+    the marked passage followed by the context's last `tail` tokens, recomputed at each retrieval."""
+    cut = split_point(len(context), tail)
+    return list(context[:cut]), passage_block(passages, markers) + list(context[cut:])
 
 
 def layout(
@@ -56,24 +76,60 @@ def layout(
     target: Sequence[int],
     position: str,
     markers: tuple[int, int] | None,
+    tail: int = 0,
 ) -> tuple[list[int], int]:
-    """Token ids of one example and the index where the target starts.
-
-    append:  context [<MARK_L>] passages [<MARK_R>] target   (FlashBack)
-    prepend: passages context target                          (In-Context RALM)
-    none:    context target
-    """
-    flat = [t for p in passages for t in p]
+    """Token ids of one example and the index where the target starts (see the module docstring)."""
     if position == "append":
-        middle = [markers[0], *flat, markers[1]] if markers else flat
-        ids = [*context, *middle]
+        kept, block = append_parts(context, passages, markers, tail)
+        ids = kept + block
     elif position == "prepend":
-        ids = [*flat, *context]
+        ids = passage_block(passages, None) + list(context)
     elif position == "none":
         ids = list(context)
     else:
         raise FlashbackError(f"unknown position {position!r}")
     return ids + list(target), len(ids)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One target with its context and passages: the unpacked view of a segment."""
+
+    doc_id: str
+    position: int  # index of the first target token in the document
+    context: list[int]
+    passages: list[list[int]]
+    passage_ids: list[str]
+    target: list[int]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A window of a document and every target in it, each with its retrieved passages."""
+
+    doc_id: str
+    start: int  # document position of tokens[0]
+    stride: int  # target length
+    tokens: list[int]
+    targets: list[int]  # position of each target's first token in `tokens`
+    passages: list[list[list[int]]]  # per target: k passages of token ids
+    passage_ids: list[list[str]]
+
+    def examples(self) -> list[Example]:
+        return [
+            Example(
+                self.doc_id,
+                self.start + q,
+                self.tokens[:q],
+                self.passages[j],
+                self.passage_ids[j],
+                self.tokens[q : q + self.stride],
+            )
+            for j, q in enumerate(self.targets)
+        ]
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -120,36 +176,64 @@ def retrieve_for(
     return search_without_leakage(index, queries, [s.doc for s in slots], cfg.k, forbid_titles)
 
 
-def make_examples(
+def longest_context(cfg: PrepareConfig, chunk_tokens: int) -> int:
+    """The longest context that leaves room for markers, k passages and the target in max_length."""
+    longest = cfg.max_length - cfg.k * chunk_tokens - 2 - cfg.stride
+    if longest < cfg.query_tokens:
+        raise FlashbackError(
+            f"--max-length {cfg.max_length} leaves no room for a context after "
+            f"{cfg.k} passage(s) of {chunk_tokens} tokens and the target"
+        )
+    return longest
+
+
+def window_of(position: int, cfg: PrepareConfig, longest: int) -> int:
+    """Start of the window a target slot belongs to: windows hold consecutive targets whose contexts
+    run from query_tokens to at most `longest` tokens."""
+    per_window = (longest - cfg.query_tokens) // cfg.stride + 1
+    m = (position - cfg.query_tokens) // cfg.stride
+    return (m // per_window) * per_window * cfg.stride
+
+
+def make_segments(
     documents: Iterable[Document],
     tokenizer,
     index: Index,
     cfg: PrepareConfig,
     forbid_titles: frozenset[str] = frozenset(),
     progress: bool = True,
-) -> Iterator[Example]:
-    reserve = cfg.k * index.chunk_tokens + 2 + cfg.stride
-    if cfg.max_length - reserve < cfg.query_tokens:
-        raise FlashbackError(
-            f"--max-length {cfg.max_length} leaves no room for a context after "
-            f"{cfg.k} passage(s) of {index.chunk_tokens} tokens and the target"
-        )
-    rng = random.Random(cfg.seed)
+) -> Iterator[Segment]:
+    longest = longest_context(cfg, index.chunk_tokens)
     slots = target_slots(documents, tokenizer, cfg.stride, cfg.query_tokens)
-    bar = tqdm(desc="examples", unit="ex", disable=not progress)
+    bar = tqdm(desc="targets", unit="tg", disable=not progress)
+    pending: list[tuple[TargetSlot, list]] = []  # slots of the window being filled, with their hits
+
+    def flush() -> Segment:
+        first, last = pending[0][0], pending[-1][0]
+        start = window_of(first.position, cfg, longest)
+        segment = Segment(
+            doc_id=first.doc.id,
+            start=start,
+            stride=cfg.stride,
+            tokens=first.tokens[start : last.position + cfg.stride],
+            targets=[s.position - start for s, _ in pending],
+            passages=[[index.passage_tokens(h.index).tolist() for h in hits] for _, hits in pending],
+            passage_ids=[[h.id for h in hits] for _, hits in pending],
+        )
+        pending.clear()
+        return segment
+
     while batch := _take(slots, cfg.batch_queries):
         for slot, hits in zip(batch, retrieve_for(batch, index, tokenizer, cfg, forbid_titles), strict=True):
-            longest = min(slot.position, cfg.max_length - reserve)
-            length = rng.randint(min(cfg.query_tokens, longest), longest)
-            yield Example(
-                doc_id=slot.doc.id,
-                position=slot.position,
-                context=slot.tokens[slot.position - length : slot.position],
-                passages=[index.passage_tokens(h.index).tolist() for h in hits],
-                passage_ids=[h.id for h in hits],
-                target=slot.tokens[slot.position : slot.position + cfg.stride],
-            )
+            if pending and (
+                pending[0][0].doc.id != slot.doc.id
+                or window_of(pending[0][0].position, cfg, longest) != window_of(slot.position, cfg, longest)
+            ):
+                yield flush()
+            pending.append((slot, hits))
         bar.update(len(batch))
+    if pending:
+        yield flush()
     bar.close()
 
 
@@ -174,18 +258,18 @@ def prepare(
     forbid_titles: frozenset[str] = frozenset(),
     progress: bool = True,
 ) -> dict:
-    """Write train.jsonl, val.jsonl and manifest.json to `out` (atomically); return the manifest."""
+    """Write train.jsonl, val.jsonl (one segment a line) and manifest.json to `out` (atomically)."""
     index.check_tokenizer(fingerprint)
-    examples = list(make_examples(documents, tokenizer, index, cfg, forbid_titles, progress))
-    if not examples:
+    segments = list(make_segments(documents, tokenizer, index, cfg, forbid_titles, progress))
+    if not segments:
         raise FlashbackError(
             f"no examples: the text holds no document longer than {cfg.query_tokens + cfg.stride} tokens"
         )
-    if cfg.max_examples is not None and len(examples) > cfg.max_examples:
-        examples = random.Random(cfg.seed).sample(examples, cfg.max_examples)
-    splits: dict[str, list[Example]] = {"train": [], "val": []}
-    for ex in examples:
-        splits["val" if is_heldout(f"{cfg.seed}:{ex.doc_id}", cfg.val_fraction) else "train"].append(ex)
+    if cfg.max_segments is not None and len(segments) > cfg.max_segments:
+        segments = random.Random(cfg.seed).sample(segments, cfg.max_segments)
+    splits: dict[str, list[Segment]] = {"train": [], "val": []}
+    for seg in segments:
+        splits["val" if is_heldout(f"{cfg.seed}:{seg.doc_id}", cfg.val_fraction) else "train"].append(seg)
     if not splits["train"]:
         raise FlashbackError("every example fell in the validation split; lower --val-fraction")
     manifest = {
@@ -200,18 +284,19 @@ def prepare(
         "settings": asdict(cfg),
         "forbid_titles": len(forbid_titles),
         "counts": {name: len(rows) for name, rows in splits.items()},
-        "documents": len({ex.doc_id for ex in examples}),
+        "targets": {name: sum(len(s.targets) for s in rows) for name, rows in splits.items()},
+        "documents": len({s.doc_id for s in segments}),
     }
     with atomic_folder(out, "manifest.json", "prepared data folder") as tmp:
         for name, rows in splits.items():
             with open(tmp / f"{name}.jsonl", "w") as fh:
-                for ex in rows:
-                    fh.write(json.dumps(ex.to_json(), separators=(",", ":")) + "\n")
+                for seg in rows:
+                    fh.write(json.dumps(seg.to_json(), separators=(",", ":")) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def load_examples(data_dir: str | Path, split: str, fingerprint: str | None = None) -> tuple[list[Example], dict]:
+def load_segments(data_dir: str | Path, split: str, fingerprint: str | None = None) -> tuple[list[Segment], dict]:
     """Read one split of a prepared data folder, checking it was made with this tokenizer."""
     data_dir = Path(data_dir).expanduser()
     try:
@@ -219,18 +304,20 @@ def load_examples(data_dir: str | Path, split: str, fingerprint: str | None = No
     except (OSError, json.JSONDecodeError) as exc:
         raise FlashbackError(f"{data_dir} is not a prepared data folder ({exc})") from None
     if manifest.get("format") != FORMAT:
-        raise FlashbackError(f"{data_dir}: unknown data format {manifest.get('format')!r}")
+        raise FlashbackError(
+            f"{data_dir}: data format {manifest.get('format')!r}, expected {FORMAT!r}; run `flashback prepare` again"
+        )
     if fingerprint and manifest["tokenizer"]["fingerprint"] != fingerprint:
         raise FlashbackError(f"{data_dir} was prepared with another tokenizer ({manifest['tokenizer']['name']})")
     path = data_dir / f"{split}.jsonl"
-    examples = []
+    segments = []
     try:
         with open(path) as fh:
             for lineno, line in enumerate(fh, 1):
                 try:
-                    examples.append(Example(**json.loads(line)))
+                    segments.append(Segment(**json.loads(line)))
                 except (json.JSONDecodeError, TypeError) as exc:
-                    raise FlashbackError(f"{path}:{lineno}: not an example ({exc})") from None
+                    raise FlashbackError(f"{path}:{lineno}: not a segment ({exc})") from None
     except OSError as exc:
         raise FlashbackError(f"cannot read {path}: {exc}") from None
-    return examples, manifest
+    return segments, manifest

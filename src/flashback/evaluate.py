@@ -27,7 +27,7 @@ import torch
 
 from flashback.cache import KVCache
 from flashback.corpus import Document
-from flashback.data import layout, search_without_leakage
+from flashback.data import DEFAULT_TAIL, append_parts, layout, search_without_leakage, split_point
 from flashback.errors import FlashbackError
 from flashback.model import LoadedModel
 from flashback.retrieval import Index
@@ -42,6 +42,7 @@ class EvalConfig:
     limit_tokens: int | None = None
     ensemble: bool = False
     fast: bool = True
+    tail: int = DEFAULT_TAIL  # append modes: context tokens after the passage (data.layout)
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def score_slow(
         context, target = tokens[t.segment_start : t.position], tokens[t.position : t.position + cfg.stride]
         nlls = []
         for passages in _passage_sets(r, cfg) if spec.position != "none" else [[]]:
-            ids, start = layout(context, passages, target, spec.position, markers)
+            ids, start = layout(context, passages, target, spec.position, markers, cfg.tail)
             logits = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0]
             nlls.append(_target_nll(logits[start - 1 : -1], target, banned))
         out.append(_mix(nlls, r.scores) if len(nlls) > 1 else nlls[0])
@@ -168,33 +169,38 @@ def score_slow(
 def score_fast(
     lm: LoadedModel, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned
 ) -> list[torch.Tensor]:
-    """Consecutive targets of a segment share its KV cache (append and none modes)."""
+    """Consecutive targets of a segment share its KV cache (append and none modes).
+
+    The cache holds the segment's text up to where the layout puts the passage (data.append_parts);
+    each target extends it with the passage block and the target, is scored, and is rolled back.
+    """
     if spec.position == "prepend":
         raise FlashbackError("prepend has no fast path: its prefix changes with every passage")
     markers = lm.marker_ids if spec.markers else None
     out: list[torch.Tensor] = []
-    cache, key, last = None, None, None
-    for i, (t, r) in enumerate(zip(targets, retrievals, strict=True)):
+    cache, key, cached, last = None, None, 0, None
+    for t, r in zip(targets, retrievals, strict=True):
         tokens = docs[t.doc_index]
+        context = tokens[t.segment_start : t.position]
         target = tokens[t.position : t.position + cfg.stride]
-        if (t.doc_index, t.segment_start) != key:  # new segment: prefill its context once
-            cache, key = KVCache(lm.model, lm.device), (t.doc_index, t.segment_start)
-            last = cache.extend(tokens[t.segment_start : t.position])
+        if (t.doc_index, t.segment_start) != key:  # new segment: a fresh cache
+            cache, key, cached = KVCache(lm.model, lm.device), (t.doc_index, t.segment_start), 0
+        keep = len(context) if spec.position == "none" else split_point(len(context), cfg.tail)
+        if keep > cached:  # the text since the previous target joins the cached context
+            last = cache.extend(context[cached:keep])
+            cached = keep
         if spec.position == "none":
             logits = torch.cat([last[None], cache.extend(target, all_logits=True)[:-1]])
             out.append(_target_nll(logits, target, banned))
-            cache.rollback(t.position - t.segment_start)
-        else:
-            nlls = []
-            for passages in _passage_sets(r, cfg):
-                middle = layout([], passages, [], "append", markers)[0]
-                logits = cache.extend(middle + target, all_logits=True)
-                nlls.append(_target_nll(logits[len(middle) - 1 : -1], target, banned))
-                cache.rollback(t.position - t.segment_start)
-            out.append(_mix(nlls, r.scores) if len(nlls) > 1 else nlls[0])
-        nxt = targets[i + 1] if i + 1 < len(targets) else None
-        if nxt is not None and (nxt.doc_index, nxt.segment_start) == key:
-            last = cache.extend(tokens[t.position : nxt.position])  # the text up to the next target joins the context
+            cache.rollback(cached)
+            continue
+        nlls = []
+        for passages in _passage_sets(r, cfg):
+            block = append_parts(context, passages, markers, cfg.tail)[1]
+            logits = cache.extend(block + target, all_logits=True)
+            nlls.append(_target_nll(logits[len(block) - 1 : -1], target, banned))
+            cache.rollback(cached)
+        out.append(_mix(nlls, r.scores) if len(nlls) > 1 else nlls[0])
     return out
 
 

@@ -3,10 +3,11 @@
 Retrieval happens before the first token and then every `stride` generated tokens, with the last
 `query_tokens` tokens of context + generated text as the query.
 
-  append:  [context][<MARK_L> passage <MARK_R>][generated since the last retrieval]
-           At a retrieval the cache is rolled back to the end of the context, the tokens generated
-           since the previous retrieval are encoded as context (without the old passage), and the
-           new passage is appended: stride + passage tokens per retrieval.
+  append:  [context[:-tail]][<MARK_L> passage <MARK_R>][context[-tail:]][generated since the last retrieval]
+           (data.append_parts). The cache keeps everything before the passage. At a retrieval it is
+           rolled back there, the tokens that left the tail since the previous retrieval are encoded
+           as context (without the old passage), the new passage is appended and the last `tail`
+           tokens are re-encoded after it: stride + tail + passage + 2 tokens per retrieval.
   prepend: [passage][context + generated], recomputed from scratch at every retrieval.
   none:    [context][generated].
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from flashback.cache import KVCache
+from flashback.data import DEFAULT_TAIL, append_parts, passage_block
 from flashback.errors import FlashbackError
 from flashback.model import LoadedModel
 from flashback.retrieval import Hit, Index
@@ -41,6 +43,7 @@ class GenerationConfig:
     k: int = 1
     max_new_tokens: int = 64
     markers: bool = True  # append mode only: wrap passages in <MARK_L> ... <MARK_R>
+    tail: int = DEFAULT_TAIL  # append mode only: context tokens that follow the passage (data.layout)
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
@@ -52,6 +55,8 @@ class GenerationConfig:
         for name in ("stride", "query_tokens", "k", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise FlashbackError(f"{name.replace('_', '-')} must be at least 1")
+        if self.tail < 0:
+            raise FlashbackError("tail must be >= 0")
         if self.temperature < 0:
             raise FlashbackError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -212,26 +217,29 @@ def _loop(
     if cfg.seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     eos = lm.eos_ids
+    markers = lm.marker_ids if use_markers else None
     generated: list[int] = []
-    absorbed = 0  # generated tokens already encoded as context (append mode)
+    cached = 0  # append mode: tokens before the passage, kept in the cache across retrievals
     start = time.perf_counter()
     try:
         for step in range(max_new):
             if retrieving and step % cfg.stride == 0:
-                passage = _retrieve(lm, retriever, prompt + generated, cfg, step, trace)
+                passages = _retrieve(lm, retriever, prompt + generated, cfg, step, trace)
                 if cfg.mode == "append":
-                    if step == 0:
-                        cache.extend(prompt)
-                    else:
-                        cache.rollback(len(prompt) + absorbed)
-                    new_context = generated[absorbed:]
-                    absorbed = len(generated)
-                    if use_markers:
-                        passage = [lm.marker_ids[0], *passage, lm.marker_ids[1]]
-                    logits = cache.extend(new_context + passage)
+                    kept, block = append_parts(prompt + generated, passages, markers, cfg.tail)
+                    if step == 0 and kept:  # the prompt's prefill, kept for the whole generation
+                        logits = cache.extend(kept)
+                        cached = len(kept)
+                    before = len(cache.forwards)
+                    cache.rollback(cached)
+                    if kept[cached:] or block:
+                        logits = cache.extend(kept[cached:] + block)
+                    cached = len(kept)
                 else:  # prepend: the prefix changed, so nothing cached is valid any more
+                    before = len(cache.forwards)
                     cache.reset()
-                    logits = cache.extend(passage + prompt + generated)
+                    logits = cache.extend(passage_block(passages, None) + prompt + generated)
+                trace.retrievals[-1]["computed_tokens"] = sum(f.tokens for f in cache.forwards[before:])
             elif step == 0:
                 logits = cache.extend(prompt)
             else:
@@ -251,14 +259,14 @@ def _loop(
 
 def _retrieve(
     lm: LoadedModel, retriever: Retriever, history: list[int], cfg: GenerationConfig, step: int, trace: Trace
-) -> list[int]:
+) -> list[list[int]]:
     t0 = time.perf_counter()
     query = lm.tokenizer.decode(history[-cfg.query_tokens :])
     found = retriever(query, cfg.k)
     trace.retrieval_s += time.perf_counter() - t0
     trace.retrievals.append({"step": step, "query": query, "passages": [r.hit.to_json() for r in found]})
-    # Concatenated in rank order (best first), as the paper does for k > 1.
-    return [int(t) for r in found for t in r.token_ids]
+    # Concatenated in rank order (best first), as the paper does for k > 1 (data.passage_block).
+    return [[int(t) for t in r.token_ids] for r in found]
 
 
 def generate(

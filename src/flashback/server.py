@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from flashback.data import DEFAULT_TAIL
 from flashback.errors import FlashbackError
 from flashback.generate import GenerationConfig, Retriever, TextStreamer, Trace, stream
 from flashback.model import LoadedModel
@@ -56,6 +57,7 @@ class CompletionRequest(BaseModel):
     stride: int = Field(16, ge=1)
     k: int = Field(1, ge=1, le=16)
     query_tokens: int = Field(32, ge=1, le=512)
+    tail: int | None = Field(None, ge=0, le=512)  # None: the server's tail (the adapter's own)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
@@ -94,7 +96,11 @@ class StopFilter:
 
 
 def create_app(
-    lm: LoadedModel, retriever: Retriever | None, limits: ServerLimits = ServerLimits(), markers: bool = False
+    lm: LoadedModel,
+    retriever: Retriever | None,
+    limits: ServerLimits = ServerLimits(),
+    markers: bool = False,
+    tail: int = DEFAULT_TAIL,
 ) -> FastAPI:
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashback-model")
 
@@ -121,6 +127,7 @@ def create_app(
             "status": "ok",
             "model": lm.name,
             "adapter": lm.adapter,
+            "tail": tail,
             "index_passages": len(retriever.index) if hasattr(retriever, "index") else None,
             **state,
         }
@@ -148,6 +155,7 @@ def create_app(
             k=req.k,
             max_new_tokens=req.max_tokens,
             markers=markers and req.mode == "append",
+            tail=tail if req.tail is None else req.tail,
             temperature=req.temperature,
             top_p=req.top_p,
             seed=req.seed,

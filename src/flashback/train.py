@@ -1,17 +1,24 @@
-"""Fine-tune a LoRA adapter and the two marker embeddings on prepared examples; the base stays frozen.
+"""Fine-tune a LoRA adapter and the two marker embeddings on prepared segments; the base stays frozen.
 
-Each example is laid out by data.layout() (append or prepend, with or without markers) and
-left-padded, so every target ends the sequence and only the last `target + 1` positions need logits.
+Packed training (the default, append position): a segment's text is run once, then every target of
+the segment is one row of a batch, `<MARK_L> passage <MARK_R> tail target`, that attends to the
+segment's keys up to its own split point and to itself, at the positions it has in the layout of
+data.layout(). That is the sharing the evaluation fast path does at inference, and it gives the
+same loss as laying out every example on its own (`--no-pack`, and the only way for prepend, whose
+prefix changes with every passage), at a fraction of the tokens.
+
 The loss covers the target tokens only, and the marker tokens are removed from the softmax: the
 model should never spend probability on them, and generation never emits them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,10 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from flashback.adapter import CARD
 from flashback.atomic import atomic_folder
-from flashback.data import Example, layout, load_examples
+from flashback.data import Example, Segment, append_parts, layout, load_segments
 from flashback.errors import FlashbackError
 from flashback.model import LoadedModel, tokenizer_fingerprint
 
@@ -32,47 +40,73 @@ from flashback.model import LoadedModel, tokenizer_fingerprint
 class TrainConfig:
     position: str = "append"  # append (FlashBack) or prepend (In-Context RALM)
     markers: bool = True
+    tail: int = 0  # append: context tokens that follow the passage (data.layout)
+    pack: bool = True  # append: all targets of a segment in one forward (see the module docstring)
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     lr: float = 3e-4
+    marker_lr: float | None = None  # learning rate of the two marker rows (default: lr)
+    early_weight: float = 1.0  # loss weight of the first `early_tokens` target tokens (resuming the text)
+    early_tokens: int = 2
     weight_decay: float = 0.0
-    batch_size: int = 4
+    batch_size: int = 1  # segments per step when packing, else examples per step
     grad_accum: int = 1
     epochs: float = 1.0
     max_steps: int | None = None
     warmup_steps: int = 20
     eval_every: int = 50
     save_every: int = 50
-    max_val_examples: int = 64
+    max_val_segments: int = 8
     max_grad_norm: float = 1.0
     seed: int = 0
+    autocast: str = "auto"  # bf16 matmuls, fp32 weights: "auto" (where the hardware has them), "bfloat16", "none"
 
     def validate(self) -> None:
         if self.position not in ("append", "prepend"):
             raise FlashbackError("--position must be append or prepend")
         if self.markers and self.position != "append":
             raise FlashbackError("markers only make sense with --position append")
+        if self.tail and self.position != "append":
+            raise FlashbackError("--tail only makes sense with --position append")
         for name in ("r", "alpha", "batch_size", "grad_accum", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise FlashbackError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.tail < 0 or self.early_tokens < 0 or self.early_weight <= 0:
+            raise FlashbackError("--tail and --early-tokens must be >= 0, --early-weight > 0")
         if not self.target_modules:
             raise FlashbackError("--target-modules is empty")
+        if self.autocast not in ("auto", "bfloat16", "none"):
+            raise FlashbackError("--autocast must be auto, bfloat16 or none")
+
+    @property
+    def packed(self) -> bool:
+        return self.pack and self.position == "append"
 
 
 @dataclass
 class Batch:
+    """Rows that end with their target; prefix/prefix_len are set when the rows share a segment prefix."""
+
     input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) padding mask, or (B, 1, T, P + T) additive mask when packed
     position_ids: torch.Tensor  # (B, T)
     targets: torch.Tensor  # (B, S): the last S tokens of every row
+    prefix: torch.Tensor | None = None  # (1, P) segment tokens the rows attend to
+    computed: int = 0  # token positions this batch runs through the model, padding included
 
 
 def collate(
-    examples: Sequence[Example], position: str, markers: tuple[int, int] | None, pad_id: int, device: torch.device
+    examples: Sequence[Example],
+    position: str,
+    markers: tuple[int, int] | None,
+    pad_id: int,
+    device: torch.device,
+    tail: int = 0,
 ) -> Batch:
-    rows = [layout(ex.context, ex.passages, ex.target, position, markers)[0] for ex in examples]
+    """One example per row, each laid out by data.layout(), left-padded so every target ends its row."""
+    rows = [layout(ex.context, ex.passages, ex.target, position, markers, tail)[0] for ex in examples]
     span = {len(ex.target) for ex in examples}
     if len(span) != 1:
         raise FlashbackError("all targets in a batch must have the same length")
@@ -84,24 +118,138 @@ def collate(
         mask[i, width - len(row) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     s = span.pop()
-    return Batch(ids.to(device), mask.to(device), positions.to(device), ids[:, -s:].to(device))
+    return Batch(ids.to(device), mask.to(device), positions.to(device), ids[:, -s:].to(device), computed=ids.numel())
 
 
-def target_loss(model, batch: Batch, banned: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """Mean negative log-likelihood of the target tokens (markers excluded from the softmax)."""
+def pack(
+    segment: Segment, markers: tuple[int, int] | None, tail: int, pad_id: int, device: torch.device, dtype=torch.float32
+) -> Batch:
+    """All targets of a segment as rows over one shared prefix (append layout; see the module docstring).
+
+    Row j is data.append_parts(context_j)'s block + target_j, at positions split_j, split_j + 1, ...;
+    it sees prefix keys [0, split_j) and its own earlier tokens.
+    """
+    splits, rows = [], []
+    for ex in segment.examples():
+        kept, block = append_parts(ex.context, ex.passages, markers, tail)
+        splits.append(len(kept))
+        rows.append(block + ex.target)
+    n, width, prefix_len = len(rows), max(len(r) for r in rows), max(splits)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    allowed = torch.zeros((n, width, prefix_len + width), dtype=torch.bool)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for j, (row, split) in enumerate(zip(rows, splits, strict=True)):
+        pad = width - len(row)
+        ids[j, pad:] = torch.tensor(row)
+        positions[j, pad:] = torch.arange(split, split + len(row))
+        allowed[j, pad:, :split] = True
+        allowed[j, pad:, prefix_len + pad :] = causal[pad:, pad:]
+        allowed[j, :pad, prefix_len : prefix_len + pad] = torch.eye(pad, dtype=torch.bool)  # padding sees itself
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return Batch(
+        ids.to(device),
+        mask[:, None].to(device),
+        positions.to(device),
+        ids[:, -segment.stride :].to(device),
+        prefix=torch.tensor([segment.tokens[:prefix_len]], dtype=torch.long, device=device),
+        computed=prefix_len + ids.numel(),
+    )
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bfloat16 mixed precision where the hardware runs it natively (AVX512-BF16/AMX CPUs, recent GPUs).
+
+    Weights, LoRA parameters, optimizer state and the loss stay fp32; only matmuls and attention run in
+    bf16. On a CPU without native bf16 it would be emulated and slower, so "auto" leaves it off.
+    """
+    if cfg.autocast == "none":
+        return None
+    if cfg.autocast == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+FP32_ATTENTION = "sdpa_fp32"  # no "flash" in the name: transformers treats those as flash-attention kernels
+
+
+def _fp32_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """SDPA with fp32 inputs inside a bf16 autocast region: on CPUs the bf16 attention kernels with a
+    mask are slower than the fp32 ones (measured here: 171 vs 115 ms per layer, forward + backward)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with torch.autocast(query.device.type, enabled=False):
+        q, k, v = query.float(), key.float(), value.float()
+        out, weights = sdpa_attention_forward(module, q, k, v, attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+def _register_fp32_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FP32_ATTENTION, _fp32_sdpa)
+    AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def mixed_precision(model, cfg: TrainConfig, device: torch.device):
+    """Matmuls in bf16 (autocast_dtype), attention in fp32 on CPU; the model's own setting is restored after."""
+    dtype = autocast_dtype(cfg, device)
+    before = model.config._attn_implementation
+    swap = dtype is not None and device.type == "cpu" and before == "sdpa"
+    if swap:
+        _register_fp32_attention()
+        model.set_attn_implementation(FP32_ATTENTION)
+    try:
+        yield dtype
+    finally:
+        if swap:
+            model.set_attn_implementation(before)
+
+
+def _forward_context(cfg: TrainConfig, device: torch.device):
+    dtype = autocast_dtype(cfg, device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _offset_weights(s: int, cfg: TrainConfig, device) -> torch.Tensor:
+    w = torch.ones(s, device=device)
+    w[: cfg.early_tokens] = cfg.early_weight
+    return w / w.mean()
+
+
+def target_nll(model, batch: Batch, banned: torch.Tensor | None) -> torch.Tensor:
+    """Negative log-likelihood of every target token, (B, S), markers excluded from the softmax."""
     s = batch.targets.shape[1]
+    cache = None
+    if batch.prefix is not None and batch.prefix.shape[1]:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=batch.prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for layer in cache.layers:  # every row reads the same prefix keys and values
+            layer.keys = layer.keys.expand(batch.input_ids.shape[0], -1, -1, -1)
+            layer.values = layer.values.expand(batch.input_ids.shape[0], -1, -1, -1)
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
+        past_key_values=cache,
         logits_to_keep=s + 1,
-        use_cache=False,
+        use_cache=cache is not None,
     )
     logits = out.logits[:, :-1].float()  # (B, S, V): position t predicts token t + 1
     if banned is not None and len(banned):
         logits = logits.index_fill(-1, banned, float("-inf"))
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1))
-    return loss, batch.targets.numel()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1), reduction="none")
+    return nll.reshape(batch.targets.shape)
+
+
+def target_loss(model, batch: Batch, banned: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Mean negative log-likelihood of the target tokens and their count."""
+    nll = target_nll(model, batch, banned)
+    return nll.mean(), nll.numel()
 
 
 def embedding_module_name(model) -> str:
@@ -135,18 +283,36 @@ def add_adapter(lm: LoadedModel, cfg: TrainConfig):
     return get_peft_model(lm.model, config)
 
 
+def batches(units: Sequence, cfg: TrainConfig, markers, pad_id: int, device) -> list[Batch]:
+    """Model inputs for a list of segments (packed) or examples (--no-pack), one micro-batch each."""
+    if cfg.packed:
+        return [pack(seg, markers, cfg.tail, pad_id, device) for seg in units]
+    return [
+        collate(units[i : i + cfg.batch_size], cfg.position, markers, pad_id, device, cfg.tail)
+        for i in range(0, len(units), cfg.batch_size)
+    ]
+
+
+def training_units(segments: Sequence[Segment], cfg: TrainConfig) -> list:
+    """What one step draws from: whole segments when packing, else their examples."""
+    return list(segments) if cfg.packed else [ex for seg in segments for ex in seg.examples()]
+
+
+def spread(items: Sequence, n: int) -> list:
+    """n items evenly spread over the list (validation: many documents, not the first few)."""
+    if len(items) <= n:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)] if n > 1 else [items[0]]
+
+
 @torch.no_grad()
-def evaluate_loss(model, examples: Sequence[Example], cfg: TrainConfig, markers, pad_id, banned, device) -> float:
+def evaluate_loss(model, units: Sequence, cfg: TrainConfig, markers, pad_id, banned, device) -> dict:
+    """Mean target NLL (unweighted) and its value at each target offset."""
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), cfg.batch_size):
-        loss, n = target_loss(
-            model, collate(examples[i : i + cfg.batch_size], cfg.position, markers, pad_id, device), banned
-        )
-        total += float(loss) * n
-        count += n
+    rows = [target_nll(model, b, banned) for b in batches(units, cfg, markers, pad_id, device)]
     model.train()
-    return total / max(count, 1)
+    nll = torch.cat(rows) if rows else torch.zeros(0, 1)
+    return {"loss": float(nll.mean()), "by_offset": [round(float(v), 4) for v in nll.mean(dim=0)]}
 
 
 @dataclass
@@ -158,6 +324,22 @@ class TrainResult:
     val_loss_before: float
     val_loss_after: float
     history: list[dict] = field(default_factory=list)
+
+    @property
+    def target_tokens_per_s(self) -> float:
+        return self.target_tokens / self.seconds if self.seconds else float("nan")
+
+
+def optimizer_for(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; the marker rows get their own learning rate (they start as the mean embedding)."""
+    marker, lora = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (marker if "trainable_tokens" in name else lora).append(p)
+    groups = [{"params": lora, "lr": cfg.lr}]
+    if marker:
+        groups.append({"params": marker, "lr": cfg.marker_lr or cfg.lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def train(
@@ -171,11 +353,12 @@ def train(
 ) -> TrainResult:
     cfg.validate()
     fingerprint = tokenizer_fingerprint(lm.tokenizer)
-    train_set, manifest = load_examples(data_dir, "train", fingerprint)
-    val_set, _ = load_examples(data_dir, "val", fingerprint)
-    if not train_set:
+    train_segments, manifest = load_segments(data_dir, "train", fingerprint)
+    val_segments, _ = load_segments(data_dir, "val", fingerprint)
+    if not train_segments:
         raise FlashbackError(f"{data_dir}/train.jsonl holds no examples")
-    val_set = val_set[: cfg.max_val_examples]
+    train_set = training_units(train_segments, cfg)
+    val_set = training_units(spread(val_segments, cfg.max_val_segments), cfg)
     out = Path(out).expanduser()
     torch.manual_seed(cfg.seed)
     model = add_adapter(lm, cfg)
@@ -185,10 +368,10 @@ def train(
     banned = torch.tensor(lm.marker_ids, device=device) if lm.marker_ids else None
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
 
-    per_step = cfg.batch_size * cfg.grad_accum
+    per_step = cfg.batch_size * cfg.grad_accum  # units per optimizer step
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / per_step))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = optimizer_for(model, cfg)
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps // 10 + 1), total_steps)
@@ -203,45 +386,58 @@ def train(
         )
         log(f"resumed from step {step}")
     if val_before is None:
-        val_before = evaluate_loss(model, val_set, cfg, markers, pad_id, banned, device) if val_set else float("nan")
+        val_before = (
+            evaluate_loss(model, val_set, cfg, markers, pad_id, banned, device)["loss"] if val_set else float("nan")
+        )
         log(f"validation loss before training: {val_before:.4f} (ppl {math.exp(val_before):.2f})")
 
     order = _order(len(train_set), cfg.seed, total_steps * per_step)
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress)
     start = time.perf_counter() - elapsed
+    precision = contextlib.ExitStack()
+    precision.enter_context(mixed_precision(model, cfg, device))  # left at the end of the loop
     while step < total_steps:
         optimizer.zero_grad(set_to_none=True)
+        first = step * per_step
+        units = [train_set[i] for i in order[first : first + per_step]]
+        step_batches = batches(units, cfg, markers, pad_id, device)
+        step_targets = sum(b.targets.numel() for b in step_batches)
         step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            first = (step * cfg.grad_accum + micro) * cfg.batch_size
-            batch = collate(
-                [train_set[i] for i in order[first : first + cfg.batch_size]], cfg.position, markers, pad_id, device
-            )
-            loss, n = target_loss(model, batch, banned)
-            (loss / cfg.grad_accum).backward()
-            step_loss += float(loss.detach()) / cfg.grad_accum
-            tokens_seen += int(batch.attention_mask.sum())
-            target_tokens += n
+        for batch in step_batches:  # gradient of the mean over all target tokens of the step
+            with _forward_context(cfg, device):
+                nll = target_nll(model, batch, banned)
+            weighted = (nll * _offset_weights(nll.shape[1], cfg, device)).sum() / step_targets
+            weighted.backward()
+            step_loss += float(nll.detach().sum()) / step_targets
+            tokens_seen += batch.computed
+            target_tokens += nll.numel()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        seconds = time.perf_counter() - start
         record = {
             "step": step,
             "loss": step_loss,
             "tokens_seen": tokens_seen,
-            "seconds": round(time.perf_counter() - start, 1),
+            "target_tokens": target_tokens,
+            "seconds": round(seconds, 1),
         }
         if (step % cfg.eval_every == 0 or step == total_steps) and val_set:
-            record["val_loss"] = evaluate_loss(model, val_set, cfg, markers, pad_id, banned, device)
+            val = evaluate_loss(model, val_set, cfg, markers, pad_id, banned, device)
+            record["val_loss"], record["val_by_offset"] = val["loss"], val["by_offset"]
             log(
-                f"step {step}: train loss {step_loss:.4f}, val loss {record['val_loss']:.4f} "
-                f"(ppl {math.exp(record['val_loss']):.2f})"
+                f"step {step}: train loss {step_loss:.4f}, val loss {val['loss']:.4f} "
+                f"(ppl {math.exp(val['loss']):.2f}), offsets 1-3 {val['by_offset'][:3]}, "
+                f"{target_tokens / seconds:.1f} target tokens/s"
             )
         history.append(record)
         if step % cfg.save_every == 0 and step < total_steps:
+            so_far = TrainResult(
+                step, tokens_seen, target_tokens, time.perf_counter() - start, val_before, _last_val(history), history
+            )
             _save_checkpoint(
                 ckpt,
                 model,
@@ -251,36 +447,77 @@ def train(
                 tokens_seen,
                 target_tokens,
                 history,
-                time.perf_counter() - start,
+                so_far.seconds,
                 val_before,
+                _card(lm, cfg, fingerprint, data_dir, manifest, so_far),
             )
+    precision.close()
     bar.close()
     seconds = time.perf_counter() - start
-    val_after = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), float("nan"))
-    result = TrainResult(step, tokens_seen, target_tokens, seconds, val_before, val_after, history)
-    card = {
-        "base_model": lm.name,
-        "tokenizer_fingerprint": fingerprint,
-        "position": cfg.position,
-        "markers": cfg.markers,
-        "marker_ids": list(lm.marker_ids) if cfg.markers else None,
-        "settings": {**asdict(cfg), "target_modules": list(cfg.target_modules)},
-        "data": str(data_dir),
-        "data_manifest": manifest,
-        "steps": step,
-        "tokens_seen": tokens_seen,
-        "target_tokens": target_tokens,
-        "seconds": round(seconds, 1),
-        "val_loss_before": val_before,
-        "val_loss_after": val_after,
-        "history": history,
-    }
+    result = TrainResult(step, tokens_seen, target_tokens, seconds, val_before, _last_val(history), history)
+    card = _card(lm, cfg, fingerprint, data_dir, manifest, result)
     with atomic_folder(out, CARD, "FlashBack adapter folder") as tmp:
         model.save_pretrained(tmp, save_embedding_layers=False)
         (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
     shutil.rmtree(ckpt, ignore_errors=True)
     lm.model = model
     return result
+
+
+def throughput(lm: LoadedModel, data_dir: str | Path, cfg: TrainConfig, segments: int, repeats: int = 3) -> dict:
+    """Target tokens/s of forward + backward: one example per row vs packed, in fp32 and bf16 autocast.
+
+    All ways run on the same training segments, interleaved (the order rotates), after a warm-up;
+    the median of `repeats` is reported. No optimizer step: only the cost of the gradient is compared.
+    """
+    fingerprint = tokenizer_fingerprint(lm.tokenizer)
+    train_segments, _ = load_segments(data_dir, "train", fingerprint)
+    chosen = spread(train_segments, segments)
+    model = add_adapter(lm, cfg)
+    model.train()
+    markers = lm.marker_ids if cfg.markers else None
+    banned = torch.tensor(lm.marker_ids, device=lm.device) if lm.marker_ids else None
+    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    ways = {
+        f"{layout_name}_{precision}": TrainConfig(
+            **{**asdict(cfg), "pack": layout_name == "packed", "autocast": precision}
+        )
+        for layout_name in ("per_example", "packed")
+        for precision in ("none", "bfloat16")
+    }
+    inputs = {name: batches(training_units(chosen, c), c, markers, pad_id, lm.device) for name, c in ways.items()}
+
+    def run(name: str) -> float:
+        t0 = time.perf_counter()
+        with mixed_precision(model, ways[name], lm.device):
+            for b in inputs[name]:
+                with _forward_context(ways[name], lm.device):
+                    nll = target_nll(model, b, banned)
+                nll.mean().backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    names = list(ways)
+    for name in names:  # warm-up
+        run(name)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(run(name))
+    lm.model = model.unload()
+    out: dict = {"segments": len(chosen), "tail": cfg.tail, "batch_size_per_example": cfg.batch_size}
+    for name in names:
+        targets = sum(b.targets.numel() for b in inputs[name])
+        seconds = statistics.median(times[name])
+        out[name] = {
+            "seconds": seconds,
+            "target_tokens": targets,
+            "computed_tokens": sum(b.computed for b in inputs[name]),
+            "target_tokens_per_s": targets / seconds,
+        }
+    base = out["per_example_none"]["target_tokens_per_s"]
+    out["speedup_over_per_example_fp32"] = {name: out[name]["target_tokens_per_s"] / base for name in names}
+    return out
 
 
 def _order(n: int, seed: int, needed: int) -> list[int]:
@@ -295,12 +532,41 @@ def _order(n: int, seed: int, needed: int) -> list[int]:
     return order
 
 
+def _last_val(history: list[dict]) -> float:
+    return next((h["val_loss"] for h in reversed(history) if "val_loss" in h), float("nan"))
+
+
+def _card(lm: LoadedModel, cfg: TrainConfig, fingerprint: str, data_dir, manifest: dict, result: TrainResult) -> dict:
+    """flashback.json: what the adapter is for (base, tokenizer, layout) and how it was trained."""
+    return {
+        "base_model": lm.name,
+        "tokenizer_fingerprint": fingerprint,
+        "position": cfg.position,
+        "markers": cfg.markers,
+        "tail": cfg.tail,
+        "marker_ids": list(lm.marker_ids) if cfg.markers else None,
+        "settings": {**asdict(cfg), "target_modules": list(cfg.target_modules)},
+        "data": str(data_dir),
+        "data_manifest": manifest,
+        "steps": result.steps,
+        "tokens_seen": result.tokens_seen,
+        "target_tokens": result.target_tokens,
+        "seconds": round(result.seconds, 1),
+        "val_loss_before": result.val_loss_before,
+        "val_loss_after": result.val_loss_after,
+        "history": result.history,
+    }
+
+
 def _save_checkpoint(
-    ckpt: Path, model, optimizer, scheduler, step, tokens_seen, target_tokens, history, elapsed, val_before
+    ckpt: Path, model, optimizer, scheduler, step, tokens_seen, target_tokens, history, elapsed, val_before, card
 ) -> None:
+    """Optimizer state for --resume, plus the adapter so far in ckpt/adapter (usable like a finished one)."""
     from peft import get_peft_model_state_dict
 
     with atomic_folder(ckpt, "state.pt", "FlashBack training checkpoint") as tmp:
+        model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
+        (tmp / "adapter" / CARD).write_text(json.dumps(card, indent=2) + "\n")
         torch.save(
             {
                 "adapter": get_peft_model_state_dict(model, save_embedding_layers=False),
