@@ -62,6 +62,24 @@ def test_rollback_then_extend_equals_plain_forward(tiny_lm, layout):
     assert_same_cache(cache, plain_cache(tiny_lm.model, context + new), atol=1e-5)
 
 
+@pytest.mark.parametrize("tail", [1, 8, 40])
+def test_tail_step_rolls_back_to_before_the_passage(tiny_lm, layout, tail):
+    """A retrieval with a tail: the cache keeps context[:-tail]; passage + tail + new tokens follow."""
+    from flashback.data import append_parts
+
+    context, passage, new = layout
+    kept, block = append_parts(context, [passage[1:-1]], (passage[0], passage[-1]), tail)
+    assert kept == context[: len(context) - tail] and block == passage + context[len(context) - tail :]
+    cache = plain_cache(tiny_lm.model, kept) if kept else KVCache(tiny_lm.model)
+    got = cache.extend(block + new[:5], all_logits=True)
+    want = full_logits(tiny_lm.model, kept + block + new[:5])[len(kept) :]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    cache.rollback(len(kept))
+    assert_same_cache(cache, plain_cache(tiny_lm.model, kept) if kept else KVCache(tiny_lm.model))
+    cache.extend(context[len(kept) :] + new)  # the next retrieval: the tail and the new tokens become context
+    assert_same_cache(cache, plain_cache(tiny_lm.model, context + new), atol=1e-5)
+
+
 def test_append_logits_equal_full_recomputation(tiny_lm, layout):
     context, passage, new = layout
     cache = plain_cache(tiny_lm.model, context)

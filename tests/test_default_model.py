@@ -44,13 +44,13 @@ PROMPT = (
 )
 
 
-@pytest.mark.parametrize("mode", ["append", "prepend"])
-def test_real_model_steps_match_full_recomputation(real, mode):
+@pytest.mark.parametrize(("mode", "tail"), [("append", 0), ("append", 32), ("prepend", 0)])
+def test_real_model_steps_match_full_recomputation(real, mode, tail):
     from flashback.generate import GenerationConfig, Trace, stream
 
     lm, retriever = real
     prompt = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    cfg = GenerationConfig(mode=mode, stride=8, max_new_tokens=18, markers=True)
+    cfg = GenerationConfig(mode=mode, stride=8, max_new_tokens=18, markers=True, tail=tail)
     seen = {}
     trace = Trace(mode)
     tokens = list(stream(lm, prompt, retriever, cfg, trace, observe=lambda s, lg: seen.__setitem__(s, lg.clone())))
@@ -62,7 +62,9 @@ def test_real_model_steps_match_full_recomputation(real, mode):
         row = next(i for i, m in enumerate(retriever.index.meta) if m["id"] == hit)
         passage = retriever.index.passage_tokens(row).tolist()
         if mode == "append":
-            layout = prompt + tokens[:r] + [ml, *passage, mr] + tokens[r:step]
+            history = prompt + tokens[:r]
+            cut = len(history) - tail
+            layout = history[:cut] + [ml, *passage, mr] + history[cut:] + tokens[r:step]
         else:
             layout = passage + prompt + tokens[:step]
         with torch.no_grad():

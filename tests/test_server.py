@@ -33,6 +33,7 @@ def server(tiny_lm, tiny_index_dir):
         IndexRetriever(Index.load(tiny_index_dir)),
         ServerLimits(max_prompt_tokens=200, max_tokens=64, max_active=4),
         markers=True,
+        tail=4,
     )
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
@@ -78,6 +79,24 @@ def test_completion_shape_and_retrievals(server, tiny_lm):
     assert {"id", "title", "score"} <= set(data["retrievals"][0]["passages"][0])
     # Greedy and deterministic: same request, same text.
     assert httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == choice["text"]
+
+
+def test_tail_comes_from_the_server_unless_the_request_sets_it(server, tiny_lm, tiny_index_dir):
+    from flashback.generate import GenerationConfig, generate
+
+    assert httpx.get(f"{server}/health").json()["tail"] == 4
+    prompt = "A socket is an endpoint for network communication"
+    ids = tiny_lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    retriever = IndexRetriever(Index.load(tiny_index_dir))
+    for tail in (None, 0, 9):
+        body = {"prompt": prompt, "max_tokens": 12, "stride": 4, **({} if tail is None else {"tail": tail})}
+        data = httpx.post(f"{server}/v1/completions", json=body, timeout=60).json()
+        want = 4 if tail is None else tail
+        cfg = GenerationConfig(mode="append", stride=4, max_new_tokens=12, markers=True, tail=want)
+        assert data["choices"][0]["text"] == generate(tiny_lm, ids, retriever, cfg).text, tail
+        second = data["retrievals"][1]  # stride + tail + passage + markers were encoded
+        row = next(i for i, m in enumerate(retriever.index.meta) if m["id"] == second["passages"][0]["id"])
+        assert second["computed_tokens"] == 4 + want + len(retriever.index.passage_tokens(row)) + 2, tail
 
 
 def test_streaming_matches_non_streaming(server):
