@@ -41,6 +41,8 @@ def naive_layout(
     passage = passages[r]
     if mode == "prepend":
         return passage + prompt + generated[:step]
+    if not passage:  # nothing matched the query: no passage, no markers
+        return prompt + generated[:step]
     if markers:
         passage = [markers[0], *passage, markers[1]]
     history = prompt + generated[:r]
@@ -88,7 +90,9 @@ def test_every_step_matches_full_recomputation(tiny_lm, index, mode, markers, k,
     passages = passages_by_step(index, trace)
     if mode != "none":
         assert sorted(passages) == [0, 16, 32]
-        assert all(len(r["passages"]) == k for r in trace.retrievals)
+        # k passages unless fewer match the query at all (passages with score 0 are no hits)
+        assert all(len(r["passages"]) <= k for r in trace.retrievals)
+        assert any(len(r["passages"]) == k for r in trace.retrievals)
     for step in range(len(tokens)):
         layout = naive_layout(mode, prompt, tokens, step, passages, tiny_lm.marker_ids if markers else None, tail)
         with torch.no_grad():
@@ -178,3 +182,59 @@ def test_empty_prompt_and_missing_retriever_are_errors(tiny_lm, index):
         stream(tiny_lm, [], IndexRetriever(index), GenerationConfig())
     with pytest.raises(FlashbackError, match="needs an index"):
         stream(tiny_lm, [1, 2], None, GenerationConfig(mode="prepend"))
+
+
+class BigPassages:
+    """A retriever whose passages would not fit the tiny model's 512 positions at k=25."""
+
+    max_passage_tokens = 24
+
+    def __call__(self, query, k):
+        raise AssertionError("never reached: the request is refused first")
+
+
+def test_k_whose_passages_do_not_fit_is_a_clear_error(tiny_lm):
+    with pytest.raises(FlashbackError, match="positions"):
+        stream(tiny_lm, [5, 6, 7], BigPassages(), GenerationConfig(mode="append", k=25, max_new_tokens=1))
+
+
+def test_tiny_temperature_and_extreme_seeds(tiny_lm, index):
+    prompt = tiny_lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    cold = GenerationConfig(mode="none", max_new_tokens=12, temperature=1e-300, seed=2**64 - 1)
+    greedy = GenerationConfig(mode="none", max_new_tokens=12)
+    assert generate(tiny_lm, prompt, None, cold).token_ids == generate(tiny_lm, prompt, None, greedy).token_ids
+    for bad in (GenerationConfig(seed=2**64), GenerationConfig(seed=-1), GenerationConfig(temperature=float("nan"))):
+        with pytest.raises(FlashbackError, match="seed|temperature"):
+            stream(tiny_lm, prompt, IndexRetriever(index), bad)
+
+
+def test_long_max_new_tokens_lowers_max_new_tokens_not_the_prompt(tiny_lm):
+    prompt = list(range(100, 400))  # 300 tokens; the tiny model has 512 positions
+    result = generate(tiny_lm, prompt, None, GenerationConfig(mode="none", max_new_tokens=8000))
+    out = result.to_json()
+    assert out["prompt_tokens"] == 300 and out["dropped_prompt_tokens"] == 0
+    assert out["max_new_tokens"] == 212 and "lowered from 8000 to 212" in out["warnings"][0]
+    assert len(result.token_ids) <= 212
+
+
+def test_marker_text_in_a_prompt_stays_text(tiny_lm):
+    from flashback.model import encode
+
+    ids = encode(tiny_lm.tokenizer, "before <MARK_L> after <eos>")
+    assert not set(ids) & {*tiny_lm.marker_ids, tiny_lm.tokenizer.eos_token_id}
+    assert tiny_lm.tokenizer.decode(ids) == "before <MARK_L> after <eos>"
+    with pytest.raises(FlashbackError, match="not valid Unicode"):
+        encode(tiny_lm.tokenizer, "a \ud800 b")
+
+
+def test_a_query_that_matches_nothing_skips_the_passage(tiny_lm, index):
+    prompt = tiny_lm.tokenizer("zzqx qqzv " * 4, add_special_tokens=False)["input_ids"]
+    cfg = GenerationConfig(mode="append", max_new_tokens=4, stride=16, query_tokens=8, tail=4)
+    seen = {}
+    trace = Trace("append")
+    observe = lambda s, lg: seen.update({s: lg})  # noqa: E731
+    tokens = list(stream(tiny_lm, prompt, IndexRetriever(index), cfg, trace, observe=observe))
+    assert trace.retrievals[0]["passages"] == [] and "skipped" in trace.retrievals[0]
+    with torch.no_grad():  # without a passage the layout is the plain context
+        want = tiny_lm.model(input_ids=torch.tensor([prompt + tokens[:2]])).logits[0, -1].float()
+    torch.testing.assert_close(seen[2], want, atol=1e-4, rtol=0)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -51,14 +53,16 @@ def _add_retrieval_args(p: argparse.ArgumentParser) -> None:
     _add_adapter_args(p)
 
 
-def _add_adapter_args(p: argparse.ArgumentParser) -> None:
+def _add_adapter_args(p: argparse.ArgumentParser, repeatable: bool = False) -> None:
     p.add_argument(
         "--adapter",
+        action="append" if repeatable else "store",
         default=None,
-        help="LoRA adapter folder from `flashback train` (default: the shipped adapter, for append mode on "
-        "the default model)",
+        help="LoRA adapter folder from `flashback train`; it serves the mode it was trained for "
+        + ("(repeatable) " if repeatable else "")
+        + "(default: the adapters shipped for the default model)",
     )
-    p.add_argument("--no-adapter", action="store_true", help="do not use the shipped default adapter")
+    p.add_argument("--no-adapter", action="store_true", help="do not use the shipped default adapters")
 
 
 def _add_tail_arg(p: argparse.ArgumentParser) -> None:
@@ -83,12 +87,21 @@ def _tail(args: argparse.Namespace, adapter: str | None) -> int:
     return DEFAULT_TAIL if trained is None else trained
 
 
-def _adapter(args: argparse.Namespace, mode: str) -> str | None:
-    from flashback.model import default_adapter
+def _adapters(args: argparse.Namespace) -> dict[str, str]:
+    """Mode -> adapter folder for this command (model.plan_adapters decides)."""
+    from flashback.model import plan_adapters
 
-    if args.adapter:
-        return args.adapter
-    return None if args.no_adapter else default_adapter(args.model, mode)
+    given = args.adapter if isinstance(args.adapter, list) else [args.adapter] if args.adapter else []
+    return plan_adapters(args.model, given, no_default=args.no_adapter)
+
+
+def _adapter_for(args: argparse.Namespace, mode: str) -> str | None:
+    """The adapter `mode` uses; an adapter given for another layout is an error, not silently applied."""
+    plan = _adapters(args)
+    if args.adapter and plan.get(mode) != args.adapter:
+        trained = next(m for m, p in plan.items() if p == args.adapter)
+        raise FlashbackError(f"adapter {args.adapter} was trained for {trained} mode; --mode {mode} does not use it")
+    return plan.get(mode)
 
 
 def _add_filter_args(p: argparse.ArgumentParser) -> None:
@@ -170,13 +183,13 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from flashback.generate import GenerationConfig, IndexRetriever, TextStreamer, generate, stream
-    from flashback.model import load_model, tokenizer_fingerprint
+    from flashback.model import encode, load_model, tokenizer_fingerprint
 
     prompt = _read_prompt(args)
     if not prompt.strip():
         raise FlashbackError("the prompt is empty")
-    adapter = _adapter(args, args.mode)
-    markers = args.markers if args.markers is not None else bool(adapter)
+    adapter = _adapter_for(args, args.mode)
+    markers = args.markers if args.markers is not None else bool(adapter) and args.mode == "append"
     cfg = GenerationConfig(
         mode=args.mode,
         stride=args.stride,
@@ -184,7 +197,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         k=args.k,
         max_new_tokens=args.max_new_tokens,
         markers=markers,
-        tail=_tail(args, adapter),
+        tail=_tail(args, adapter if args.mode == "append" else None),
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
@@ -196,13 +209,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         markers=markers and cfg.mode == "append",
-        adapter=adapter,
+        adapters={cfg.mode: adapter} if adapter else {},
     )
     retriever = None
     if index is not None:
         index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
         retriever = IndexRetriever(index)
-    prompt_ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode(lm.tokenizer, prompt)
     if args.json:
         print(json.dumps(generate(lm, prompt_ids, retriever, cfg).to_json(), ensure_ascii=False))
         return 0
@@ -325,6 +338,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise FlashbackError("--modes is empty")
     if any(s.adapter for s in specs) and not args.adapter:
         raise FlashbackError("a +adapter mode needs --adapter DIR")
+    from flashback.model import plan_adapters
+
+    plan = plan_adapters(args.model, args.adapter or [], no_default=True)
     cfg = EvalConfig(
         stride=args.stride,
         query_tokens=args.query_tokens,
@@ -333,14 +349,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         limit_tokens=args.limit_tokens,
         ensemble=args.ensemble,
         fast=not args.slow,
-        tail=_tail(args, args.adapter),
+        tail=_tail(args, plan.get("append")),
     )
     if min(cfg.stride, cfg.query_tokens, cfg.k, cfg.max_length) < 1:
         raise FlashbackError("stride, query-tokens, k and max-length must be at least 1")
     forbid = _read_titles(args.forbid_titles)
     index = _load_index(args.index)
     needs_markers = any(s.markers or s.adapter for s in specs)
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=needs_markers, adapter=args.adapter)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=needs_markers, adapters=plan)
     index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
     docs = select(
         read_documents(args.text), args.include, args.exclude, args.heldout, "heldout" if args.heldout else "all"
@@ -418,16 +434,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flashback.generate import IndexRetriever
     from flashback.model import load_model, tokenizer_fingerprint
 
+    if not 0 <= args.port <= 65535:
+        raise FlashbackError(f"--port {args.port} is not a TCP port (0-65535)")
+    for name in ("max_prompt_tokens", "max_tokens", "max_active", "max_body_bytes", "max_request_work"):
+        if getattr(args, name) < 1:
+            raise FlashbackError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.shutdown_grace < 0:
+        raise FlashbackError("--shutdown-grace must be >= 0")
     index = _load_index(args.index)
-    adapter = _adapter(args, "append")
-    markers = args.markers if args.markers is not None else bool(adapter)
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=markers, adapter=adapter)
+    plan = _adapters(args)
+    markers = args.markers if args.markers is not None else "append" in plan
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=markers, adapters=plan)
     index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
     limits = ServerLimits(
-        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_active=args.max_active
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens,
+        max_active=args.max_active,
+        max_body_bytes=args.max_body_bytes,
+        max_request_work=args.max_request_work,
+        shutdown_grace_s=args.shutdown_grace,
     )
-    app = create_app(lm, IndexRetriever(index), limits, markers=markers, tail=_tail(args, adapter))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    tail = _tail(args, plan.get("append"))
+    app = create_app(lm, IndexRetriever(index), limits, markers=markers, tail=tail, docs=args.docs)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=limits.shutdown_grace_s
+    )
     return 0
 
 
@@ -556,7 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="none,prepend,append",
         help="comma-separated: none, prepend, append, append+markers, and +adapter on any of them",
     )
-    p.add_argument("--adapter", default=None, help="adapter for the +adapter modes")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=None,
+        help="adapter for the +adapter modes of the layout it was trained for (repeatable: append and prepend)",
+    )
     _add_tail_arg(p)
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--ensemble", action="store_true", help="mix per-passage probabilities instead of concatenating")
@@ -596,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP completions with FlashBack retrieval")
     _add_model_args(p)
     p.add_argument("--index", default=None, help=f"index folder (default: {DEFAULT_INDEX})")
-    _add_adapter_args(p)
+    _add_adapter_args(p, repeatable=True)
     p.add_argument(
         "--markers",
         action=argparse.BooleanOptionalAction,
@@ -609,9 +645,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=4096)
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-active", type=int, default=8, help="generations in flight; more requests wait")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument(
+        "--max-request-work",
+        type=int,
+        default=262_144,
+        help="token positions one request may compute, retrieval recomputation included (default 262144)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=5.0,
+        help="seconds open streams get after SIGTERM before they are cut (default 5)",
+    )
+    p.add_argument("--docs", action="store_true", help="serve the OpenAPI page at /docs (off by default)")
     p.set_defaults(func=cmd_serve)
 
     return parser
+
+
+class Terminated(Exception):
+    pass
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     args = build_parser().parse_args(argv)
+    # SIGTERM raises like Ctrl-C does, so `finally` blocks run: temporary output folders are removed.
+    # (uvicorn installs its own handlers while `serve` runs.)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     if getattr(args, "threads", None):
         import torch
 
@@ -643,6 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flashback: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("flashback: terminated", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flashback.errors import FlashbackError
+from flashback.model import encode_batch
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -140,7 +141,7 @@ def split_passages(
     bar = tqdm(desc="tokenizing", unit="doc", disable=not progress)
 
     def flush() -> None:
-        encoded = tokenizer([d.text for d in batch], add_special_tokens=False)["input_ids"]
+        encoded = encode_batch(tokenizer, [d.text for d in batch])
         for doc, ids in zip(batch, encoded, strict=True):
             ids = np.asarray(ids, dtype=np.int32)
             for n, start in enumerate(range(0, len(ids), chunk_tokens)):

@@ -28,12 +28,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from flashback.atomic import atomic_folder
+from flashback.atomic import FolderKind, atomic_folder
 from flashback.corpus import Document, is_heldout
 from flashback.errors import FlashbackError
+from flashback.model import encode
 from flashback.retrieval import Index
 
 FORMAT = "flashback-data/2"
+DATA_FOLDER = FolderKind(
+    "prepared data folder", "manifest.json", FORMAT, frozenset({"manifest.json", "train.jsonl", "val.jsonl"})
+)
 # Context tokens placed after the passage when neither the user nor an adapter's card says otherwise.
 DEFAULT_TAIL = 32
 
@@ -65,7 +69,10 @@ def append_parts(
     context: Sequence[int], passages: Sequence[Sequence[int]], markers: tuple[int, int] | None, tail: int
 ) -> tuple[list[int], list[int]]:
     """Append layout of a context as (kept, block): `kept` stays cached across retrievals, `block` is
-    the marked passage followed by the context's last `tail` tokens, recomputed at each retrieval."""
+    the marked passage followed by the context's last `tail` tokens, recomputed at each retrieval.
+    Without passages (nothing was retrieved) there is no block: the layout is the plain context."""
+    if not any(len(p) for p in passages):
+        return list(context), []
     cut = split_point(len(context), tail)
     return list(context[:cut]), passage_block(passages, markers) + list(context[cut:])
 
@@ -143,7 +150,7 @@ class TargetSlot:
 
 def target_slots(documents: Iterable[Document], tokenizer, stride: int, query_tokens: int) -> Iterator[TargetSlot]:
     for doc in documents:
-        tokens = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        tokens = encode(tokenizer, doc.text)
         for position in range(query_tokens, len(tokens) - stride + 1, stride):
             yield TargetSlot(doc, tokens, position)
 
@@ -287,7 +294,7 @@ def prepare(
         "targets": {name: sum(len(s.targets) for s in rows) for name, rows in splits.items()},
         "documents": len({s.doc_id for s in segments}),
     }
-    with atomic_folder(out, "manifest.json", "prepared data folder") as tmp:
+    with atomic_folder(out, DATA_FOLDER) as tmp:
         for name, rows in splits.items():
             with open(tmp / f"{name}.jsonl", "w") as fh:
                 for seg in rows:

@@ -17,7 +17,6 @@ next-token probabilities with softmax(BM25 score) weights (REPLUG-style) instead
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,7 +28,7 @@ from flashback.cache import KVCache
 from flashback.corpus import Document
 from flashback.data import DEFAULT_TAIL, append_parts, layout, search_without_leakage, split_point
 from flashback.errors import FlashbackError
-from flashback.model import LoadedModel
+from flashback.model import LoadedModel, encode_batch
 from flashback.retrieval import Index
 
 
@@ -144,7 +143,7 @@ def _mix(nlls: list[torch.Tensor], scores: list[float]) -> torch.Tensor:
 
 
 def _passage_sets(r: Retrieval, cfg: EvalConfig) -> list[list[list[int]]]:
-    return [[p] for p in r.passages] if cfg.ensemble else [r.passages]
+    return [[p] for p in r.passages] if cfg.ensemble and r.passages else [r.passages]
 
 
 @torch.inference_mode()
@@ -185,11 +184,15 @@ def score_fast(
         target = tokens[t.position : t.position + cfg.stride]
         if (t.doc_index, t.segment_start) != key:  # new segment: a fresh cache
             cache, key, cached = KVCache(lm.model, lm.device), (t.doc_index, t.segment_start), 0
-        keep = len(context) if spec.position == "none" else split_point(len(context), cfg.tail)
+        plain = spec.position == "none" or not r.passages  # nothing retrieved: scored like none
+        keep = len(context) if plain else split_point(len(context), cfg.tail)
+        if keep < cached:  # the previous target kept more (it had no passage)
+            cache.rollback(keep)
+            cached = keep
         if keep > cached:  # the text since the previous target joins the cached context
             last = cache.extend(context[cached:keep])
             cached = keep
-        if spec.position == "none":
+        if plain:
             logits = torch.cat([last[None], cache.extend(target, all_logits=True)[:-1]])
             out.append(_target_nll(logits, target, banned))
             cache.rollback(cached)
@@ -238,11 +241,12 @@ def evaluate(
     documents = [d for d in documents if d.text.strip()]
     if not documents:
         raise FlashbackError("no text to evaluate")
-    if any(s.adapter for s in specs) and lm.adapter is None:
-        raise FlashbackError("a +adapter mode needs --adapter")
+    for s in specs:
+        if s.adapter and s.position not in lm.adapters:
+            raise FlashbackError(f"mode {s} needs an adapter trained for {s.position} (--adapter)")
     if any(s.markers for s in specs) and lm.marker_ids is None:
         raise FlashbackError("a +markers mode needs a model loaded with marking tokens")
-    docs = [lm.tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in documents]
+    docs = encode_batch(lm.tokenizer, [d.text for d in documents])
     half = segment_size(cfg, index.chunk_tokens)
     targets = plan_targets(docs, cfg, half)
     if not targets:
@@ -257,17 +261,16 @@ def evaluate(
     for spec in specs:
         fast = cfg.fast and spec.position != "prepend"
         progress(f"scoring {spec} ({'fast' if fast else 'from scratch'})")
-        toggle = contextlib.nullcontext() if spec.adapter or lm.adapter is None else lm.model.disable_adapter()
+        lm.activate(spec.position if spec.adapter else None)
         start = time.perf_counter()
-        with toggle:
-            scorer = score_fast if fast else score_slow
-            nlls = torch.cat(scorer(lm, spec, docs, targets, retrievals, cfg, banned))
+        scorer = score_fast if fast else score_slow
+        nlls = torch.cat(scorer(lm, spec, docs, targets, retrievals, cfg, banned))
         seconds = time.perf_counter() - start
         nll = float(nlls.mean())
         results.append(
             ModeResult(
                 str(spec),
-                lm.adapter if spec.adapter else None,
+                lm.adapters[spec.position] if spec.adapter else None,
                 spec.markers,
                 cfg.k,
                 cfg.ensemble and spec.position != "none",

@@ -17,6 +17,7 @@ Everything here works on token ids; text appears only in the retrieval query and
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,8 +58,10 @@ class GenerationConfig:
                 raise FlashbackError(f"{name.replace('_', '-')} must be at least 1")
         if self.tail < 0:
             raise FlashbackError("tail must be >= 0")
-        if self.temperature < 0:
-            raise FlashbackError("temperature must be >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise FlashbackError("temperature must be a finite number >= 0")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise FlashbackError("seed must be between 0 and 2**64 - 1")
         if not 0 < self.top_p <= 1:
             raise FlashbackError("top-p must be in (0, 1]")
 
@@ -94,6 +97,7 @@ class Trace:
     mode: str
     prompt_tokens: int = 0
     dropped_prompt_tokens: int = 0
+    max_new_tokens: int = 0  # after fitting the model's positions (may be lower than asked)
     retrievals: list[dict] = field(default_factory=list)
     forwards: list = field(default_factory=list)
     retrieval_s: float = 0.0
@@ -115,6 +119,7 @@ class Trace:
             "mode": self.mode,
             "prompt_tokens": self.prompt_tokens,
             "dropped_prompt_tokens": self.dropped_prompt_tokens,
+            "max_new_tokens": self.max_new_tokens,
             "retrievals": self.retrievals,
             "forwards": [f.to_json() for f in self.forwards],
             "timings": {k: round(v, 6) for k, v in self.timings().items()},
@@ -142,7 +147,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     """Greedy when temperature is 0, else nucleus sampling. logits: (V,)."""
     if temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
+    # Shift before scaling, in float64 (1e-300 is 0 in float32): the best token scores 0, the others -inf
+    # at worst, so a tiny temperature is greedy, never NaN.
+    scaled = (logits.double() - logits.max().double()) / temperature
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p  # always keeps the top token
@@ -153,20 +161,52 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 def fit_to_positions(
     prompt: list[int], cfg: GenerationConfig, reserve: int, max_positions: int, trace: Trace
 ) -> tuple[list[int], int]:
-    """Keep the most recent prompt tokens so that prompt + passages + new tokens fit the model."""
-    max_new = cfg.max_new_tokens
-    if max_new > max_positions - reserve - 1:
-        max_new = max(1, max_positions - reserve - 1)
-        trace.warn(f"max-new-tokens lowered to {max_new} to fit the model's {max_positions} positions")
-    keep = max_positions - reserve - max_new
-    if len(prompt) > keep:
-        trace.dropped_prompt_tokens = len(prompt) - keep
-        trace.warn(
-            f"prompt too long for the model's {max_positions} positions: kept its last {keep} tokens "
-            f"(dropped {len(prompt) - keep})"
+    """Make prompt + passages + new tokens fit the model's positions, saying what changed.
+
+    The prompt is kept whole whenever it fits: max-new-tokens is lowered first (as OpenAI-style
+    servers cap a completion). Only a prompt that alone leaves no room keeps its most recent tokens,
+    with room for up to half the positions of new tokens.
+    """
+    room = max_positions - reserve
+    if room < 2:
+        raise FlashbackError(
+            f"k={cfg.k} passages take {reserve} of the model's {max_positions} positions: no room for a prompt"
         )
-        prompt = prompt[-keep:]
-    return prompt, max_new
+    max_new = cfg.max_new_tokens
+    if len(prompt) + max_new <= room:
+        return prompt, max_new
+    if len(prompt) < room:
+        max_new = room - len(prompt)
+        trace.warn(
+            f"max-new-tokens lowered from {cfg.max_new_tokens} to {max_new}: the prompt ({len(prompt)} tokens) "
+            f"and passages ({reserve}) take the rest of the model's {max_positions} positions"
+        )
+        return prompt, max_new
+    max_new = min(max_new, room // 2)
+    keep = room - max_new
+    trace.dropped_prompt_tokens = len(prompt) - keep
+    trace.warn(
+        f"prompt too long for the model's {max_positions} positions: kept its last {keep} tokens "
+        f"(dropped {len(prompt) - keep})"
+        + (f"; max-new-tokens lowered to {max_new}" if max_new < cfg.max_new_tokens else "")
+    )
+    return prompt[-keep:], max_new
+
+
+def planned_work(cfg: GenerationConfig, prompt_tokens: int, passage_tokens: int) -> int:
+    """Token positions a generation will compute at most: what bounds one request's cost in the server.
+
+    none: prompt + new tokens. append: the prompt once, then stride + tail + passages + markers per
+    retrieval. prepend: passages + prompt + everything generated so far, recomputed at every retrieval.
+    """
+    new = cfg.max_new_tokens
+    if cfg.mode == "none":
+        return prompt_tokens + new
+    retrievals = -(-new // cfg.stride)
+    passages = cfg.k * passage_tokens
+    if cfg.mode == "append":
+        return prompt_tokens + new + retrievals * (cfg.stride + cfg.tail + passages + 2)
+    return new + sum(passages + prompt_tokens + r * cfg.stride for r in range(retrievals))
 
 
 def stream(
@@ -196,6 +236,7 @@ def stream(
     reserve = (cfg.k * retriever.max_passage_tokens + 2 * use_markers) if retrieving else 0
     prompt, max_new = fit_to_positions(prompt, cfg, reserve, lm.max_positions, trace)
     trace.prompt_tokens = len(prompt)
+    trace.max_new_tokens = max_new
     return _loop(lm, prompt, retriever, cfg, max_new, use_markers, trace, observe)
 
 
@@ -223,6 +264,7 @@ def _loop(
     start = time.perf_counter()
     try:
         for step in range(max_new):
+            lm.activate(cfg.mode)  # every step: other generations may share the model (server)
             if retrieving and step % cfg.stride == 0:
                 passages = _retrieve(lm, retriever, prompt + generated, cfg, step, trace)
                 if cfg.mode == "append":
@@ -264,7 +306,10 @@ def _retrieve(
     query = lm.tokenizer.decode(history[-cfg.query_tokens :])
     found = retriever(query, cfg.k)
     trace.retrieval_s += time.perf_counter() - t0
-    trace.retrievals.append({"step": step, "query": query, "passages": [r.hit.to_json() for r in found]})
+    record = {"step": step, "query": query, "passages": [r.hit.to_json() for r in found]}
+    if not found:  # nothing matched the query: this step goes without a passage (and without markers)
+        record["skipped"] = "no passage matches the query"
+    trace.retrievals.append(record)
     # Concatenated in rank order (best first), as the paper does for k > 1 (data.passage_block).
     return [[int(t) for t in r.token_ids] for r in found]
 

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,7 +37,31 @@ class LoadedModel:
     name: str
     device: torch.device
     marker_ids: tuple[int, int] | None = None
-    adapter: str | None = None
+    adapters: dict[str, str] = field(default_factory=dict)  # mode -> adapter folder (peft adapter name = mode)
+    _active: str | None = field(default=None, repr=False)
+
+    @property
+    def adapter(self) -> str | None:
+        """The append-mode adapter (FlashBack's own), if one is loaded."""
+        return self.adapters.get("append")
+
+    def activate(self, mode: str | None) -> None:
+        """Switch the model to the adapter planned for `mode` (plan_adapters), or to the bare base model.
+
+        Called before every forward of a generation step, so interleaved requests of different modes on
+        one model (the server) each run with their own adapter. A no-op when nothing changes.
+        """
+        if not self.adapters:
+            return
+        want = mode if mode in self.adapters else None
+        if want == self._active:
+            return
+        if want is None:
+            self.model.base_model.disable_adapter_layers()
+        else:
+            self.model.base_model.enable_adapter_layers()
+            self.model.set_adapter(want)
+        self._active = want
 
     @property
     def max_positions(self) -> int:
@@ -86,24 +110,71 @@ def default_model_dir() -> Path:
     return target
 
 
-SHIPPED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-append"
+SHIPPED_ADAPTERS = {mode: Path(__file__).parent / "adapters" / f"smollm2-135m-{mode}" for mode in ("append", "prepend")}
+SHIPPED_ADAPTER = SHIPPED_ADAPTERS["append"]
 
 
 def default_adapter(model: str | None, mode: str) -> str | None:
-    """The adapter shipped with the package, used for append mode on the default model."""
-    if (
-        (model or DEFAULT_MODEL) == DEFAULT_MODEL
-        and mode == "append"
-        and (SHIPPED_ADAPTER / "adapter_config.json").exists()
-    ):
-        return str(SHIPPED_ADAPTER)
+    """The adapter shipped with the package for this mode of the default model, if there is one."""
+    path = SHIPPED_ADAPTERS.get(mode)
+    if (model or DEFAULT_MODEL) == DEFAULT_MODEL and path is not None and (path / "adapter_config.json").exists():
+        return str(path)
     return None
+
+
+def plan_adapters(
+    model: str | None, adapters: list[str] | tuple[str, ...] = (), no_default: bool = False
+) -> dict[str, str]:
+    """Which adapter each generation mode uses: the one place that decides it (CLI, Python API, server).
+
+    An adapter serves only the layout it was trained for (its card's `position`), so an append adapter
+    never alters prepend or none. Modes without an adapter given fall back to the adapter shipped for
+    that mode of the default model, unless `no_default`. `none` never has one.
+    """
+    from flashback.adapter import adapter_position
+
+    plan: dict[str, str] = {}
+    for path in adapters:
+        mode = adapter_position(path)
+        if mode in plan:
+            raise FlashbackError(f"two adapters for {mode} mode: {plan[mode]} and {path}")
+        plan[mode] = str(path)
+    if not no_default:
+        for mode in ("append", "prepend"):
+            shipped = default_adapter(model, mode)
+            if mode not in plan and shipped:
+                plan[mode] = shipped
+    return plan
 
 
 def resolve_model_path(name: str | None) -> str:
     if not name or name == DEFAULT_MODEL:
         return str(default_model_dir())
-    return name
+    path = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise FlashbackError(f"model folder {name} does not exist")
+    if path.exists() and not path.is_dir():
+        raise FlashbackError(f"--model {name} is a file; give a Hugging Face model folder or hub id")
+    return str(path) if path.exists() else name
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of user text or corpus text: never special tokens.
+
+    A prompt or passage that contains the text "<MARK_L>" or "<|endoftext|>" gets the ordinary
+    tokens of those characters, so only FlashBack itself places markers. Lone surrogates (text
+    that is not valid Unicode) are refused with a clear error instead of a tokenizer crash.
+    """
+    return encode_batch(tokenizer, [text])[0]
+
+
+def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise FlashbackError(f"the text is not valid Unicode ({exc.reason} at character {exc.start})") from None
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def load_tokenizer(name: str | None):
@@ -146,8 +217,13 @@ def load_model(
     dtype: str = "float32",
     markers: bool = False,
     adapter: str | None = None,
+    adapters: dict[str, str] | None = None,
 ) -> LoadedModel:
-    """Load model + tokenizer; add marking tokens when asked or when an adapter needs them."""
+    """Load model + tokenizer; add marking tokens when asked or when an adapter needs them.
+
+    `adapters` maps modes to adapter folders (plan_adapters); `adapter` alone is filed under the mode
+    its card names.
+    """
     from transformers import AutoModelForCausalLM
 
     if dtype not in _DTYPES:
@@ -160,20 +236,27 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
     except (OSError, ValueError) as exc:
         raise FlashbackError(f"cannot load model from {path!r}: {first_line(exc)}") from None
-    marker_ids = add_marker_tokens(model, tokenizer) if (markers or adapter) else None
+    plan = dict(adapters or {})
     if adapter:
-        from flashback.adapter import attach_adapter
+        from flashback.adapter import adapter_position
 
-        model = attach_adapter(model, tokenizer, adapter, base_name=name or DEFAULT_MODEL)
+        plan.setdefault(adapter_position(adapter), str(adapter))
+    marker_ids = add_marker_tokens(model, tokenizer) if (markers or plan) else None
+    if plan:
+        from flashback.adapter import attach_adapters
+
+        model = attach_adapters(model, tokenizer, plan, base_name=name or DEFAULT_MODEL)
     model.to(device).eval()
-    return LoadedModel(
+    lm = LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=name or DEFAULT_MODEL,
         device=torch.device(device),
         marker_ids=marker_ids,
-        adapter=adapter,
+        adapters=plan,
     )
+    lm._active = next(iter(plan), None)  # PeftModel activates the first adapter it loads
+    return lm
 
 
 def first_line(exc: BaseException) -> str:

@@ -20,11 +20,17 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
-from flashback.atomic import atomic_folder
+from flashback.atomic import FolderKind, atomic_folder
 from flashback.corpus import Passage
 from flashback.errors import FlashbackError
 
 FORMAT = "flashback-index/1"
+INDEX_FOLDER = FolderKind(
+    "FlashBack index",
+    "manifest.json",
+    FORMAT,
+    frozenset({"manifest.json", "passages.jsonl", "token_ids.npy", "offsets.npy", "bm25"}),
+)
 BM25_PARAMS = {"method": "lucene", "k1": 1.2, "b": 0.75}
 
 
@@ -94,7 +100,7 @@ class Index:
     def save(self, out: str | Path) -> Path:
         """Write to a temporary sibling folder, then swap it in: a crash leaves no half index."""
         out = Path(out).expanduser()
-        with atomic_folder(out, "manifest.json", "FlashBack index") as tmp:
+        with atomic_folder(out, INDEX_FOLDER) as tmp:
             with open(tmp / "passages.jsonl", "w", encoding="utf-8") as fh:
                 for row in self.meta:
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -166,13 +172,17 @@ class Index:
                 self._keep(row_docs, row_scores, k, q, exclude_titles, exclude_docs)
                 for q, (row_docs, row_scores) in enumerate(zip(docs, scores, strict=True))
             ]
-            if all(len(r) == k for r in results) or fetch == len(self):
+            # A row is complete with k hits, or once its scores reach 0 (no further passage matches).
+            if fetch == len(self) or all(len(r) == k or s[-1] <= 0 for r, s in zip(results, scores, strict=True)):
                 return results
             fetch = min(len(self), fetch * 4)
 
     def _keep(self, row_docs, row_scores, k, q, exclude_titles, exclude_docs) -> list[Hit]:
+        """Up to k hits that pass the filters; a passage that matches no query term (score 0) is no hit."""
         hits: list[Hit] = []
         for i, score in zip(row_docs.tolist(), row_scores.tolist(), strict=True):
+            if score <= 0:
+                break
             m = self.meta[i]
             if exclude_titles is not None and m["title"] in exclude_titles[q]:
                 continue

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from flashback.adapter import CARD
-from flashback.atomic import atomic_folder
+from flashback.adapter import ADAPTER_FOLDER, ADAPTER_FORMAT, CARD
+from flashback.atomic import FolderKind, atomic_folder
 from flashback.data import Example, Segment, append_parts, layout, load_segments
 from flashback.errors import FlashbackError
 from flashback.model import LoadedModel, tokenizer_fingerprint
@@ -456,7 +456,7 @@ def train(
     seconds = time.perf_counter() - start
     result = TrainResult(step, tokens_seen, target_tokens, seconds, val_before, _last_val(history), history)
     card = _card(lm, cfg, fingerprint, data_dir, manifest, result)
-    with atomic_folder(out, CARD, "FlashBack adapter folder") as tmp:
+    with atomic_folder(out, ADAPTER_FOLDER) as tmp:
         model.save_pretrained(tmp, save_embedding_layers=False)
         (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -532,6 +532,14 @@ def _order(n: int, seed: int, needed: int) -> list[int]:
     return order
 
 
+CHECKPOINT_FOLDER = FolderKind(
+    "FlashBack training checkpoint",
+    "checkpoint.json",
+    "flashback-checkpoint/1",
+    frozenset({"checkpoint.json", "state.pt", "adapter"}),
+)
+
+
 def _last_val(history: list[dict]) -> float:
     return next((h["val_loss"] for h in reversed(history) if "val_loss" in h), float("nan"))
 
@@ -539,6 +547,7 @@ def _last_val(history: list[dict]) -> float:
 def _card(lm: LoadedModel, cfg: TrainConfig, fingerprint: str, data_dir, manifest: dict, result: TrainResult) -> dict:
     """flashback.json: what the adapter is for (base, tokenizer, layout) and how it was trained."""
     return {
+        "format": ADAPTER_FORMAT,
         "base_model": lm.name,
         "tokenizer_fingerprint": fingerprint,
         "position": cfg.position,
@@ -564,7 +573,8 @@ def _save_checkpoint(
     """Optimizer state for --resume, plus the adapter so far in ckpt/adapter (usable like a finished one)."""
     from peft import get_peft_model_state_dict
 
-    with atomic_folder(ckpt, "state.pt", "FlashBack training checkpoint") as tmp:
+    with atomic_folder(ckpt, CHECKPOINT_FOLDER) as tmp:
+        (tmp / "checkpoint.json").write_text(json.dumps({"format": CHECKPOINT_FOLDER.format, "step": step}) + "\n")
         model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
         (tmp / "adapter" / CARD).write_text(json.dumps(card, indent=2) + "\n")
         torch.save(

@@ -1,0 +1,119 @@
+"""Output folders: replaced only when they are the same kind of FlashBack output, never half written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from flashback.atomic import FolderKind, atomic_folder, remove_stale_temporaries
+from flashback.cli import main
+from flashback.errors import FlashbackError
+
+KIND = FolderKind("test folder", "manifest.json", "flashback-test/2", frozenset({"manifest.json", "data.txt"}))
+
+
+def write(out, text="new"):
+    with atomic_folder(out, KIND) as tmp:
+        (tmp / "data.txt").write_text(text)
+        (tmp / "manifest.json").write_text(json.dumps({"format": KIND.format}))
+
+
+def test_someone_elses_folder_with_a_manifest_is_never_replaced(tmp_path):
+    """The reproduction from the issue: a web project with its own manifest.json."""
+    w = tmp_path / "w"
+    (w / "src").mkdir(parents=True)
+    (w / "manifest.json").write_text('{"name": "app"}')
+    (w / "index.html").write_text("x")
+    with pytest.raises(FlashbackError, match="not a test folder"):
+        write(w)
+    assert (w / "index.html").read_text() == "x" and (w / "src").is_dir()
+
+
+def test_same_kind_is_replaced_but_not_with_foreign_files_in_it(tmp_path):
+    out = tmp_path / "out"
+    write(out, "one")
+    write(out, "two")  # same kind, only its own files: replaced
+    assert (out / "data.txt").read_text() == "two"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"format": "flashback-test/1"}))  # older version, same kind
+    write(old)
+    assert (old / "data.txt").read_text() == "new"
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(FlashbackError, match="also holds notes.md"):
+        write(out)
+    assert (out / "notes.md").exists()
+
+
+def test_prepare_refuses_to_overwrite_an_index(capsys, tiny_model_dir, tiny_index_dir, corpus_file, tmp_path):
+    import shutil
+
+    index_copy = tmp_path / "index"
+    shutil.copytree(tiny_index_dir, index_copy)
+    before = sorted(p.name for p in index_copy.iterdir())
+    code = main(
+        ["prepare", str(corpus_file), "--index", str(tiny_index_dir), "--model", str(tiny_model_dir)]
+        + ["--out", str(index_copy), "--max-length", "128", "--stride", "8", "--query-tokens", "8", "--quiet"]
+    )
+    assert code == 2 and "not a prepared data folder" in capsys.readouterr().err
+    assert sorted(p.name for p in index_copy.iterdir()) == before
+
+
+def test_a_failed_write_leaves_the_old_folder_and_no_temporary(tmp_path):
+    out = tmp_path / "out"
+    write(out, "kept")
+    with pytest.raises(RuntimeError), atomic_folder(out, KIND) as tmp:
+        (tmp / "data.txt").write_text("half")
+        raise RuntimeError("killed")
+    assert (out / "data.txt").read_text() == "kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    (tmp_path / f".out.tmp-{dead.pid}").mkdir()
+    (tmp_path / f".out.old-{dead.pid}").mkdir()
+    (tmp_path / f".out.tmp-{os.getppid()}").mkdir()  # a live process's: left alone
+    removed = remove_stale_temporaries(out)
+    assert sorted(p.name for p in removed) == [f".out.old-{dead.pid}", f".out.tmp-{dead.pid}"]
+    assert (tmp_path / f".out.tmp-{os.getppid()}").exists()
+
+
+def test_sigterm_while_an_index_is_saved_leaves_no_temporary(tiny_model_dir, corpus_file, tmp_path):
+    """The CLI turns SIGTERM into an exception, so the half-written folder is removed on the way out."""
+    out = tmp_path / "idx"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        import flashback.retrieval as r
+        from flashback.cli import main
+        original = r.Index.save
+        def slow_save(self, out):
+            import flashback.atomic as a
+            with a.atomic_folder(out, r.INDEX_FOLDER) as tmp:
+                (tmp / "started").write_text("x")
+                print("saving", flush=True)
+                time.sleep(60)
+        r.Index.save = slow_save
+        sys.exit(main(["index", {str(corpus_file)!r}, "--out", {str(out)!r}, "--model", {str(tiny_model_dir)!r},
+                       "--chunk-tokens", "24", "--quiet"]))
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saving"
+    assert any(p.name.startswith(".idx.tmp-") for p in tmp_path.iterdir())
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    code = proc.wait(timeout=30)
+    assert code == 143 and time.monotonic() - start < 30
+    assert "terminated" in proc.stderr.read()
+    assert list(tmp_path.iterdir()) == []
