@@ -20,9 +20,10 @@ def test_flop_model_matches_the_formula(tiny_lm):
     assert flops(model, 1, 1000) > flops(model, 1, 10)  # attention grows with the cache
 
 
-def test_bench_rows_and_flop_limits(tiny_lm):
+@pytest.mark.parametrize("tail", [0, 4])
+def test_bench_rows_and_flop_limits(tiny_lm, tail):
     bc = BenchConfig(
-        context_lengths=(32, 256), new_tokens=32, stride=8, passage_tokens=16, repeats=1, lora_overhead=False
+        context_lengths=(32, 256), new_tokens=32, stride=8, passage_tokens=16, repeats=1, lora_overhead=False, tail=tail
     )
     result = run_bench(tiny_lm, bc)
     assert [r["context_length"] for r in result["rows"]] == [32, 256]
@@ -34,7 +35,8 @@ def test_bench_rows_and_flop_limits(tiny_lm):
         assert row["speedup"] > 0 and row["bare_extend_s"] > 0
     # Prepend re-encodes the context at each of the 4 retrievals; append encodes it once.
     assert long["flop_limit_speedup"] > short["flop_limit_speedup"] > 1
-    assert long["step_flop_limit"] > 4
+    assert long["step_flop_limit"] > (4 if tail == 0 else 3)
+    assert all(r["append_step_tokens"] == 8 + tail + 16 + 2 for r in result["rows"])  # stride + tail + passage
     assert "| 256 |" in format_table(result)
 
 

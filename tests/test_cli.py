@@ -133,7 +133,7 @@ def test_k_larger_than_corpus(capsys, tiny_model_dir, tiny_index_dir):
         "--k",
         100000,
     )
-    assert_clean_error(code, err, "larger than the index")
+    assert_clean_error(code, err, "passages take 2400000 of the model's 512 positions")
     code, _, err = run_cli(capsys, "search", tiny_index_dir, "hello", "-k", 100000)
     assert_clean_error(code, err, "larger than the index")
 
@@ -162,4 +162,57 @@ def test_missing_model(capsys, tiny_index_dir, tmp_path):
     code, _, err = run_cli(
         capsys, "generate", "--index", tiny_index_dir, "--model", tmp_path / "no-model", "--prompt", "hello"
     )
+    assert_clean_error(code, err, "model folder")
+    assert "does not exist" in err and "Repo id" not in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(
+        capsys, "generate", "--index", tiny_index_dir, "--model", tmp_path / "empty", "--prompt", "x"
+    )
     assert_clean_error(code, err, "cannot load")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--k", 22, "--max-new-tokens", 1], "positions: no room for a prompt"),
+        (["--seed", 2**64, "--temperature", 0.7], "seed must be between"),
+        (["--tail", -1], "tail must be"),
+    ],
+)
+def test_generate_settings_that_cannot_work(capsys, tiny_model_dir, tiny_index_dir, argv, message):
+    base = ["generate", "--index", tiny_index_dir, "--model", tiny_model_dir, "--prompt", "hello"]
+    code, _, err = run_cli(capsys, *base, *argv)
+    assert_clean_error(code, err, message)
+
+
+def test_tiny_temperature_generates(capsys, tiny_model_dir, tiny_index_dir):
+    args = ["--index", tiny_index_dir, "--model", tiny_model_dir, "--prompt", "A kludge", "--max-new-tokens", 5]
+    code, out, err = run_cli(capsys, "generate", *args, "--mode", "none", "--temperature", "1e-300", "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["token_ids"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", 70000], "not a TCP port"),
+        (["--max-active", 0], "--max-active must be at least 1"),
+        (["--max-body-bytes", 0], "--max-body-bytes must be at least 1"),
+    ],
+)
+def test_serve_settings_that_cannot_work(capsys, tiny_model_dir, tiny_index_dir, argv, message):
+    code, _, err = run_cli(capsys, "serve", "--index", tiny_index_dir, "--model", tiny_model_dir, *argv)
+    assert_clean_error(code, err, message)
+
+
+def test_an_adapter_is_not_applied_to_another_mode(capsys, tiny_model_dir, tiny_index_dir, tmp_path):
+    from flashback.adapter import ADAPTER_FORMAT, CARD
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / CARD).write_text(json.dumps({"format": ADAPTER_FORMAT, "position": "append"}))
+    for mode in ("prepend", "none"):
+        argv = ["--index", tiny_index_dir, "--model", tiny_model_dir, "--prompt", "x", "--adapter", adapter]
+        code, _, err = run_cli(capsys, "generate", *argv, "--mode", mode)
+        assert_clean_error(code, err, f"trained for append mode; --mode {mode} does not use it")

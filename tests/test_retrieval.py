@@ -81,9 +81,12 @@ def test_save_load_search_roundtrip(tokenizer, corpus_file, tmp_path):
 
 def test_search_filters_titles_and_documents(tokenizer, corpus_file):
     index = build(tokenizer, read_documents([corpus_file]))
-    query = ["server socket binds port accepts connections"]
+    query = ["server socket binds port accepts connections memory program"]
     hits = index.search(query, k=2, exclude_titles=[{"socket"}])[0]
     assert len(hits) == 2 and all(h.title != "socket" for h in hits)
+    # Without "memory program" only socket passages match: the filter leaves no hit, not zero-score filler.
+    assert index.search(["server socket binds port"], k=2, exclude_titles=[{"socket"}]) == [[]]
+    assert index.search(["qqzzv xxyq"], k=3) == [[]]
     hits = index.search(query, k=3, exclude_docs=[{"socket-0", "socket-1"}])[0]
     assert {h.doc_id for h in hits} <= {m["doc_id"] for m in index.meta} - {"socket-0", "socket-1"}
 

@@ -31,7 +31,9 @@ def server(tiny_lm, tiny_index_dir):
     app = create_app(
         tiny_lm,
         IndexRetriever(Index.load(tiny_index_dir)),
-        ServerLimits(max_prompt_tokens=200, max_tokens=64, max_active=4),
+        ServerLimits(
+            max_prompt_tokens=200, max_tokens=64, max_active=4, max_body_bytes=200_000, max_request_work=30_000
+        ),
         markers=True,
         tail=4,
     )
@@ -228,3 +230,254 @@ def test_stop_filter_holds_back_a_stop_string_split_across_pieces():
     g = StopFilter("END")
     assert g.push("abc E") == "abc " and g.push("x") == "Ex" and not g.stopped
     assert g.push("tail E") == "tail " and g.flush() == "E"
+
+
+def test_stop_filter_matches_a_naive_search_on_random_text():
+    """The incremental (KMP) matcher agrees with str.find on text built to contain near-misses."""
+    import random
+
+    from flashback.server import StopFilter
+
+    rng = random.Random(0)
+    for _ in range(300):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 40)))
+        f, sent = StopFilter(stops), ""
+        for i in range(0, len(text), 3):
+            sent += f.push(text[i : i + 3])
+            if f.stopped:
+                break
+        sent += f.flush()
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+        assert sent == text[:cut] and f.stopped == (cut < len(text)), (stops, text)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop strings"),
+        ({"prompt": "x", "stop": "s" * 300}, "at most 256 characters"),
+        ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty is not supported"),
+        ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias is not supported"),
+        ({"prompt": "x", "suffix": "tail"}, "suffix is not supported"),
+        ({"prompt": "x", "best_of": 2}, "best_of"),
+        ({"prompt": ["one", "two"]}, "one prompt per request"),
+        ({"prompt": [1, 2, 99999]}, "token ids"),
+        ({"prompt": "x", "seed": 2**64}, "seed"),
+        ({"prompt": "a \ud800 b"}, "not valid Unicode"),
+        ({"prompt": "word " * 40, "mode": "prepend", "k": 16, "stride": 1, "max_tokens": 64}, "would compute up to"),
+    ],
+)
+def test_hostile_or_unsupported_requests_get_a_400(server, body, message):
+    content = json.dumps(body).encode()  # ASCII with escapes: a lone surrogate travels as "\ud800"
+    r = httpx.post(f"{server}/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"]
+
+
+def test_oversized_and_undecodable_bodies_get_openai_errors(server):
+    big = json.dumps({"prompt": "x" * 300_000}).encode()  # the fixture allows 200,000 bytes
+    r = httpx.post(f"{server}/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+
+    def chunks():  # no content-length: counted while it streams in
+        for _ in range(40):
+            yield b" " * 10_000
+
+    r = httpx.post(f"{server}/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(
+        f"{server}/v1/completions", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and set(r.json()) == {"error"}
+
+
+def test_extreme_sampling_settings_complete(server):
+    for body in (
+        {"prompt": "A kludge", "max_tokens": 4, "temperature": 1e-300, "mode": "none"},
+        {"prompt": "A kludge", "max_tokens": 4, "temperature": 0.7, "seed": 2**64 - 1},
+    ):
+        r = httpx.post(f"{server}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+
+
+def test_health_names_no_paths_and_docs_are_off(server):
+    health = httpx.get(f"{server}/health").json()
+    assert "/" not in json.dumps(health.get("adapters", {}))
+    assert httpx.get(f"{server}/docs").status_code == 404
+    assert httpx.get(f"{server}/openapi.json").status_code == 404
+
+
+def test_an_expensive_request_does_not_starve_a_cheap_one(tiny_lm, tiny_index_dir):
+    """Fair by work: while a prepend request recomputes ~400 tokens per step, a 16-token request runs to
+    completion before the expensive one gets more than the step it was already running (scheduled by
+    steps, it would get one step per step of the cheap request: 17)."""
+    from flashback.server import CompletionRequest, CompletionService
+
+    class Connected:
+        async def is_disconnected(self):
+            return False
+
+    async def main():
+        service = CompletionService(tiny_lm, IndexRetriever(Index.load(tiny_index_dir)), ServerLimits(), True, 4)
+        order: list[str] = []
+
+        async def run(name: str, body: dict, started: asyncio.Event | None = None):
+            async for _step in service.steps(CompletionRequest(**body), Connected()):
+                order.append(name)
+                if started is not None:
+                    started.set()
+
+        heavy_started = asyncio.Event()
+        heavy_body = {"prompt": "garbage", "mode": "prepend", "k": 16, "stride": 1, "max_tokens": 64, "stream": True}
+        heavy = asyncio.create_task(run("heavy", heavy_body, heavy_started))
+        await heavy_started.wait()
+        await run("light", {"prompt": "A socket", "max_tokens": 16, "mode": "none", "stream": True})
+        await heavy
+        service.scheduler.close()
+        return order
+
+    order = asyncio.run(main())
+    first, last = order.index("light"), len(order) - 1 - order[::-1].index("light")
+    assert order.count("heavy") == 64 and order.count("light") == 16
+    assert order[first : last + 1].count("heavy") <= 1, order
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A tiny append adapter with random (non-zero) weights and its card."""
+    from flashback.adapter import ADAPTER_FORMAT, CARD
+    from flashback.model import load_model, tokenizer_fingerprint
+    from flashback.train import TrainConfig, add_adapter
+
+    lm = load_model(str(tiny_model_dir), markers=True)
+    model = add_adapter(lm, TrainConfig(target_modules=("q_proj", "v_proj")))
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("adapter") / "append"
+    model.save_pretrained(path, save_embedding_layers=False)
+    card = {"format": ADAPTER_FORMAT, "position": "append", "markers": True, "tail": 3}
+    (path / CARD).write_text(json.dumps({**card, "tokenizer_fingerprint": tokenizer_fingerprint(lm.tokenizer)}))
+    return path
+
+
+def test_the_append_adapter_never_touches_none_or_prepend_requests(tiny_model_dir, tiny_index_dir, adapter_dir):
+    from fastapi.testclient import TestClient
+
+    from flashback.generate import GenerationConfig, generate
+    from flashback.model import load_model
+
+    served = load_model(str(tiny_model_dir), adapters={"append": str(adapter_dir)})
+    plain = load_model(str(tiny_model_dir), markers=True)
+    retriever = IndexRetriever(Index.load(tiny_index_dir))
+    prompt = "A lambda expression creates"
+    ids = plain.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    app = create_app(served, retriever, markers=True, tail=3)
+    with TestClient(app) as client:
+        got = {
+            mode: client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "mode": mode}).json()
+            for mode in ("append", "none", "prepend", "append", "none")  # interleaved modes on one model
+        }
+        assert client.get("/health").json()["adapters"] == {"append": "append"}
+    for mode in ("none", "prepend"):
+        want = generate(plain, ids, retriever, GenerationConfig(mode=mode, max_new_tokens=12, markers=False))
+        assert got[mode]["choices"][0]["text"] == want.text, mode
+    tuned = generate(served, ids, retriever, GenerationConfig(mode="append", max_new_tokens=12, tail=3))
+    untuned = generate(plain, ids, retriever, GenerationConfig(mode="append", max_new_tokens=12, tail=3))
+    assert got["append"]["choices"][0]["text"] == tuned.text != untuned.text
+
+
+def test_openai_client_defaults_logprobs_echo_and_usage(server, tiny_lm):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    common = dict(
+        model=tiny_lm.name,
+        max_tokens=6,
+        presence_penalty=0,
+        frequency_penalty=0,
+        best_of=1,
+        logit_bias={},
+        n=1,
+        extra_body={"mode": "none"},
+    )
+    done = client.completions.create(prompt=["A hacker is"], logprobs=2, **common)
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == 6 == len(lp.token_logprobs) and all(v <= 0 for v in lp.token_logprobs)
+    # greedy: each chosen token is the most likely one (two ids may decode to the same text, hence <= 2)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert 1 <= len(top) <= 2 and chosen == pytest.approx(max(top.values()), abs=1e-5)
+    assert lp.text_offset[0] == 0
+    echoed = client.completions.create(prompt="A hacker is", echo=True, logprobs=0, **common)
+    text = echoed.choices[0].text
+    assert text.startswith("A hacker is") and text[len("A hacker is") :] == done.choices[0].text
+    assert echoed.choices[0].logprobs.token_logprobs[0] is None and echoed.usage.completion_tokens == 6
+    chunks = list(
+        client.completions.create(prompt="A hacker is", stream=True, stream_options={"include_usage": True}, **common)
+    )
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == done.choices[0].text
+    ids = tiny_lm.tokenizer("A hacker is", add_special_tokens=False)["input_ids"]
+    by_ids = client.completions.create(prompt=ids, **common)
+    assert by_ids.choices[0].text == done.choices[0].text
+
+
+def test_langchain_openai_completions_client(server, tiny_lm):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.OpenAI(
+        base_url=f"{server}/v1", api_key="unused", model=tiny_lm.name, max_tokens=8, temperature=0
+    )
+    text = llm.invoke("A kludge is")
+    streamed = "".join(llm.stream("A kludge is"))
+    assert isinstance(text, str) and text and streamed == text
+
+
+def test_sigterm_ends_open_streams_within_the_grace_period(tiny_model_dir, tiny_index_dir, tmp_path):
+    """A model without an end-of-text token streams until max_tokens; SIGTERM must not wait for it."""
+    import signal
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    endless = tmp_path / "endless"
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.eos_token_id = config.bos_token_id = None
+    config.max_position_embeddings = 8192
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, config=config).save_pretrained(endless)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.eos_token = None
+    tok.save_pretrained(endless)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flashback.cli", "serve", "--model", str(endless), "--index", str(tiny_index_dir)]
+        + ["--port", str(port), "--max-tokens", "8000", "--shutdown-grace", "1", "--no-adapter"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"prompt": "A socket", "max_tokens": 8000, "mode": "none", "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            start = time.monotonic()
+            with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError, StopIteration)):
+                for _ in lines:
+                    assert time.monotonic() - start < 30, "still streaming long after SIGTERM"
+                raise StopIteration
+        proc.wait(timeout=30)
+        assert time.monotonic() - start < 15
+    finally:
+        proc.kill()

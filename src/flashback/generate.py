@@ -338,3 +338,9 @@ class TextStreamer:
             return ""
         piece, self.emitted = text[self.emitted :], len(text)
         return piece
+
+    def flush(self) -> str:
+        """What is still held back at the end (an incomplete character stays as U+FFFD, as in decode)."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        piece, self.emitted = text[self.emitted :], len(text)
+        return piece

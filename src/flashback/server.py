@@ -140,15 +140,18 @@ class StopFilter:
             return ""
         for ch in piece:
             self.text += ch
+            found = 0  # the longest stop string ending here starts first
             for j, s in enumerate(self.stops):
                 k = self.matched[j]
                 while k and ch != s[k]:
                     k = self.fail[j][k - 1]
                 k += ch == s[k]
                 if k == len(s):
-                    self.stopped = True
-                    return self._send_to(len(self.text) - len(s))
+                    found, k = max(found, k), self.fail[j][k - 1]
                 self.matched[j] = k
+            if found:
+                self.stopped = True
+                return self._send_to(len(self.text) - found)
         return self._send_to(len(self.text) - max(self.matched, default=0))
 
     def flush(self) -> str:
@@ -161,26 +164,40 @@ class StopFilter:
 
 
 class Scheduler:
-    """The model thread. Jobs carry a priority; the lowest runs next (generations: tokens computed)."""
+    """The model thread. The lowest priority runs next: for generations, the tokens they have computed.
+
+    A generation's next step is queued by this thread itself as soon as its previous step is done, so
+    which generation runs next never depends on how fast the event loop picks up results.
+    """
 
     def __init__(self) -> None:
         self._heap: list = []
         self._order = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
-        self.clock = 0.0  # priority of the job that ran last: where a new generation starts
+        self.clock = 0.0  # priority of the work that ran last: where a new generation starts
         self._thread = threading.Thread(target=self._run, name="flashback-model", daemon=True)
         self._thread.start()
 
     def submit(self, priority: float, job: Callable[[], object]) -> asyncio.Future:
+        """Run `job` once; its result (or exception) lands in the returned future."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        self._push(priority, _Once(job, loop, future))
+        return future
+
+    def stream(self, gen: Generation) -> StepStream:
+        """Run `gen.step` again and again, by `gen.priority`, until a step finishes it or it is cancelled."""
+        handle = StepStream(gen, asyncio.get_running_loop())
+        self._push(gen.priority, handle)
+        return handle
+
+    def _push(self, priority: float, item) -> None:
         with self._cv:
             if self._closed:
                 raise FlashbackError("the server is shutting down")
-            heapq.heappush(self._heap, (priority, next(self._order), job, loop, future))
+            heapq.heappush(self._heap, (priority, next(self._order), item))
             self._cv.notify()
-        return future
 
     def _run(self) -> None:
         while True:
@@ -189,23 +206,78 @@ class Scheduler:
                     self._cv.wait()
                 if self._closed:
                     return
-                priority, _, job, loop, future = heapq.heappop(self._heap)
-            if future.cancelled():
+                priority, _, item = heapq.heappop(self._heap)
+            if item.cancelled:
                 continue
             self.clock = max(self.clock, priority)
-            try:
-                result, error = job(), None
-            except BaseException as exc:  # handed to the waiting request, which decides
-                result, error = None, exc
-            loop.call_soon_threadsafe(_settle, future, result, error)
+            again = item.run()
+            if again is not None:
+                with self._cv:
+                    if not self._closed:
+                        heapq.heappush(self._heap, (again, next(self._order), item))
 
     def close(self) -> None:
         with self._cv:
             self._closed = True
             pending, self._heap = self._heap, []
             self._cv.notify_all()
-        for _, _, _, loop, future in pending:
-            loop.call_soon_threadsafe(_settle, future, None, FlashbackError("the server is shutting down"))
+        for _, _, item in pending:
+            item.fail(FlashbackError("the server is shutting down"))
+
+
+class _Once:
+    def __init__(self, job: Callable[[], object], loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+        self.job, self.loop, self.future = job, loop, future
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+    def run(self) -> None:
+        try:
+            result, error = self.job(), None
+        except BaseException as exc:  # handed to the waiting request, which decides
+            result, error = None, exc
+        self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+
+    def fail(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, None, error)
+
+
+class StepStream:
+    """A generation's steps as they come off the model thread, in an asyncio queue."""
+
+    def __init__(self, gen: Generation, loop: asyncio.AbstractEventLoop):
+        self.gen, self.loop = gen, loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+
+    def run(self) -> float | None:
+        """One step on the model thread; the priority to run again at, or None when done."""
+        try:
+            step = self.gen.step()
+        except BaseException as exc:
+            self.fail(exc)
+            return None
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, step)
+        return None if step.finish or self.cancelled else self.gen.priority
+
+    def fail(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, error)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def next(self) -> Step:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def _ignore_result(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: no "never retrieved" warning at shutdown
 
 
 def _settle(future: asyncio.Future, result, error) -> None:
@@ -272,7 +344,7 @@ class Generation:
     def step(self) -> Step:
         token = next(self.tokens, None)
         if token is None:
-            return Step(self.stops.flush(), [], [], self._new_retrievals(), "length", len(self.prompt_ids))
+            return Step(self._rest(), [], [], self._new_retrievals(), "length", len(self.prompt_ids))
         self.count += 1
         text = self.stops.push(self.streamer.push(token))
         probs = [self._logprob(self.last_logits, token)] if self.req.logprobs is not None else []
@@ -282,8 +354,13 @@ class Generation:
         elif self.count >= self.trace.max_new_tokens:
             finish = "length"
         if finish:
-            text += self.stops.flush()
+            text += self._rest()
         return Step(text, [token], probs, self._new_retrievals(), finish, len(self.prompt_ids))
+
+    def _rest(self) -> str:
+        """At the end: the held-back text, up to a stop string if one turns up in it."""
+        text = self.stops.push(self.streamer.flush())
+        return text + self.stops.flush()
 
     def close(self) -> None:
         self.tokens.close()  # frees the KV cache
@@ -304,7 +381,8 @@ class Generation:
         top = {}
         if self.req.logprobs:
             values, ids = logp.topk(self.req.logprobs)
-            top = {self.lm.tokenizer.decode([int(i)]): float(v) for v, i in zip(values, ids, strict=True)}
+            for v, i in zip(values.tolist(), ids.tolist(), strict=True):  # best first: ids that decode alike
+                top.setdefault(self.lm.tokenizer.decode([i]), v)  # keep the best one's value
         return {"token": text, "logprob": float(logp[token]), "top": top}
 
 
@@ -323,7 +401,10 @@ def _logprobs_block(steps: list[dict], offset: int) -> dict:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets a 413 before anyone parses it."""
+    """ASGI middleware: a request body over `limit` bytes gets a 413 before anyone parses it.
+
+    The body is read here (at most `limit` bytes are ever held) and replayed to the app.
+    """
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -332,26 +413,28 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = _error(413, f"request body larger than {self.limit} bytes")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await _error(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
+            return await too_large(scope, receive, send)
+        body, more = b"", True
+        while more:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client left
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await too_large(scope, receive, send)
+        replayed = False
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _error(413, f"request body larger than {self.limit} bytes")(scope, receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 class CompletionService:
@@ -441,24 +524,26 @@ class CompletionService:
         finally:
             self.state["waiting"] -= 1
         self.state["active"] += 1
-        gen = None
+        gen, steps = None, None
         try:
             clock = self.scheduler.clock
             gen = await self.scheduler.submit(clock, lambda: self.open(req, clock))
             if req.echo:
                 yield await self.scheduler.submit(gen.priority, gen.echo)
+            steps = self.scheduler.stream(gen)
             while True:
-                step = await self.scheduler.submit(gen.priority, gen.step)
+                step = await steps.next()
                 yield step
                 if step.finish:
                     return
                 if not req.stream and await request.is_disconnected():
                     return  # nobody is waiting for the answer
-        finally:
-            if gen is not None:
-                closing = gen.close
+        finally:  # no await here: a hung-up client cancels this task, and the slot must still be freed
+            if steps is not None:
+                steps.cancel()
+            if gen is not None:  # frees the KV cache after any step in flight (the model thread is one thread)
                 with suppress(FlashbackError):
-                    await self.scheduler.submit(-1.0, closing)
+                    self.scheduler.submit(-1.0, gen.close).add_done_callback(_ignore_result)
             self.state["active"] -= 1
             self.state["served"] += 1
             self.admission.release()
