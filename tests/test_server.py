@@ -308,11 +308,26 @@ def test_health_names_no_paths_and_docs_are_off(server):
     assert httpx.get(f"{server}/openapi.json").status_code == 404
 
 
-def test_an_expensive_request_does_not_starve_a_cheap_one(tiny_lm, tiny_index_dir):
+def test_an_expensive_request_does_not_starve_a_cheap_one(tiny_lm, tiny_index_dir, monkeypatch):
     """Fair by work: while a prepend request recomputes ~400 tokens per step, a 16-token request runs to
     completion before the expensive one gets more than the step it was already running (scheduled by
-    steps, it would get one step per step of the cheap request: 17)."""
-    from flashback.server import CompletionRequest, CompletionService
+    steps, it would get one step per step of the cheap request: 17). The order is recorded on the
+    model thread, as the steps execute."""
+    from flashback.server import CompletionRequest, CompletionService, Generation
+
+    order: list[str] = []
+    heavy_work: list[int] = []
+    step = Generation.step
+
+    def recorded(self):
+        order.append("light" if self.req.mode == "none" else "heavy")
+        before = self.priority
+        out = step(self)
+        if order[-1] == "heavy":
+            heavy_work.append(self.priority - before)
+        return out
+
+    monkeypatch.setattr(Generation, "step", recorded)
 
     class Connected:
         async def is_disconnected(self):
@@ -320,27 +335,26 @@ def test_an_expensive_request_does_not_starve_a_cheap_one(tiny_lm, tiny_index_di
 
     async def main():
         service = CompletionService(tiny_lm, IndexRetriever(Index.load(tiny_index_dir)), ServerLimits(), True, 4)
-        order: list[str] = []
 
-        async def run(name: str, body: dict, started: asyncio.Event | None = None):
+        async def run(body: dict, started: asyncio.Event | None = None):
             async for _step in service.steps(CompletionRequest(**body), Connected()):
-                order.append(name)
                 if started is not None:
                     started.set()
 
         heavy_started = asyncio.Event()
-        heavy_body = {"prompt": "garbage", "mode": "prepend", "k": 16, "stride": 1, "max_tokens": 64, "stream": True}
-        heavy = asyncio.create_task(run("heavy", heavy_body, heavy_started))
+        words = "garbage collection memory program socket server port lambda function unicode hacker kludge"
+        heavy_body = {"prompt": words, "mode": "prepend", "k": 16, "stride": 1, "max_tokens": 64, "stream": True}
+        heavy = asyncio.create_task(run({**heavy_body, "query_tokens": 512}, heavy_started))
         await heavy_started.wait()
-        await run("light", {"prompt": "A socket", "max_tokens": 16, "mode": "none", "stream": True})
+        await run({"prompt": "A socket", "max_tokens": 16, "mode": "none", "stream": True})
         await heavy
         service.scheduler.close()
-        return order
 
-    order = asyncio.run(main())
+    asyncio.run(main())
     first, last = order.index("light"), len(order) - 1 - order[::-1].index("light")
     assert order.count("heavy") == 64 and order.count("light") == 16
-    assert order[first : last + 1].count("heavy") <= 1, order
+    assert min(heavy_work) > 300, heavy_work  # every heavy step recomputes 16 passages + prompt + output
+    assert order[first : last + 1].count("heavy") == 0, order
 
 
 @pytest.fixture(scope="module")

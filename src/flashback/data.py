@@ -232,6 +232,8 @@ def make_segments(
 
     while batch := _take(slots, cfg.batch_queries):
         for slot, hits in zip(batch, retrieve_for(batch, index, tokenizer, cfg, forbid_titles), strict=True):
+            if not hits:  # nothing matches the query: no passage to learn to use
+                continue
             if pending and (
                 pending[0][0].doc.id != slot.doc.id
                 or window_of(pending[0][0].position, cfg, longest) != window_of(slot.position, cfg, longest)
