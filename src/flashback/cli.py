@@ -19,7 +19,7 @@ from flashback.data import DEFAULT_TAIL
 from flashback.errors import FlashbackError
 from flashback.model import DEFAULT_MODEL, cache_root
 
-DEFAULT_INDEX = cache_root() / "indexes" / "default"
+DEFAULT_INDEX = cache_root() / "indexes" / "default"  # api.DEFAULT_INDEX, without importing the API here
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -119,25 +119,19 @@ def _add_filter_args(p: argparse.ArgumentParser) -> None:
 
 # ---- index / search ----------------------------------------------------------------------------
 def cmd_index(args: argparse.Namespace) -> int:
-    from flashback.corpus import expand_paths, read_documents, select, split_passages
-    from flashback.model import load_tokenizer, tokenizer_fingerprint
-    from flashback.retrieval import Index
+    from flashback.api import build_index
 
     start = time.perf_counter()
-    expand_paths(args.corpus)  # fail on a bad path before the slow part
-    if args.chunk_tokens < 1:
-        raise FlashbackError("--chunk-tokens must be at least 1")
-    tokenizer = load_tokenizer(args.model)
-    docs = select(read_documents(args.corpus), args.include, args.exclude)
-    passages = split_passages(docs, tokenizer, args.chunk_tokens, progress=not args.quiet)
-    index = Index.build(
-        passages,
-        tokenizer_name=args.model,
-        fingerprint=tokenizer_fingerprint(tokenizer),
+    index = build_index(
+        args.corpus,
+        args.out,
+        builtin=args.builtin,
+        model=args.model,
         chunk_tokens=args.chunk_tokens,
-        sources=[*args.corpus, *(f"include:{g}" for g in args.include), *(f"exclude:{g}" for g in args.exclude)],
+        include=args.include,
+        exclude=args.exclude,
+        progress=not args.quiet,
     )
-    index.save(args.out)
     m = index.manifest
     print(
         json.dumps(
@@ -154,9 +148,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def _load_index(path: str | None):
-    from flashback.retrieval import Index
+    from flashback.api import load_index
 
-    return Index.load(path or DEFAULT_INDEX)
+    return load_index(path)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -471,7 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("index", help="split a corpus into passages and build a BM25 index")
-    p.add_argument("corpus", nargs="+", help=".txt/.md/.rst files, folders, .jsonl(.gz) with id/title/text")
+    p.add_argument("corpus", nargs="*", help=".txt/.md/.rst files, folders, .jsonl(.gz) with id/title/text")
+    p.add_argument(
+        "--builtin",
+        choices=["python-docs"],
+        default=None,
+        help="also index a corpus every Python has: python-docs = the reference topics of help() and the "
+        "standard-library module docs (offline, ~4.7M characters)",
+    )
     p.add_argument("--out", required=True, help="index folder to write (replaced atomically)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model whose tokenizer cuts the passages")
     p.add_argument("--chunk-tokens", type=int, default=128, help="passage length in model tokens (default 128)")

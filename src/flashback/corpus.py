@@ -113,6 +113,50 @@ def select(
         yield doc
 
 
+# Modules whose import has side effects (a browser, a window, a printed poem) or that only exist elsewhere.
+_SKIP_MODULES = frozenset(
+    {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "lib2to3", "test", "ensurepip"}
+)
+
+
+def python_docs(progress: bool = True) -> Iterator[Document]:
+    """The Python documentation every interpreter carries: the language reference topics of `help()`
+    (pydoc_data.topics) and the rendered documentation of the importable standard-library modules.
+
+    Nothing is downloaded; the text depends on the running Python version. Module imports run with
+    their output and warnings silenced; a module that fails to import is skipped.
+    """
+    import contextlib
+    import importlib
+    import io
+    import pydoc
+    import sys
+    import warnings
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield Document(id=f"pydoc:topic/{name}", title=name, text=topics[name])
+    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in _SKIP_MODULES)
+    for name in tqdm(names, desc="rendering module docs", unit="module", disable=not progress):
+        sink = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
+        except Exception:  # noqa: BLE001 - platform-specific modules (winreg, ...) and broken imports
+            continue
+        yield Document(id=f"pydoc:module/{name}", title=name, text=text)
+
+
+BUILTIN_CORPORA = {"python-docs": python_docs}
+
+
+def builtin_documents(name: str, progress: bool = True) -> Iterator[Document]:
+    if name not in BUILTIN_CORPORA:
+        raise FlashbackError(f"unknown built-in corpus {name!r}; choose one of {', '.join(BUILTIN_CORPORA)}")
+    return BUILTIN_CORPORA[name](progress)
+
+
 def read_documents(paths: Iterable[str | Path]) -> Iterator[Document]:
     """Yield every document of the given files and folders; a text file is one document."""
     for path in expand_paths(paths):

@@ -112,12 +112,19 @@ def retrieve_all(
     targets: Sequence[Target],
     docs: Sequence[list[int]],
     documents: Sequence[Document],
-    index: Index,
+    index,
     tokenizer,
     cfg: EvalConfig,
     forbid_titles: frozenset[str],
     batch: int = 512,
 ) -> list[Retrieval]:
+    """Passages for every target: batched BM25 from an Index, or one call per query to any Retriever.
+
+    The leakage filter is the same for both: nothing from the target's own document (by id) or with
+    its title. A retriever that returns no ids or titles cannot be filtered, so use one that does.
+    """
+    if not isinstance(index, Index):
+        return _retrieve_each(targets, docs, documents, index, tokenizer, cfg, forbid_titles)
     out = []
     for i in range(0, len(targets), batch):
         chunk = targets[i : i + batch]
@@ -126,6 +133,18 @@ def retrieve_all(
         out += [
             Retrieval([index.passage_tokens(h.index).tolist() for h in row], [h.score for h in row]) for row in hits
         ]
+    return out
+
+
+def _retrieve_each(targets, docs, documents, retriever, tokenizer, cfg: EvalConfig, forbid_titles) -> list[Retrieval]:
+    out = []
+    for t in targets:
+        doc = documents[t.doc_index]
+        query = tokenizer.decode(docs[t.doc_index][t.position - cfg.query_tokens : t.position])
+        banned = forbid_titles | {doc.title} if doc.title else forbid_titles
+        hits = [r for r in retriever(query, 2 * cfg.k + 4) if r.hit.doc_id != doc.id and r.hit.title not in banned]
+        hits = hits[: cfg.k]
+        out.append(Retrieval([r.token_ids.tolist() for r in hits], [r.hit.score for r in hits]))
     return out
 
 
@@ -247,7 +266,7 @@ def evaluate(
     if any(s.markers for s in specs) and lm.marker_ids is None:
         raise FlashbackError("a +markers mode needs a model loaded with marking tokens")
     docs = encode_batch(lm.tokenizer, [d.text for d in documents])
-    half = segment_size(cfg, index.chunk_tokens)
+    half = segment_size(cfg, index.chunk_tokens if isinstance(index, Index) else index.max_passage_tokens)
     targets = plan_targets(docs, cfg, half)
     if not targets:
         raise FlashbackError(

@@ -1,0 +1,222 @@
+"""The one-object Python API, and the default index built on first use.
+
+    from flashback import FlashBack
+    fb = FlashBack.load()                       # default model, its shipped adapters, the default index
+    print(fb.generate("A garbage collector", max_new_tokens=32).text)
+
+`FlashBack` holds a loaded model, a retriever and the settings the CLI would use; its methods take
+text and return the library's own result types. Everything it does is available below it
+(model.load_model, retrieval.Index, generate.generate, evaluate.evaluate) for finer control.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from flashback.errors import FlashbackError
+from flashback.model import DEFAULT_MODEL, LoadedModel, cache_root, encode
+
+DEFAULT_INDEX = cache_root() / "indexes" / "default"
+DEFAULT_CORPUS = "python-docs"  # built in: the documentation of the running Python (corpus.python_docs)
+
+
+def build_index(
+    corpus: Sequence[str | Path] = (),
+    out: str | Path = DEFAULT_INDEX,
+    *,
+    builtin: str | None = None,
+    model: str | None = None,
+    chunk_tokens: int = 128,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    progress: bool = True,
+):
+    """Split documents (files, folders, JSONL, or a built-in corpus) into passages and save a BM25 index."""
+    from flashback.corpus import builtin_documents, expand_paths, read_documents, select, split_passages
+    from flashback.model import load_tokenizer, tokenizer_fingerprint
+    from flashback.retrieval import Index
+
+    if not corpus and not builtin:
+        raise FlashbackError("nothing to index: give corpus files or a built-in corpus (--builtin python-docs)")
+    if chunk_tokens < 1:
+        raise FlashbackError("--chunk-tokens must be at least 1")
+    expand_paths(corpus)  # fail on a bad path before the slow part
+    tokenizer = load_tokenizer(model)
+    documents = read_documents(corpus) if corpus else iter(())
+    if builtin:
+        documents = _chain(builtin_documents(builtin, progress), documents)
+    passages = split_passages(select(documents, include, exclude), tokenizer, chunk_tokens, progress=progress)
+    sources = [*(f"builtin:{builtin}" for _ in [builtin] if builtin), *map(str, corpus)]
+    index = Index.build(
+        passages,
+        tokenizer_name=model or DEFAULT_MODEL,
+        fingerprint=tokenizer_fingerprint(tokenizer),
+        chunk_tokens=chunk_tokens,
+        sources=[*sources, *(f"include:{g}" for g in include), *(f"exclude:{g}" for g in exclude)],
+    )
+    index.save(out)
+    return index
+
+
+def _chain(*parts: Iterable) -> Iterator:
+    for part in parts:
+        yield from part
+
+
+def load_index(path: str | Path | None = None, progress: bool = True):
+    """The index at `path`; without a path the default one, built from the built-in corpus on first use."""
+    from flashback.retrieval import Index
+
+    if path is not None:
+        return Index.load(path)
+    if not (DEFAULT_INDEX / "manifest.json").exists():
+        print(
+            f"flashback: building the default index from the built-in {DEFAULT_CORPUS} corpus into {DEFAULT_INDEX} "
+            "(once, about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
+        start = time.perf_counter()
+        build_index(out=DEFAULT_INDEX, builtin=DEFAULT_CORPUS, progress=progress)
+        print(f"flashback: default index ready in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return Index.load(DEFAULT_INDEX)
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A passage from your own retriever: text, with an id, title and score when you have them."""
+
+    text: str
+    id: str = ""
+    title: str = ""
+    score: float = 0.0
+
+
+class TextRetriever:
+    """Wraps any search function that returns text, so FlashBack can use it like its BM25 index.
+
+    `search(query, k)` returns up to k items, best first: strings, `Passage`s, or dicts with a "text"
+    key (and optional "id", "title", "score"). Each passage is tokenized as plain text (never special
+    tokens) and cut to `max_passage_tokens`, the budget the layout reserves for it.
+    """
+
+    def __init__(self, search: Callable[[str, int], Iterable], tokenizer, max_passage_tokens: int = 128):
+        if max_passage_tokens < 1:
+            raise FlashbackError("max_passage_tokens must be at least 1")
+        self.search, self.tokenizer, self.max_passage_tokens = search, tokenizer, max_passage_tokens
+
+    def __call__(self, query: str, k: int) -> list:
+        import numpy as np
+
+        from flashback.generate import Retrieved
+        from flashback.retrieval import Hit
+
+        found = []
+        for rank, item in enumerate(list(self.search(query, k))[:k]):
+            p = _as_passage(item)
+            ids = encode(self.tokenizer, p.text)[: self.max_passage_tokens]
+            if ids:
+                hit = Hit(-1, p.id or f"passage#{rank}", p.id or "", p.title, float(p.score))
+                found.append(Retrieved(hit, np.asarray(ids, dtype=np.int64)))
+        return found
+
+
+def _as_passage(item) -> Passage:
+    if isinstance(item, Passage):
+        return item
+    if isinstance(item, str):
+        return Passage(item)
+    if isinstance(item, dict) and isinstance(item.get("text"), str):
+        return Passage(item["text"], str(item.get("id", "")), str(item.get("title", "")), float(item.get("score", 0)))
+    raise FlashbackError(f"a retriever returned {type(item).__name__}; expected text, a Passage or a dict with 'text'")
+
+
+class FlashBack:
+    """A model, a retriever and generation defaults: text in, text out."""
+
+    def __init__(self, lm: LoadedModel, retriever, index=None, tail: int | None = None):
+        from flashback.adapter import adapter_tail
+        from flashback.data import DEFAULT_TAIL
+
+        self.lm, self.retriever, self.index = lm, retriever, index
+        trained = adapter_tail(lm.adapters.get("append"))
+        self.tail = tail if tail is not None else (DEFAULT_TAIL if trained is None else trained)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | None = None,
+        index: str | Path | None = None,
+        adapter: str | Sequence[str] | None = "auto",
+        retriever: Callable[[str, int], Iterable] | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        tail: int | None = None,
+        max_passage_tokens: int = 128,
+    ) -> FlashBack:
+        """Load everything the CLI would: `adapter="auto"` takes the adapters shipped for the default model
+        (one per mode, never applied to another mode), None none, a folder (or several) exactly those.
+        `retriever` replaces the BM25 index with your own search function (see TextRetriever)."""
+        from flashback.generate import IndexRetriever
+        from flashback.model import load_model, plan_adapters, tokenizer_fingerprint
+
+        given = [] if adapter in (None, "auto") else [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
+        plan = plan_adapters(model, [str(a) for a in given], no_default=adapter != "auto")
+        lm = load_model(model, device=device, dtype=dtype, markers=True, adapters=plan)
+        if retriever is not None:
+            return cls(lm, TextRetriever(retriever, lm.tokenizer, max_passage_tokens), None, tail)
+        idx = load_index(index)
+        idx.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
+        return cls(lm, IndexRetriever(idx), idx, tail)
+
+    def config(self, mode: str = "append", **settings):
+        from flashback.generate import GenerationConfig
+
+        markers = settings.pop("markers", mode == "append" and ("append" in self.lm.adapters or not self.lm.adapters))
+        return GenerationConfig(mode=mode, markers=markers, **{"tail": self.tail, **settings})
+
+    def generate(self, text: str, mode: str = "append", stream: bool = False, **settings):
+        """A GenerationResult; with stream=True an iterator of text pieces instead.
+
+        settings: any GenerationConfig field (stride, k, max_new_tokens, temperature, top_p, seed, tail, ...).
+        """
+        from flashback.generate import TextStreamer, generate
+        from flashback.generate import stream as stream_tokens
+
+        cfg = self.config(mode, **settings)
+        ids = encode(self.lm.tokenizer, text)
+        retriever = self.retriever if mode != "none" else None
+        if not stream:
+            return generate(self.lm, ids, retriever, cfg)
+        tokens = stream_tokens(self.lm, ids, retriever, cfg)  # checks the request before the first piece
+
+        def pieces() -> Iterator[str]:
+            streamer = TextStreamer(self.lm.tokenizer)
+            for token in tokens:
+                if piece := streamer.push(token):
+                    yield piece
+            if rest := streamer.flush():
+                yield rest
+
+        return pieces()
+
+    def search(self, text: str, k: int = 3) -> list[dict]:
+        """The top-k passages for a query: id, title, score and text."""
+        return [
+            {**r.hit.to_json(), "text": self.lm.tokenizer.decode(r.token_ids.tolist())} for r in self.retriever(text, k)
+        ]
+
+    def eval(self, documents, modes: Sequence[str] = ("none", "prepend", "append+markers+adapter"), **settings):
+        """Perplexity of each mode on the same tokens (evaluate.evaluate); `documents` are texts or Documents."""
+        from flashback.corpus import Document
+        from flashback.evaluate import EvalConfig, ModeSpec, evaluate
+
+        docs = [d if isinstance(d, Document) else Document(f"text#{i}", "", d) for i, d in enumerate(documents)]
+        specs = [ModeSpec.parse(m) for m in modes]
+        cfg = EvalConfig(**{"tail": self.tail, **settings})
+        return evaluate(self.lm, docs, self.index if self.index is not None else self.retriever, specs, cfg)
