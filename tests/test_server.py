@@ -26,17 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_lm, tiny_index_dir):
-    app = create_app(
-        tiny_lm,
-        IndexRetriever(Index.load(tiny_index_dir)),
-        ServerLimits(
-            max_prompt_tokens=200, max_tokens=64, max_active=4, max_body_bytes=200_000, max_request_work=30_000
-        ),
-        markers=True,
-        tail=4,
-    )
+def serve_in_thread(app):
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     srv = uvicorn.Server(config)
@@ -49,6 +39,25 @@ def server(tiny_lm, tiny_index_dir):
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+LIMITS = ServerLimits(
+    max_prompt_tokens=200, max_tokens=64, max_active=4, max_body_bytes=200_000, max_request_work=30_000
+)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm, tiny_index_dir):
+    yield from serve_in_thread(create_app(tiny_lm, IndexRetriever(Index.load(tiny_index_dir)), LIMITS, True, 4))
+
+
+@pytest.fixture
+def roomy_server(tiny_lm, tiny_index_dir):
+    """Room for every client of the adversarial test: fairness acts among admitted generations."""
+    import dataclasses
+
+    limits = dataclasses.replace(LIMITS, max_active=16)
+    yield from serve_in_thread(create_app(tiny_lm, IndexRetriever(Index.load(tiny_index_dir)), limits, True, 4))
 
 
 def sse_events(response) -> list:
@@ -495,3 +504,112 @@ def test_sigterm_ends_open_streams_within_the_grace_period(tiny_model_dir, tiny_
         assert time.monotonic() - start < 15
     finally:
         proc.kill()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024
+
+
+def test_adversarial_load(roomy_server):
+    """Bounded (loopback, 6 background clients, 120 requests): hostile, expensive, streaming and hanging-up
+    requests in the background while normal 16-token requests run one after another in the foreground.
+
+    Asserted: no 5xx, every answer well-formed (200/400/413 with an OpenAI error), /health always answers,
+    nothing left active. Printed (for the README, run alone): /health latency, the foreground requests'
+    latency against idle, RSS before and after.
+    """
+    import gc
+
+    server = roomy_server
+    normal = {"prompt": "A socket binds", "max_tokens": 16, "mode": "append"}
+    words = "garbage collection memory program socket server port lambda function unicode hacker kludge"
+    background = [
+        {"prompt": words, "mode": "prepend", "k": 16, "stride": 1, "max_tokens": 32, "query_tokens": 512},
+        {"prompt": "x", "stop": ["s" * 256] * 4, "max_tokens": 32},  # the largest stop list allowed
+        {"prompt": "x", "stop": ["s" * 400_000] * 8},  # 3.2 MB: refused before it is parsed
+        {"prompt": "x" * 150_000},  # under the body limit, over the prompt limit
+        {"prompt": "a \ud800 b"},
+        {**normal, "stream": True, "hang_up": True},
+        {**normal, "stream": True},
+    ]
+
+    def idle_latency() -> float:
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            assert httpx.post(f"{server}/v1/completions", json=normal, timeout=60).status_code == 200
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    idle = idle_latency()
+    gc.collect()
+    rss_before = _rss_mb()
+
+    async def main():
+        health_times: list[float] = []
+        normal_times: list[float] = []
+        statuses: list[int] = []
+        done = asyncio.Event()
+
+        async with httpx.AsyncClient(base_url=server, timeout=120) as client:
+
+            async def watch_health():
+                while not done.is_set():
+                    start = time.perf_counter()
+                    r = await client.get("/health")
+                    assert r.status_code == 200
+                    health_times.append(time.perf_counter() - start)
+                    await asyncio.sleep(0.05)
+
+            async def foreground():
+                while not done.is_set():
+                    start = time.perf_counter()
+                    r = await client.post("/v1/completions", json=normal)
+                    assert r.status_code == 200
+                    normal_times.append(time.perf_counter() - start)
+
+            async def one(body: dict):
+                body = dict(body)
+                if body.pop("hang_up", False) or body.get("stream"):
+                    async with client.stream("POST", "/v1/completions", json=body) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: ") and "hang_up" in str(body):
+                                break
+                    statuses.append(r.status_code)
+                    return
+                content = json.dumps(body).encode()
+                r = await client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+                statuses.append(r.status_code)
+                if r.status_code != 200:
+                    assert set(r.json()) == {"error"} and r.json()["error"]["message"]
+
+            async def worker(w: int):
+                for i in range(20):
+                    await one(background[(w + i) % len(background)])
+
+            tasks = [asyncio.create_task(watch_health()), asyncio.create_task(foreground())]
+            start = time.perf_counter()
+            await asyncio.wait_for(asyncio.gather(*(worker(w) for w in range(6))), timeout=300)
+            wall = time.perf_counter() - start
+            done.set()
+            await asyncio.gather(*tasks)
+        return health_times, normal_times, statuses, wall
+
+    health_times, normal_times, statuses, wall = asyncio.run(main())
+    assert len(statuses) == 120 and normal_times
+    assert all(s < 500 for s in statuses) and set(statuses) <= {200, 400, 413}, sorted(set(statuses))
+    deadline = time.time() + 10
+    while (health := httpx.get(f"{server}/health").json())["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert health["active"] == 0 and health["status"] == "ok"
+    gc.collect()
+    rss_after = _rss_mb()
+    print(
+        f"\nadversarial load: 120 background requests from 6 clients in {wall:.1f} s, statuses "
+        f"{ {s: statuses.count(s) for s in sorted(set(statuses))} }; /health max {max(health_times) * 1000:.0f} ms "
+        f"(p50 {statistics.median(health_times) * 1000:.0f} ms, {len(health_times)} probes); normal 16-token "
+        f"request idle {idle * 1000:.0f} ms, under load p50 {statistics.median(normal_times) * 1000:.0f} ms, max "
+        f"{max(normal_times) * 1000:.0f} ms ({statistics.median(normal_times) / idle:.1f}x idle, "
+        f"{len(normal_times)} requests); RSS {rss_before:.0f} -> {rss_after:.0f} MB"
+    )
