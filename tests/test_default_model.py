@@ -97,3 +97,21 @@ def test_shipped_adapter_is_the_default_for_append_and_generates(real):
     prompt = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     result = generate(lm, prompt, retriever, GenerationConfig(mode="append", max_new_tokens=20, markers=True))
     assert len(result.token_ids) > 0 and not set(result.token_ids) & set(lm.marker_ids)
+
+
+def test_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The README's Python block, executed verbatim (the default index is built into a temp cache)."""
+    import re
+
+    import flashback.api as api
+    from flashback.model import default_model_dir
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API\s+```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.setattr(api, "DEFAULT_INDEX", tmp_path / "indexes" / "default")
+    default_model_dir()  # converted once, in the user cache, as the quickstart does
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if line.strip()]
+    assert len(lines) >= 6, out.out  # two generations, three hits, the streamed continuation
+    assert "building the default index" in out.err and (api.DEFAULT_INDEX / "manifest.json").exists()
