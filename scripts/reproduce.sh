@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
-# The commands behind the README's numbers (2 CPU cores: ~1 h of training, ~20 min of eval, ~20 min of bench).
-# Usage: bash scripts/reproduce.sh [index|prepare|train|eval|bench|all]
+# The commands behind the README's numbers (2 CPU cores). Steps, in order:
+#   index      retrieval corpus: FOLDOC + the Python library reference (~30 s)
+#   prepare    training segments from the other Python pages, a tenth held out (~2 min)
+#   throughput training target tokens/s: one example per row vs packed, fp32 vs bf16 (~10 min)
+#   ablate     the recipe ablations, 60 steps each (scripts/ablate.sh, ~80 min)
+#   train      the shipped append adapter (~90 min; resumes from its checkpoint when re-run)
+#   prepend    a prepend adapter with the ablations' budget, for the fine-tuned-vs-fine-tuned comparison (~15 min)
+#   eval       perplexity on the held-out Python pages and the Jargon File (~30 min)
+#   bench      append vs prepend speed on the default index (~25 min; BENCH_LENGTHS=2048 for one length)
+# Usage: bash scripts/reproduce.sh [STEP|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${FLASHBACK_DATA:-../shared/data}
@@ -9,34 +17,46 @@ RUNS=${FLASHBACK_RUNS:-runs}
 mkdir -p "$WORK" "$RUNS"
 LIB=(--include 'foldoc:*' --include 'python:library/*' --include 'python:reference/*' --include 'python:c-api/*')
 NOT_LIB=(--exclude 'python:library/*' --exclude 'python:reference/*' --exclude 'python:c-api/*')
+SHIPPED=src/flashback/adapters/smollm2-135m-append
 step=${1:-all}
+run() { [[ $step == "$1" || $step == all ]]; }
 
-if [[ $step == index || $step == all ]]; then  # retrieval corpus: FOLDOC + the Python library reference
+if run index; then
   flashback index "$DATA/foldoc.jsonl.gz" "$DATA/python-docs.jsonl.gz" "${LIB[@]}" --out "$WORK/index"
 fi
-if [[ $step == prepare || $step == all ]]; then  # training text: the other Python pages, a tenth held out
-  flashback prepare "$DATA/python-docs.jsonl.gz" "${NOT_LIB[@]}" --heldout 0.1 --index "$WORK/index" \
-    --out "$WORK/data-all"
+if run prepare; then
+  flashback prepare "$DATA/python-docs.jsonl.gz" "${NOT_LIB[@]}" --heldout 0.1 --index "$WORK/index" --out "$WORK/data"
 fi
-if [[ $step == train || $step == all ]]; then
-  flashback train --data "$WORK/data-all" --out "$WORK/adapter-append" --max-steps 400 --batch-size 4 \
-    --lr 3e-4 --warmup-steps 20 --eval-every 50 --save-every 25 --max-val-examples 64
+if run throughput; then
+  flashback train --data "$WORK/data" --out "$WORK/unused" --tail 32 --batch-size 4 --throughput 2 \
+    > "$RUNS/throughput.json"
 fi
-if [[ $step == eval || $step == all ]]; then
-  ADAPTER=${ADAPTER:-src/flashback/adapters/smollm2-135m-append}
-  MODES=none,prepend,append,append+markers,append+markers+adapter
+if run ablate; then
+  bash scripts/ablate.sh > "$RUNS/ablate.md"
+fi
+if run train; then
+  resume=(); [[ -f $WORK/adapter-append.checkpoint/state.pt ]] && resume=(--resume)
+  flashback train --data "$WORK/data" --out "$WORK/adapter-append" --tail 32 --target-modules "${TARGETS:-q_proj,v_proj}" \
+    --max-steps 600 --batch-size 1 --lr 5e-4 --warmup-steps 20 --eval-every 100 --save-every 25 \
+    --max-val-segments 8 "${resume[@]}"
+  rm -rf "$SHIPPED" && cp -r "$WORK/adapter-append" "$SHIPPED"
+fi
+if run prepend; then
+  resume=(); [[ -f $WORK/adapter-prepend.checkpoint/state.pt ]] && resume=(--resume)
+  flashback train --data "$WORK/data" --out "$WORK/adapter-prepend" --position prepend --no-markers --no-pack \
+    --target-modules "${TARGETS:-q_proj,v_proj}" --max-steps 60 --batch-size 19 --lr 5e-4 --warmup-steps 4 \
+    --eval-every 30 --save-every 10 --max-val-segments 8 "${resume[@]}"
+fi
+if run eval; then
+  MODES=none,prepend,prepend+adapter,append+markers,append+markers+adapter
+  ADAPTERS=(--adapter "${ADAPTER:-$SHIPPED}" --adapter "$WORK/adapter-prepend")
   flashback eval "$DATA/python-docs.jsonl.gz" "${NOT_LIB[@]}" --heldout 0.1 --index "$WORK/index" \
-    --modes "$MODES" --adapter "$ADAPTER" --limit-tokens 4000 --json "$RUNS/eval-python.json"
+    --modes "$MODES" "${ADAPTERS[@]}" --limit-tokens 4000 --json "$RUNS/eval-python.json"
   flashback eval "$DATA/jargon.jsonl.gz" --index "$WORK/index" \
-    --modes "$MODES" --adapter "$ADAPTER" --limit-tokens 4000 --json "$RUNS/eval-jargon.json"
-  # the same targets scored from scratch: the fast path's speed ratio
-  flashback eval "$DATA/python-docs.jsonl.gz" "${NOT_LIB[@]}" --heldout 0.1 --index "$WORK/index" \
-    --modes append+markers+adapter --adapter "$ADAPTER" --limit-tokens 4000 --slow --json "$RUNS/eval-python-slow.json"
-  # where append loses: perplexity by target offset (in the JSON)
-  flashback eval "$DATA/python-docs.jsonl.gz" "${NOT_LIB[@]}" --heldout 0.1 --index "$WORK/index" \
-    --modes none,prepend,append+markers+adapter --adapter "$ADAPTER" --limit-tokens 1600 --json "$RUNS/eval-offsets.json"
+    --modes "$MODES" "${ADAPTERS[@]}" --limit-tokens 4000 --json "$RUNS/eval-jargon.json"
 fi
-if [[ $step == bench || $step == all ]]; then
-  flashback bench --index "$HOME/.cache/flashback/indexes/default" --repeats 3 \
+if run bench; then  # the default index (built on first use): real text for contexts and passages
+  INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
+  flashback bench --index "$INDEX" --context-lengths "${BENCH_LENGTHS:-512,1024,2048,4096}" --repeats 3 \
     --json "$RUNS/bench.json" --plot docs/bench.png
 fi
