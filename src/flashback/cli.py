@@ -277,7 +277,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         position=args.position,
         markers=args.markers,
-        tail=args.tail,
+        tail=(DEFAULT_TAIL if args.position == "append" else 0) if args.tail is None else args.tail,
         pack=args.pack,
         r=args.r,
         alpha=args.alpha,
@@ -533,7 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="adapter folder to write")
     p.add_argument("--position", default="append", choices=["append", "prepend"])
     p.add_argument("--markers", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--tail", type=int, default=0, help="context tokens placed after the passage (append; default 0)")
+    p.add_argument(
+        "--tail",
+        type=int,
+        default=None,
+        help=f"append: context tokens placed after the passage (default {DEFAULT_TAIL}; 0 = the paper's layout)",
+    )
     p.add_argument(
         "--pack",
         action=argparse.BooleanOptionalAction,

@@ -31,7 +31,7 @@ from transformers import DynamicCache
 
 from flashback.adapter import ADAPTER_FOLDER, ADAPTER_FORMAT, CARD
 from flashback.atomic import FolderKind, atomic_folder
-from flashback.data import Example, Segment, append_parts, layout, load_segments
+from flashback.data import DEFAULT_TAIL, Example, Segment, append_parts, layout, load_segments
 from flashback.errors import FlashbackError
 from flashback.model import LoadedModel, tokenizer_fingerprint
 
@@ -40,7 +40,7 @@ from flashback.model import LoadedModel, tokenizer_fingerprint
 class TrainConfig:
     position: str = "append"  # append (FlashBack) or prepend (In-Context RALM)
     markers: bool = True
-    tail: int = 0  # append: context tokens that follow the passage (data.layout)
+    tail: int = DEFAULT_TAIL  # append: context tokens that follow the passage (data.layout); prepend ignores it
     pack: bool = True  # append: all targets of a segment in one forward (see the module docstring)
     r: int = 16
     alpha: int = 32
@@ -68,8 +68,6 @@ class TrainConfig:
             raise FlashbackError("--position must be append or prepend")
         if self.markers and self.position != "append":
             raise FlashbackError("markers only make sense with --position append")
-        if self.tail and self.position != "append":
-            raise FlashbackError("--tail only makes sense with --position append")
         for name in ("r", "alpha", "batch_size", "grad_accum", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise FlashbackError(f"--{name.replace('_', '-')} must be at least 1")
@@ -552,7 +550,7 @@ def _card(lm: LoadedModel, cfg: TrainConfig, fingerprint: str, data_dir, manifes
         "tokenizer_fingerprint": fingerprint,
         "position": cfg.position,
         "markers": cfg.markers,
-        "tail": cfg.tail,
+        "tail": cfg.tail if cfg.position == "append" else 0,
         "marker_ids": list(lm.marker_ids) if cfg.markers else None,
         "settings": {**asdict(cfg), "target_modules": list(cfg.target_modules)},
         "data": str(data_dir),
