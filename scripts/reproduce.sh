@@ -34,17 +34,18 @@ fi
 if run ablate; then
   bash scripts/ablate.sh > "$RUNS/ablate.md"
 fi
-if run train; then
+ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj  # the ablation's best LoRA targets
+if run train; then  # the recipe the ablations chose: tail 32, LoRA on all linear layers, marker rows at 10x lr
   resume=(); [[ -f $WORK/adapter-append.checkpoint/state.pt ]] && resume=(--resume)
-  flashback train --data "$WORK/data" --out "$WORK/adapter-append" --tail 32 --target-modules "${TARGETS:-q_proj,v_proj}" \
-    --max-steps 600 --batch-size 1 --lr 5e-4 --warmup-steps 20 --eval-every 100 --save-every 25 \
-    --max-val-segments 8 "${resume[@]}"
+  flashback train --data "$WORK/data" --out "$WORK/adapter-append" --tail 32 --target-modules "$ALL" \
+    --marker-lr 5e-3 --max-steps "${TRAIN_STEPS:-400}" --batch-size 1 --lr 5e-4 --warmup-steps 20 --eval-every 100 \
+    --save-every 25 --max-val-segments 8 "${resume[@]}"
   rm -rf "$SHIPPED" && cp -r "$WORK/adapter-append" "$SHIPPED"
 fi
-if run prepend; then
+if run prepend; then  # the same LoRA and the ablations' budget (60 steps of ~19 targets), one example per row
   resume=(); [[ -f $WORK/adapter-prepend.checkpoint/state.pt ]] && resume=(--resume)
   flashback train --data "$WORK/data" --out "$WORK/adapter-prepend" --position prepend --no-markers --no-pack \
-    --target-modules "${TARGETS:-q_proj,v_proj}" --max-steps 60 --batch-size 19 --lr 5e-4 --warmup-steps 4 \
+    --target-modules "$ALL" --max-steps 60 --batch-size 19 --lr 5e-4 --warmup-steps 4 \
     --eval-every 30 --save-every 10 --max-val-segments 8 "${resume[@]}"
 fi
 if run eval; then

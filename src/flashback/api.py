@@ -47,8 +47,8 @@ def build_index(
     expand_paths(corpus)  # fail on a bad path before the slow part
     tokenizer = load_tokenizer(model)
     documents = read_documents(corpus) if corpus else iter(())
-    if builtin:
-        documents = _chain(builtin_documents(builtin, progress), documents)
+    if builtin:  # rendered first, so that its progress bar finishes before tokenizing starts
+        documents = _chain(list(builtin_documents(builtin, progress)), documents)
     passages = split_passages(select(documents, include, exclude), tokenizer, chunk_tokens, progress=progress)
     sources = [*(f"builtin:{builtin}" for _ in [builtin] if builtin), *map(str, corpus)]
     index = Index.build(

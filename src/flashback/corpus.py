@@ -145,7 +145,13 @@ def python_docs(progress: bool = True) -> Iterator[Document]:
                 text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
         except Exception:  # noqa: BLE001 - platform-specific modules (winreg, ...) and broken imports
             continue
-        yield Document(id=f"pydoc:module/{name}", title=name, text=text)
+        yield Document(id=f"pydoc:module/{name}", title=name, text=_strip_gutters(text))
+
+
+def _strip_gutters(text: str) -> str:
+    """pydoc's plain text nests class members behind " |  " gutters; a retrieved passage should read as prose
+    (a model shown the gutters copies them), so each line loses its leading run of spaces and bars."""
+    return "\n".join(line.lstrip(" |") for line in text.splitlines())
 
 
 BUILTIN_CORPORA = {"python-docs": python_docs}
