@@ -37,6 +37,8 @@ class BenchConfig:
     markers: bool = True
     tail: int = DEFAULT_TAIL  # append: context tokens re-encoded after the passage at each retrieval
     lora_overhead: bool = True  # also time an unmerged LoRA adapter vs merged weights
+    # the shipped adapter's LoRA targets (all linear layers of a Llama block)
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     seed: int = 0
 
 
@@ -223,7 +225,7 @@ def run_bench(
 
 
 def lora_overhead(lm: LoadedModel, bc: BenchConfig, retriever, progress) -> dict:
-    """Append-mode generation with an unmerged LoRA adapter (r=16 on q,v) vs the same merged."""
+    """Append-mode generation with an unmerged LoRA adapter (r=16 on bc.lora_targets) vs the same merged."""
     from peft import LoraConfig, get_peft_model
 
     length = min(bc.context_lengths[-1], 2048)
@@ -238,7 +240,9 @@ def lora_overhead(lm: LoadedModel, bc: BenchConfig, retriever, progress) -> dict
         stop_at_eos=False,
     )
     base = lm.model
-    peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+    names = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = [t for t in bc.lora_targets if t in names] or ["q_proj", "v_proj"]
+    peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
     peft_model.eval()
     try:
         unmerged = LoadedModel(peft_model, lm.tokenizer, lm.name, lm.device, lm.marker_ids)
@@ -255,7 +259,7 @@ def lora_overhead(lm: LoadedModel, bc: BenchConfig, retriever, progress) -> dict
     finally:
         lm.model = peft_model.unload()  # the plain base model again
     um, m = statistics.median(times["unmerged"]), statistics.median(times["merged"])
-    return {"context_length": length, "unmerged_s": um, "merged_s": m, "overhead": um / m - 1}
+    return {"context_length": length, "targets": targets, "unmerged_s": um, "merged_s": m, "overhead": um / m - 1}
 
 
 def format_table(result: dict) -> str:
@@ -300,7 +304,8 @@ def format_table(result: dict) -> str:
         lo = result["lora"]
         lines.append("")
         lines.append(
-            f"LoRA (r=16, q/v) at L={lo['context_length']}: unmerged {lo['unmerged_s']:.2f} s, "
+            f"LoRA (r=16, {'/'.join(t.split('_')[0] for t in lo.get('targets', ['q', 'v']))}) at "
+            f"L={lo['context_length']}: unmerged {lo['unmerged_s']:.2f} s, "
             f"merged {lo['merged_s']:.2f} s, overhead {100 * lo['overhead']:.1f}%"
         )
     lines.append(
