@@ -156,6 +156,8 @@ def test_training_changes_only_markers_and_lora_and_reloads_exactly(fresh_lm, ti
     assert any(p.abs().sum() > 0 for n, p in peft_model.named_parameters() if "lora_B" in n)
     size = sum(f.stat().st_size for f in (tmp_path / "adapter").iterdir())
     assert size < 200_000, "the adapter should not carry the embedding matrix"
+    files = sorted(f.name for f in (tmp_path / "adapter").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "flashback.json"], files
 
     reloaded = load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
     ids = torch.tensor([[120, 130, lm.marker_ids[0], 60, 61, lm.marker_ids[1], 70]])

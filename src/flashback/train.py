@@ -455,8 +455,7 @@ def train(
     result = TrainResult(step, tokens_seen, target_tokens, seconds, val_before, _last_val(history), history)
     card = _card(lm, cfg, fingerprint, data_dir, manifest, result)
     with atomic_folder(out, ADAPTER_FOLDER) as tmp:
-        model.save_pretrained(tmp, save_embedding_layers=False)
-        (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
+        _save_adapter(model, tmp, card)
     shutil.rmtree(ckpt, ignore_errors=True)
     lm.model = model
     return result
@@ -565,6 +564,14 @@ def _card(lm: LoadedModel, cfg: TrainConfig, fingerprint: str, data_dir, manifes
     }
 
 
+def _save_adapter(model, folder: Path, card: dict) -> None:
+    """PEFT's files without the embedding matrix, and our card instead of PEFT's generated model card
+    (a template that names local paths and says nothing about the layout)."""
+    model.save_pretrained(folder, save_embedding_layers=False)
+    (folder / "README.md").unlink(missing_ok=True)
+    (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
+
+
 def _save_checkpoint(
     ckpt: Path, model, optimizer, scheduler, step, tokens_seen, target_tokens, history, elapsed, val_before, card
 ) -> None:
@@ -573,8 +580,7 @@ def _save_checkpoint(
 
     with atomic_folder(ckpt, CHECKPOINT_FOLDER) as tmp:
         (tmp / "checkpoint.json").write_text(json.dumps({"format": CHECKPOINT_FOLDER.format, "step": step}) + "\n")
-        model.save_pretrained(tmp / "adapter", save_embedding_layers=False)
-        (tmp / "adapter" / CARD).write_text(json.dumps(card, indent=2) + "\n")
+        _save_adapter(model, tmp / "adapter", card)
         torch.save(
             {
                 "adapter": get_peft_model_state_dict(model, save_embedding_layers=False),
