@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from flashback.bench import BenchConfig, flops, format_table, run_bench
+from flashback.bench import BenchConfig, FullRetriever, flops, format_table, run_bench
 from flashback.cli import main
 from flashback.errors import FlashbackError
+from flashback.retrieval import Index
 
 
 def test_flop_model_matches_the_formula(tiny_lm):
@@ -38,6 +39,21 @@ def test_bench_rows_and_flop_limits(tiny_lm, tail):
     assert long["step_flop_limit"] > (4 if tail == 0 else 3)
     assert all(r["append_step_tokens"] == 8 + tail + 16 + 2 for r in result["rows"])  # stride + tail + passage
     assert "| 256 |" in format_table(result)
+
+
+def test_bench_retrieval_steps_always_carry_k_passages(tiny_lm, tiny_index_dir):
+    """A query that matches nothing would make an append step a bare 16-token extend (a real bench run once
+    reported a 38x step speedup that way): such steps get random full-length passages of the same index."""
+    index = Index.load(tiny_index_dir)
+    retriever = FullRetriever(index, seed=0)
+    assert retriever("garbage collection", 1)[0].hit.score > 0 and retriever.filled == 0
+    filled = retriever(";;; %%% ###", 2)
+    assert retriever.filled == 2 and all(len(r.token_ids) == index.chunk_tokens for r in filled)
+
+    bc = BenchConfig(context_lengths=(48,), new_tokens=24, stride=8, repeats=1, lora_overhead=False, tail=4)
+    result = run_bench(tiny_lm, bc, index)
+    assert result["rows"][0]["append_step_tokens"] == 8 + 4 + index.chunk_tokens + 2
+    assert result["filled_passages"] >= 0 and "passages: index" in format_table(result)
 
 
 def test_bench_rejects_contexts_beyond_the_model(tiny_lm):
