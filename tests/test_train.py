@@ -13,7 +13,17 @@ from flashback.cli import main
 from flashback.data import FORMAT, Example, Segment, layout, load_segments
 from flashback.errors import FlashbackError
 from flashback.model import load_model, tokenizer_fingerprint
-from flashback.train import TrainConfig, add_adapter, collate, evaluate_loss, pack, target_loss, target_nll, train
+from flashback.train import (
+    TrainConfig,
+    add_adapter,
+    collate,
+    evaluate_loss,
+    lora_targets,
+    pack,
+    target_loss,
+    target_nll,
+    train,
+)
 
 TOY_CFG = dict(
     target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -100,6 +110,22 @@ def test_layout_with_tail_moves_the_passage_before_the_last_context_tokens():
     assert layout([1, 2], [[7]], [9], "append", (90, 91), tail=5)[0] == [90, 7, 91, 1, 2, 9]
     assert layout([1, 2], [[7]], [9], "append", None, tail=0)[0] == [1, 2, 7, 9]
     assert layout([1, 2], [[7]], [9], "prepend", None, tail=1)[0] == [7, 1, 2, 9]
+
+
+def test_default_lora_targets_are_every_linear_layer_but_the_output_head(fresh_lm):
+    """The ablations' best (README): LoRA on all linear layers; the card gets the names, not "all-linear"."""
+    assert lora_targets(fresh_lm.model, TrainConfig().target_modules) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
+    assert lora_targets(fresh_lm.model, ("q_proj", "v_proj")) == ["q_proj", "v_proj"]
+    with pytest.raises(FlashbackError, match="not found"):
+        lora_targets(fresh_lm.model, ("q_proj", "nope"))
 
 
 def test_loss_covers_target_tokens_only_and_excludes_markers(fresh_lm):

@@ -548,7 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=int, default=32)
     p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated linear layer names")
+    p.add_argument(
+        "--target-modules",
+        default="all-linear",
+        help="comma-separated linear layer names, or all-linear (every one but the output head; the default)",
+    )
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--marker-lr", type=float, default=None, help="learning rate of the marker rows (default: --lr)")
     p.add_argument(

@@ -21,7 +21,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,7 +45,7 @@ class TrainConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = ("all-linear",)  # every linear layer but the output head: the ablations' best
     lr: float = 3e-4
     marker_lr: float | None = None  # learning rate of the two marker rows (default: lr)
     early_weight: float = 1.0  # loss weight of the first `early_tokens` target tokens (resuming the text)
@@ -258,13 +258,23 @@ def embedding_module_name(model) -> str:
     raise FlashbackError("cannot find the model's input embedding module")
 
 
+def lora_targets(model, requested: Sequence[str]) -> list[str]:
+    """Linear layer names to adapt; "all-linear" is every linear layer but the output head, resolved to names
+    so that the card says what was trained."""
+    linear = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if list(requested) == ["all-linear"]:
+        head = model.get_output_embeddings()
+        return sorted(name for name, m in linear.items() if m is not head)
+    missing = [t for t in requested if t not in linear]
+    if missing:
+        raise FlashbackError(f"target modules {missing} not found; this model's linear layers: {sorted(linear)}")
+    return list(requested)
+
+
 def add_adapter(lm: LoadedModel, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
-    names = {n.rsplit(".", 1)[-1] for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = [t for t in cfg.target_modules if t not in names]
-    if missing:
-        raise FlashbackError(f"target modules {missing} not found; this model's linear layers: {sorted(names)}")
+    targets = lora_targets(lm.model, cfg.target_modules)
     trainable_tokens = None
     if cfg.markers:
         if lm.marker_ids is None:
@@ -274,7 +284,7 @@ def add_adapter(lm: LoadedModel, cfg: TrainConfig):
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=targets,
         trainable_token_indices=trainable_tokens,
         task_type="CAUSAL_LM",
     )
@@ -359,6 +369,7 @@ def train(
     val_set = training_units(spread(val_segments, cfg.max_val_segments), cfg)
     out = Path(out).expanduser()
     torch.manual_seed(cfg.seed)
+    cfg = replace(cfg, target_modules=tuple(lora_targets(lm.model, cfg.target_modules)))  # the card names them
     model = add_adapter(lm, cfg)
     model.train()
     device = lm.device
