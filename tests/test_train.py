@@ -115,13 +115,13 @@ def test_layout_with_tail_moves_the_passage_before_the_last_context_tokens():
 def test_default_lora_targets_are_every_linear_layer_but_the_output_head(fresh_lm):
     """The ablations' best (README): LoRA on all linear layers; the card gets the names, not "all-linear"."""
     assert lora_targets(fresh_lm.model, TrainConfig().target_modules) == [
-        "down_proj",
-        "gate_proj",
-        "k_proj",
-        "o_proj",
         "q_proj",
-        "up_proj",
+        "k_proj",
         "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     ]
     assert lora_targets(fresh_lm.model, ("q_proj", "v_proj")) == ["q_proj", "v_proj"]
     with pytest.raises(FlashbackError, match="not found"):

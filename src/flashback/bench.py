@@ -23,6 +23,7 @@ from flashback.errors import FlashbackError
 from flashback.generate import GenerationConfig, IndexRetriever, Retrieved, generate
 from flashback.model import LoadedModel
 from flashback.retrieval import Hit, Index
+from flashback.train import lora_targets
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,7 @@ class BenchConfig:
     markers: bool = True
     tail: int = DEFAULT_TAIL  # append: context tokens re-encoded after the passage at each retrieval
     lora_overhead: bool = True  # also time an unmerged LoRA adapter vs merged weights
-    # the shipped adapter's LoRA targets (all linear layers of a Llama block)
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_targets: tuple[str, ...] = ("all-linear",)  # as `train --target-modules`; the shipped adapter's
     seed: int = 0
 
 
@@ -267,8 +267,7 @@ def lora_overhead(lm: LoadedModel, bc: BenchConfig, retriever, progress) -> dict
         stop_at_eos=False,
     )
     base = lm.model
-    names = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-    targets = [t for t in bc.lora_targets if t in names] or ["q_proj", "v_proj"]
+    targets = lora_targets(base, bc.lora_targets)
     peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
     peft_model.eval()
     try:

@@ -259,12 +259,12 @@ def embedding_module_name(model) -> str:
 
 
 def lora_targets(model, requested: Sequence[str]) -> list[str]:
-    """Linear layer names to adapt; "all-linear" is every linear layer but the output head, resolved to names
-    so that the card says what was trained."""
+    """Linear layer names to adapt, in the model's order; "all-linear" is every linear layer but the output head,
+    resolved to names so that the card says what was trained."""
     linear = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     if list(requested) == ["all-linear"]:
         head = model.get_output_embeddings()
-        return sorted(name for name, m in linear.items() if m is not head)
+        return [name for name, m in linear.items() if m is not head]
     missing = [t for t in requested if t not in linear]
     if missing:
         raise FlashbackError(f"target modules {missing} not found; this model's linear layers: {sorted(linear)}")
