@@ -324,6 +324,10 @@ def test_bad_training_input(
     )
     assert code == 2 and "not a prepared data folder" in capsys.readouterr().err
 
+    base_args = ["train", "--model", str(tiny_model_dir), "--data", str(empty), "--out", str(tmp_path / "a")]
+    code = main([*base_args, "--position", "prepend", "--no-markers", "--tail", "5"])
+    assert code == 2 and "--tail only makes sense" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
 
 def test_adapter_for_another_base_is_rejected(
     capsys, tiny_model_dir, other_tokenizer_model_dir, tiny_index_dir, fresh_lm, tmp_path

@@ -274,6 +274,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from flashback.model import load_model
     from flashback.train import TrainConfig, train
 
+    if args.tail and args.position != "append":
+        raise FlashbackError("--tail only makes sense with --position append")
     cfg = TrainConfig(
         position=args.position,
         markers=args.markers,
