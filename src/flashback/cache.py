@@ -71,12 +71,60 @@ class GrowableLayer(DynamicLayer):
         super().reset()
 
 
-def new_cache(config) -> DynamicCache:
-    """A DynamicCache whose full-attention layers are GrowableLayers."""
+class FixedLayer(GrowableLayer):
+    """A GrowableLayer with one fixed-size buffer, which the compiled decode step can also write.
+
+    Extends (eager) behave exactly as in GrowableLayer: filled-part views, causal attention over them.
+    During a decode step (`static` set by KVCache) the layer works like transformers' StaticLayer: the
+    token goes in at the tensor `position` and attention sees the whole buffer, masked past the filled
+    length, so the step's shapes never change and one compiled graph serves every step. Rollback
+    stays a length change; stale entries past the length are masked out.
+    """
+
+    is_compileable = True
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.static = False
+        self.position = torch.zeros((), dtype=torch.long)
+
+    def _reserve(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        if needed > self.capacity:
+            raise FlashbackError(f"the KV cache holds {self.capacity} tokens; {needed} were asked for")
+        if self._k is None:
+            self._k = like_k.new_zeros((*like_k.shape[:-2], self.capacity, like_k.shape[-1]))
+            self._v = like_v.new_zeros((*like_v.shape[:-2], self.capacity, like_v.shape[-1]))
+            self.position = self.position.to(like_k.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.static:
+            return super().update(key_states, value_states, *args, **kwargs)
+        index = self.position.reshape(1)
+        self._k.index_copy_(2, index, key_states)
+        self._v.index_copy_(2, index, value_states)
+        return self._k, self._v
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.static:
+            return self._k.shape[-2], 0
+        return super().get_mask_sizes(query_length)
+
+    def get_seq_length(self):
+        return self.position if self.static else super().get_seq_length()
+
+    def reset(self) -> None:
+        super().reset()
+        self.static = False
+
+
+def new_cache(config, capacity: int | None = None) -> DynamicCache:
+    """A DynamicCache whose full-attention layers are GrowableLayers (FixedLayers given a capacity)."""
     cache = DynamicCache(config=config)
     if any(layer.is_sliding for layer in cache.layers):
         raise FlashbackError("sliding-window attention models are not supported: their cache cannot be rolled back")
-    cache.layers = [GrowableLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    make = GrowableLayer if capacity is None else (lambda: FixedLayer(capacity))
+    cache.layers = [make() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
@@ -99,10 +147,26 @@ class Forward:
 
 
 class KVCache:
-    def __init__(self, model: torch.nn.Module, device: torch.device | str | None = None):
+    """Extend, rollback, reset over one sequence's cache.
+
+    With a `decoder` (decode.Decoder), single tokens go through it instead of the eager model; its
+    fixed-shape step needs the cache preallocated, so `capacity` (tokens) is then required.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device | str | None = None,
+        capacity: int | None = None,
+        decoder=None,
+    ):
+        if decoder is not None and capacity is None:
+            raise ValueError("a decoder needs a fixed cache capacity")
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.cache = new_cache(model.config)
+        self.capacity = capacity
+        self.decoder = decoder
+        self.cache = new_cache(model.config, capacity)
         self.forwards: list[Forward] = []
 
     def __len__(self) -> int:
@@ -116,16 +180,36 @@ class KVCache:
             raise ValueError("extend() needs at least one token")
         before = len(self)
         start = time.perf_counter()
-        out = self.model(
-            input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1
-        )
-        logits = out.logits[0].float()  # (T, V) or (1, V)
+        if self.decoder is not None and ids.shape[1] == 1 and before > 0:
+            logits = self._decode(int(ids[0, 0]), before)[None]
+        else:
+            out = self.model(
+                input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1
+            )
+            logits = out.logits[0].float()  # (T, V) or (1, V)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         n = ids.shape[1]
         kind = "prefill" if before == 0 else ("decode" if n == 1 else "extend")
         self.forwards.append(Forward(kind, n, len(self), time.perf_counter() - start))
         return logits if all_logits else logits[-1]
+
+    def _decode(self, token: int, length: int) -> torch.Tensor:
+        layers = self.cache.layers
+        if length + 1 > self.capacity:
+            raise FlashbackError(f"the KV cache holds {self.capacity} tokens; {length + 1} were asked for")
+        for layer in layers:
+            layer.static = True
+            layer.position.fill_(length)
+        try:
+            logits = self.decoder(self.cache, token, length, self.device)
+        finally:
+            for layer in layers:
+                layer.static = False
+        for layer in layers:  # the decoder wrote position `length`; the filled part grows by one
+            layer._len = length + 1
+            layer.keys, layer.values = layer._k[..., : length + 1, :], layer._v[..., : length + 1, :]
+        return logits
 
     def rollback(self, length: int) -> None:
         """Drop everything after the first `length` cached tokens."""
@@ -136,7 +220,7 @@ class KVCache:
             self.cache.crop(-drop)
 
     def reset(self) -> None:
-        self.cache = new_cache(self.model.config)
+        self.cache = new_cache(self.model.config, self.capacity)
 
     def key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (keys, values), each (B, heads, T, head_dim); for checks and tests."""

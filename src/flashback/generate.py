@@ -251,7 +251,12 @@ def _loop(
     observe: Callable[[int, torch.Tensor], None] | None,
 ) -> Iterator[int]:
     retrieving = cfg.mode != "none"
-    cache = KVCache(lm.model, lm.device)
+    decoder = lm.decoder(cfg.mode)
+    capacity = None
+    if decoder is not None:  # the compiled step needs fixed-shape buffers: room for the whole generation
+        reserve = (cfg.k * retriever.max_passage_tokens + 2 * use_markers) if retrieving else 0
+        capacity = -(-(len(prompt) + reserve + max_new) // 256) * 256  # rounded, so shapes repeat
+    cache = KVCache(lm.model, lm.device, capacity, decoder)
     trace.forwards = cache.forwards
     banned = torch.tensor(lm.marker_ids if lm.marker_ids else [], dtype=torch.long, device=lm.device)
     generator = None

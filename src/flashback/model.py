@@ -38,7 +38,21 @@ class LoadedModel:
     device: torch.device
     marker_ids: tuple[int, int] | None = None
     adapters: dict[str, str] = field(default_factory=dict)  # mode -> adapter folder (peft adapter name = mode)
+    compile: bool = False  # decode steps through a torch.compile'd step (decode.py)
+    quantize: str | None = None  # decode weights: None (as loaded) or "int8"
     _active: str | None = field(default=None, repr=False)
+    _decoders: dict = field(default_factory=dict, repr=False)
+
+    def decoder(self, mode: str | None):
+        """The decode step for `mode` (its adapter merged), or None when decoding stays on the eager model."""
+        if not (self.compile or self.quantize):
+            return None
+        adapter = mode if mode in self.adapters else None
+        if adapter not in self._decoders:
+            from flashback.decode import Decoder
+
+            self._decoders[adapter] = Decoder(self.model, adapter, self.quantize, self.compile)
+        return self._decoders[adapter]
 
     @property
     def adapter(self) -> str | None:
@@ -218,6 +232,8 @@ def load_model(
     markers: bool = False,
     adapter: str | None = None,
     adapters: dict[str, str] | None = None,
+    compile: bool = False,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load model + tokenizer; add marking tokens when asked or when an adapter needs them.
 
@@ -228,6 +244,9 @@ def load_model(
 
     if dtype not in _DTYPES:
         raise FlashbackError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    from flashback.decode import check_options
+
+    check_options(quantize)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FlashbackError("--device cuda was asked for but no CUDA device is available")
     path = resolve_model_path(name)
@@ -254,6 +273,8 @@ def load_model(
         device=torch.device(device),
         marker_ids=marker_ids,
         adapters=plan,
+        compile=compile,
+        quantize=quantize,
     )
     lm._active = next(iter(plan), None)  # PeftModel activates the first adapter it loads
     return lm
