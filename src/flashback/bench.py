@@ -104,6 +104,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 10) -> float:
+    """Bytes per second of a large tensor copy (read + write counted), median of `repeats`."""
+    src = torch.ones(megabytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * src.element_size() / statistics.median(times)
+
+
+def decode_bytes(lm: LoadedModel, mode: str) -> tuple[int, int]:
+    """(weight bytes, KV bytes per cached token) one decode step reads.
+
+    Weights: every linear layer (the decode step's own, int8 with --quantize) and one embedding row;
+    the tied output matrix counts once, as the output layer.
+    """
+    decoder = lm.decoder(mode)
+    if decoder is not None:
+        weights = decoder.weight_bytes()
+    else:
+        linears = {id(m.weight): m.weight for m in lm.model.modules() if isinstance(m, torch.nn.Linear)}
+        emb = lm.model.get_input_embeddings().weight
+        weights = sum(w.numel() * w.element_size() for w in linears.values()) + emb.shape[1] * emb.element_size()
+    cfg = lm.model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype_bytes = next(lm.model.parameters()).element_size()
+    return weights, 2 * cfg.num_hidden_layers * heads * head_dim * dtype_bytes
+
+
 def context_tokens(lm: LoadedModel, length: int, index: Index | None, seed: int) -> list[int]:
     """Real text (consecutive index passages) when an index is given, else random tokens."""
     if index is not None:
@@ -127,6 +162,9 @@ def _run(lm, context, retriever, cfg: GenerationConfig) -> dict:
     if any(r.get("skipped") for r in trace.retrievals):
         raise FlashbackError("a benchmark retrieval step went without passages: its timing would not be a step")
     multi = [f for f in trace.forwards if f.kind != "decode"]
+    decodes = [f for f in trace.forwards if f.kind == "decode"]
+    # KV tokens a decode step reads: the filled cache (eager), or the whole fixed buffer, masked (Decoder)
+    kv_read = trace.cache_capacity or statistics.mean(f.cache_len - 1 for f in decodes)
     # Forwards before the first token: the context prefill (+ the first passage in append mode).
     first = multi[:2] if cfg.mode == "append" else multi[:1]
     first_s = sum(f.seconds for f in first) + trace.retrieval_s / max(1, len(trace.retrievals))
@@ -134,6 +172,7 @@ def _run(lm, context, retriever, cfg: GenerationConfig) -> dict:
         "wall_s": wall,
         **trace.timings(),
         "retrievals": len(trace.retrievals),
+        "kv_tokens_read": kv_read,
         "retrieval_records": trace.retrievals,
         # retrieval steps after the first: the first one includes the context prefill in both modes
         "step_s": [f.seconds for f in multi[len(first) :]],
@@ -159,6 +198,17 @@ def bare_extend_seconds(lm: LoadedModel, context: list[int], n: int, repeats: in
     return statistics.median(times)
 
 
+def decode_bound(lm: LoadedModel, mode: str, kv_tokens: float, bandwidth: float) -> dict:
+    """Bandwidth bound of one decode step: the bytes it must read over the measured copy bandwidth."""
+    weights, per_token = decode_bytes(lm, mode)
+    return {
+        "weight_mb": weights / 1e6,
+        "kv_mb": per_token * kv_tokens / 1e6,
+        "weights_bound_ms": 1000 * weights / bandwidth,
+        "bound_ms": 1000 * (weights + per_token * kv_tokens) / bandwidth,
+    }
+
+
 def _summary(values: Sequence[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -173,6 +223,8 @@ def run_bench(
     )
     passage = retriever.max_passage_tokens
     markers = bc.markers and lm.marker_ids is not None
+    progress("measuring memory-copy bandwidth")
+    bandwidth = copy_bandwidth(lm.device)
     rows = []
     for length in bc.context_lengths:
         if length + bc.new_tokens + bc.k * passage + 2 > lm.max_positions:
@@ -214,6 +266,8 @@ def run_bench(
                 "decode_ms_per_token": 1000
                 * statistics.median(x["decode_s"] for x in rs)
                 / (bc.new_tokens - rs[0]["retrievals"]),
+                "decode_share": statistics.median(x["decode_s"] / x["wall_s"] for x in rs),
+                **decode_bound(lm, mode, rs[0]["kv_tokens_read"], bandwidth),
                 "flops": rs[0]["flops"],
                 "after_first_s": statistics.median(x["after_first_s"] for x in rs),
                 "after_first_flops": rs[0]["after_first_flops"],
@@ -228,6 +282,8 @@ def run_bench(
         row["append_step_tokens"] = statistics.median(
             r["computed_tokens"] for r in runs["append"][0]["retrieval_records"][1:]
         )
+        for mode in ("append", "prepend"):
+            row[mode]["decode_over_bound"] = row[mode]["decode_ms_per_token"] / row[mode]["bound_ms"]
         row["bare_extend_s"] = bare
         row["append_step_over_bare"] = a["retrieval_step_s"] / bare
         rows.append(row)
@@ -238,6 +294,10 @@ def run_bench(
         "dtype": str(next(lm.model.parameters()).dtype),
         "threads": torch.get_num_threads(),
         "passages": "index" if index is not None else "random tokens",
+        "compile": lm.compile,
+        "quantize": lm.quantize,
+        "compile_s": sum(d.compile_s for d in lm._decoders.values()),
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
         "config": bc.__dict__,
         "rows": rows,
     }
@@ -306,16 +366,31 @@ def format_table(result: dict) -> str:
     lines += [
         "",
         "| L | retrieval step append s | retrieval step prepend s | step speedup | step FLOP limit | "
-        "append step / bare forward | append tokens/step | decode ms/token (append) |",
-        "|" + "---|" * 8,
+        "append step / bare forward | append tokens/step |",
+        "|" + "---|" * 7,
     ]
     for r in result["rows"]:
         a, p = r["append"], r["prepend"]
         lines.append(
             f"| {r['context_length']} | {a['retrieval_step_s']:.3f} | {p['retrieval_step_s']:.3f} | "
             f"{r['step_speedup']:.2f}x | {r['step_flop_limit']:.2f}x | {r['append_step_over_bare']:.2f} | "
-            f"{r['append_step_tokens']:.0f} | {a['decode_ms_per_token']:.1f} |"
+            f"{r['append_step_tokens']:.0f} |"
         )
+    lines += [
+        "",
+        "| L | mode | decode ms/token | bound ms (weights + KV) | / bound | weights-only bound ms | / weights bound "
+        "| weights MB | KV MB | decode share of time |",
+        "|" + "---|" * 10,
+    ]
+    for r in result["rows"]:
+        for mode in ("append", "prepend"):
+            x = r[mode]
+            lines.append(
+                f"| {r['context_length']} | {mode} | {x['decode_ms_per_token']:.1f} | {x['bound_ms']:.1f} | "
+                f"{x['decode_over_bound']:.2f}x | {x['weights_bound_ms']:.1f} | "
+                f"{x['decode_ms_per_token'] / x['weights_bound_ms']:.2f}x | {x['weight_mb']:.0f} | {x['kv_mb']:.0f} | "
+                f"{100 * x['decode_share']:.0f}% |"
+            )
     lines.append("")
     lines.append("| L | mode | retrieval s | prefill s | extend s | decode s | tokens/s |")
     lines.append("|---|---|---|---|---|---|---|")
@@ -339,9 +414,14 @@ def format_table(result: dict) -> str:
         if "filled_passages" in result
         else ""
     )
+    decode = "compiled" if result.get("compile") else "eager"
+    if result.get("quantize"):
+        decode += f", {result['quantize']} weights"
     lines.append(
         f"peak RSS {result['peak_rss_mb']:.0f} MB; passages: {result['passages']}{filled}; "
-        f"{result['threads']} threads; {result['device']} {result['dtype']}"
+        f"{result['threads']} threads; {result['device']} {result['dtype']}; decode {decode}"
+        + (f" (compiling took {result['compile_s']:.1f} s, not in the times above)" if result.get("compile") else "")
+        + f"; memory copy {result.get('copy_bandwidth_gb_s', float('nan')):.1f} GB/s"
     )
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -165,6 +165,15 @@ def _passage_sets(r: Retrieval, cfg: EvalConfig) -> list[list[list[int]]]:
     return [[p] for p in r.passages] if cfg.ensemble and r.passages else [r.passages]
 
 
+def _scoring_model(lm: LoadedModel, spec: ModeSpec) -> LoadedModel:
+    """The model as loaded, or with --quantize its decode weights (adapter merged) for every forward:
+    what the quantization costs in perplexity."""
+    if not lm.quantize:
+        return lm
+    decoder = lm.decoder(spec.position if spec.adapter else None)
+    return replace(lm, model=decoder.model, adapters={}, compile=False, quantize=None)
+
+
 @torch.inference_mode()
 def score_slow(
     lm: LoadedModel, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned
@@ -283,7 +292,7 @@ def evaluate(
         lm.activate(spec.position if spec.adapter else None)
         start = time.perf_counter()
         scorer = score_fast if fast else score_slow
-        nlls = torch.cat(scorer(lm, spec, docs, targets, retrievals, cfg, banned))
+        nlls = torch.cat(scorer(_scoring_model(lm, spec), spec, docs, targets, retrievals, cfg, banned))
         seconds = time.perf_counter() - start
         nll = float(nlls.mean())
         results.append(

@@ -98,6 +98,7 @@ class Trace:
     prompt_tokens: int = 0
     dropped_prompt_tokens: int = 0
     max_new_tokens: int = 0  # after fitting the model's positions (may be lower than asked)
+    cache_capacity: int | None = None  # fixed KV buffer size when decoding through decode.Decoder
     retrievals: list[dict] = field(default_factory=list)
     forwards: list = field(default_factory=list)
     retrieval_s: float = 0.0
@@ -120,6 +121,7 @@ class Trace:
             "prompt_tokens": self.prompt_tokens,
             "dropped_prompt_tokens": self.dropped_prompt_tokens,
             "max_new_tokens": self.max_new_tokens,
+            "cache_capacity": self.cache_capacity,
             "retrievals": self.retrievals,
             "forwards": [f.to_json() for f in self.forwards],
             "timings": {k: round(v, 6) for k, v in self.timings().items()},
@@ -257,6 +259,7 @@ def _loop(
         reserve = (cfg.k * retriever.max_passage_tokens + 2 * use_markers) if retrieving else 0
         capacity = -(-(len(prompt) + reserve + max_new) // 256) * 256  # rounded, so shapes repeat
     cache = KVCache(lm.model, lm.device, capacity, decoder)
+    trace.cache_capacity = capacity
     trace.forwards = cache.forwards
     banned = torch.tensor(lm.marker_ids if lm.marker_ids else [], dtype=torch.long, device=lm.device)
     generator = None
