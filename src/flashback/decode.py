@@ -129,7 +129,10 @@ class Decoder:
         self.quantize = quantize
         self.compiled = compile
         self.compile_s = 0.0
-        self._step = torch.compile(self._forward, dynamic=None) if compile else self._forward
+        # Static shapes: one graph per cache capacity (generate rounds it up to 512 tokens). Dynamic shapes would
+        # serve every capacity with one graph, but Inductor's CPU code generation for them takes many minutes.
+        self._step = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
     def _forward(self, input_ids, position_ids, cache):
         return self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True).logits

@@ -257,7 +257,7 @@ def _loop(
     capacity = None
     if decoder is not None:  # the compiled step needs fixed-shape buffers: room for the whole generation
         reserve = (cfg.k * retriever.max_passage_tokens + 2 * use_markers) if retrieving else 0
-        capacity = -(-(len(prompt) + reserve + max_new) // 256) * 256  # rounded, so shapes repeat
+        capacity = -(-(len(prompt) + reserve + max_new) // 512) * 512  # rounded: one compiled graph per size
     cache = KVCache(lm.model, lm.device, capacity, decoder)
     trace.cache_capacity = capacity
     trace.forwards = cache.forwards

@@ -1,0 +1,124 @@
+"""The decode step (decode.py) on fixed-shape buffers: same cache, same logits, same greedy tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flashback.bench import BenchConfig, run_bench
+from flashback.cache import KVCache
+from flashback.cli import main
+from flashback.decode import Decoder, DecodeLinear
+from flashback.errors import FlashbackError
+from flashback.generate import GenerationConfig, IndexRetriever, generate
+from flashback.model import load_model
+from flashback.retrieval import Index
+
+from .test_cache import assert_same_cache, full_logits, plain_cache
+
+PROMPT = "Garbage collection frees memory. A lambda expression creates a function and a socket binds to a port"
+
+
+def random_ids(lm, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, len(lm.tokenizer) - 2, (n,), generator=g).tolist()
+
+
+def decode_all(cache: KVCache, tokens: list[int]) -> torch.Tensor:
+    return torch.stack([cache.extend([t]) for t in tokens])
+
+
+def test_fixed_buffers_keep_the_rollback_invariant(tiny_lm):
+    """Prefill, decode through the Decoder, append a passage, roll back: the context's plain cache."""
+    context, new, passage = random_ids(tiny_lm, 30, 1), random_ids(tiny_lm, 6, 2), random_ids(tiny_lm, 12, 3)
+    decoder = Decoder(tiny_lm.model, None, None, compile=False)
+    cache = KVCache(tiny_lm.model, capacity=64, decoder=decoder)
+    cache.extend(context)
+    decode_all(cache, new)
+    assert len(cache) == len(context) + len(new)
+    assert_same_cache(cache, plain_cache(tiny_lm.model, context + new), atol=1e-5)
+    cache.extend(passage)
+    cache.rollback(len(context))
+    assert_same_cache(cache, plain_cache(tiny_lm.model, context))  # bit-identical: nothing before was touched
+    with pytest.raises(FlashbackError, match="holds 64 tokens"):
+        cache.extend(random_ids(tiny_lm, 40, 4))
+
+
+def test_decoder_logits_equal_a_full_recomputation(tiny_lm):
+    context, new = random_ids(tiny_lm, 25, 5), random_ids(tiny_lm, 8, 6)
+    cache = KVCache(tiny_lm.model, capacity=40, decoder=Decoder(tiny_lm.model, None, None, compile=False))
+    cache.extend(context)
+    got = decode_all(cache, new)
+    want = full_logits(tiny_lm.model, context + new)[len(context) - 1 + 1 : len(context) + len(new)]
+    torch.testing.assert_close(got[:-1], want[: len(new) - 1], atol=1e-4, rtol=0)
+    assert [f.kind for f in cache.forwards] == ["prefill"] + ["decode"] * len(new)
+
+
+def test_decoder_merges_the_adapter_of_its_mode(tiny_model_dir, adapter_dir):
+    lm = load_model(str(tiny_model_dir), adapter=str(adapter_dir), quantize="int8")
+    ids = random_ids(lm, 20, 7)
+    lm.activate("append")
+    with_adapter = full_logits(lm.model, ids)
+    lm.activate(None)
+    without = full_logits(lm.model, ids)
+    assert (with_adapter - without).abs().max() > 0.1  # the adapter matters
+    fp32 = Decoder(lm.model, "append", None, compile=False)
+    torch.testing.assert_close(full_logits(fp32.model, ids), with_adapter, atol=1e-4, rtol=0)
+    torch.testing.assert_close(full_logits(Decoder(lm.model, None, None, False).model, ids), without, atol=1e-4, rtol=0)
+    # int8 weights: a quarter of the bytes, logits close to the merged fp32 ones
+    int8 = lm.decoder("append")
+    assert int8 is lm.decoder("append") and lm.decoder("none") is not int8
+    linears = [m for m in int8.model.modules() if isinstance(m, DecodeLinear)]
+    assert linears and all(m.weight.dtype == torch.int8 for m in linears)
+    assert int8.weight_bytes() < 0.3 * fp32.weight_bytes()
+    err = (full_logits(int8.model, ids) - with_adapter).abs().max()
+    assert 0 < err < 0.05 * with_adapter.abs().max()
+
+
+def test_compiled_decode_gives_the_eager_greedy_tokens(tiny_model_dir, tiny_index_dir, adapter_dir):
+    """One compiled graph per cache capacity serves every mode."""
+    index = IndexRetriever(Index.load(tiny_index_dir))
+    eager = load_model(str(tiny_model_dir), adapter=str(adapter_dir))
+    compiled = load_model(str(tiny_model_dir), adapter=str(adapter_dir), compile=True)
+    prompt = eager.tokenizer(PROMPT)["input_ids"]
+    for mode in ("append", "prepend", "none"):
+        cfg = GenerationConfig(mode=mode, stride=6, max_new_tokens=20, tail=3, stop_at_eos=False)
+        want = generate(eager, prompt, index, cfg)
+        got = generate(compiled, prompt, index, cfg)
+        assert got.token_ids == want.token_ids, mode
+        assert [f.kind for f in got.trace.forwards] == [f.kind for f in want.trace.forwards]
+        assert got.trace.cache_capacity % 512 == 0 and want.trace.cache_capacity is None
+    assert compiled.decoder("append").compile_s > 0
+
+
+def test_quantize_is_checked_and_reaches_eval(capsys, tiny_model_dir, tiny_index_dir, corpus_file, tmp_path):
+    with pytest.raises(FlashbackError, match="int4"):
+        load_model(str(tiny_model_dir), quantize="int4")
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(tiny_model_dir), "--quantize", "int4", "hello"])
+    capsys.readouterr()
+    results = {}
+    for quantize in ([], ["--quantize", "int8"]):
+        out = tmp_path / f"eval{len(quantize)}.json"
+        args = ["eval", str(corpus_file), "--model", str(tiny_model_dir), "--index", str(tiny_index_dir)]
+        assert main([*args, "--modes", "none,prepend", "--json", str(out), *quantize]) == 0
+        results[bool(quantize)] = json.loads(out.read_text())
+    assert results[True]["quantize"] == "int8" and results[False]["quantize"] is None
+    for plain, int8 in zip(results[False]["results"], results[True]["results"], strict=True):
+        assert plain["tokens"] == int8["tokens"]
+        assert plain["perplexity"] != int8["perplexity"]
+        assert abs(int8["perplexity"] / plain["perplexity"] - 1) < 0.05
+
+
+def test_bench_reports_decode_against_its_bandwidth_bound(tiny_lm):
+    bc = BenchConfig(context_lengths=(64,), new_tokens=16, stride=8, passage_tokens=16, repeats=1, lora_overhead=False)
+    result = run_bench(tiny_lm, bc)
+    assert result["copy_bandwidth_gb_s"] > 0.1 and result["compile"] is False
+    row = result["rows"][0]
+    for mode in ("append", "prepend"):
+        x = row[mode]
+        assert x["bound_ms"] > x["weights_bound_ms"] > 0 and x["kv_mb"] > 0
+        assert x["decode_over_bound"] == pytest.approx(x["decode_ms_per_token"] / x["bound_ms"])
+        assert 0 < x["decode_share"] < 1
