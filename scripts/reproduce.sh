@@ -9,6 +9,9 @@
 #   eval       perplexity on the held-out Python pages and the Jargon File (~25 min)
 #   eval-prepend  the prepend adapter on the same tokens (~6 min)
 #   bench      append vs prepend speed on the default index (~25 min; BENCH_LENGTHS=2048 for one length)
+#   decode     the compiled decode step at L=2048,4096, then the eager one at 2048, then one 128-token
+#              generation with and without --compile, compile time included (~25 min)
+#   eval-int8  the perplexity cost of --quantize int8 on the held-out Python pages (~10 min)
 # Usage: bash scripts/reproduce.sh [STEP|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,4 +68,17 @@ if run bench; then  # the default index (built on first use): real text for cont
   INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
   flashback bench --index "$INDEX" --context-lengths "${BENCH_LENGTHS:-512,1024,2048,4096}" --repeats 3 \
     --json "$RUNS/bench.json" --plot docs/bench.png
+fi
+if run decode; then
+  INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
+  flashback bench --index "$INDEX" --context-lengths 2048,4096 --repeats 3 --no-lora --compile \
+    --json "$RUNS/bench-compile.json"
+  flashback bench --index "$INDEX" --context-lengths 2048 --repeats 3 --no-lora --json "$RUNS/bench-eager.json"
+  python3 scripts/compile_default.py --json "$RUNS/compile-default.json"
+fi
+if run eval-int8; then
+  for q in "" "--quantize int8"; do  # same tokens, same adapter; int8 = the decode step's weights
+    flashback eval "${EVAL_PY[@]}" --modes append+markers+adapter --adapter "$SHIPPED" $q \
+      --json "$RUNS/eval-python-int8${q:+-on}.json"
+  done
 fi

@@ -158,16 +158,21 @@ class FlashBack:
         dtype: str = "float32",
         tail: int | None = None,
         max_passage_tokens: int = 128,
+        compile: bool = False,
+        quantize: str | None = None,
     ) -> FlashBack:
         """Load everything the CLI would: `adapter="auto"` takes the adapters shipped for the default model
         (one per mode, never applied to another mode), None none, a folder (or several) exactly those.
-        `retriever` replaces the BM25 index with your own search function (see TextRetriever)."""
+        `retriever` replaces the BM25 index with your own search function (see TextRetriever).
+        `compile` / `quantize="int8"` choose the decode step (decode.py), as the CLI's --compile / --quantize."""
         from flashback.generate import IndexRetriever
         from flashback.model import load_model, plan_adapters, tokenizer_fingerprint
 
         given = [] if adapter in (None, "auto") else [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
         plan = plan_adapters(model, [str(a) for a in given], no_default=adapter != "auto")
-        lm = load_model(model, device=device, dtype=dtype, markers=True, adapters=plan)
+        lm = load_model(
+            model, device=device, dtype=dtype, markers=True, adapters=plan, compile=compile, quantize=quantize
+        )
         if retriever is not None:
             return cls(lm, TextRetriever(retriever, lm.tokenizer, max_passage_tokens), None, tail)
         idx = load_index(index)
