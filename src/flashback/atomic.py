@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 from flashback.errors import FlashbackError
@@ -27,6 +28,7 @@ class FolderKind:
     marker: str  # the JSON file that carries "format"
     format: str  # "flashback-index/1": kind before the slash, version after
     files: frozenset[str]  # the top-level names this kind writes
+    patterns: tuple[str, ...] = ()  # and names matching these (fnmatch), e.g. weight shards
 
     @property
     def family(self) -> str:
@@ -51,7 +53,7 @@ def check_replaceable(out: Path, kind: FolderKind) -> None:
             f"{out} exists and is not a {kind.what} (its {kind.marker} does not say {kind.family}); "
             "refusing to replace it: choose another --out or remove the folder"
         )
-    foreign = sorted(names - kind.files)
+    foreign = sorted(n for n in names - kind.files if not any(fnmatch(n, p) for p in kind.patterns))
     if foreign:
         listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise FlashbackError(

@@ -450,6 +450,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---- serve ---------------------------------------------------------------------------------------
+def cmd_export(args: argparse.Namespace) -> int:
+    from flashback.export import export
+    from flashback.model import default_adapter
+
+    adapter = args.adapter or default_adapter(args.model, "append")
+    if adapter is None:
+        raise FlashbackError("--adapter DIR is needed: no adapter is shipped for this model")
+    print(f"merging {adapter} into {args.model} ...", file=sys.stderr)
+    card = export(adapter, args.out, model=args.model, dtype=args.dtype)
+    print(json.dumps({"out": str(args.out), **card}))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -675,6 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write every row to this JSON file")
     p.add_argument("--plot", help="draw time vs context length to this PNG")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="a plain model folder with the adapter and markers merged, for engines")
+    _add_model_args(p)
+    p.add_argument("--adapter", default=None, help="adapter folder (default: the one shipped for the default model)")
+    p.add_argument("--out", required=True, help="folder to write (replaced only if it is an earlier export)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP completions with FlashBack retrieval")
     _add_model_args(p)

@@ -1,0 +1,63 @@
+"""`flashback export`: the adapter and markers merged into a plain model folder that engines load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flashback.cli import main
+from flashback.errors import FlashbackError
+from flashback.export import export
+from flashback.generate import GenerationConfig, IndexRetriever, generate
+from flashback.model import MARKERS, load_model
+from flashback.retrieval import Index
+
+from .test_cache import full_logits
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, adapter_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "merged"
+    card = export(adapter_dir, out, model=str(tiny_model_dir))
+    return out, card
+
+
+def test_exported_folder_gives_the_logits_of_base_plus_adapter(tiny_model_dir, adapter_dir, exported):
+    out, card = exported
+    lm = load_model(str(tiny_model_dir), adapter=str(adapter_dir))
+    lm.activate("append")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()  # no FlashBack, no PEFT
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tuple(tokenizer.convert_tokens_to_ids(list(MARKERS))) == lm.marker_ids == tuple(card["marker_ids"])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(lm.tokenizer) - 2, (30,), generator=g).tolist()
+    ids[10:10] = [lm.marker_ids[0], *ids[:5], lm.marker_ids[1]]  # the markers' rows are trained rows too
+    torch.testing.assert_close(full_logits(plain, ids), full_logits(lm.model, ids), atol=1e-4, rtol=0)
+    assert card["position"] == "append" and card["tail"] == 3 and card["format"] == "flashback-export/1"
+
+
+def test_flashback_runs_the_export_as_a_plain_model(tiny_model_dir, adapter_dir, tiny_index_dir, exported):
+    retriever = IndexRetriever(Index.load(tiny_index_dir))
+    tuned = load_model(str(tiny_model_dir), adapter=str(adapter_dir))
+    merged = load_model(str(exported[0]), markers=True)
+    assert merged.marker_ids == tuned.marker_ids and not merged.adapters
+    prompt = tuned.tokenizer("A lambda expression creates a function and a socket binds to a port")["input_ids"]
+    cfg = GenerationConfig(mode="append", stride=6, max_new_tokens=18, tail=3, stop_at_eos=False)
+    assert generate(merged, prompt, retriever, cfg).token_ids == generate(tuned, prompt, retriever, cfg).token_ids
+
+
+def test_export_cli_replaces_only_an_earlier_export(capsys, tiny_model_dir, adapter_dir, tmp_path):
+    out = tmp_path / "m"
+    args = ["export", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--out", str(out)]
+    assert main(args) == 0 and main(args) == 0  # a second export replaces the first
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["out"] == str(out) and (out / "model.safetensors").exists()
+    foreign = tmp_path / "project"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FlashbackError, match="refusing"):
+        export(adapter_dir, foreign, model=str(tiny_model_dir))
+    assert (foreign / "notes.txt").read_text() == "mine"
