@@ -9,8 +9,8 @@
 #   eval       perplexity on the held-out Python pages and the Jargon File (~25 min)
 #   eval-prepend  the prepend adapter on the same tokens (~6 min)
 #   bench      append vs prepend speed on the default index (~25 min; BENCH_LENGTHS=2048 for one length)
-#   decode     the compiled decode step at L=2048,4096, then the eager one at 2048, then one 128-token
-#              generation with and without --compile, compile time included (~25 min)
+#   decode     the compiled decode step at L=2048,4096 (fp32, then int8), the eager one at 2048, then one
+#              128-token generation with and without --compile, compile time included (~45 min)
 #   eval-int8  the perplexity cost of --quantize int8 on the held-out Python pages (~10 min)
 # Usage: bash scripts/reproduce.sh [STEP|all]
 set -euo pipefail
@@ -73,6 +73,8 @@ if run decode; then
   INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
   flashback bench --index "$INDEX" --context-lengths 2048,4096 --repeats 3 --no-lora --compile \
     --json "$RUNS/bench-compile.json"
+  flashback bench --index "$INDEX" --context-lengths 2048,4096 --repeats 3 --no-lora --compile --quantize int8 \
+    --json "$RUNS/bench-compile-int8.json"
   flashback bench --index "$INDEX" --context-lengths 2048 --repeats 3 --no-lora --json "$RUNS/bench-eager.json"
   python3 scripts/compile_default.py --json "$RUNS/compile-default.json"
 fi
