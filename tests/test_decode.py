@@ -10,7 +10,7 @@ import torch
 from flashback.bench import BenchConfig, run_bench
 from flashback.cache import KVCache
 from flashback.cli import main
-from flashback.decode import Decoder, DecodeLinear
+from flashback.decode import DecodeLinear, Decoder
 from flashback.errors import FlashbackError
 from flashback.generate import GenerationConfig, IndexRetriever, generate
 from flashback.model import load_model
