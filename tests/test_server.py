@@ -366,13 +366,16 @@ def test_an_expensive_request_does_not_starve_a_cheap_one(tiny_lm, tiny_index_di
     assert order[first : last + 1].count("heavy") == 0, order
 
 
-def test_the_append_adapter_never_touches_none_or_prepend_requests(tiny_model_dir, tiny_index_dir, adapter_dir):
+@pytest.mark.parametrize("compile", [False, True])  # True: the compiled decode step, one per mode, in the server
+def test_the_append_adapter_never_touches_none_or_prepend_requests(
+    tiny_model_dir, tiny_index_dir, adapter_dir, compile
+):
     from fastapi.testclient import TestClient
 
     from flashback.generate import GenerationConfig, generate
     from flashback.model import load_model
 
-    served = load_model(str(tiny_model_dir), adapters={"append": str(adapter_dir)})
+    served = load_model(str(tiny_model_dir), adapters={"append": str(adapter_dir)}, compile=compile)
     plain = load_model(str(tiny_model_dir), markers=True)
     retriever = IndexRetriever(Index.load(tiny_index_dir))
     prompt = "A lambda expression creates"
@@ -390,6 +393,7 @@ def test_the_append_adapter_never_touches_none_or_prepend_requests(tiny_model_di
     tuned = generate(served, ids, retriever, GenerationConfig(mode="append", max_new_tokens=12, tail=3))
     untuned = generate(plain, ids, retriever, GenerationConfig(mode="append", max_new_tokens=12, tail=3))
     assert got["append"]["choices"][0]["text"] == tuned.text != untuned.text
+    assert set(served._decoders) == ({"append", None} if compile else set())
 
 
 def test_openai_client_defaults_logprobs_echo_and_usage(server, tiny_lm):
