@@ -12,8 +12,9 @@ from flashback.cli import main
 from flashback.errors import FlashbackError
 from flashback.export import export
 from flashback.generate import GenerationConfig, IndexRetriever, generate
-from flashback.model import MARKERS, load_model
+from flashback.model import MARKERS, SHIPPED_ADAPTER, encode, load_model
 from flashback.retrieval import Index
+from tests.conftest import needs_default_model
 
 from .test_cache import full_logits
 
@@ -61,3 +62,31 @@ def test_export_cli_replaces_only_an_earlier_export(capsys, tiny_model_dir, adap
     with pytest.raises(FlashbackError, match="refusing"):
         export(adapter_dir, foreign, model=str(tiny_model_dir))
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+@needs_default_model
+def test_gguf_export_gives_the_same_greedy_tokens_in_llama_cpp(tmp_path):
+    """The shipped adapter merged, converted by llama.cpp's own converter, run by llama.cpp on a FlashBack layout."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("sentencepiece")
+    out = tmp_path / "m"
+    card = export(SHIPPED_ADAPTER, out, gguf="f16")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    context = encode(tokenizer, "A garbage collector reclaims memory that a program no longer uses. In Python, the")
+    passage = encode(tokenizer, "Reference counting frees an object once its count drops to zero.")
+    ml, mr = card["marker_ids"]
+    ids = context[:-8] + [ml, *passage, mr] + context[-8:]
+    want, seq = [], list(ids)
+    with torch.inference_mode():
+        for _ in range(16):
+            want.append(int(merged(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+            seq.append(want[-1])
+    llm = llama_cpp.Llama(model_path=str(out / card["gguf"]), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    assert llm.tokenize(b"<MARK_L><MARK_R>", add_bos=False, special=True) == [ml, mr]
+    llm.eval(ids)
+    got = []
+    for _ in range(16):
+        got.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+        llm.eval(got[-1:])
+    assert got == want

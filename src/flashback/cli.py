@@ -458,7 +458,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if adapter is None:
         raise FlashbackError("--adapter DIR is needed: no adapter is shipped for this model")
     print(f"merging {adapter} into {args.model} ...", file=sys.stderr)
-    card = export(adapter, args.out, model=args.model, dtype=args.dtype)
+    card = export(adapter, args.out, model=args.model, dtype=args.dtype, gguf=args.gguf)
     print(json.dumps({"out": str(args.out), **card}))
     return 0
 
@@ -693,6 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--adapter", default=None, help="adapter folder (default: the one shipped for the default model)")
     p.add_argument("--out", required=True, help="folder to write (replaced only if it is an earlier export)")
+    p.add_argument(
+        "--gguf", choices=["f16", "q8_0"], default=None, help="also write model-TYPE.gguf for llama.cpp (its converter)"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP completions with FlashBack retrieval")

@@ -10,12 +10,19 @@ Any engine that loads a transformers folder (vLLM, SGLang, transformers itself) 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 from flashback.adapter import adapter_position, adapter_tail, read_card
 from flashback.atomic import FolderKind, atomic_folder
 from flashback.decode import merged_copy
-from flashback.model import load_model
+from flashback.errors import FlashbackError
+from flashback.model import cache_root, load_model
 
 EXPORT_FORMAT = "flashback-export/1"
 EXPORT_FOLDER = FolderKind(
@@ -38,12 +45,61 @@ EXPORT_FOLDER = FolderKind(
             "merges.txt",
         }
     ),
-    patterns=("model-*-of-*.safetensors",),
+    patterns=("model-*-of-*.safetensors", "*.gguf"),
 )
+GGUF_TYPES = ("f16", "q8_0")
+# llama.cpp's converter ships in this source package (vendor/llama.cpp); it is fetched once into the cache.
+LLAMA_CPP_SOURCE = "llama-cpp-python==0.3.36"
+_CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 
-def export(adapter: str | Path, out: str | Path, model: str | None = None, dtype: str = "float32") -> dict:
-    """Write the merged model to `out` (whole or nothing); return its card."""
+def gguf_converter() -> Path:
+    """The folder holding llama.cpp's convert_hf_to_gguf.py (with its gguf-py), downloading it on first use."""
+    root = cache_root() / "llama.cpp-converter" / LLAMA_CPP_SOURCE.split("==")[1]
+    if (root / "convert_hf_to_gguf.py").exists():
+        return root
+    print(f"fetching llama.cpp's GGUF converter from the {LLAMA_CPP_SOURCE} source package (once)...", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp]
+        if subprocess.run([*cmd, LLAMA_CPP_SOURCE], capture_output=True, text=True).returncode != 0:
+            raise FlashbackError(f"could not download {LLAMA_CPP_SOURCE} (its source carries llama.cpp's converter)")
+        (sdist,) = Path(tmp).glob("*.tar.gz")
+        staged = Path(tmp) / "converter"
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                _, _, rest = member.name.partition("/vendor/llama.cpp/")
+                if member.isfile() and rest.startswith(_CONVERTER_PARTS):
+                    member.name = rest
+                    tar.extract(member, staged, filter="data")
+        root.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(staged, root)
+    return root
+
+
+def write_gguf(folder: Path, out_file: Path, outtype: str) -> None:
+    """Convert a Hugging Face folder with llama.cpp's own converter."""
+    if outtype not in GGUF_TYPES:
+        raise FlashbackError(f"unknown GGUF type {outtype!r}; choose one of {', '.join(GGUF_TYPES)}")
+    try:  # the converter tries a SentencePiece vocabulary first, whatever the tokenizer is
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        raise FlashbackError("--gguf needs sentencepiece: pip install 'flashback[engines]'") from None
+    root = gguf_converter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "gguf-py"), str(root)])}
+    cmd = [sys.executable, str(root / "convert_hf_to_gguf.py"), str(folder), "--outtype", outtype]
+    done = subprocess.run([*cmd, "--outfile", str(out_file)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise FlashbackError(f"llama.cpp's converter failed: {tail}")
+
+
+def export(
+    adapter: str | Path, out: str | Path, model: str | None = None, dtype: str = "float32", gguf: str | None = None
+) -> dict:
+    """Write the merged model to `out` (whole or nothing), with `gguf` also as `model-<type>.gguf`; return its card."""
+    if gguf is not None and gguf not in GGUF_TYPES:
+        raise FlashbackError(f"unknown GGUF type {gguf!r}; choose one of {', '.join(GGUF_TYPES)}")
     position = adapter_position(adapter)
     lm = load_model(model, dtype=dtype, markers=True, adapters={position: str(adapter)})
     merged = merged_copy(lm.model, position)
@@ -58,9 +114,12 @@ def export(adapter: str | Path, out: str | Path, model: str | None = None, dtype
         "adapter": str(Path(adapter).resolve()),
         "base_model": lm.name,
         "dtype": dtype,
+        "gguf": f"model-{gguf}.gguf" if gguf else None,
     }
     with atomic_folder(out, EXPORT_FOLDER) as tmp:
         merged.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
+        if gguf:
+            write_gguf(tmp, tmp / card["gguf"], gguf)
         (tmp / "flashback.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
