@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -11,9 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from flashback.cli import main
 from flashback.errors import FlashbackError
 from flashback.export import export
-from flashback.generate import GenerationConfig, IndexRetriever, generate
+from flashback.generate import GenerationConfig, IndexRetriever, Retrieved, generate
 from flashback.model import MARKERS, SHIPPED_ADAPTER, encode, load_model
-from flashback.retrieval import Index
+from flashback.retrieval import Hit, Index
 from tests.conftest import needs_default_model
 
 from .test_cache import full_logits
@@ -64,16 +65,27 @@ def test_export_cli_replaces_only_an_earlier_export(capsys, tiny_model_dir, adap
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
-@needs_default_model
-def test_gguf_export_gives_the_same_greedy_tokens_in_llama_cpp(tmp_path):
-    """The shipped adapter merged, converted by llama.cpp's own converter, run by llama.cpp on a FlashBack layout."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+@pytest.fixture(scope="module")
+def gguf_export(tmp_path_factory):
+    """The shipped adapter merged and converted to f16 GGUF by llama.cpp's own converter."""
+    pytest.importorskip("llama_cpp")
     pytest.importorskip("sentencepiece")
-    out = tmp_path / "m"
-    card = export(SHIPPED_ADAPTER, out, gguf="f16")
+    out = tmp_path_factory.mktemp("gguf") / "m"
+    return out, export(SHIPPED_ADAPTER, out, gguf="f16")
+
+
+README_PROMPT = "A garbage collector reclaims memory that a program no longer uses. In Python, the"
+
+
+@needs_default_model
+def test_gguf_export_gives_the_same_greedy_tokens_in_llama_cpp(gguf_export):
+    """llama.cpp runs the GGUF on a FlashBack layout (marked passage, 8-token tail) with transformers' tokens."""
+    import llama_cpp
+
+    out, card = gguf_export
     tokenizer = AutoTokenizer.from_pretrained(out)
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    context = encode(tokenizer, "A garbage collector reclaims memory that a program no longer uses. In Python, the")
+    context = encode(tokenizer, README_PROMPT)
     passage = encode(tokenizer, "Reference counting frees an object once its count drops to zero.")
     ml, mr = card["marker_ids"]
     ids = context[:-8] + [ml, *passage, mr] + context[-8:]
@@ -90,3 +102,66 @@ def test_gguf_export_gives_the_same_greedy_tokens_in_llama_cpp(tmp_path):
         got.append(int(llm.scores[llm.n_tokens - 1].argmax()))
         llm.eval(got[-1:])
     assert got == want
+
+
+@needs_default_model
+def test_llama_cpp_engine_rollback_then_extend_equals_a_fresh_evaluation(gguf_export):
+    from flashback.llamacpp import load_llamacpp
+
+    engine = load_llamacpp(gguf_export[0], n_ctx=512)
+    context = encode(engine.tokenizer, README_PROMPT)
+    passage = [
+        engine.marker_ids[0],
+        *encode(engine.tokenizer, "Memory is freed by reference counting."),
+        engine.marker_ids[1],
+    ]
+    new = encode(engine.tokenizer, " memory of objects")
+    cache = engine.new_cache()
+    cache.extend(context)
+    cache.extend(passage)
+    cache.rollback(len(context))
+    assert len(cache) == len(context)
+    got = cache.extend(new)
+    fresh = engine.new_cache()
+    want = fresh.extend(context + new)
+    assert int(got.argmax()) == int(want.argmax())
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0)  # f16 weights; llama.cpp batches differ
+    assert [f.kind for f in cache.forwards] == ["prefill", "extend", "extend"]
+
+
+@needs_default_model
+def test_llama_cpp_engine_generates_the_torch_engines_tokens(gguf_export):
+    """Same loop, same layouts: append, prepend and none on llama.cpp agree with PyTorch on the export."""
+    from flashback.llamacpp import load_llamacpp
+
+    engine = load_llamacpp(gguf_export[0], n_ctx=1024)
+    torch_lm = load_model(str(gguf_export[0]), markers=True)
+    passage = np.array(encode(torch_lm.tokenizer, "Reference counting frees an object once its count drops to zero."))
+
+    def retriever(query: str, k: int) -> list[Retrieved]:
+        return [Retrieved(Hit(0, "p", "d", "t", 1.0), passage)]
+
+    retriever.max_passage_tokens = 128
+    prompt = encode(torch_lm.tokenizer, README_PROMPT)
+    for mode in ("append", "prepend", "none"):
+        cfg = GenerationConfig(mode=mode, max_new_tokens=24, tail=32, stop_at_eos=False)
+        got = generate(engine, prompt, retriever, cfg)
+        want = generate(torch_lm, prompt, retriever, cfg)
+        assert got.token_ids[:16] == want.token_ids[:16], mode
+        assert [r["computed_tokens"] for r in got.trace.retrievals] == [
+            r["computed_tokens"] for r in want.trace.retrievals
+        ]
+
+
+def test_llama_cpp_engine_needs_an_export_with_a_gguf(capsys, tiny_model_dir, exported):
+    from tests.test_cli import assert_clean_error, run_cli
+
+    for model in (tiny_model_dir, exported[0]):  # a plain model folder; an export without --gguf
+        code, _, err = run_cli(
+            capsys, "generate", "--engine", "llamacpp", "--model", model, "--mode", "none", "--prompt", "hi"
+        )
+        assert_clean_error(code, err, "is not an export with a GGUF file")
+    code, _, err = run_cli(
+        capsys, "generate", "--model", exported[0], "--adapter", "x", "--mode", "none", "--prompt", "hi"
+    )
+    assert_clean_error(code, err, "drop --adapter")

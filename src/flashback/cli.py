@@ -203,8 +203,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     if not prompt.strip():
         raise FlashbackError("the prompt is empty")
-    adapter = _adapter_for(args, args.mode)
-    markers = args.markers if args.markers is not None else bool(adapter) and args.mode == "append"
+    from flashback.export import read_export_card
+
+    card = read_export_card(args.model)
+    if args.engine == "llamacpp" or card:  # an export: its adapter is merged, its card says markers and tail
+        from flashback.llamacpp import export_card
+
+        if args.adapter:
+            raise FlashbackError(f"{args.model} is an export (its adapter is merged in): drop --adapter")
+        card = export_card(args.model) if args.engine == "llamacpp" else card
+        adapter, tuned = None, card.get("position") == args.mode
+        markers = args.markers if args.markers is not None else tuned and bool(card.get("markers"))
+        tail = args.tail if args.tail is not None else card.get("tail") if tuned else None
+    else:
+        adapter = _adapter_for(args, args.mode)
+        markers = args.markers if args.markers is not None else bool(adapter) and args.mode == "append"
+        tail = _tail(args, adapter if args.mode == "append" else None)
     cfg = GenerationConfig(
         mode=args.mode,
         stride=args.stride,
@@ -212,21 +226,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         k=args.k,
         max_new_tokens=args.max_new_tokens,
         markers=markers,
-        tail=_tail(args, adapter if args.mode == "append" else None),
+        tail=DEFAULT_TAIL if tail is None else tail,
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
     )
     cfg.validate()
     index = _load_index(args.index) if cfg.mode != "none" else None
-    lm = load_model(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        markers=markers and cfg.mode == "append",
-        adapters={cfg.mode: adapter} if adapter else {},
-        **_decode_options(args),
-    )
+    if args.engine == "llamacpp":
+        from flashback.llamacpp import load_llamacpp
+
+        lm = load_llamacpp(args.model)
+    else:
+        lm = load_model(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            markers=markers and cfg.mode == "append",
+            adapters={cfg.mode: adapter} if adapter else {},
+            **_decode_options(args),
+        )
     retriever = None
     if index is not None:
         index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
@@ -540,6 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", help="read the prompt from a file")
     _add_model_args(p)
     _add_decode_args(p)
+    p.add_argument(
+        "--engine",
+        choices=["torch", "llamacpp"],
+        default="torch",
+        help="llamacpp: run a `flashback export --gguf` folder (--model DIR) in llama.cpp",
+    )
     _add_retrieval_args(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -53,6 +53,16 @@ LLAMA_CPP_SOURCE = "llama-cpp-python==0.3.36"
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 
+def read_export_card(folder: str | Path | None) -> dict | None:
+    """The card of an export folder, or None when `folder` is not one (a hub id, a plain model folder)."""
+    path = Path(folder or "").expanduser() / "flashback.json"
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return card if isinstance(card, dict) and card.get("format", "").startswith("flashback-export/") else None
+
+
 def gguf_converter() -> Path:
     """The folder holding llama.cpp's convert_hf_to_gguf.py (with its gguf-py), downloading it on first use."""
     root = cache_root() / "llama.cpp-converter" / LLAMA_CPP_SOURCE.split("==")[1]

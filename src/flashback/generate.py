@@ -26,7 +26,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from flashback.cache import KVCache
 from flashback.data import DEFAULT_TAIL, append_parts, passage_block
 from flashback.errors import FlashbackError
 from flashback.model import LoadedModel
@@ -258,7 +257,7 @@ def _loop(
     if decoder is not None:  # the compiled step needs fixed-shape buffers: room for the whole generation
         reserve = (cfg.k * retriever.max_passage_tokens + 2 * use_markers) if retrieving else 0
         capacity = -(-(len(prompt) + reserve + max_new) // 512) * 512  # rounded: one compiled graph per size
-    cache = KVCache(lm.model, lm.device, capacity, decoder)
+    cache = lm.new_cache(capacity, decoder)
     trace.cache_capacity = capacity
     trace.forwards = cache.forwards
     banned = torch.tensor(lm.marker_ids if lm.marker_ids else [], dtype=torch.long, device=lm.device)

@@ -43,6 +43,12 @@ class LoadedModel:
     _active: str | None = field(default=None, repr=False)
     _decoders: dict = field(default_factory=dict, repr=False)
 
+    def new_cache(self, capacity: int | None = None, decoder=None):
+        """A KV cache for one generation (the engine's three verbs: extend, rollback, reset)."""
+        from flashback.cache import KVCache
+
+        return KVCache(self.model, self.device, capacity, decoder)
+
     def decoder(self, mode: str | None):
         """The decode step for `mode` (its adapter merged), or None when decoding stays on the eager model."""
         if not (self.compile or self.quantize):
