@@ -12,6 +12,8 @@
 #   decode     the compiled decode step at L=2048,4096 (fp32, then int8), the eager one at 2048, then one
 #              128-token generation with and without --compile, compile time included (~45 min)
 #   eval-int8  the perplexity cost of --quantize int8 on the held-out Python pages (~10 min)
+#   llamacpp   the shipped adapter exported to f16 GGUF, then the bench on llama.cpp at L=2048 (~8 min;
+#              needs llama-cpp-python built as ../shared/FACTS.md says, and sentencepiece)
 # Usage: bash scripts/reproduce.sh [STEP|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -83,4 +85,10 @@ if run eval-int8; then
     flashback eval "${EVAL_PY[@]}" --modes append+markers+adapter --adapter "$SHIPPED" $q \
       --json "$RUNS/eval-python-int8${q:+-on}.json"
   done
+fi
+if run llamacpp; then
+  INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
+  flashback export --gguf f16 --out "$WORK/export-f16"
+  flashback bench --engine llamacpp --model "$WORK/export-f16" --index "$INDEX" --context-lengths 2048 --repeats 3 \
+    --json "$RUNS/bench-llamacpp.json"
 fi

@@ -165,3 +165,17 @@ def test_llama_cpp_engine_needs_an_export_with_a_gguf(capsys, tiny_model_dir, ex
         capsys, "generate", "--model", exported[0], "--adapter", "x", "--mode", "none", "--prompt", "hi"
     )
     assert_clean_error(code, err, "drop --adapter")
+
+
+@needs_default_model
+def test_bench_runs_on_the_llama_cpp_engine(gguf_export):
+    from flashback.bench import BenchConfig, run_bench
+    from flashback.llamacpp import load_llamacpp
+
+    engine = load_llamacpp(gguf_export[0], n_ctx=512)
+    bc = BenchConfig(context_lengths=(64,), new_tokens=16, stride=8, passage_tokens=16, repeats=1, lora_overhead=True)
+    result = run_bench(engine, bc)
+    row = result["rows"][0]
+    assert result["engine"] == "llama.cpp" and "lora" not in result  # no PyTorch LoRA to time
+    assert row["append"]["weight_mb"] == pytest.approx(engine.weight_bytes / 1e6)
+    assert row["flop_limit_speedup"] > 1 and row["append_step_tokens"] == 8 + 32 + 16 + 2

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flashback.cache import KVCache
 from flashback.data import DEFAULT_TAIL
 from flashback.errors import FlashbackError
 from flashback.generate import GenerationConfig, IndexRetriever, Retrieved, generate
@@ -127,7 +126,9 @@ def decode_bytes(lm: LoadedModel, mode: str) -> tuple[int, int]:
     the tied output matrix counts once, as the output layer.
     """
     decoder = lm.decoder(mode)
-    if decoder is not None:
+    if getattr(lm, "weight_bytes", None):  # another engine's own weights (llama.cpp: the GGUF file)
+        weights = lm.weight_bytes
+    elif decoder is not None:
         weights = decoder.weight_bytes()
     else:
         linears = {id(m.weight): m.weight for m in lm.model.modules() if isinstance(m, torch.nn.Linear)}
@@ -136,7 +137,7 @@ def decode_bytes(lm: LoadedModel, mode: str) -> tuple[int, int]:
     cfg = lm.model.config
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dtype_bytes = next(lm.model.parameters()).element_size()
+    dtype_bytes = getattr(lm, "kv_value_bytes", None) or next(lm.model.parameters()).element_size()
     return weights, 2 * cfg.num_hidden_layers * heads * head_dim * dtype_bytes
 
 
@@ -186,7 +187,7 @@ def _run(lm, context, retriever, cfg: GenerationConfig) -> dict:
 
 def bare_extend_seconds(lm: LoadedModel, context: list[int], n: int, repeats: int) -> float:
     """Median time of one forward of n tokens against the context's cache, then rolled back."""
-    cache = KVCache(lm.model, lm.device)
+    cache = lm.new_cache()
     cache.extend(context)
     ids = context[:n]
     times = []
@@ -292,17 +293,18 @@ def run_bench(
     out = {
         "model": lm.name,
         "device": str(lm.device),
-        "dtype": str(next(lm.model.parameters()).dtype),
+        "engine": getattr(lm, "engine", "torch"),
+        "dtype": getattr(lm, "dtype_name", None) or str(next(lm.model.parameters()).dtype),
         "threads": torch.get_num_threads(),
         "passages": "index" if index is not None else "random tokens",
-        "compile": lm.compile,
-        "quantize": lm.quantize,
-        "compile_s": sum(d.compile_s for d in lm._decoders.values()),
+        "compile": getattr(lm, "compile", False),
+        "quantize": getattr(lm, "quantize", None),
+        "compile_s": sum(d.compile_s for d in getattr(lm, "_decoders", {}).values()),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "config": bc.__dict__,
         "rows": rows,
     }
-    if bc.lora_overhead:
+    if bc.lora_overhead and isinstance(lm, LoadedModel):  # LoRA on PyTorch weights only
         out["lora"] = lora_overhead(lm, bc, retriever, progress)
     if isinstance(retriever, FullRetriever):  # queries that matched nothing, filled with random index passages
         out["filled_passages"] = retriever.filled
@@ -420,7 +422,8 @@ def format_table(result: dict) -> str:
         decode += f", {result['quantize']} weights"
     lines.append(
         f"peak RSS {result['peak_rss_mb']:.0f} MB; passages: {result['passages']}{filled}; "
-        f"{result['threads']} threads; {result['device']} {result['dtype']}; decode {decode}"
+        f"{result['threads']} threads; {result.get('engine', 'torch')} engine, {result['device']} {result['dtype']}; "
+        f"decode {decode}"
         + (f" (compiling took {result['compile_s']:.1f} s, not in the times above)" if result.get("compile") else "")
         + f"; memory copy {result.get('copy_bandwidth_gb_s', float('nan')):.1f} GB/s"
     )

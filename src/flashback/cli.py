@@ -454,7 +454,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(bc, name) < 1:
             raise FlashbackError(f"--{name.replace('_', '-')} must be at least 1")
     index = _load_index(args.index) if args.index else None
-    lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=args.markers, **_decode_options(args))
+    if args.engine == "llamacpp":
+        from dataclasses import replace
+
+        from flashback.llamacpp import export_card, load_llamacpp
+
+        card = export_card(args.model)
+        tail = args.tail if args.tail is not None else card.get("tail", bc.tail)
+        step = bc.stride + tail + bc.k * bc.passage_tokens + 2  # the bare forward of one step's tokens, too
+        lm = load_llamacpp(args.model, n_ctx=max(bc.context_lengths) + max(bc.new_tokens, step) + step)
+        bc = replace(bc, lora_overhead=False, markers=bool(card.get("markers")) and args.markers, tail=tail)
+    else:
+        lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=args.markers, **_decode_options(args))
     if index is not None:
         index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
     else:
@@ -699,6 +710,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time append vs prepend generation across context lengths")
     _add_model_args(p)
     _add_decode_args(p)
+    p.add_argument(
+        "--engine",
+        choices=["torch", "llamacpp"],
+        default="torch",
+        help="llamacpp: time a `flashback export --gguf` folder (--model DIR) in llama.cpp",
+    )
     p.add_argument("--index", default=None, help="retrieve real passages from this index (default: random tokens)")
     p.add_argument("--context-lengths", type=_int_list, default=(512, 1024, 2048, 4096))
     p.add_argument("--new-tokens", type=int, default=128)

@@ -33,6 +33,10 @@ class LlamaCppCache:
     def __len__(self) -> int:
         return self.llm.n_tokens
 
+    @property
+    def capacity(self) -> int:
+        return len(self.llm.input_ids)  # what was asked for; llama.cpp may round its own n_ctx up
+
     def extend(self, token_ids: Sequence[int] | torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         import llama_cpp
 
@@ -41,8 +45,8 @@ class LlamaCppCache:
         ids = [int(t) for t in token_ids]
         if not ids:
             raise ValueError("extend() needs at least one token")
-        if len(self) + len(ids) > self.llm.n_ctx():
-            raise FlashbackError(f"the llama.cpp context holds {self.llm.n_ctx()} tokens")
+        if len(self) + len(ids) > self.capacity:
+            raise FlashbackError(f"the llama.cpp context holds {self.capacity} tokens")
         before = len(self)
         start = time.perf_counter()
         self.llm.eval(ids)
@@ -70,12 +74,17 @@ class LlamaCppModel:
     name: str
     marker_ids: tuple[int, int] | None
     eos: set[int]
+    model: torch.nn.Module | None = None  # the architecture on the meta device: FLOP accounting (bench), no weights
+    weight_bytes: int = 0  # the GGUF file: what one decode step reads of weights
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     adapters: dict = field(default_factory=dict)  # merged into the GGUF already
+    engine: str = "llama.cpp"
+    dtype_name: str = "gguf"
+    kv_value_bytes: int = 2  # llama.cpp keeps keys and values in f16
 
     @property
     def max_positions(self) -> int:
-        return self.llm.n_ctx()
+        return len(self.llm.input_ids)
 
     @property
     def eos_ids(self) -> set[int]:
@@ -127,4 +136,18 @@ def load_llamacpp(folder: str | Path, n_ctx: int | None = None, threads: int | N
     eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
     eos_ids = set() if eos is None else set(eos) if isinstance(eos, list) else {int(eos)}
     markers = tuple(card["marker_ids"]) if card.get("marker_ids") else None
-    return LlamaCppModel(llm, tokenizer, f"{folder.name} (llama.cpp)", markers, eos_ids)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        shape = AutoModelForCausalLM.from_config(config)
+    gguf = folder / card["gguf"]
+    return LlamaCppModel(
+        llm,
+        tokenizer,
+        f"{folder.name} (llama.cpp)",
+        markers,
+        eos_ids,
+        model=shape,
+        weight_bytes=gguf.stat().st_size,
+        dtype_name=f"gguf {card['gguf']}",
+    )
