@@ -53,17 +53,20 @@ class GrowableLayer(DynamicLayer):
         self._reserve(self._len + n, key_states, value_states)
         self._k[..., self._len : self._len + n, :] = key_states
         self._v[..., self._len : self._len + n, :] = value_states
-        self._len += n
-        self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+        self._set_length(self._len + n)
         return self.keys, self.values
+
+    def _set_length(self, length: int) -> None:
+        """`keys` / `values` become views of the first `length` buffered positions."""
+        self._len = length
+        self.keys, self.values = self._k[..., :length, :], self._v[..., :length, :]
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative count of tokens to drop")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
-        self._len = max(0, self._len + tokens_to_remove)
-        self.keys, self.values = self._k[..., : self._len, :], self._v[..., : self._len, :]
+        self._set_length(max(0, self._len + tokens_to_remove))
 
     def reset(self) -> None:
         self._k = self._v = None
@@ -75,10 +78,10 @@ class FixedLayer(GrowableLayer):
     """A GrowableLayer with one fixed-size buffer, which the compiled decode step can also write.
 
     Extends (eager) behave exactly as in GrowableLayer: filled-part views, causal attention over them.
-    During a decode step (`static` set by KVCache) the layer works like transformers' StaticLayer: the
-    token goes in at the tensor `position` and attention sees the whole buffer, masked past the filled
-    length, so the step's shapes never change and one compiled graph serves every step. Rollback
-    stays a length change; stale entries past the length are masked out.
+    During a decode step (between start_decode and finish_decode) the layer works like transformers'
+    StaticLayer: the token goes in at the tensor `position` and attention sees the whole buffer, masked
+    past the filled length, so the step's shapes never change and one compiled graph serves every step.
+    Rollback stays a length change; stale entries past the length are masked out.
     """
 
     is_compileable = True
@@ -89,9 +92,12 @@ class FixedLayer(GrowableLayer):
         self.static = False
         self.position = torch.zeros((), dtype=torch.long)
 
-    def _reserve(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+    def _check_room(self, needed: int) -> None:
         if needed > self.capacity:
             raise FlashbackError(f"the KV cache holds {self.capacity} tokens; {needed} were asked for")
+
+    def _reserve(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        self._check_room(needed)
         if self._k is None:
             self._k = like_k.new_zeros((*like_k.shape[:-2], self.capacity, like_k.shape[-1]))
             self._v = like_v.new_zeros((*like_v.shape[:-2], self.capacity, like_v.shape[-1]))
@@ -104,6 +110,18 @@ class FixedLayer(GrowableLayer):
         self._k.index_copy_(2, index, key_states)
         self._v.index_copy_(2, index, value_states)
         return self._k, self._v
+
+    def start_decode(self) -> None:
+        """The next forward writes one token at the filled length, with the whole buffer as its shape."""
+        self._check_room(self._len + 1)
+        self.position.fill_(self._len)
+        self.static = True
+
+    def finish_decode(self, wrote: bool) -> None:
+        """Back to extends; the filled part grows by the token the decode step wrote, if it ran."""
+        self.static = False
+        if wrote:
+            self._set_length(self._len + 1)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.static:
@@ -196,19 +214,15 @@ class KVCache:
 
     def _decode(self, token: int, length: int) -> torch.Tensor:
         layers = self.cache.layers
-        if length + 1 > self.capacity:
-            raise FlashbackError(f"the KV cache holds {self.capacity} tokens; {length + 1} were asked for")
         for layer in layers:
-            layer.static = True
-            layer.position.fill_(length)
+            layer.start_decode()
+        wrote = False
         try:
             logits = self.decoder(self.cache, token, length, self.device)
+            wrote = True
         finally:
             for layer in layers:
-                layer.static = False
-        for layer in layers:  # the decoder wrote position `length`; the filled part grows by one
-            layer._len = length + 1
-            layer.keys, layer.values = layer._k[..., : length + 1, :], layer._v[..., : length + 1, :]
+                layer.finish_decode(wrote)
         return logits
 
     def rollback(self, length: int) -> None:
