@@ -238,7 +238,8 @@ def stream(
     prompt, max_new = fit_to_positions(prompt, cfg, reserve, lm.max_positions, trace)
     trace.prompt_tokens = len(prompt)
     trace.max_new_tokens = max_new
-    return _loop(lm, prompt, retriever, cfg, max_new, use_markers, trace, observe)
+    positions = len(prompt) + reserve + max_new  # the most the cache will hold
+    return _loop(lm, prompt, retriever, cfg, max_new, positions, use_markers, trace, observe)
 
 
 def _loop(
@@ -247,6 +248,7 @@ def _loop(
     retriever: Retriever | None,
     cfg: GenerationConfig,
     max_new: int,
+    positions: int,
     use_markers: bool,
     trace: Trace,
     observe: Callable[[int, torch.Tensor], None] | None,
@@ -255,8 +257,7 @@ def _loop(
     decoder = lm.decoder(cfg.mode)
     capacity = None
     if decoder is not None:  # the compiled step needs fixed-shape buffers: room for the whole generation
-        reserve = (cfg.k * retriever.max_passage_tokens + 2 * use_markers) if retrieving else 0
-        capacity = -(-(len(prompt) + reserve + max_new) // 512) * 512  # rounded: one compiled graph per size
+        capacity = -(-positions // 512) * 512  # rounded: one compiled graph per size
     cache = lm.new_cache(capacity, decoder)
     trace.cache_capacity = capacity
     trace.forwards = cache.forwards
