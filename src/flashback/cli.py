@@ -49,6 +49,15 @@ def _add_decode_args(p: argparse.ArgumentParser, compile: bool = True) -> None:
     )
 
 
+def _add_engine_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--engine",
+        choices=["torch", "llamacpp"],
+        default="torch",
+        help=f"llamacpp: {what} a `flashback export --gguf` folder (--model DIR) in llama.cpp",
+    )
+
+
 def _decode_options(args: argparse.Namespace) -> dict:
     return {"compile": getattr(args, "compile", False), "quantize": args.quantize}
 
@@ -204,14 +213,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise FlashbackError("the prompt is empty")
     from flashback.export import read_export_card
+    from flashback.llamacpp import export_card
 
-    card = read_export_card(args.model)
-    if args.engine == "llamacpp" or card:  # an export: its adapter is merged, its card says markers and tail
-        from flashback.llamacpp import export_card
-
+    card = export_card(args.model) if args.engine == "llamacpp" else read_export_card(args.model)
+    if card:  # an export: its adapter is merged, its card says markers and tail
         if args.adapter:
             raise FlashbackError(f"{args.model} is an export (its adapter is merged in): drop --adapter")
-        card = export_card(args.model) if args.engine == "llamacpp" else card
         adapter, tuned = None, card.get("position") == args.mode
         markers = args.markers if args.markers is not None else tuned and bool(card.get("markers"))
         tail = args.tail if args.tail is not None else card.get("tail") if tuned else None
@@ -570,12 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", help="read the prompt from a file")
     _add_model_args(p)
     _add_decode_args(p)
-    p.add_argument(
-        "--engine",
-        choices=["torch", "llamacpp"],
-        default="torch",
-        help="llamacpp: run a `flashback export --gguf` folder (--model DIR) in llama.cpp",
-    )
+    _add_engine_arg(p, "run")
     _add_retrieval_args(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -710,12 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time append vs prepend generation across context lengths")
     _add_model_args(p)
     _add_decode_args(p)
-    p.add_argument(
-        "--engine",
-        choices=["torch", "llamacpp"],
-        default="torch",
-        help="llamacpp: time a `flashback export --gguf` folder (--model DIR) in llama.cpp",
-    )
+    _add_engine_arg(p, "time")
     p.add_argument("--index", default=None, help="retrieve real passages from this index (default: random tokens)")
     p.add_argument("--context-lengths", type=_int_list, default=(512, 1024, 2048, 4096))
     p.add_argument("--new-tokens", type=int, default=128)

@@ -88,9 +88,7 @@ def gguf_converter() -> Path:
 
 
 def write_gguf(folder: Path, out_file: Path, outtype: str) -> None:
-    """Convert a Hugging Face folder with llama.cpp's own converter."""
-    if outtype not in GGUF_TYPES:
-        raise FlashbackError(f"unknown GGUF type {outtype!r}; choose one of {', '.join(GGUF_TYPES)}")
+    """Convert a Hugging Face folder with llama.cpp's own converter (`outtype` checked by export, before the merge)."""
     try:  # the converter tries a SentencePiece vocabulary first, whatever the tokenizer is
         import sentencepiece  # noqa: F401
     except ImportError:

@@ -9,7 +9,6 @@ writes: the adapter merged and the markers in the vocabulary, since llama.cpp Lo
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,12 +101,10 @@ class LlamaCppModel:
 
 def export_card(folder: str | Path) -> dict:
     """The card of a `flashback export --gguf` folder (position, markers, tail, the GGUF's name)."""
-    path = Path(folder).expanduser() / "flashback.json"
-    try:
-        card = json.loads(path.read_text())
-    except (OSError, ValueError):
-        card = {}
-    if not isinstance(card, dict) or not card.get("gguf"):
+    from flashback.export import read_export_card
+
+    card = read_export_card(folder) or {}
+    if not card.get("gguf"):
         raise FlashbackError(f"{folder} is not an export with a GGUF file: run flashback export --gguf f16 --out DIR")
     return card
 
