@@ -120,25 +120,11 @@ def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 1
 
 
 def decode_bytes(lm: LoadedModel, mode: str) -> tuple[int, int]:
-    """(weight bytes, KV bytes per cached token) one decode step reads.
-
-    Weights: every linear layer (the decode step's own, int8 with --quantize) and one embedding row;
-    the tied output matrix counts once, as the output layer.
-    """
-    decoder = lm.decoder(mode)
-    if getattr(lm, "weight_bytes", None):  # another engine's own weights (llama.cpp: the GGUF file)
-        weights = lm.weight_bytes
-    elif decoder is not None:
-        weights = decoder.weight_bytes()
-    else:
-        linears = {id(m.weight): m.weight for m in lm.model.modules() if isinstance(m, torch.nn.Linear)}
-        emb = lm.model.get_input_embeddings().weight
-        weights = sum(w.numel() * w.element_size() for w in linears.values()) + emb.shape[1] * emb.element_size()
+    """(weight bytes, KV bytes per cached token) one decode step reads, on lm's engine."""
     cfg = lm.model.config
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    dtype_bytes = getattr(lm, "kv_value_bytes", None) or next(lm.model.parameters()).element_size()
-    return weights, 2 * cfg.num_hidden_layers * heads * head_dim * dtype_bytes
+    return lm.decode_weight_bytes(mode), 2 * cfg.num_hidden_layers * heads * head_dim * lm.kv_value_bytes
 
 
 def context_tokens(lm: LoadedModel, length: int, index: Index | None, seed: int) -> list[int]:
@@ -293,13 +279,13 @@ def run_bench(
     out = {
         "model": lm.name,
         "device": str(lm.device),
-        "engine": getattr(lm, "engine", "torch"),
-        "dtype": getattr(lm, "dtype_name", None) or str(next(lm.model.parameters()).dtype),
+        "engine": lm.engine,
+        "dtype": lm.dtype_name,
         "threads": torch.get_num_threads(),
         "passages": "index" if index is not None else "random tokens",
-        "compile": getattr(lm, "compile", False),
-        "quantize": getattr(lm, "quantize", None),
-        "compile_s": sum(d.compile_s for d in getattr(lm, "_decoders", {}).values()),
+        "compile": lm.compile,
+        "quantize": lm.quantize,
+        "compile_s": lm.compile_s,
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "config": bc.__dict__,
         "rows": rows,

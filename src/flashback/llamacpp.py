@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -77,9 +78,15 @@ class LlamaCppModel:
     weight_bytes: int = 0  # the GGUF file: what one decode step reads of weights
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     adapters: dict = field(default_factory=dict)  # merged into the GGUF already
-    engine: str = "llama.cpp"
     dtype_name: str = "gguf"
-    kv_value_bytes: int = 2  # llama.cpp keeps keys and values in f16
+    compile: bool = False  # PyTorch's decode options do not apply
+    quantize: str | None = None
+    compile_s: float = 0.0
+    engine: ClassVar[str] = "llama.cpp"
+    kv_value_bytes: ClassVar[int] = 2  # llama.cpp keeps keys and values in f16
+
+    def decode_weight_bytes(self, mode: str | None) -> int:
+        return self.weight_bytes
 
     @property
     def max_positions(self) -> int:

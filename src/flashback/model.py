@@ -16,6 +16,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from platformdirs import user_cache_dir
@@ -42,6 +43,30 @@ class LoadedModel:
     quantize: str | None = None  # decode weights: None (as loaded) or "int8"
     _active: str | None = field(default=None, repr=False)
     _decoders: dict = field(default_factory=dict, repr=False)
+    engine: ClassVar[str] = "torch"
+
+    @property
+    def dtype_name(self) -> str:
+        return str(next(self.model.parameters()).dtype)
+
+    @property
+    def kv_value_bytes(self) -> int:
+        return next(self.model.parameters()).element_size()
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling decode steps so far in this process."""
+        return sum(d.compile_s for d in self._decoders.values())
+
+    def decode_weight_bytes(self, mode: str | None) -> int:
+        """Weight bytes one decode step reads: every linear layer (the decode step's own, int8 with --quantize)
+        and one embedding row; a tied output matrix counts once, as the output layer."""
+        decoder = self.decoder(mode)
+        if decoder is not None:
+            return decoder.weight_bytes()
+        linears = {id(m.weight): m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)}
+        emb = self.model.get_input_embeddings().weight
+        return sum(w.numel() * w.element_size() for w in linears.values()) + emb.shape[1] * emb.element_size()
 
     def new_cache(self, capacity: int | None = None, decoder=None):
         """A KV cache for one generation (the engine's three verbs: extend, rollback, reset)."""
