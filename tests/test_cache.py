@@ -12,7 +12,7 @@ ATOL = 1e-4
 
 def full_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        return model(input_ids=torch.tensor([ids])).logits[0].float()  # (T, V)
+        return model(input_ids=torch.tensor([ids], device=model.device)).logits[0].float()  # (T, V)
 
 
 def plain_cache(model, ids: list[int]) -> KVCache:

@@ -96,7 +96,7 @@ def test_every_step_matches_full_recomputation(tiny_lm, index, mode, markers, k,
     for step in range(len(tokens)):
         layout = naive_layout(mode, prompt, tokens, step, passages, tiny_lm.marker_ids if markers else None, tail)
         with torch.no_grad():
-            want = tiny_lm.model(input_ids=torch.tensor([layout])).logits[0, -1].float()
+            want = tiny_lm.model(input_ids=torch.tensor([layout], device=tiny_lm.device)).logits[0, -1].float()
         torch.testing.assert_close(seen[step], want, atol=1e-4, rtol=0)
         want[list(tiny_lm.marker_ids)] = float("-inf")
         assert tokens[step] == int(want.argmax()), f"greedy token differs at step {step}"
@@ -236,5 +236,5 @@ def test_a_query_that_matches_nothing_skips_the_passage(tiny_lm, index):
     tokens = list(stream(tiny_lm, prompt, IndexRetriever(index), cfg, trace, observe=observe))
     assert trace.retrievals[0]["passages"] == [] and "skipped" in trace.retrievals[0]
     with torch.no_grad():  # without a passage the layout is the plain context
-        want = tiny_lm.model(input_ids=torch.tensor([prompt + tokens[:2]])).logits[0, -1].float()
+        want = tiny_lm.model(input_ids=torch.tensor([prompt + tokens[:2]], device=tiny_lm.device)).logits[0, -1].float()
     torch.testing.assert_close(seen[2], want, atol=1e-4, rtol=0)

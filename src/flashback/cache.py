@@ -86,11 +86,11 @@ class FixedLayer(GrowableLayer):
 
     is_compileable = True
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, position: torch.Tensor):
         super().__init__()
         self.capacity = capacity
         self.static = False
-        self.position = torch.zeros((), dtype=torch.long)
+        self.position = position  # shared by every layer of the cache: all hold the same length
 
     def _check_room(self, needed: int) -> None:
         if needed > self.capacity:
@@ -101,7 +101,6 @@ class FixedLayer(GrowableLayer):
         if self._k is None:
             self._k = like_k.new_zeros((*like_k.shape[:-2], self.capacity, like_k.shape[-1]))
             self._v = like_v.new_zeros((*like_v.shape[:-2], self.capacity, like_v.shape[-1]))
-            self.position = self.position.to(like_k.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.static:
@@ -112,9 +111,9 @@ class FixedLayer(GrowableLayer):
         return self._k, self._v
 
     def start_decode(self) -> None:
-        """The next forward writes one token at the filled length, with the whole buffer as its shape."""
+        """The next forward writes one token at `position` (set once for all layers by the caller, to the filled
+        length), with the whole buffer as its shape."""
         self._check_room(self._len + 1)
-        self.position.fill_(self._len)
         self.static = True
 
     def finish_decode(self, wrote: bool) -> None:
@@ -136,12 +135,13 @@ class FixedLayer(GrowableLayer):
         self.static = False
 
 
-def new_cache(config, capacity: int | None = None) -> DynamicCache:
+def new_cache(config, capacity: int | None = None, device: torch.device | None = None) -> DynamicCache:
     """A DynamicCache whose full-attention layers are GrowableLayers (FixedLayers given a capacity)."""
     cache = DynamicCache(config=config)
     if any(layer.is_sliding for layer in cache.layers):
         raise FlashbackError("sliding-window attention models are not supported: their cache cannot be rolled back")
-    make = GrowableLayer if capacity is None else (lambda: FixedLayer(capacity))
+    position = torch.zeros((), dtype=torch.long, device=device)
+    make = GrowableLayer if capacity is None else (lambda: FixedLayer(capacity, position))
     cache.layers = [make() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
@@ -184,7 +184,7 @@ class KVCache:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.capacity = capacity
         self.decoder = decoder
-        self.cache = new_cache(model.config, capacity)
+        self.cache = new_cache(model.config, capacity, self.device)
         self.forwards: list[Forward] = []
 
     def __len__(self) -> int:
@@ -214,11 +214,12 @@ class KVCache:
 
     def _decode(self, token: int, length: int) -> torch.Tensor:
         layers = self.cache.layers
+        layers[0].position.fill_(length)  # one tensor, shared by the layers
         for layer in layers:
             layer.start_decode()
         wrote = False
         try:
-            logits = self.decoder(self.cache, token, length, self.device)
+            logits = self.decoder(self.cache, token, self.device)
             wrote = True
         finally:
             for layer in layers:
@@ -234,7 +235,7 @@ class KVCache:
             self.cache.crop(-drop)
 
     def reset(self) -> None:
-        self.cache = new_cache(self.model.config, self.capacity)
+        self.cache = new_cache(self.model.config, self.capacity, self.device)
 
     def key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (keys, values), each (B, heads, T, head_dim); for checks and tests."""

@@ -16,6 +16,7 @@ pays Python dispatch. This module builds a second view of the model for the deco
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import torch
@@ -129,9 +130,14 @@ class Decoder:
         self.quantize = quantize
         self.compiled = compile
         self.compile_s = 0.0
+        # On CUDA a step of a small model is mostly kernel launches: replay it as one CUDA graph. Set
+        # FLASHBACK_CUDA_GRAPHS=0 to compile without graphs (to compare, or if a driver misbehaves).
+        device = next(self.model.parameters()).device
+        self.cuda_graphs = compile and device.type == "cuda" and os.environ.get("FLASHBACK_CUDA_GRAPHS", "1") != "0"
         # Static shapes: one graph per cache capacity (generate rounds it up to 512 tokens). Dynamic shapes would
         # serve every capacity with one graph, but Inductor's CPU code generation for them takes many minutes.
-        self._step = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        mode = "reduce-overhead" if self.cuda_graphs else None
+        self._step = torch.compile(self._forward, dynamic=False, mode=mode) if compile else self._forward
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
     def _forward(self, input_ids, position_ids, cache):
@@ -144,15 +150,32 @@ class Decoder:
         return linears + emb.shape[1] * emb.element_size()
 
     @torch.inference_mode()
-    def __call__(self, cache, token: int, position: int, device: torch.device) -> torch.Tensor:
+    def __call__(self, cache, token: int, device: torch.device) -> torch.Tensor:
+        """Logits after `token`, written at the cache layers' shared `position` tensor (already set)."""
         ids = torch.tensor([[token]], dtype=torch.long, device=device)
-        pos = torch.tensor([[position]], dtype=torch.long, device=device)
+        pos = cache.layers[0].position.view(1, 1)
+        if self.cuda_graphs:
+            _mark_static_buffers(cache)
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are no longer read
         graphs = _graphs_compiled()
         start = time.perf_counter()
         logits = self._step(ids, pos, cache)
         if _graphs_compiled() != graphs:  # this call compiled (first call, or a new cache shape)
             self.compile_s += time.perf_counter() - start
-        return logits[0, -1].float()
+        logits = logits[0, -1].float()
+        return logits.clone() if self.cuda_graphs else logits  # a graph's output is overwritten by its next replay
+
+
+def _mark_static_buffers(cache) -> None:
+    """Let a CUDA graph write the KV buffers in place: their addresses are fixed for the cache's lifetime.
+
+    Unguarded, so a new cache (new buffers) re-records the graph instead of recompiling it.
+    """
+    for layer in cache.layers:
+        for buffer in (layer._k, layer._v, layer.position):
+            if buffer is not None and not getattr(buffer, "_flashback_static", False):
+                torch._dynamo.mark_static_address(buffer, guard=False)
+                buffer._flashback_static = True
 
 
 def _graphs_compiled() -> int:

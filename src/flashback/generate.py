@@ -149,8 +149,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     if temperature == 0:
         return int(torch.argmax(logits))
     # Shift before scaling, in float64 (1e-300 is 0 in float32): the best token scores 0, the others -inf
-    # at worst, so a tiny temperature is greedy, never NaN.
-    scaled = (logits.double() - logits.max().double()) / temperature
+    # at worst, so a tiny temperature is greedy, never NaN. On the CPU, where the seeded generator lives,
+    # so a seed draws the same tokens on every device.
+    logits = logits.double().cpu()
+    scaled = (logits - logits.max()) / temperature
     probs = torch.softmax(scaled, dim=-1)
     if top_p < 1:
         sorted_probs, order = torch.sort(probs, descending=True)
