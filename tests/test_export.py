@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -13,9 +14,9 @@ from flashback.cli import main
 from flashback.errors import FlashbackError
 from flashback.export import export
 from flashback.generate import GenerationConfig, IndexRetriever, Retrieved, generate
-from flashback.model import MARKERS, SHIPPED_ADAPTER, encode, load_model
+from flashback.model import MARKERS, encode, load_model
 from flashback.retrieval import Hit, Index
-from tests.conftest import needs_default_model
+from tests.conftest import engine_or_skip, needs_default_model
 
 from .test_cache import full_logits
 
@@ -66,12 +67,10 @@ def test_export_cli_replaces_only_an_earlier_export(capsys, tiny_model_dir, adap
 
 
 @pytest.fixture(scope="module")
-def gguf_export(tmp_path_factory):
-    """The shipped adapter merged and converted to f16 GGUF by llama.cpp's own converter."""
-    pytest.importorskip("llama_cpp")
-    pytest.importorskip("sentencepiece")
-    out = tmp_path_factory.mktemp("gguf") / "m"
-    return out, export(SHIPPED_ADAPTER, out, gguf="f16")
+def gguf_export(shipped_gguf):
+    """The shipped adapter's f16 GGUF export, for the in-process llama.cpp engine."""
+    engine_or_skip(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python")
+    return shipped_gguf
 
 
 README_PROMPT = "A garbage collector reclaims memory that a program no longer uses. In Python, the"

@@ -153,8 +153,9 @@ def _run(lm, context, retriever, cfg: GenerationConfig) -> dict:
     decodes = [f for f in trace.forwards if f.kind == "decode"]
     # KV tokens a decode step reads: the filled cache (eager), or the whole fixed buffer, masked (Decoder)
     kv_read = trace.cache_capacity or statistics.mean(f.cache_len - 1 for f in decodes)
-    # Forwards before the first token: the context prefill (+ the first passage in append mode).
-    first = multi[:2] if cfg.mode == "append" else multi[:1]
+    # Forwards before the first token: the context prefill (+ the first passage in append mode; an upstream
+    # engine computes both in its first request).
+    first = multi[:2] if cfg.mode == "append" and lm.engine != "upstream" else multi[:1]
     first_s = sum(f.seconds for f in first) + trace.retrieval_s / max(1, len(trace.retrievals))
     return {
         "wall_s": wall,
@@ -162,6 +163,9 @@ def _run(lm, context, retriever, cfg: GenerationConfig) -> dict:
         "retrievals": len(trace.retrievals),
         "kv_tokens_read": kv_read,
         "retrieval_records": trace.retrievals,
+        # an upstream engine's own count of prompt tokens it computed and reused from its prefix cache
+        "engine_prompt_tokens": sum(f.tokens for f in multi),
+        "engine_cached_tokens": sum(r.get("engine_cached_tokens", 0) for r in trace.retrievals),
         # retrieval steps after the first: the first one includes the context prefill in both modes
         "step_s": [f.seconds for f in multi[len(first) :]],
         "retrieval_each_s": trace.retrieval_s / max(1, len(trace.retrievals)),
@@ -211,6 +215,11 @@ def run_bench(
     )
     passage = retriever.max_passage_tokens
     markers = bc.markers and lm.marker_ids is not None
+    if bc.new_tokens <= bc.stride:
+        raise FlashbackError(
+            f"--new-tokens ({bc.new_tokens}) must exceed --stride ({bc.stride}): the bench times the retrieval "
+            "steps after the first"
+        )
     progress("measuring memory-copy bandwidth")
     bandwidth = copy_bandwidth(lm.device)
     rows = []
@@ -260,6 +269,9 @@ def run_bench(
                 "after_first_s": statistics.median(x["after_first_s"] for x in rs),
                 "after_first_flops": rs[0]["after_first_flops"],
             }
+            if lm.engine == "upstream":
+                row[mode]["engine_prompt_tokens"] = rs[0]["engine_prompt_tokens"]
+                row[mode]["engine_cached_tokens"] = rs[0]["engine_cached_tokens"]
         a, p = row["append"], row["prepend"]
         row["speedup"] = p["wall_s"]["median"] / a["wall_s"]["median"]
         row["flop_limit_speedup"] = p["flops"] / a["flops"]
@@ -390,6 +402,18 @@ def format_table(result: dict) -> str:
                 f"| {r['context_length']} | {mode} | {b['retrieval_s']:.3f} | {b['prefill_s']:.2f} | "
                 f"{b['extend_s']:.2f} | {b['decode_s']:.2f} | {r[mode]['tokens_per_s']:.1f} |"
             )
+    if result.get("engine") == "upstream":
+        lines.append("")
+        lines.append(
+            "| L | mode | prompt tokens computed by the engine | reused from its prefix cache | reused share |"
+        )
+        lines.append("|---|---|---|---|---|")
+        for r in result["rows"]:
+            for mode in ("append", "prepend"):
+                x = r[mode]
+                done, cached = x["engine_prompt_tokens"], x["engine_cached_tokens"]
+                share = 100 * cached / max(1, done + cached)
+                lines.append(f"| {r['context_length']} | {mode} | {done} | {cached} | {share:.0f}% |")
     if "lora" in result:
         lo = result["lora"]
         lines.append("")

@@ -56,6 +56,26 @@ def _add_engine_arg(p: argparse.ArgumentParser, what: str) -> None:
         default="torch",
         help=f"llamacpp: {what} a `flashback export --gguf` folder (--model DIR) in llama.cpp",
     )
+    p.add_argument(
+        "--upstream",
+        metavar="URL",
+        default=None,
+        help="decode on a llama.cpp server (llama-server) at URL that serves the export given as --model DIR; "
+        "retrieval and layout stay here",
+    )
+
+
+def _load_engine(args: argparse.Namespace):
+    """The llama.cpp or upstream engine that --engine / --upstream ask for (None: the PyTorch engine)."""
+    if args.upstream:
+        if args.engine != "torch":
+            raise FlashbackError("choose one of --engine llamacpp and --upstream")
+        if not args.model:
+            raise FlashbackError("--upstream needs --model EXPORT: the `flashback export` folder of the served model")
+        from flashback.upstream import load_upstream
+
+        return load_upstream(args.upstream, args.model)
+    return None
 
 
 def _decode_options(args: argparse.Namespace) -> dict:
@@ -215,6 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from flashback.export import read_export_card
     from flashback.llamacpp import export_card
 
+    engine = _load_engine(args)
     card = export_card(args.model) if args.engine == "llamacpp" else read_export_card(args.model)
     if card:  # an export: its adapter is merged, its card says markers and tail
         if args.adapter:
@@ -240,7 +261,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     cfg.validate()
     index = _load_index(args.index) if cfg.mode != "none" else None
-    if args.engine == "llamacpp":
+    if engine is not None:
+        lm = engine
+    elif args.engine == "llamacpp":
         from flashback.llamacpp import load_llamacpp
 
         lm = load_llamacpp(args.model)
@@ -461,7 +484,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(bc, name) < 1:
             raise FlashbackError(f"--{name.replace('_', '-')} must be at least 1")
     index = _load_index(args.index) if args.index else None
-    if args.engine == "llamacpp":
+    engine = _load_engine(args)
+    if engine is not None:
+        from dataclasses import replace
+
+        from flashback.export import read_export_card
+
+        card = read_export_card(args.model)
+        tail = args.tail if args.tail is not None else card.get("tail", bc.tail)
+        lm = engine
+        bc = replace(bc, lora_overhead=False, markers=bool(card.get("markers")) and args.markers, tail=tail)
+    elif args.engine == "llamacpp":
         from dataclasses import replace
 
         from flashback.llamacpp import export_card, load_llamacpp

@@ -241,6 +241,10 @@ def stream(
     trace.prompt_tokens = len(prompt)
     trace.max_new_tokens = max_new
     positions = len(prompt) + reserve + max_new  # the most the cache will hold
+    if lm.engine == "upstream":  # decoding happens on a server: one completion request per retrieval step
+        if observe is not None:
+            raise FlashbackError("an upstream engine returns tokens, not logits (no logprobs, no echo scoring)")
+        return _request_loop(lm, prompt, retriever, cfg, max_new, use_markers, trace)
     return _loop(lm, prompt, retriever, cfg, max_new, positions, use_markers, trace, observe)
 
 
@@ -305,6 +309,56 @@ def _loop(
             yield token
             if cfg.stop_at_eos and token in eos:
                 break
+    finally:
+        trace.total_s = time.perf_counter() - start
+
+
+def _request_loop(
+    lm, prompt: list[int], retriever: Retriever | None, cfg: GenerationConfig, max_new: int, use_markers: bool, trace
+) -> Iterator[int]:
+    """_loop's schedule and layouts, with each stretch between retrievals decoded by an upstream engine
+    (upstream.py) in one request: the prompt is the layout the local cache would hold at that retrieval."""
+    from flashback.upstream import completion_forwards
+
+    markers = lm.marker_ids if use_markers else None
+    banned = list(lm.marker_ids or ())
+    eos = lm.eos_ids
+    generated: list[int] = []
+    start = time.perf_counter()
+    try:
+        while len(generated) < max_new:
+            step = len(generated)
+            if cfg.mode == "none":
+                layout, n = prompt + generated, max_new - step
+            else:
+                passages = _retrieve(lm, retriever, prompt + generated, cfg, step, trace)
+                if cfg.mode == "append":
+                    kept, block = append_parts(prompt + generated, passages, markers, cfg.tail)
+                    layout = kept + block
+                else:
+                    layout = passage_block(passages, None) + prompt + generated
+                n = min(cfg.stride, max_new - step)
+            done = lm.client.complete(
+                layout,
+                n,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=cfg.seed,
+                banned=banned,
+                ignore_eos=not cfg.stop_at_eos,
+            )
+            trace.forwards += completion_forwards(done, len(layout))
+            if cfg.mode != "none":
+                trace.retrievals[-1]["computed_tokens"] = done.prompt_tokens
+                trace.retrievals[-1]["engine_cached_tokens"] = done.cached_tokens
+            tokens = done.tokens[:n]
+            for token in tokens:
+                generated.append(token)
+                yield token
+                if cfg.stop_at_eos and token in eos:
+                    return
+            if done.stopped_at_eos or len(tokens) < n:  # the engine stopped early
+                return
     finally:
         trace.total_s = time.perf_counter() - start
 
