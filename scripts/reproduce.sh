@@ -13,7 +13,9 @@
 #              128-token generation with and without --compile, compile time included (~45 min)
 #   eval-int8  the perplexity cost of --quantize int8 on the held-out Python pages (~10 min)
 #   llamacpp   the shipped adapter exported to f16 GGUF, then the bench on llama.cpp at L=2048 (~8 min;
-#              needs llama-cpp-python built as ../shared/FACTS.md says, and sentencepiece)
+#              needs scripts/setup_engines.sh)
+#   upstream   that export served by llama-server (one slot, 2 threads), then the bench with --upstream at
+#              L=2048 (~6 min; needs scripts/setup_engines.sh and the llamacpp step's export)
 # Usage: bash scripts/reproduce.sh [STEP|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,4 +93,18 @@ if run llamacpp; then
   flashback export --gguf f16 --out "$WORK/export-f16"
   flashback bench --engine llamacpp --model "$WORK/export-f16" --index "$INDEX" --context-lengths 2048 --repeats 3 \
     --json "$RUNS/bench-llamacpp.json"
+fi
+if run upstream; then
+  INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
+  SERVER=$(python3 -c "from flashback.upstream import llama_server_path; print(llama_server_path() or '')")
+  [[ -n $SERVER ]] || { echo "no llama-server: run scripts/setup_engines.sh" >&2; exit 1; }
+  PORT=${UPSTREAM_PORT:-8181}
+  # one slot and no host-memory prompt cache: each bench run starts cold (the bench replaces the slot's prompt first)
+  "$SERVER" -m "$WORK/export-f16/model-f16.gguf" -c 8192 -np 1 -t 2 -tb 2 --cache-ram 0 --host 127.0.0.1 --port "$PORT" \
+    >"$RUNS/llama-server.log" 2>&1 &
+  server_pid=$!
+  trap 'kill $server_pid 2>/dev/null' EXIT
+  until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 1; done
+  flashback bench --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" --index "$INDEX" \
+    --context-lengths 2048 --repeats 3 --json "$RUNS/bench-upstream.json"
 fi

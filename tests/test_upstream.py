@@ -60,7 +60,9 @@ def server(shipped_gguf, tmp_path_factory):
     log = tmp_path_factory.mktemp("llama-server") / "log.txt"
     # Flash attention off, as in the in-process engine: with it on (llama-server's default on this CPU) the two
     # part ways at a near-tie on this test's append layout (the 7th token).
+    # No host-memory prompt cache (--cache-ram 0): the slot's own prefix cache is what FlashBack relies on.
     cmd = [binary, "-m", folder / card["gguf"], "-c", "2048", "-np", "1", "-t", "2", "-tb", "2", "-fa", "off"]
+    cmd += ["--cache-ram", "0"]
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [*map(str, cmd), "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
@@ -164,6 +166,8 @@ def test_upstream_cli_generate_and_bench(server, capsys, tmp_path):
     assert row["append_step_tokens"] == 16 + 32 + 32 + 2
     a, p = row["append"], row["prepend"]
     assert a["engine_cached_tokens"] >= 256 - 32 and a["engine_prompt_tokens"] < p["engine_prompt_tokens"]
+    # each run starts cold (bench makes the engine forget the previous run): the context is prefilled
+    assert a["breakdown_s"]["prefill_s"] > 0 and a["engine_prompt_tokens"] > 256
     out = tmp_path / "bench.json"
     args = ["bench", "--model", str(folder), "--upstream", url, "--context-lengths", "128", "--new-tokens", "24"]
     assert main([*args, "--repeats", "1", "--json", str(out)]) == 0
@@ -184,3 +188,40 @@ def test_upstream_errors_are_clear(server, capsys, tiny_model_dir, adapter_dir, 
     assert_clean_error(code, err, "--upstream needs --model EXPORT")
     code, _, err = run_cli(capsys, *base, "--model", folder, "--upstream", url, "--engine", "llamacpp")
     assert_clean_error(code, err, "choose one of --engine llamacpp and --upstream")
+
+
+def test_serve_upstream_is_a_retrieval_front_end(server, corpus_file, tmp_path, monkeypatch):
+    """`flashback serve --upstream`: OpenAI completions whose decoding runs on llama-server."""
+    pytest.importorskip("uvicorn")
+    import uvicorn
+
+    from flashback.corpus import read_documents, split_passages
+    from flashback.generate import IndexRetriever
+    from flashback.model import load_tokenizer, tokenizer_fingerprint
+    from flashback.retrieval import Index
+
+    from .test_server import serve_in_thread
+
+    url, folder = server
+    tokenizer = load_tokenizer(str(folder))
+    passages = split_passages(read_documents([corpus_file]), tokenizer, chunk_tokens=64, progress=False)
+    index = Index.build(
+        passages, tokenizer_name=str(folder), fingerprint=tokenizer_fingerprint(tokenizer), chunk_tokens=64
+    )
+    index.save(tmp_path / "index")
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    assert main(["serve", "--upstream", url, "--model", str(folder), "--index", str(tmp_path / "index")]) == 0
+    cfg = GenerationConfig(mode="append", max_new_tokens=24, tail=32)
+    want = generate(load_upstream(url, folder), encode(tokenizer, README_PROMPT), IndexRetriever(index), cfg)
+    running = serve_in_thread(apps[0])
+    base = next(running)
+    try:
+        body = {"prompt": README_PROMPT, "max_tokens": 24, "mode": "append"}
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want.text and want.text.strip()
+        r = httpx.post(f"{base}/v1/completions", json={**body, "logprobs": 1}, timeout=120)
+        assert r.status_code == 400 and "upstream" in r.json()["error"]["message"]
+    finally:
+        next(running, None)

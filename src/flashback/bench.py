@@ -139,6 +139,8 @@ def context_tokens(lm: LoadedModel, length: int, index: Index | None, seed: int)
 
 
 def _run(lm, context, retriever, cfg: GenerationConfig) -> dict:
+    if lm.engine == "upstream":  # a new context for the engine, as in the local engines' runs: nothing cached
+        lm.client.forget(min(lm.eos_ids, default=0))
     _sync(lm.device)
     t0 = time.perf_counter()
     result = generate(lm, context, retriever, cfg)
@@ -179,9 +181,9 @@ def bare_extend_seconds(lm: LoadedModel, context: list[int], n: int, repeats: in
     """Median time of one forward of n tokens against the context's cache, then rolled back."""
     cache = lm.new_cache()
     cache.extend(context)
-    ids = context[:n]
     times = []
-    for _ in range(repeats):
+    for r in range(repeats):
+        ids = context[r : r + n]  # new tokens each time: an engine with a prefix cache must not find them cached
         t0 = time.perf_counter()
         cache.extend(ids)
         _sync(lm.device)

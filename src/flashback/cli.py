@@ -551,11 +551,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.shutdown_grace < 0:
         raise FlashbackError("--shutdown-grace must be >= 0")
     index = _load_index(args.index)
-    plan = _adapters(args)
-    markers = args.markers if args.markers is not None else "append" in plan
-    lm = load_model(
-        args.model, device=args.device, dtype=args.dtype, markers=markers, adapters=plan, **_decode_options(args)
-    )
+    lm = _load_engine(args)
+    if lm is None and args.engine == "llamacpp":
+        from flashback.llamacpp import load_llamacpp
+
+        lm = load_llamacpp(args.model)
+        if args.max_active != 1:  # one llama.cpp context holds one sequence: generations cannot interleave
+            print("flashback: --engine llamacpp serves one generation at a time (--max-active 1)", file=sys.stderr)
+            args.max_active = 1
+    if lm is not None:  # an engine that runs an export: its card says markers and tail
+        from flashback.export import read_export_card
+
+        card = read_export_card(args.model)
+        plan = {}
+        markers = args.markers if args.markers is not None else bool(card.get("markers"))
+        tail = _tail(args, None) if args.tail is not None else card.get("tail", DEFAULT_TAIL)
+    else:
+        plan = _adapters(args)
+        markers = args.markers if args.markers is not None else "append" in plan
+        lm = load_model(
+            args.model, device=args.device, dtype=args.dtype, markers=markers, adapters=plan, **_decode_options(args)
+        )
+        tail = _tail(args, plan.get("append"))
     index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
     limits = ServerLimits(
         max_prompt_tokens=args.max_prompt_tokens,
@@ -565,7 +582,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_request_work=args.max_request_work,
         shutdown_grace_s=args.shutdown_grace,
     )
-    tail = _tail(args, plan.get("append"))
     app = create_app(lm, IndexRetriever(index), limits, markers=markers, tail=tail, docs=args.docs)
     uvicorn.run(
         app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=limits.shutdown_grace_s
@@ -773,6 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP completions with FlashBack retrieval")
     _add_model_args(p)
     _add_decode_args(p)
+    _add_engine_arg(p, "serve")
     p.add_argument("--index", default=None, help=f"index folder (default: {DEFAULT_INDEX})")
     _add_adapter_args(p, repeatable=True)
     p.add_argument(

@@ -347,7 +347,7 @@ def _request_loop(
                 banned=banned,
                 ignore_eos=not cfg.stop_at_eos,
             )
-            trace.forwards += completion_forwards(done, len(layout))
+            trace.forwards += completion_forwards(done)
             if cfg.mode != "none":
                 trace.retrievals[-1]["computed_tokens"] = done.prompt_tokens
                 trace.retrievals[-1]["engine_cached_tokens"] = done.cached_tokens

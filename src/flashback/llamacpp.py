@@ -116,7 +116,9 @@ def export_card(folder: str | Path) -> dict:
     return card
 
 
-def load_llamacpp(folder: str | Path, n_ctx: int | None = None, threads: int | None = None) -> LlamaCppModel:
+def load_llamacpp(
+    folder: str | Path, n_ctx: int | None = None, threads: int | None = None, flash_attn: bool = False
+) -> LlamaCppModel:
     """Load `flashback export --gguf` output: the GGUF its card names, the tokenizer beside it."""
     card = export_card(folder)
     try:
@@ -134,6 +136,7 @@ def load_llamacpp(folder: str | Path, n_ctx: int | None = None, threads: int | N
         n_ctx=min(n_ctx or positions, positions),
         n_threads=threads,
         n_threads_batch=threads,
+        flash_attn=flash_attn,
         verbose=False,
     )
     tokenizer = AutoTokenizer.from_pretrained(folder)

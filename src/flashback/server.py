@@ -496,7 +496,8 @@ class CompletionService:
             )
         trace = Trace(req.mode)
         gen = Generation(self.lm, req, ids, None, trace, start)
-        gen.tokens = stream(self.lm, ids, self.retriever, cfg, trace, observe=gen.observe)  # validates now
+        observe = gen.observe if req.logprobs is not None else None  # logits are kept only when asked for
+        gen.tokens = stream(self.lm, ids, self.retriever, cfg, trace, observe=observe)  # validates now
         return gen
 
     # -- on the event loop -----------------------------------------------------------------------
@@ -509,6 +510,10 @@ class CompletionService:
         problem = req.unsupported()
         if problem:
             raise FlashbackError(problem)
+        if req.logprobs is not None and self.lm.engine == "upstream":
+            raise FlashbackError("logprobs are not available here: an upstream engine decodes (serve --upstream)")
+        if req.echo and req.logprobs is not None and self.lm.engine != "torch":
+            raise FlashbackError("echo with logprobs scores the prompt with the PyTorch engine only")
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         if len(stops) > self.limits.max_stop:
             raise FlashbackError(f"stop: at most {self.limits.max_stop} stop strings")

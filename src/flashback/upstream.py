@@ -140,11 +140,17 @@ class UpstreamClient:
             wall_s=wall,
         )
 
+    def forget(self, token: int) -> None:
+        """Replace what the engine's slot holds by one token, so that the next request shares no prefix with the
+        earlier ones (the bench: each run's context is new to the engine, as a new request's would be). With more
+        than one slot, or a host-memory prompt cache (llama-server --cache-ram), older prompts may still be found."""
+        self.complete([token], 0)
+
     def close(self) -> None:
         self.http.close()
 
 
-def completion_forwards(done: Completion, held: int) -> list[Forward]:
+def completion_forwards(done: Completion) -> list[Forward]:
     """The forwards one request stands for, in the local engines' terms (trace, bench): the prompt part the
     engine computed as one prefill/extend, then a decode per generated token after the first."""
     kind = "prefill" if done.cached_tokens == 0 else "extend"
@@ -176,7 +182,7 @@ class UpstreamCache:
             raise ValueError("extend() needs at least one token")
         self.tokens += ids
         done = self.client.complete(self.tokens, 0)
-        self.forwards += completion_forwards(done, len(self.tokens))[:1]
+        self.forwards += completion_forwards(done)[:1]
 
     def rollback(self, length: int) -> None:
         if length > len(self.tokens):
