@@ -185,3 +185,29 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
     card = {"format": ADAPTER_FORMAT, "position": "append", "markers": True, "tail": 3}
     (path / CARD).write_text(json.dumps({**card, "tokenizer_fingerprint": tokenizer_fingerprint(lm.tokenizer)}))
     return path
+
+
+@pytest.fixture(scope="session")
+def shipped_index(shipped_gguf, corpus_file, tmp_path_factory):
+    """A small index of the tiny corpus, tokenized for the exported default model (for serve tests on engines)."""
+    from flashback.corpus import read_documents, split_passages
+    from flashback.model import load_tokenizer, tokenizer_fingerprint
+    from flashback.retrieval import Index
+
+    folder = str(shipped_gguf[0])
+    tokenizer = load_tokenizer(folder)
+    passages = split_passages(read_documents([corpus_file]), tokenizer, chunk_tokens=64, progress=False)
+    index = Index.build(passages, tokenizer_name=folder, fingerprint=tokenizer_fingerprint(tokenizer), chunk_tokens=64)
+    return index.save(tmp_path_factory.mktemp("shipped-index") / "index")
+
+
+def serve_app(monkeypatch, *argv) -> object:
+    """The app `flashback serve ARGV` would run (uvicorn.run is intercepted)."""
+    import uvicorn
+
+    from flashback.cli import main
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    assert main(["serve", *map(str, argv)]) == 0
+    return apps[0]

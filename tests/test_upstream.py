@@ -190,31 +190,21 @@ def test_upstream_errors_are_clear(server, capsys, tiny_model_dir, adapter_dir, 
     assert_clean_error(code, err, "choose one of --engine llamacpp and --upstream")
 
 
-def test_serve_upstream_is_a_retrieval_front_end(server, corpus_file, tmp_path, monkeypatch):
+def test_serve_upstream_is_a_retrieval_front_end(server, shipped_index, monkeypatch):
     """`flashback serve --upstream`: OpenAI completions whose decoding runs on llama-server."""
     pytest.importorskip("uvicorn")
-    import uvicorn
-
-    from flashback.corpus import read_documents, split_passages
     from flashback.generate import IndexRetriever
-    from flashback.model import load_tokenizer, tokenizer_fingerprint
     from flashback.retrieval import Index
 
+    from .conftest import serve_app
     from .test_server import serve_in_thread
 
     url, folder = server
-    tokenizer = load_tokenizer(str(folder))
-    passages = split_passages(read_documents([corpus_file]), tokenizer, chunk_tokens=64, progress=False)
-    index = Index.build(
-        passages, tokenizer_name=str(folder), fingerprint=tokenizer_fingerprint(tokenizer), chunk_tokens=64
-    )
-    index.save(tmp_path / "index")
-    apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
-    assert main(["serve", "--upstream", url, "--model", str(folder), "--index", str(tmp_path / "index")]) == 0
+    app = serve_app(monkeypatch, "--upstream", url, "--model", folder, "--index", shipped_index)
+    engine = load_upstream(url, folder)
     cfg = GenerationConfig(mode="append", max_new_tokens=24, tail=32)
-    want = generate(load_upstream(url, folder), encode(tokenizer, README_PROMPT), IndexRetriever(index), cfg)
-    running = serve_in_thread(apps[0])
+    want = generate(engine, encode(engine.tokenizer, README_PROMPT), IndexRetriever(Index.load(shipped_index)), cfg)
+    running = serve_in_thread(app)
     base = next(running)
     try:
         body = {"prompt": README_PROMPT, "max_tokens": 24, "mode": "append"}
