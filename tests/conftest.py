@@ -211,3 +211,23 @@ def serve_app(monkeypatch, *argv) -> object:
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
     assert main(["serve", *map(str, argv)]) == 0
     return apps[0]
+
+
+def check_served_text(app, prompt: str, want_text: str, refused: dict, refusal: str) -> None:
+    """Through the real HTTP server: a 24-token append completion of `prompt` reads `want_text`, and the same
+    request with `refused` added gets a 400 whose message contains `refusal`."""
+    import httpx
+
+    from .test_server import serve_in_thread
+
+    running = serve_in_thread(app)
+    base = next(running)
+    try:
+        body = {"prompt": prompt, "max_tokens": 24, "mode": "append"}
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want_text and want_text.strip()
+        r = httpx.post(f"{base}/v1/completions", json={**body, **refused}, timeout=120)
+        assert r.status_code == 400 and refusal in r.json()["error"]["message"]
+    finally:
+        next(running, None)

@@ -63,6 +63,13 @@ def test_bench_rejects_contexts_beyond_the_model(tiny_lm):
         run_bench(tiny_lm, BenchConfig(context_lengths=(64,), new_tokens=16, stride=16, lora_overhead=False))
 
 
+def test_beside_torch_needs_another_engine(capsys, tiny_model_dir):
+    from tests.test_cli import assert_clean_error, run_cli
+
+    code, _, err = run_cli(capsys, "bench", "--model", tiny_model_dir, "--context-lengths", "64", "--beside-torch")
+    assert_clean_error(code, err, "--beside-torch compares an engine")
+
+
 def test_bench_cli_writes_json_and_plot(capsys, tiny_model_dir, tmp_path):
     code = main(
         [

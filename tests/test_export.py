@@ -184,26 +184,13 @@ def test_bench_runs_on_the_llama_cpp_engine(gguf_export):
 def test_serve_runs_on_the_llama_cpp_engine(gguf_export, shipped_index, monkeypatch):
     """`flashback serve --engine llamacpp`: one generation at a time, the engine's own greedy text."""
     pytest.importorskip("uvicorn")
-    import httpx
-
     from flashback.llamacpp import load_llamacpp
 
-    from .conftest import serve_app
-    from .test_server import serve_in_thread
+    from .conftest import check_served_text, serve_app
 
     folder = gguf_export[0]
     app = serve_app(monkeypatch, "--engine", "llamacpp", "--model", folder, "--index", shipped_index)
     engine = load_llamacpp(folder, n_ctx=1024)
     cfg = GenerationConfig(mode="append", max_new_tokens=24, tail=32)
     want = generate(engine, encode(engine.tokenizer, README_PROMPT), IndexRetriever(Index.load(shipped_index)), cfg)
-    running = serve_in_thread(app)
-    base = next(running)
-    try:
-        body = {"prompt": README_PROMPT, "max_tokens": 24, "mode": "append"}
-        r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"] == want.text and want.text.strip()
-        r = httpx.post(f"{base}/v1/completions", json={**body, "echo": True, "logprobs": 1}, timeout=120)
-        assert r.status_code == 400 and "PyTorch engine" in r.json()["error"]["message"]
-    finally:
-        next(running, None)
+    check_served_text(app, README_PROMPT, want.text, {"echo": True, "logprobs": 1}, "PyTorch engine")

@@ -170,9 +170,14 @@ def test_upstream_cli_generate_and_bench(server, capsys, tmp_path):
     assert a["breakdown_s"]["prefill_s"] > 0 and a["engine_prompt_tokens"] > 256
     out = tmp_path / "bench.json"
     args = ["bench", "--model", str(folder), "--upstream", url, "--context-lengths", "128", "--new-tokens", "24"]
-    assert main([*args, "--repeats", "1", "--json", str(out)]) == 0
-    assert "reused from its prefix cache" in capsys.readouterr().out
-    assert json.loads(out.read_text())["engine"] == "upstream"
+    assert main([*args, "--repeats", "1", "--beside-torch", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "reused from its prefix cache" in printed
+    assert "| 128 | torch |" in printed and "| 128 | upstream |" in printed  # the engines side by side
+    result = json.loads(out.read_text())
+    assert result["engine"] == "upstream" and result["beside_torch"]["engine"] == "torch"
+    for r in (result, result["beside_torch"]):  # same schedule and layout on both engines
+        assert r["rows"][0]["append_step_tokens"] == 16 + 32 + 128 + 2
 
 
 def test_upstream_errors_are_clear(server, capsys, tiny_model_dir, adapter_dir, tmp_path):
@@ -196,22 +201,11 @@ def test_serve_upstream_is_a_retrieval_front_end(server, shipped_index, monkeypa
     from flashback.generate import IndexRetriever
     from flashback.retrieval import Index
 
-    from .conftest import serve_app
-    from .test_server import serve_in_thread
+    from .conftest import check_served_text, serve_app
 
     url, folder = server
     app = serve_app(monkeypatch, "--upstream", url, "--model", folder, "--index", shipped_index)
     engine = load_upstream(url, folder)
     cfg = GenerationConfig(mode="append", max_new_tokens=24, tail=32)
     want = generate(engine, encode(engine.tokenizer, README_PROMPT), IndexRetriever(Index.load(shipped_index)), cfg)
-    running = serve_in_thread(app)
-    base = next(running)
-    try:
-        body = {"prompt": README_PROMPT, "max_tokens": 24, "mode": "append"}
-        r = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"] == want.text and want.text.strip()
-        r = httpx.post(f"{base}/v1/completions", json={**body, "logprobs": 1}, timeout=120)
-        assert r.status_code == 400 and "upstream" in r.json()["error"]["message"]
-    finally:
-        next(running, None)
+    check_served_text(app, README_PROMPT, want.text, {"logprobs": 1}, "upstream")

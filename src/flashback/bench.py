@@ -442,6 +442,23 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(results: Sequence[dict]) -> str:
+    """One row per engine and context length: the same export, contexts and passages timed in one run."""
+    lines = [
+        "| L | engine | append s | prepend s | speedup | FLOP limit | step speedup | decode ms/token (append) |",
+        "|" + "---|" * 8,
+    ]
+    for result in results:
+        for r in result["rows"]:
+            a, p = r["append"], r["prepend"]
+            lines.append(
+                f"| {r['context_length']} | {result['engine']} | {a['wall_s']['median']:.2f} | "
+                f"{p['wall_s']['median']:.2f} | {r['speedup']:.2f}x | {r['flop_limit_speedup']:.2f}x | "
+                f"{r['step_speedup']:.2f}x | {a['decode_ms_per_token']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: str) -> None:
     import matplotlib
 

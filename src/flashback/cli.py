@@ -466,7 +466,10 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from flashback.bench import BenchConfig, format_table, plot, run_bench
+    from dataclasses import replace
+
+    from flashback.bench import BenchConfig, format_comparison, format_table, plot, run_bench
+    from flashback.export import read_export_card
     from flashback.model import load_model, tokenizer_fingerprint
 
     bc = BenchConfig(
@@ -484,34 +487,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(bc, name) < 1:
             raise FlashbackError(f"--{name.replace('_', '-')} must be at least 1")
     index = _load_index(args.index) if args.index else None
-    engine = _load_engine(args)
-    if engine is not None:
-        from dataclasses import replace
+    lm = _load_engine(args)
+    if lm is None and args.engine == "llamacpp":
+        from flashback.llamacpp import load_llamacpp
 
-        from flashback.export import read_export_card
-
-        card = read_export_card(args.model)
-        tail = args.tail if args.tail is not None else card.get("tail", bc.tail)
-        lm = engine
-        bc = replace(bc, lora_overhead=False, markers=bool(card.get("markers")) and args.markers, tail=tail)
-    elif args.engine == "llamacpp":
-        from dataclasses import replace
-
-        from flashback.llamacpp import export_card, load_llamacpp
-
-        card = export_card(args.model)
-        tail = args.tail if args.tail is not None else card.get("tail", bc.tail)
+        tail = args.tail if args.tail is not None else (read_export_card(args.model) or {}).get("tail", bc.tail)
         step = bc.stride + tail + bc.k * bc.passage_tokens + 2  # the bare forward of one step's tokens, too
         lm = load_llamacpp(args.model, n_ctx=max(bc.context_lengths) + max(bc.new_tokens, step) + step)
+    if lm is not None:  # an engine that runs an export: its card says markers and tail; its adapter is merged
+        card = read_export_card(args.model)
+        tail = args.tail if args.tail is not None else card.get("tail", bc.tail)
         bc = replace(bc, lora_overhead=False, markers=bool(card.get("markers")) and args.markers, tail=tail)
+    elif args.beside_torch:
+        raise FlashbackError("--beside-torch compares an engine (--engine llamacpp or --upstream) with PyTorch")
     else:
         lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=args.markers, **_decode_options(args))
     if index is not None:
         index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
     else:
         print("flashback: passages are random tokens (no --index given)", file=sys.stderr)
-    result = run_bench(lm, bc, index, progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    progress = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    result = run_bench(lm, bc, index, progress=progress)
     print(format_table(result))
+    if args.beside_torch:  # the same export, contexts and passages on the PyTorch engine, in this run
+        progress("the same export on the PyTorch engine")
+        torch_lm = load_model(
+            args.model, device=args.device, dtype=args.dtype, markers=bc.markers, **_decode_options(args)
+        )
+        result["beside_torch"] = run_bench(torch_lm, bc, index, progress=progress)
+        print("\nThe same export on the PyTorch engine:\n")
+        print(format_table(result["beside_torch"]))
+        print("\n" + format_comparison([result, result["beside_torch"]]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
@@ -772,6 +778,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markers", action=argparse.BooleanOptionalAction, default=True)
     _add_tail_arg(p)
     p.add_argument("--no-lora", action="store_true", help="skip the unmerged-vs-merged LoRA measurement")
+    p.add_argument(
+        "--beside-torch",
+        action="store_true",
+        help="with --engine llamacpp or --upstream: then time the same export on the PyTorch engine, in this run",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", help="write every row to this JSON file")
     p.add_argument("--plot", help="draw time vs context length to this PNG")

@@ -16,7 +16,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+import torch
 
 from flashback.adapter import adapter_position, adapter_tail, read_card
 from flashback.atomic import FolderKind, atomic_folder
@@ -131,3 +135,66 @@ def export(
             write_gguf(tmp, tmp / card["gguf"], gguf)
         (tmp / "flashback.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
+
+
+@dataclass
+class ExportedModel:
+    """What the generation loop and the bench ask of a model (model.LoadedModel's interface) when an engine runs
+    an export: the adapter is merged, and tokenizer, markers and architecture come from the export folder."""
+
+    tokenizer: object
+    name: str
+    marker_ids: tuple[int, int] | None
+    eos: set[int]
+    positions: int
+    model: torch.nn.Module | None = None  # the architecture on the meta device: FLOP accounting (bench), no weights
+    weight_bytes: int = 0  # the GGUF file: what one decode step reads of weights
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    adapters: dict = field(default_factory=dict)  # merged into the exported weights already
+    dtype_name: str = "export"
+    compile: bool = False  # PyTorch's decode options do not apply
+    quantize: str | None = None
+    compile_s: float = 0.0
+    engine: ClassVar[str] = "export"
+    kv_value_bytes: ClassVar[int] = 2  # llama.cpp keeps keys and values in f16
+
+    def decode_weight_bytes(self, mode: str | None) -> int:
+        return self.weight_bytes
+
+    @property
+    def max_positions(self) -> int:
+        return self.positions
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return self.eos
+
+    def activate(self, mode: str | None) -> None:
+        """Nothing to switch: the exported model has its adapter merged."""
+
+    def decoder(self, mode: str | None):
+        return None
+
+
+def exported_parts(folder: str | Path, card: dict) -> dict:
+    """ExportedModel's fields that the export folder gives: tokenizer, markers, end-of-sequence ids, positions,
+    the architecture on the meta device, and the GGUF's size and type when it has one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder).expanduser()
+    config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    with torch.device("meta"):
+        shape = AutoModelForCausalLM.from_config(config)
+    gguf = folder / card["gguf"] if card.get("gguf") else None
+    has_gguf = gguf is not None and gguf.exists()
+    return {
+        "tokenizer": tokenizer,
+        "marker_ids": tuple(card["marker_ids"]) if card.get("marker_ids") else None,
+        "eos": set() if eos is None else set(eos) if isinstance(eos, list) else {int(eos)},
+        "positions": int(getattr(config, "max_position_embeddings", 2048)),
+        "model": shape,
+        "weight_bytes": gguf.stat().st_size if has_gguf else 0,
+        "dtype_name": f"gguf {card['gguf']}" if has_gguf else "export",
+    }

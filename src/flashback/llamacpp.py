@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,6 +20,7 @@ import torch
 
 from flashback.cache import Forward
 from flashback.errors import FlashbackError
+from flashback.export import ExportedModel, exported_parts, read_export_card
 
 
 class LlamaCppCache:
@@ -66,41 +67,11 @@ class LlamaCppCache:
 
 
 @dataclass
-class LlamaCppModel:
-    """What the generation loop needs of a model (model.LoadedModel's interface), served by llama.cpp."""
+class LlamaCppModel(ExportedModel):
+    """An export's GGUF, run in this process by llama.cpp."""
 
-    llm: object
-    tokenizer: object
-    name: str
-    marker_ids: tuple[int, int] | None
-    eos: set[int]
-    model: torch.nn.Module | None = None  # the architecture on the meta device: FLOP accounting (bench), no weights
-    weight_bytes: int = 0  # the GGUF file: what one decode step reads of weights
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    adapters: dict = field(default_factory=dict)  # merged into the GGUF already
-    dtype_name: str = "gguf"
-    compile: bool = False  # PyTorch's decode options do not apply
-    quantize: str | None = None
-    compile_s: float = 0.0
+    llm: object = None
     engine: ClassVar[str] = "llama.cpp"
-    kv_value_bytes: ClassVar[int] = 2  # llama.cpp keeps keys and values in f16
-
-    def decode_weight_bytes(self, mode: str | None) -> int:
-        return self.weight_bytes
-
-    @property
-    def max_positions(self) -> int:
-        return len(self.llm.input_ids)
-
-    @property
-    def eos_ids(self) -> set[int]:
-        return self.eos
-
-    def activate(self, mode: str | None) -> None:
-        """Nothing to switch: the exported model has its adapter merged."""
-
-    def decoder(self, mode: str | None):
-        return None
 
     def new_cache(self, capacity: int | None = None, decoder=None) -> LlamaCppCache:
         return LlamaCppCache(self.llm)
@@ -108,8 +79,6 @@ class LlamaCppModel:
 
 def export_card(folder: str | Path) -> dict:
     """The card of a `flashback export --gguf` folder (position, markers, tail, the GGUF's name)."""
-    from flashback.export import read_export_card
-
     card = read_export_card(folder) or {}
     if not card.get("gguf"):
         raise FlashbackError(f"{folder} is not an export with a GGUF file: run flashback export --gguf f16 --out DIR")
@@ -125,36 +94,17 @@ def load_llamacpp(
         from llama_cpp import Llama
     except ImportError:
         raise FlashbackError("--engine llamacpp needs llama-cpp-python (README: flashback export)") from None
-    from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder).expanduser()
-    config = AutoConfig.from_pretrained(folder)
-    positions = int(getattr(config, "max_position_embeddings", 2048))
+    parts = exported_parts(folder, card)
     threads = threads or torch.get_num_threads()
     llm = Llama(
         model_path=str(folder / card["gguf"]),
-        n_ctx=min(n_ctx or positions, positions),
+        n_ctx=min(n_ctx or parts["positions"], parts["positions"]),
         n_threads=threads,
         n_threads_batch=threads,
         flash_attn=flash_attn,
         verbose=False,
     )
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-    eos_ids = set() if eos is None else set(eos) if isinstance(eos, list) else {int(eos)}
-    markers = tuple(card["marker_ids"]) if card.get("marker_ids") else None
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        shape = AutoModelForCausalLM.from_config(config)
-    gguf = folder / card["gguf"]
-    return LlamaCppModel(
-        llm,
-        tokenizer,
-        f"{folder.name} (llama.cpp)",
-        markers,
-        eos_ids,
-        model=shape,
-        weight_bytes=gguf.stat().st_size,
-        dtype_name=f"gguf {card['gguf']}",
-    )
+    parts["positions"] = len(llm.input_ids)  # the context asked for (llama.cpp may round its own n_ctx up)
+    return LlamaCppModel(name=f"{folder.name} (llama.cpp)", llm=llm, **parts)

@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,6 +25,7 @@ import torch
 
 from flashback.cache import Forward
 from flashback.errors import FlashbackError
+from flashback.export import ExportedModel, exported_parts, read_export_card
 
 LLAMA_SERVER_VERSION = "0.3.36"  # the llama-cpp-python source package that scripts/setup_engines.sh builds it from
 
@@ -194,42 +195,11 @@ class UpstreamCache:
 
 
 @dataclass
-class UpstreamModel:
-    """What the generation loop and the bench need of a model (model.LoadedModel's interface), served upstream."""
+class UpstreamModel(ExportedModel):
+    """An export served by a llama.cpp server: decoding happens there (generate._request_loop)."""
 
-    client: UpstreamClient
-    tokenizer: object
-    name: str
-    marker_ids: tuple[int, int] | None
-    eos: set[int]
-    positions: int
-    model: torch.nn.Module | None = None  # the architecture on the meta device: FLOP accounting (bench), no weights
-    weight_bytes: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    adapters: dict = field(default_factory=dict)  # merged into the served model
-    dtype_name: str = "upstream"
-    compile: bool = False
-    quantize: str | None = None
-    compile_s: float = 0.0
+    client: UpstreamClient | None = None
     engine: ClassVar[str] = "upstream"
-    kv_value_bytes: ClassVar[int] = 2
-
-    def decode_weight_bytes(self, mode: str | None) -> int:
-        return self.weight_bytes
-
-    @property
-    def max_positions(self) -> int:
-        return self.positions
-
-    @property
-    def eos_ids(self) -> set[int]:
-        return self.eos
-
-    def activate(self, mode: str | None) -> None:
-        """Nothing to switch: the served model has its adapter merged."""
-
-    def decoder(self, mode: str | None):
-        return None
 
     def new_cache(self, capacity: int | None = None, decoder=None) -> UpstreamCache:
         return UpstreamCache(self.client)
@@ -237,10 +207,6 @@ class UpstreamModel:
 
 def load_upstream(url: str, folder: str | Path) -> UpstreamModel:
     """Connect to `url`, which serves the export in `folder`; check that both tokenize alike, markers included."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from flashback.export import read_export_card
-
     card = read_export_card(folder)
     if card is None:
         raise FlashbackError(
@@ -250,32 +216,16 @@ def load_upstream(url: str, folder: str | Path) -> UpstreamModel:
     folder = Path(folder).expanduser()
     client = UpstreamClient(url)
     props = client.props()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    markers = tuple(card["marker_ids"]) if card.get("marker_ids") else None
+    parts = exported_parts(folder, card)
+    tokenizer, markers = parts["tokenizer"], parts["marker_ids"]
     probe = "def f(x): return x  # FlashBack"
     if markers:
         probe = f"{tokenizer.convert_ids_to_tokens(markers[0])}{probe}{tokenizer.convert_ids_to_tokens(markers[1])}"
-    local = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    if client.tokenize(probe) != local:
+    if client.tokenize(probe) != tokenizer(probe, add_special_tokens=False)["input_ids"]:
         raise FlashbackError(
             f"the model served at {url} tokenizes differently from {folder}: "
             f"serve that export's GGUF ({card.get('gguf')})"
         )
-    config = AutoConfig.from_pretrained(folder)
-    positions = int(getattr(config, "max_position_embeddings", 2048))
-    served_ctx = props.get("default_generation_settings", {}).get("n_ctx") or positions
-    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-    eos_ids = set() if eos is None else set(eos) if isinstance(eos, list) else {int(eos)}
-    with torch.device("meta"):
-        shape = AutoModelForCausalLM.from_config(config)
-    gguf = folder / card["gguf"] if card.get("gguf") else None
-    return UpstreamModel(
-        client,
-        tokenizer,
-        f"{folder.name} (upstream {client.url})",
-        markers,
-        eos_ids,
-        min(positions, int(served_ctx)),
-        model=shape,
-        weight_bytes=gguf.stat().st_size if gguf and gguf.exists() else 0,
-    )
+    served_ctx = props.get("default_generation_settings", {}).get("n_ctx") or parts["positions"]
+    parts["positions"] = min(parts["positions"], int(served_ctx))
+    return UpstreamModel(name=f"{folder.name} (upstream {client.url})", client=client, **parts)
