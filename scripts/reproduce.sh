@@ -12,10 +12,10 @@
 #   decode     the compiled decode step at L=2048,4096 (fp32, then int8), the eager one at 2048, then one
 #              128-token generation with and without --compile, compile time included (~45 min)
 #   eval-int8  the perplexity cost of --quantize int8 on the held-out Python pages (~10 min)
-#   llamacpp   the shipped adapter exported to f16 GGUF, then the bench on llama.cpp at L=2048 (~8 min;
-#              needs scripts/setup_engines.sh)
+#   llamacpp   the shipped adapter exported to f16 GGUF, then the bench on llama.cpp at L=2048, and the same
+#              export on PyTorch in the same run (~14 min; needs scripts/setup_engines.sh)
 #   upstream   that export served by llama-server (one slot, 2 threads), then the bench with --upstream at
-#              L=2048 (~6 min; needs scripts/setup_engines.sh and the llamacpp step's export)
+#              L=2048, and the export on PyTorch in the same run (~12 min; needs the llamacpp step's export)
 # Usage: bash scripts/reproduce.sh [STEP|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -92,7 +92,7 @@ if run llamacpp; then
   INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
   flashback export --gguf f16 --out "$WORK/export-f16"
   flashback bench --engine llamacpp --model "$WORK/export-f16" --index "$INDEX" --context-lengths 2048 --repeats 3 \
-    --json "$RUNS/bench-llamacpp.json"
+    --beside-torch --json "$RUNS/bench-llamacpp.json"
 fi
 if run upstream; then
   INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
@@ -106,5 +106,5 @@ if run upstream; then
   trap 'kill $server_pid 2>/dev/null' EXIT
   until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 1; done
   flashback bench --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" --index "$INDEX" \
-    --context-lengths 2048 --repeats 3 --json "$RUNS/bench-upstream.json"
+    --context-lengths 2048 --repeats 3 --beside-torch --json "$RUNS/bench-upstream.json"
 fi
