@@ -357,7 +357,10 @@ def _request_loop(
                 yield token
                 if cfg.stop_at_eos and token in eos:
                     return
-            if done.stopped_at_eos or len(tokens) < n:  # the engine stopped early
+            if done.stopped_at_eos:
+                return
+            if len(tokens) < n:  # not at an end of sequence: the engine's context is full, or it cut the request
+                trace.warn(f"the upstream engine returned {len(tokens)} of {n} tokens (its context may be full)")
                 return
     finally:
         trace.total_s = time.perf_counter() - start
