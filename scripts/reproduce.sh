@@ -13,7 +13,8 @@
 #              128-token generation with and without --compile, compile time included (~45 min)
 #   eval-int8  the perplexity cost of --quantize int8 on the held-out Python pages (~10 min)
 #   llamacpp   the shipped adapter exported to f16 GGUF, then the bench on llama.cpp at L=2048, and the same
-#              export on PyTorch in the same run (~14 min; needs scripts/setup_engines.sh)
+#              export on PyTorch in the same run, then llama.cpp with flash attention (~22 min; needs
+#              scripts/setup_engines.sh)
 #   upstream   that export served by llama-server (one slot, 2 threads), then the bench with --upstream at
 #              L=2048, and the export on PyTorch in the same run (~12 min; needs the llamacpp step's export)
 # Usage: bash scripts/reproduce.sh [STEP|all]
@@ -93,6 +94,8 @@ if run llamacpp; then
   flashback export --gguf f16 --out "$WORK/export-f16"
   flashback bench --engine llamacpp --model "$WORK/export-f16" --index "$INDEX" --context-lengths 2048 --repeats 3 \
     --beside-torch --json "$RUNS/bench-llamacpp.json"
+  flashback bench --engine llamacpp --flash-attn --model "$WORK/export-f16" --index "$INDEX" --context-lengths 2048 \
+    --repeats 3 --json "$RUNS/bench-llamacpp-flash-attn.json"
 fi
 if run upstream; then
   INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")

@@ -193,6 +193,8 @@ def test_upstream_errors_are_clear(server, capsys, tiny_model_dir, adapter_dir, 
     assert_clean_error(code, err, "--upstream needs --model EXPORT")
     code, _, err = run_cli(capsys, *base, "--model", folder, "--upstream", url, "--engine", "llamacpp")
     assert_clean_error(code, err, "choose one of --engine llamacpp and --upstream")
+    code, _, err = run_cli(capsys, *base, "--model", folder, "--upstream", url, "--flash-attn")
+    assert_clean_error(code, err, "--flash-attn applies to --engine llamacpp only")
 
 
 def test_serve_upstream_is_a_retrieval_front_end(server, shipped_index, monkeypatch):

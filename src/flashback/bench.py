@@ -140,7 +140,7 @@ def context_tokens(lm: LoadedModel, length: int, index: Index | None, seed: int)
 
 def _run(lm, context, retriever, cfg: GenerationConfig) -> dict:
     if lm.engine == "upstream":  # a new context for the engine, as in the local engines' runs: nothing cached
-        lm.client.forget(min(lm.eos_ids, default=0))
+        lm.forget()
     _sync(lm.device)
     t0 = time.perf_counter()
     result = generate(lm, context, retriever, cfg)

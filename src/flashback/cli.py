@@ -57,6 +57,11 @@ def _add_engine_arg(p: argparse.ArgumentParser, what: str) -> None:
         help=f"llamacpp: {what} a `flashback export --gguf` folder (--model DIR) in llama.cpp",
     )
     p.add_argument(
+        "--flash-attn",
+        action="store_true",
+        help="--engine llamacpp: flash attention (faster prefill and extends; off by default, as measured)",
+    )
+    p.add_argument(
         "--upstream",
         metavar="URL",
         default=None,
@@ -66,12 +71,12 @@ def _add_engine_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _load_engine(args: argparse.Namespace):
-    """The llama.cpp or upstream engine that --engine / --upstream ask for (None: the PyTorch engine)."""
+    """The upstream engine that --upstream asks for (None: --engine decides, loaded by the command)."""
+    if args.flash_attn and args.engine != "llamacpp":
+        raise FlashbackError("--flash-attn applies to --engine llamacpp only")
     if args.upstream:
         if args.engine != "torch":
             raise FlashbackError("choose one of --engine llamacpp and --upstream")
-        if not args.model:
-            raise FlashbackError("--upstream needs --model EXPORT: the `flashback export` folder of the served model")
         from flashback.upstream import load_upstream
 
         return load_upstream(args.upstream, args.model)
@@ -266,7 +271,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.engine == "llamacpp":
         from flashback.llamacpp import load_llamacpp
 
-        lm = load_llamacpp(args.model)
+        lm = load_llamacpp(args.model, flash_attn=args.flash_attn)
     else:
         lm = load_model(
             args.model,
@@ -488,19 +493,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise FlashbackError(f"--{name.replace('_', '-')} must be at least 1")
     index = _load_index(args.index) if args.index else None
     lm = _load_engine(args)
+    if lm is not None or args.engine == "llamacpp":  # an engine that runs an export: its card says markers and tail
+        card = read_export_card(args.model) or {}  # (the engine's loader refuses a folder that is not an export)
+        tail = args.tail if args.tail is not None else card.get("tail", bc.tail)
+        bc = replace(bc, lora_overhead=False, markers=bool(card.get("markers")) and args.markers, tail=tail)
     if lm is None and args.engine == "llamacpp":
         from flashback.llamacpp import load_llamacpp
 
-        tail = args.tail if args.tail is not None else (read_export_card(args.model) or {}).get("tail", bc.tail)
-        step = bc.stride + tail + bc.k * bc.passage_tokens + 2  # the bare forward of one step's tokens, too
-        lm = load_llamacpp(args.model, n_ctx=max(bc.context_lengths) + max(bc.new_tokens, step) + step)
-    if lm is not None:  # an engine that runs an export: its card says markers and tail; its adapter is merged
-        card = read_export_card(args.model)
-        tail = args.tail if args.tail is not None else card.get("tail", bc.tail)
-        bc = replace(bc, lora_overhead=False, markers=bool(card.get("markers")) and args.markers, tail=tail)
-    elif args.beside_torch:
-        raise FlashbackError("--beside-torch compares an engine (--engine llamacpp or --upstream) with PyTorch")
-    else:
+        step = bc.stride + bc.tail + bc.k * bc.passage_tokens + 2  # the bare forward of one step's tokens, too
+        n_ctx = max(bc.context_lengths) + max(bc.new_tokens, step) + step
+        lm = load_llamacpp(args.model, n_ctx=n_ctx, flash_attn=args.flash_attn)
+    if lm is None:
+        if args.beside_torch:
+            raise FlashbackError("--beside-torch compares an engine (--engine llamacpp or --upstream) with PyTorch")
         lm = load_model(args.model, device=args.device, dtype=args.dtype, markers=args.markers, **_decode_options(args))
     if index is not None:
         index.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
@@ -561,7 +566,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if lm is None and args.engine == "llamacpp":
         from flashback.llamacpp import load_llamacpp
 
-        lm = load_llamacpp(args.model)
+        lm = load_llamacpp(args.model, flash_attn=args.flash_attn)
         if args.max_active != 1:  # one llama.cpp context holds one sequence: generations cannot interleave
             print("flashback: --engine llamacpp serves one generation at a time (--max-active 1)", file=sys.stderr)
             args.max_active = 1

@@ -93,7 +93,7 @@ def load_llamacpp(
     try:
         from llama_cpp import Llama
     except ImportError:
-        raise FlashbackError("--engine llamacpp needs llama-cpp-python (README: flashback export)") from None
+        raise FlashbackError("--engine llamacpp needs llama-cpp-python: bash scripts/setup_engines.sh") from None
 
     folder = Path(folder).expanduser()
     parts = exported_parts(folder, card)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,6 @@ class Completion:
     cached_tokens: int  # prompt tokens reused from the prefix cache
     prompt_s: float  # engine time for the prompt
     decode_s: float  # engine time for the generated tokens
-    wall_s: float  # the whole request, as seen from here
 
 
 class UpstreamClient:
@@ -127,9 +125,7 @@ class UpstreamClient:
         }
         if seed is not None:
             body["seed"] = seed % 2**32  # llama.cpp takes a 32-bit seed
-        start = time.perf_counter()
         out = self._post("/completion", body)
-        wall = time.perf_counter() - start
         timings = out.get("timings", {})
         return Completion(
             tokens=[int(t) for t in out.get("tokens", [])],
@@ -138,7 +134,6 @@ class UpstreamClient:
             cached_tokens=int(timings.get("cache_n", 0)),
             prompt_s=float(timings.get("prompt_ms", 0.0)) / 1000,
             decode_s=float(timings.get("predicted_ms", 0.0)) / 1000,
-            wall_s=wall,
         )
 
     def forget(self, token: int) -> None:
@@ -203,6 +198,10 @@ class UpstreamModel(ExportedModel):
 
     def new_cache(self, capacity: int | None = None, decoder=None) -> UpstreamCache:
         return UpstreamCache(self.client)
+
+    def forget(self) -> None:
+        """Make the server's slot hold one end-of-sequence token: the next prompt finds nothing of the earlier ones."""
+        self.client.forget(min(self.eos, default=0))
 
 
 def load_upstream(url: str, folder: str | Path) -> UpstreamModel:
