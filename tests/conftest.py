@@ -117,19 +117,20 @@ def corpus_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_index_dir(tiny_model_dir, corpus_file, tmp_path_factory):
+    return build_index(tiny_model_dir, corpus_file, 24, tmp_path_factory.mktemp("idx") / "index")
+
+
+def build_index(model_dir, corpus_file, chunk_tokens: int, out):
+    """An index of the tiny corpus in passages of `chunk_tokens` tokens of `model_dir`'s tokenizer."""
     from flashback.corpus import read_documents, split_passages
     from flashback.model import load_tokenizer, tokenizer_fingerprint
     from flashback.retrieval import Index
 
-    tokenizer = load_tokenizer(str(tiny_model_dir))
-    passages = split_passages(read_documents([corpus_file]), tokenizer, chunk_tokens=24, progress=False)
-    index = Index.build(
-        passages,
-        tokenizer_name=str(tiny_model_dir),
-        fingerprint=tokenizer_fingerprint(tokenizer),
-        chunk_tokens=24,
-    )
-    return index.save(tmp_path_factory.mktemp("idx") / "index")
+    tokenizer = load_tokenizer(str(model_dir))
+    passages = split_passages(read_documents([corpus_file]), tokenizer, chunk_tokens=chunk_tokens, progress=False)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    index = Index.build(passages, tokenizer_name=str(model_dir), fingerprint=fingerprint, chunk_tokens=chunk_tokens)
+    return index.save(out)
 
 
 @pytest.fixture(scope="session")
@@ -190,15 +191,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def shipped_index(shipped_gguf, corpus_file, tmp_path_factory):
     """A small index of the tiny corpus, tokenized for the exported default model (for serve tests on engines)."""
-    from flashback.corpus import read_documents, split_passages
-    from flashback.model import load_tokenizer, tokenizer_fingerprint
-    from flashback.retrieval import Index
-
-    folder = str(shipped_gguf[0])
-    tokenizer = load_tokenizer(folder)
-    passages = split_passages(read_documents([corpus_file]), tokenizer, chunk_tokens=64, progress=False)
-    index = Index.build(passages, tokenizer_name=folder, fingerprint=tokenizer_fingerprint(tokenizer), chunk_tokens=64)
-    return index.save(tmp_path_factory.mktemp("shipped-index") / "index")
+    return build_index(shipped_gguf[0], corpus_file, 64, tmp_path_factory.mktemp("shipped-index") / "index")
 
 
 def serve_app(monkeypatch, *argv) -> object:
