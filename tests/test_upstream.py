@@ -11,6 +11,8 @@ import json
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -18,15 +20,17 @@ import pytest
 
 from flashback.bench import BenchConfig, run_bench
 from flashback.cli import main
+from flashback.errors import FlashbackError
 from flashback.export import export
 from flashback.generate import GenerationConfig, Retrieved, generate
 from flashback.model import encode, load_model
 from flashback.retrieval import Hit
-from flashback.upstream import llama_server_path, load_upstream
+from flashback.upstream import OpenAIClient, llama_server_path, load_upstream, vllm_python
 from tests.conftest import engine_or_skip
 
 from .test_cli import assert_clean_error, run_cli
 
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 README_PROMPT = "A garbage collector reclaims memory that a program no longer uses. In Python, the"
 TEXT = (
     "A garbage collector reclaims memory that a program no longer uses. Reference counting frees an object as soon "
@@ -50,40 +54,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(shipped_gguf, tmp_path_factory):
-    """(url, export folder) of a llama-server on the export's GGUF: one slot, 2 threads."""
-    binary = llama_server_path()
-    engine_or_skip(binary is not None, "llama-server")
-    folder, card = shipped_gguf
-    port = _free_port()
-    log = tmp_path_factory.mktemp("llama-server") / "log.txt"
-    # Flash attention off, as in the in-process engine: with it on (llama-server's default on this CPU) the two
-    # part ways at a near-tie on this test's append layout (the 7th token).
-    # No host-memory prompt cache (--cache-ram 0): the slot's own prefix cache is what FlashBack relies on.
-    cmd = [binary, "-m", folder / card["gguf"], "-c", "2048", "-np", "1", "-t", "2", "-tb", "2", "-fa", "off"]
-    cmd += ["--cache-ram", "0"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [*map(str, cmd), "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+@dataclass(frozen=True)
+class Served:
+    url: str
+    folder: Path  # the export it serves
+    block: int  # the prefix cache's granularity in tokens: it reuses whole blocks only
+
+
+def _wait_until_up(proc, url: str, path: str, log: Path, what: str, limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"llama-server exited ({proc.returncode}): {log.read_text()[-2000:]}")
+            pytest.fail(f"{what} exited ({proc.returncode}): {log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"llama-server did not come up in 120 s: {log.read_text()[-2000:]}")
-        time.sleep(0.25)
-    yield url, folder
+            pytest.fail(f"{what} did not come up in {limit_s:.0f} s: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module", params=["llama-server", "vllm"])
+def server(request, shipped_gguf, tmp_path_factory):
+    """A server on the shipped adapter's export, started here: llama-server on its f16 GGUF (one slot, 2 threads),
+    or vLLM's CPU build on its Hugging Face folder (scripts/vllm_server.sh)."""
+    folder, card = shipped_gguf
+    port = _free_port()
+    log = tmp_path_factory.mktemp(request.param) / "log.txt"
+    if request.param == "llama-server":
+        binary = llama_server_path()
+        engine_or_skip(binary is not None, "llama-server")
+        # Flash attention off, as in the in-process engine: with it on (llama-server's default on this CPU) the two
+        # part ways at a near-tie on this test's append layout (the 7th token).
+        # No host-memory prompt cache (--cache-ram 0): the slot's own prefix cache is what FlashBack relies on.
+        cmd = [binary, "-m", folder / card["gguf"], "-c", "2048", "-np", "1", "-t", "2", "-tb", "2", "-fa", "off"]
+        cmd += ["--cache-ram", "0", "--host", "127.0.0.1", "--port", port]
+        path, limit_s, block = "/health", 120, 1
+    else:
+        engine_or_skip(vllm_python() is not None, "vLLM (scripts/setup_engines.sh --vllm)")
+        # eager: the same model, without the minute vLLM spends compiling it
+        cmd = ["bash", SCRIPTS / "vllm_server.sh", folder, port, "--enforce-eager", "--max-model-len", "2048"]
+        path, limit_s, block = "/v1/models", 600, 32
+    with open(log, "w") as out:
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    _wait_until_up(proc, url, path, log, request.param, limit_s)
+    yield Served(url, folder, block)
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def floor_block(n: int, block: int) -> int:
+    return n // block * block
 
 
 def alternating_retriever(tokenizer):
@@ -104,91 +132,97 @@ def alternating_retriever(tokenizer):
 
 
 def test_upstream_generates_the_local_engines_tokens(server):
-    """Same layouts, same greedy tokens on the README's prompt: llama-server == in-process llama.cpp (all 24
-    tokens), == PyTorch (the first 16); the engine computes per retrieval what the local cache computes."""
-    url, folder = server
-    engine = load_upstream(url, folder)
-    torch_lm = load_model(str(folder), markers=True)
-    local = None
-    if importlib.util.find_spec("llama_cpp") is not None:
+    """Same layouts, same greedy tokens on the README's prompt: the first 16 equal PyTorch's, and all 24 equal
+    those of the local engine on the same weights (llama-server: in-process llama.cpp on the f16 GGUF; vLLM:
+    PyTorch on the fp32 folder). Per retrieval, the engine reuses what the local cache keeps, in whole blocks."""
+    engine = load_upstream(server.url, server.folder)
+    torch_lm = load_model(str(server.folder), markers=True)
+    local = torch_lm
+    if server.block == 1:  # llama-server
+        engine_or_skip(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python")
         from flashback.llamacpp import load_llamacpp
 
-        local = load_llamacpp(folder, n_ctx=1024)
+        local = load_llamacpp(server.folder, n_ctx=1024)
     prompt = encode(torch_lm.tokenizer, README_PROMPT)
     for mode in ("append", "prepend", "none"):
         cfg = GenerationConfig(mode=mode, max_new_tokens=24, tail=32, stop_at_eos=False)
+        engine.forget()
         got = generate(engine, prompt, alternating_retriever(torch_lm.tokenizer), cfg)
         want = generate(torch_lm, prompt, alternating_retriever(torch_lm.tokenizer), cfg)
         assert len(got.token_ids) == 24
         assert got.token_ids[:16] == want.token_ids[:16], mode
-        if local is not None:
-            same = generate(local, prompt, alternating_retriever(torch_lm.tokenizer), cfg).token_ids
-            assert got.token_ids == same, mode
+        assert got.token_ids == generate(local, prompt, alternating_retriever(torch_lm.tokenizer), cfg).token_ids
         if mode != "none":  # the first request also holds the prompt, which the local cache prefilled apart
-            computed = [r["computed_tokens"] for r in got.trace.retrievals]
-            assert computed[1:] == [r["computed_tokens"] for r in want.trace.retrievals[1:]]
-            assert computed[0] == len(prompt) + len(encode(torch_lm.tokenizer, PASSAGES[0])) + 2 * (mode == "append")
+            first, *later = got.trace.retrievals
+            assert first["engine_cached_tokens"] == 0
+            passage = len(encode(torch_lm.tokenizer, PASSAGES[0]))
+            assert first["computed_tokens"] == len(prompt) + passage + 2 * (mode == "append")
+            for r, mine in zip(later, want.trace.retrievals[1:], strict=True):
+                kept = r["computed_tokens"] + r["engine_cached_tokens"] - mine["computed_tokens"]
+                assert r["engine_cached_tokens"] == floor_block(kept, server.block)
         else:
             assert got.trace.retrievals == []
 
 
 def test_upstream_prefix_cache_serves_append_not_prepend(server):
     """A ~240-token context: each append request reuses the context before the previous passage from the
-    server's cache and computes stride + tail + passage + 2 tokens; each prepend request starts anew."""
-    url, folder = server
-    engine = load_upstream(url, folder)
+    server's cache (in whole blocks) and computes the rest: stride + tail + passage + 2 tokens and, with blocks,
+    the part of a block before; each prepend request starts anew."""
+    engine = load_upstream(server.url, server.folder)
     prompt = encode(engine.tokenizer, TEXT * 3)
     passages = [len(encode(engine.tokenizer, text)) for text in PASSAGES]
     for mode in ("append", "prepend"):
         cfg = GenerationConfig(mode=mode, max_new_tokens=48, tail=32, stop_at_eos=False)
+        engine.forget()
         trace = generate(engine, prompt, alternating_retriever(engine.tokenizer), cfg).trace
         cached = [r["engine_cached_tokens"] for r in trace.retrievals]
         computed = [r["computed_tokens"] for r in trace.retrievals]
         if mode == "append":
-            assert computed[1:] == [16 + 32 + n + 2 for n in passages[1:]]
-            # the context up to where the previous passage began
-            assert cached[1:] == [len(prompt) - 32, len(prompt) - 32 + 16]
+            kept = [len(prompt) - 32, len(prompt) - 32 + 16]  # the context up to where the previous passage began
+            assert cached[1:] == [floor_block(k, server.block) for k in kept]
+            assert computed[1:] == [16 + 32 + n + 2 + k % server.block for n, k in zip(passages[1:], kept, strict=True)]
         else:
-            # recomputed: the prompt's first tokens may match an earlier test's prompt kept by the server
-            assert all(c <= max(passages) + 16 for c in cached) and all(n >= len(prompt) - 16 for n in computed)
+            assert cached == [0, 0, 0] and computed == [len(prompt) + n + 16 * i for i, n in enumerate(passages)]
 
 
 def test_upstream_cli_generate_and_bench(server, capsys, tmp_path):
-    url, folder = server
-    args = ["generate", "--model", str(folder), "--upstream", url, "--mode", "none", "--max-new-tokens", "8"]
-    code = main([*args, "--prompt", README_PROMPT])
+    args = ["generate", "--model", str(server.folder), "--upstream", server.url, "--mode", "none"]
+    code = main([*args, "--max-new-tokens", "8", "--prompt", README_PROMPT])
     assert code == 0 and capsys.readouterr().out.strip()
-    engine = load_upstream(url, folder)
+    engine = load_upstream(server.url, server.folder)
     bc = BenchConfig(context_lengths=(256,), new_tokens=32, stride=16, passage_tokens=32, repeats=1, tail=32)
     result = run_bench(engine, bc)
     row = result["rows"][0]
     assert result["engine"] == "upstream" and "lora" not in result
-    assert row["append_step_tokens"] == 16 + 32 + 32 + 2
+    # the one step after the first recomputes what follows the previous passage's start (256 - 32), in blocks
+    assert row["append_step_tokens"] == 16 + 32 + 32 + 2 + 224 % server.block
     a, p = row["append"], row["prepend"]
-    assert a["engine_cached_tokens"] >= 256 - 32 and a["engine_prompt_tokens"] < p["engine_prompt_tokens"]
+    assert a["engine_cached_tokens"] == floor_block(224, server.block)
+    assert a["engine_prompt_tokens"] < p["engine_prompt_tokens"]
     # each run starts cold (bench makes the engine forget the previous run): the context is prefilled
     assert a["breakdown_s"]["prefill_s"] > 0 and a["engine_prompt_tokens"] > 256
     out = tmp_path / "bench.json"
-    args = ["bench", "--model", str(folder), "--upstream", url, "--context-lengths", "128", "--new-tokens", "24"]
-    assert main([*args, "--repeats", "1", "--beside-torch", "--json", str(out)]) == 0
+    args = ["bench", "--model", str(server.folder), "--upstream", server.url, "--context-lengths", "128"]
+    assert main([*args, "--new-tokens", "24", "--repeats", "1", "--beside-torch", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "reused from its prefix cache" in printed
     assert "| 128 | torch |" in printed and "| 128 | upstream |" in printed  # the engines side by side
     result = json.loads(out.read_text())
     assert result["engine"] == "upstream" and result["beside_torch"]["engine"] == "torch"
-    for r in (result, result["beside_torch"]):  # same schedule and layout on both engines
-        assert r["rows"][0]["append_step_tokens"] == 16 + 32 + 128 + 2
+    # same schedule and layout on both engines; the engine recomputes from a block's start
+    assert result["beside_torch"]["rows"][0]["append_step_tokens"] == 16 + 32 + 128 + 2
+    assert result["rows"][0]["append_step_tokens"] == 16 + 32 + 128 + 2 + 96 % server.block
 
 
 def test_upstream_errors_are_clear(server, capsys, tiny_model_dir, adapter_dir, tmp_path):
-    url, folder = server
+    url, folder = server.url, server.folder
     other = tmp_path / "tiny-export"
     export(adapter_dir, other, model=str(tiny_model_dir))  # another tokenizer than the served model's
     base = ["generate", "--mode", "none", "--prompt", "hi"]
     code, _, err = run_cli(capsys, *base, "--model", other, "--upstream", url)
     assert_clean_error(code, err, "tokenizes differently")
     code, _, err = run_cli(capsys, *base, "--model", folder, "--upstream", f"http://127.0.0.1:{_free_port()}")
-    assert_clean_error(code, err, "does not answer as a llama.cpp server")
+    assert_clean_error(code, err, "cannot reach the upstream engine")
     code, _, err = run_cli(capsys, *base, "--model", tiny_model_dir, "--upstream", url)
     assert_clean_error(code, err, "--upstream needs --model EXPORT")
     code, _, err = run_cli(capsys, *base, "--model", folder, "--upstream", url, "--engine", "llamacpp")
@@ -205,9 +239,18 @@ def test_serve_upstream_is_a_retrieval_front_end(server, shipped_index, monkeypa
 
     from .conftest import check_served_text, serve_app
 
-    url, folder = server
+    url, folder = server.url, server.folder
     app = serve_app(monkeypatch, "--upstream", url, "--model", folder, "--index", shipped_index)
     engine = load_upstream(url, folder)
     cfg = GenerationConfig(mode="append", max_new_tokens=24, tail=32)
     want = generate(engine, encode(engine.tokenizer, README_PROMPT), IndexRetriever(Index.load(shipped_index)), cfg)
     check_served_text(app, README_PROMPT, want.text, {"logprobs": 1}, "upstream")
+
+
+def test_vllm_without_development_mode_cannot_forget():
+    """vLLM clears its prefix cache only in development mode; without it the bench's cold start must fail clearly
+    (a warm cache would time the append runs without their prefill)."""
+    client = OpenAIClient("http://vllm.invalid")
+    client.http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(lambda r: httpx.Response(404)))
+    with pytest.raises(FlashbackError, match="VLLM_SERVER_DEV_MODE=1"):
+        client.forget(0)

@@ -8,13 +8,19 @@ the previous passage's start. Prepending changes the prompt's first token at eve
 recomputes everything. The served model is a `flashback export` (adapter merged, markers in the vocabulary); the
 export folder given here supplies the same tokenizer, the marker ids and the architecture (for FLOP counts).
 
-Protocol: llama.cpp's native `POST /completion` (token-id prompt, `return_tokens`, `cache_prompt`, `timings`).
+Two protocols, told apart by what the server answers:
+- llama.cpp's native `POST /completion` (token-id prompt, `cache_prompt`, `return_tokens`, `timings`);
+- the OpenAI completions API as vLLM extends it (token-id prompt, `return_token_ids`, `usage.prompt_tokens_details`
+  when vLLM runs with `--enable-prompt-tokens-details`), streamed so that the first token's arrival splits prompt
+  time from decode time.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +49,16 @@ def llama_server_path() -> Path | None:
     return None
 
 
+def vllm_python() -> Path | None:
+    """A Python with vLLM: $FLASHBACK_VLLM_PYTHON, or the environment scripts/setup_engines.sh --vllm made."""
+    from flashback.model import cache_root
+
+    for candidate in (os.environ.get("FLASHBACK_VLLM_PYTHON"), cache_root() / "vllm-venv" / "bin" / "python"):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
 @dataclass(frozen=True)
 class Completion:
     """One completion request's answer: the tokens, and what the engine says it computed."""
@@ -55,14 +71,26 @@ class Completion:
     decode_s: float  # engine time for the generated tokens
 
 
-class UpstreamClient:
-    """A connection to a llama.cpp server (`llama-server`), which must serve the export's GGUF."""
+class _HTTPEngine:
+    """What both protocols share: one HTTP connection, JSON requests, clear errors."""
+
+    protocol: ClassVar[str]
 
     def __init__(self, url: str, timeout_s: float = 600.0):
         import httpx
 
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self.context_size: int | None = None  # positions the server holds per sequence, once known
+
+    def _check(self, response, path: str) -> None:
+        if response.status_code != 200:
+            try:
+                error = response.json().get("error")
+                message = (error.get("message") if isinstance(error, dict) else error) or response.text
+            except (ValueError, AttributeError):
+                message = response.text
+            raise FlashbackError(f"upstream engine {self.url}{path} answered {response.status_code}: {message[:300]}")
 
     def _post(self, path: str, body: dict) -> dict:
         import httpx
@@ -71,13 +99,17 @@ class UpstreamClient:
             response = self.http.post(path, json=body)
         except httpx.HTTPError as exc:
             raise FlashbackError(f"cannot reach the upstream engine at {self.url}: {exc}") from None
-        if response.status_code != 200:
-            try:
-                message = response.json().get("error", {}).get("message") or response.text
-            except ValueError:
-                message = response.text
-            raise FlashbackError(f"upstream engine {self.url}{path} answered {response.status_code}: {message[:300]}")
+        self._check(response, path)
         return response.json()
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class LlamaServerClient(_HTTPEngine):
+    """A llama.cpp server (`llama-server`), which must serve the export's GGUF."""
+
+    protocol = "llama.cpp"
 
     def props(self) -> dict:
         import httpx
@@ -85,12 +117,13 @@ class UpstreamClient:
         try:
             response = self.http.get("/props")
             response.raise_for_status()
-            return response.json()
+            props = response.json()
         except (httpx.HTTPError, ValueError) as exc:
             raise FlashbackError(
-                f"{self.url} does not answer as a llama.cpp server (GET /props failed: {exc}); "
-                "start one with: llama-server -m EXPORT/model-f16.gguf"
+                f"{self.url} does not answer as a llama.cpp server (GET /props failed: {exc})"
             ) from None
+        self.context_size = props.get("default_generation_settings", {}).get("n_ctx")
+        return props
 
     def tokenize(self, text: str) -> list[int]:
         return self._post("/tokenize", {"content": text, "add_special": False, "parse_special": True})["tokens"]
@@ -142,8 +175,160 @@ class UpstreamClient:
         than one slot, or a host-memory prompt cache (llama-server --cache-ram), older prompts may still be found."""
         self.complete([token], 0)
 
-    def close(self) -> None:
-        self.http.close()
+
+class OpenAIClient(_HTTPEngine):
+    """An OpenAI-compatible completions server with vLLM's token-id extensions (`return_token_ids`)."""
+
+    protocol = "openai"
+
+    def models(self) -> dict:
+        import httpx
+
+        try:
+            response = self.http.get("/v1/models")
+            response.raise_for_status()
+            served = response.json()["data"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise FlashbackError(
+                f"{self.url} does not answer as an OpenAI-compatible server (GET /v1/models: {exc})"
+            ) from None
+        if not served:
+            raise FlashbackError(f"{self.url} serves no model")
+        self.model = served[0]["id"]  # the first one, if several are served
+        self.context_size = served[0].get("max_model_len")
+        return served[0]
+
+    def served_dtype(self) -> str | None:
+        """The weights' dtype as vLLM loaded them (its GET /server_info, development mode only), e.g. "float32"."""
+        import re
+
+        import httpx
+
+        try:
+            response = self.http.get("/server_info")
+            found = re.search(r"\bdtype=torch\.(\w+)", str(response.json().get("vllm_config", "")))
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return found.group(1) if response.status_code == 200 and found else None
+
+    def tokenize(self, text: str) -> list[int]:
+        body = {"model": self.model, "prompt": text, "add_special_tokens": False}
+        return self._post("/tokenize", body)["tokens"]
+
+    def complete(
+        self,
+        prompt: Sequence[int],
+        n: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        banned: Sequence[int] = (),
+        ignore_eos: bool = False,
+    ) -> Completion:
+        """`n` tokens after `prompt`; n = 0 asks for one (vLLM's minimum) and drops it: the prompt's forward
+        computes that token's logits anyway."""
+        import httpx
+
+        body = {
+            "model": self.model,
+            "prompt": [int(t) for t in prompt],
+            "max_tokens": max(1, n),
+            "temperature": temperature,  # 0: greedy
+            "top_p": top_p,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "logit_bias": {str(int(t)): -100.0 for t in banned},  # the API's floor: never chosen in practice
+            "ignore_eos": ignore_eos,
+            "return_token_ids": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if seed is not None:
+            body["seed"] = int(seed)
+        tokens: list[int] = []
+        finish = usage = None
+        t0 = time.perf_counter()
+        first = None
+        try:
+            with self.http.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    response.read()
+                    self._check(response, "/v1/completions")
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[len("data: ") :])
+                    if "error" in chunk:
+                        raise FlashbackError(f"upstream engine {self.url} failed mid-stream: {chunk['error']}")
+                    for choice in chunk.get("choices", []):
+                        if choice.get("token_ids") is None:
+                            raise FlashbackError(
+                                f"{self.url} returns no token ids: FlashBack needs vLLM's `return_token_ids` "
+                                "(an OpenAI-compatible server without it cannot be driven by token ids)"
+                            )
+                        if first is None and choice["token_ids"]:
+                            first = time.perf_counter()
+                        tokens += [int(t) for t in choice["token_ids"]]
+                        finish = choice.get("finish_reason") or finish
+                    usage = chunk.get("usage") or usage
+        except httpx.HTTPError as exc:
+            raise FlashbackError(f"cannot reach the upstream engine at {self.url}: {exc}") from None
+        end = time.perf_counter()
+        first = first or end
+        usage = usage or {}
+        details = usage.get("prompt_tokens_details") or {}
+        cached = int(details.get("cached_tokens") or 0)  # 0 also when vLLM runs without prompt-token details
+        return Completion(
+            tokens=tokens[:n],
+            # "stop" without a stop string is an end-of-sequence token (FlashBack sends no stop strings)
+            stopped_at_eos=finish == "stop" and len(tokens) <= n,
+            prompt_tokens=int(usage.get("prompt_tokens", len(prompt))) - cached,
+            cached_tokens=cached,
+            prompt_s=first - t0,  # the prompt's forward and the first token (one forward on the engine)
+            decode_s=end - first,
+        )
+
+    def forget(self, token: int) -> None:
+        """Clear the prefix cache (each bench run must start cold). vLLM offers this only in its development mode."""
+        import httpx
+
+        try:
+            response = self.http.post("/reset_prefix_cache")
+        except httpx.HTTPError as exc:
+            raise FlashbackError(f"cannot reach the upstream engine at {self.url}: {exc}") from None
+        if response.status_code == 404:
+            raise FlashbackError(
+                f"{self.url} cannot clear its prefix cache (POST /reset_prefix_cache: 404), so a bench run would "
+                "find the previous run's context cached: start vLLM with VLLM_SERVER_DEV_MODE=1"
+            )
+        self._check(response, "/reset_prefix_cache")
+
+
+UpstreamClient = LlamaServerClient | OpenAIClient
+
+
+def connect(url: str) -> UpstreamClient:
+    """A client for the server at `url`: llama.cpp's native protocol when it answers GET /props, else OpenAI's."""
+    import httpx
+
+    try:
+        probe = httpx.get(f"{url.rstrip('/')}/props", timeout=10.0)
+    except httpx.HTTPError as exc:
+        raise FlashbackError(
+            f"cannot reach the upstream engine at {url} ({exc}); start one on the export, e.g. "
+            "llama-server -m EXPORT/model-f16.gguf, or vLLM with --model EXPORT"
+        ) from None
+    if probe.status_code == 200:
+        client = LlamaServerClient(url)
+        client.props()
+    else:
+        client = OpenAIClient(url)
+        client.models()
+    return client
 
 
 def completion_forwards(done: Completion) -> list[Forward]:
@@ -191,9 +376,10 @@ class UpstreamCache:
 
 @dataclass
 class UpstreamModel(ExportedModel):
-    """An export served by a llama.cpp server: decoding happens there (generate._request_loop)."""
+    """An export served by an inference server: decoding happens there (generate._request_loop)."""
 
     client: UpstreamClient | None = None
+    kv_value_bytes: int = 2  # llama.cpp keeps keys and values in f16; vLLM in the model's dtype
     engine: ClassVar[str] = "upstream"
 
     def new_cache(self, capacity: int | None = None, decoder=None) -> UpstreamCache:
@@ -213,18 +399,20 @@ def load_upstream(url: str, folder: str | Path) -> UpstreamModel:
             f"({folder} is not one)"
         )
     folder = Path(folder).expanduser()
-    client = UpstreamClient(url)
-    props = client.props()
+    client = connect(url)
     parts = exported_parts(folder, card)
     tokenizer, markers = parts["tokenizer"], parts["marker_ids"]
     probe = "def f(x): return x  # FlashBack"
     if markers:
         probe = f"{tokenizer.convert_ids_to_tokens(markers[0])}{probe}{tokenizer.convert_ids_to_tokens(markers[1])}"
     if client.tokenize(probe) != tokenizer(probe, add_special_tokens=False)["input_ids"]:
-        raise FlashbackError(
-            f"the model served at {url} tokenizes differently from {folder}: "
-            f"serve that export's GGUF ({card.get('gguf')})"
-        )
-    served_ctx = props.get("default_generation_settings", {}).get("n_ctx") or parts["positions"]
-    parts["positions"] = min(parts["positions"], int(served_ctx))
-    return UpstreamModel(name=f"{folder.name} (upstream {client.url})", client=client, **parts)
+        served = card.get("gguf") if client.protocol == "llama.cpp" else folder
+        raise FlashbackError(f"the model served at {url} tokenizes differently from {folder}: serve {served}")
+    parts["positions"] = min(parts["positions"], int(client.context_size or parts["positions"]))
+    if client.protocol == "openai":  # vLLM serves the folder's weights, in the dtype it was started with
+        served = client.served_dtype()
+        dtype = getattr(torch, served or card.get("dtype") or "float32")
+        parts["kv_value_bytes"] = dtype.itemsize  # vLLM's default KV cache dtype is the model's
+        parts["weight_bytes"] = sum(p.numel() for p in parts["model"].parameters()) * dtype.itemsize
+        parts["dtype_name"] = f"vLLM {str(dtype).removeprefix('torch.')}" + ("" if served else " (assumed)")
+    return UpstreamModel(name=f"{folder.name} (upstream {client.url}, {client.protocol})", client=client, **parts)
