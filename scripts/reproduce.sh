@@ -17,6 +17,8 @@
 #              scripts/setup_engines.sh)
 #   upstream   that export served by llama-server (one slot, 2 threads), then the bench with --upstream at
 #              L=2048, and the export on PyTorch in the same run (~12 min; needs the llamacpp step's export)
+#   vllm       the same export's folder served by vLLM's CPU build (scripts/vllm_server.sh), then the bench with
+#              --upstream at L=2048 beside PyTorch (~15 min; needs setup_engines.sh --vllm and the export)
 # Usage: bash scripts/reproduce.sh [STEP|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -110,4 +112,19 @@ if run upstream; then
   until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 1; done
   flashback bench --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" --index "$INDEX" \
     --context-lengths 2048 --repeats 3 --beside-torch --json "$RUNS/bench-upstream.json"
+  kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT  # nothing else runs during the next step
+fi
+if run vllm; then
+  INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
+  PORT=${VLLM_PORT:-8182}
+  bash scripts/vllm_server.sh "$WORK/export-f16" "$PORT" >"$RUNS/vllm-server.log" 2>&1 &
+  server_pid=$!
+  trap 'kill $server_pid 2>/dev/null' EXIT
+  until curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null; do
+    kill -0 $server_pid 2>/dev/null || { tail -20 "$RUNS/vllm-server.log" >&2; exit 1; }
+    sleep 2
+  done
+  flashback bench --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" --index "$INDEX" \
+    --context-lengths 2048 --repeats 3 --beside-torch --json "$RUNS/bench-vllm.json"
+  kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT
 fi

@@ -595,3 +595,47 @@ def test_adversarial_load(roomy_server):
         f"{max(normal_times) * 1000:.0f} ms ({statistics.median(normal_times) / idle:.1f}x idle, "
         f"{len(normal_times)} requests); RSS {rss_before:.0f} -> {rss_after:.0f} MB"
     )
+
+
+def test_serve_upstream_keeps_a_request_in_flight_per_generation(tiny_lm, tiny_index_dir):
+    """serve --upstream: each admitted generation waits on its own engine request, so two requests reach the
+    engine at once (which batches them). The fake engine answers only when two requests wait together: one model
+    thread would hold the first request there alone until the barrier broke."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flashback.model import encode
+    from flashback.upstream import Completion, UpstreamModel
+
+    barrier = threading.Barrier(2, timeout=30)
+    token = encode(tiny_lm.tokenizer, "hello")[0]
+    prompts = []
+
+    class TwoAtOnce:
+        def complete(self, prompt, n, **options):
+            prompts.append(list(prompt))
+            barrier.wait()
+            return Completion([token] * n, False, len(prompt), 0, 0.0, 0.0)
+
+    lm = UpstreamModel(
+        tokenizer=tiny_lm.tokenizer,
+        name="upstream-fake",
+        marker_ids=tiny_lm.marker_ids,
+        eos=set(tiny_lm.eos_ids),
+        positions=512,
+        client=TwoAtOnce(),
+    )
+    retriever = IndexRetriever(Index.load(tiny_index_dir))
+    running = serve_in_thread(create_app(lm, retriever, ServerLimits(max_active=2), True, 4))
+    base = next(running)
+    try:
+        bodies = [
+            {"prompt": "A lambda expression", "max_tokens": 4, "mode": "none"},
+            {"prompt": "Garbage collection frees", "max_tokens": 4, "mode": "append", "stride": 4},
+        ]
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda b: httpx.post(f"{base}/v1/completions", json=b, timeout=60), bodies))
+    finally:
+        next(running, None)
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    assert all(r.json()["usage"]["completion_tokens"] == 4 for r in answers)
+    assert len(prompts) == 2 and barrier.n_waiting == 0 and not barrier.broken

@@ -254,3 +254,40 @@ def test_vllm_without_development_mode_cannot_forget():
     client.http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(lambda r: httpx.Response(404)))
     with pytest.raises(FlashbackError, match="VLLM_SERVER_DEV_MODE=1"):
         client.forget(0)
+
+
+def test_openai_stream_is_read_as_tokens_and_counts():
+    """The OpenAI protocol's streamed answer: token ids in order, an end of sequence from finish_reason "stop",
+    the prompt split into computed and cached tokens; a server without prompt-token details reports no reuse
+    and says so (the bench prints a note instead of a 0% that would look measured)."""
+    sent = []
+
+    def answer(details: dict | None):
+        def handler(request: httpx.Request) -> httpx.Response:
+            sent.append(json.loads(request.content))
+            usage = {"prompt_tokens": 40, "completion_tokens": 2}
+            if details is not None:
+                usage["prompt_tokens_details"] = details
+            chunks = [
+                {"choices": [{"index": 0, "token_ids": [7], "finish_reason": None}]},
+                {"choices": [{"index": 0, "token_ids": [2], "finish_reason": "stop"}]},
+                {"choices": [], "usage": usage},
+            ]
+            body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+            return httpx.Response(200, content=body.encode(), headers={"content-type": "text/event-stream"})
+
+        return handler
+
+    client = OpenAIClient("http://vllm.invalid")
+    client.model = "m"
+    client.http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(answer({"cached_tokens": 32})))
+    done = client.complete(list(range(40)), 16, banned=[5, 6], seed=3)
+    assert (done.tokens, done.stopped_at_eos, done.prompt_tokens, done.cached_tokens) == ([7, 2], True, 8, 32)
+    assert client.reports_cached_tokens
+    body = sent[-1]
+    assert body["prompt"] == list(range(40)) and body["max_tokens"] == 16 and body["return_token_ids"] is True
+    assert body["logit_bias"] == {"5": -100.0, "6": -100.0} and body["temperature"] == 0.0 and body["seed"] == 3
+    assert client.complete([1], 0).tokens == [] and sent[-1]["max_tokens"] == 1  # prompt only: one token, dropped
+    client.http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(answer(None)))
+    done = client.complete(list(range(40)), 16)
+    assert (done.prompt_tokens, done.cached_tokens) == (40, 0) and not client.reports_cached_tokens

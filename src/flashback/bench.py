@@ -303,6 +303,7 @@ def run_bench(
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "config": bc.__dict__,
         "rows": rows,
+        **({"engine_counts_cached": lm.client.reports_cached_tokens} if lm.engine == "upstream" else {}),
     }
     if bc.lora_overhead and isinstance(lm, LoadedModel):  # LoRA on PyTorch weights only
         out["lora"] = lora_overhead(lm, bc, retriever, progress)
@@ -416,6 +417,11 @@ def format_table(result: dict) -> str:
                 done, cached = x["engine_prompt_tokens"], x["engine_cached_tokens"]
                 share = 100 * cached / max(1, done + cached)
                 lines.append(f"| {r['context_length']} | {mode} | {done} | {cached} | {share:.0f}% |")
+        if not result.get("engine_counts_cached", True):
+            lines.append(
+                "The engine did not say what came from its prefix cache, so every prompt token counts as computed "
+                "(vLLM says it with --enable-prompt-tokens-details)."
+            )
     if "lora" in result:
         lo = result["lora"]
         lines.append("")

@@ -3,6 +3,8 @@
 One model instance serves every request. All model work runs on one scheduler thread, one token step
 at a time, and the next step always goes to the generation that has computed the fewest tokens so
 far: a request whose steps are expensive (prepend, large k, stride 1) cannot starve a cheap one.
+With an upstream engine (serve --upstream) the model work is HTTP requests to an inference server, so the
+scheduler runs one thread per admitted generation: each can have a request in flight, which the server batches.
 Everything that grows with the request (tokenizing the prompt, stop strings, log-probabilities) runs
 on that thread too, never on the event loop. Limits bound the body, the prompt, the stop strings and
 a request's total work before any of it starts. Each mode runs with its own adapter (model.plan_adapters),
@@ -164,20 +166,24 @@ class StopFilter:
 
 
 class Scheduler:
-    """The model thread. The lowest priority runs next: for generations, the tokens they have computed.
+    """The model thread(s). The lowest priority runs next: for generations, the tokens they have computed.
 
-    A generation's next step is queued by this thread itself as soon as its previous step is done, so
-    which generation runs next never depends on how fast the event loop picks up results.
+    A generation's next step is queued by the thread that ran its previous step, as soon as that step is done,
+    so which generation runs next never depends on how fast the event loop picks up results, and no generation
+    ever has two steps running. `workers` > 1 is for engines whose work waits on another process (upstream).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = 1) -> None:
         self._heap: list = []
         self._order = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
         self.clock = 0.0  # priority of the work that ran last: where a new generation starts
-        self._thread = threading.Thread(target=self._run, name="flashback-model", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"flashback-model-{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, priority: float, job: Callable[[], object]) -> asyncio.Future:
         """Run `job` once; its result (or exception) lands in the returned future."""
@@ -316,6 +322,7 @@ class Generation:
     count: int = 0
     reported: int = 0
     last_logits: torch.Tensor | None = None
+    busy: threading.Lock = field(default_factory=threading.Lock)  # a step or close; workers > 1 may race them
 
     def __post_init__(self) -> None:
         self.streamer = TextStreamer(self.lm.tokenizer)
@@ -342,6 +349,10 @@ class Generation:
         return Step(text, list(self.prompt_ids), probs, [], None, len(self.prompt_ids), echo=True)
 
     def step(self) -> Step:
+        with self.busy:
+            return self._step()
+
+    def _step(self) -> Step:
         token = next(self.tokens, None)
         if token is None:
             return Step(self._rest(), [], [], self._new_retrievals(), "length", len(self.prompt_ids))
@@ -363,7 +374,8 @@ class Generation:
         return text + self.stops.flush()
 
     def close(self) -> None:
-        self.tokens.close()  # frees the KV cache
+        with self.busy:
+            self.tokens.close()  # frees the KV cache
 
     def _new_retrievals(self) -> list[dict]:
         new = self.trace.retrievals[self.reported :]
@@ -437,6 +449,22 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class LockedRetriever:
+    """One search at a time: a retriever (BM25 index, tokenizer) is not promised to be thread-safe, and a search
+    takes milliseconds next to an upstream request's hundreds."""
+
+    def __init__(self, retriever: Retriever):
+        self.retriever = retriever
+        self.lock = threading.Lock()
+        self.max_passage_tokens = retriever.max_passage_tokens
+        if hasattr(retriever, "index"):
+            self.index = retriever.index
+
+    def __call__(self, query: str, k: int):
+        with self.lock:
+            return self.retriever(query, k)
+
+
 class CompletionService:
     """Turns requests into generations on the scheduler and their steps into OpenAI responses."""
 
@@ -444,7 +472,12 @@ class CompletionService:
         self, lm: LoadedModel, retriever: Retriever | None, limits: ServerLimits, markers: bool, tail: int
     ) -> None:
         self.lm, self.retriever, self.limits, self.markers, self.tail = lm, retriever, limits, markers, tail
-        self.scheduler = Scheduler()
+        workers = 1
+        if lm.engine == "upstream":  # each admitted generation may wait on its own request to the engine
+            workers = limits.max_active
+            if retriever is not None:
+                self.retriever = LockedRetriever(retriever)
+        self.scheduler = Scheduler(workers)
         self.admission = asyncio.Semaphore(limits.max_active)
         self.state = {"active": 0, "waiting": 0, "served": 0}
 
@@ -546,7 +579,7 @@ class CompletionService:
         finally:  # no await here: a hung-up client cancels this task, and the slot must still be freed
             if steps is not None:
                 steps.cancel()
-            if gen is not None:  # frees the KV cache after any step in flight (the model thread is one thread)
+            if gen is not None:  # frees the KV cache after any step in flight (gen.busy)
                 with suppress(FlashbackError):
                     self.scheduler.submit(-1.0, gen.close).add_done_callback(_ignore_result)
             self.state["active"] -= 1

@@ -110,6 +110,7 @@ class LlamaServerClient(_HTTPEngine):
     """A llama.cpp server (`llama-server`), which must serve the export's GGUF."""
 
     protocol = "llama.cpp"
+    reports_cached_tokens = True  # timings.cache_n
 
     def props(self) -> dict:
         import httpx
@@ -180,6 +181,7 @@ class OpenAIClient(_HTTPEngine):
     """An OpenAI-compatible completions server with vLLM's token-id extensions (`return_token_ids`)."""
 
     protocol = "openai"
+    reports_cached_tokens = True  # until an answer comes without usage.prompt_tokens_details
 
     def models(self) -> dict:
         import httpx
@@ -280,8 +282,9 @@ class OpenAIClient(_HTTPEngine):
         end = time.perf_counter()
         first = first or end
         usage = usage or {}
-        details = usage.get("prompt_tokens_details") or {}
-        cached = int(details.get("cached_tokens") or 0)  # 0 also when vLLM runs without prompt-token details
+        details = usage.get("prompt_tokens_details")
+        self.reports_cached_tokens = details is not None  # vLLM: only with --enable-prompt-tokens-details
+        cached = int((details or {}).get("cached_tokens") or 0)
         return Completion(
             tokens=tokens[:n],
             # "stop" without a stop string is an end-of-sequence token (FlashBack sends no stop strings)
