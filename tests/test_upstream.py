@@ -231,7 +231,7 @@ def test_upstream_errors_are_clear(server, capsys, tiny_model_dir, adapter_dir, 
     assert_clean_error(code, err, "--flash-attn applies to --engine llamacpp only")
 
 
-def test_serve_upstream_is_a_retrieval_front_end(server, shipped_index, monkeypatch):
+def test_serve_upstream_is_a_retrieval_front_end(server, shipped_index, monkeypatch, capsys):
     """`flashback serve --upstream`: OpenAI completions whose decoding runs on llama-server."""
     pytest.importorskip("uvicorn")
     from flashback.generate import IndexRetriever
@@ -241,6 +241,8 @@ def test_serve_upstream_is_a_retrieval_front_end(server, shipped_index, monkeypa
 
     url, folder = server.url, server.folder
     app = serve_app(monkeypatch, "--upstream", url, "--model", folder, "--index", shipped_index)
+    if server.block == 1:  # llama-server, started with one slot: one generation in flight, not the default 8
+        assert "has 1 slot(s): --max-active 1" in capsys.readouterr().err
     engine = load_upstream(url, folder)
     cfg = GenerationConfig(mode="append", max_new_tokens=24, tail=32)
     want = generate(engine, encode(engine.tokenizer, README_PROMPT), IndexRetriever(Index.load(shipped_index)), cfg)

@@ -570,6 +570,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.max_active != 1:  # one llama.cpp context holds one sequence: generations cannot interleave
             print("flashback: --engine llamacpp serves one generation at a time (--max-active 1)", file=sys.stderr)
             args.max_active = 1
+    slots = getattr(getattr(lm, "client", None), "slots", None)
+    if slots and args.max_active > slots:  # a generation beyond them would evict another's prompt from its slot
+        print(f"flashback: the upstream llama-server has {slots} slot(s): --max-active {slots}", file=sys.stderr)
+        args.max_active = slots
     if lm is not None:  # an engine that runs an export: its card says markers and tail
         from flashback.export import read_export_card
 

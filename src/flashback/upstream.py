@@ -82,6 +82,7 @@ class _HTTPEngine:
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=10.0))
         self.context_size: int | None = None  # positions the server holds per sequence, once known
+        self.slots: int | None = None  # llama-server: sequences held at once (vLLM: as many as its KV cache fits)
 
     def _check(self, response, path: str) -> None:
         if response.status_code != 200:
@@ -124,6 +125,7 @@ class LlamaServerClient(_HTTPEngine):
                 f"{self.url} does not answer as a llama.cpp server (GET /props failed: {exc})"
             ) from None
         self.context_size = props.get("default_generation_settings", {}).get("n_ctx")
+        self.slots = props.get("total_slots")  # sequences it holds at once, each with its own prefix cache
         return props
 
     def tokenize(self, text: str) -> list[int]:
