@@ -173,10 +173,11 @@ class LlamaServerClient(_HTTPEngine):
         )
 
     def forget(self, token: int) -> None:
-        """Replace what the engine's slot holds by one token, so that the next request shares no prefix with the
-        earlier ones (the bench: each run's context is new to the engine, as a new request's would be). With more
-        than one slot, or a host-memory prompt cache (llama-server --cache-ram), older prompts may still be found."""
-        self.complete([token], 0)
+        """Replace what each of the engine's slots holds by one token, so that the next request shares no prefix
+        with the earlier ones (the bench: each run's context is new to the engine, as a new request's would be).
+        A host-memory prompt cache (llama-server --cache-ram) may still restore older prompts."""
+        for slot in range(self.slots or 1):
+            self._post("/completion", {"prompt": [int(token)], "n_predict": 0, "cache_prompt": True, "id_slot": slot})
 
 
 class OpenAIClient(_HTTPEngine):
