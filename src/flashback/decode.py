@@ -63,14 +63,21 @@ class DecodeLinear(nn.Module):
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention of one query over the whole fixed-shape cache, masked past the filled length.
 
-    Grouped-query heads share their key/value head without copies; compiled, scores and the weighted
-    sum are each one pass over the keys and values. Anything but a single query goes to SDPA.
+    Grouped-query heads share their key/value head without copies. On the CPU, compiled, that is PyTorch's
+    SDPA with `enable_gqa` (measured faster there than the two-pass form); elsewhere (CUDA graphs, checked on
+    an H100) scores and the weighted sum are each one pass over the keys and values. Anything but a single
+    query goes to transformers' SDPA.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, heads, q_len, dim = query.shape
     if q_len != 1 or not torch.compiler.is_compiling():
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if query.device.type == "cpu":  # mask: bool, True = attend, (b, 1, 1, C)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True
+        )
+        return out.transpose(1, 2), None
     kv_heads = key.shape[1]
     q = query.reshape(b, kv_heads, heads // kv_heads, 1, dim)  # (b, kv, group, 1, d)
     scale = scaling if scaling is not None else dim**-0.5
