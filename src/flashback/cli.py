@@ -65,8 +65,8 @@ def _add_engine_arg(p: argparse.ArgumentParser, what: str) -> None:
         "--upstream",
         metavar="URL",
         default=None,
-        help="decode on a llama.cpp server (llama-server) at URL that serves the export given as --model DIR; "
-        "retrieval and layout stay here",
+        help="decode on an inference server at URL (llama-server, or vLLM's OpenAI API) that serves the export "
+        "given as --model DIR; retrieval and layout stay here",
     )
 
 

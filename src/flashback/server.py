@@ -457,8 +457,6 @@ class LockedRetriever:
         self.retriever = retriever
         self.lock = threading.Lock()
         self.max_passage_tokens = retriever.max_passage_tokens
-        if hasattr(retriever, "index"):
-            self.index = retriever.index
 
     def __call__(self, query: str, k: int):
         with self.lock:

@@ -93,13 +93,16 @@ class _HTTPEngine:
                 message = response.text
             raise FlashbackError(f"upstream engine {self.url}{path} answered {response.status_code}: {message[:300]}")
 
-    def _post(self, path: str, body: dict) -> dict:
+    def _request(self, method: str, path: str, **kwargs):
         import httpx
 
         try:
-            response = self.http.post(path, json=body)
+            return self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise FlashbackError(f"cannot reach the upstream engine at {self.url}: {exc}") from None
+
+    def _post(self, path: str, body: dict) -> dict:
+        response = self._request("POST", path, json=body)
         self._check(response, path)
         return response.json()
 
@@ -113,17 +116,12 @@ class LlamaServerClient(_HTTPEngine):
     protocol = "llama.cpp"
     reports_cached_tokens = True  # timings.cache_n
 
-    def props(self) -> dict:
-        import httpx
-
+    def read_props(self, response) -> dict:
+        """What the server says of itself (GET /props, already answered): context size and slots."""
         try:
-            response = self.http.get("/props")
-            response.raise_for_status()
             props = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise FlashbackError(
-                f"{self.url} does not answer as a llama.cpp server (GET /props failed: {exc})"
-            ) from None
+        except ValueError as exc:
+            raise FlashbackError(f"{self.url} does not answer as a llama.cpp server (GET /props: {exc})") from None
         self.context_size = props.get("default_generation_settings", {}).get("n_ctx")
         self.slots = props.get("total_slots")  # sequences it holds at once, each with its own prefix cache
         return props
@@ -300,12 +298,7 @@ class OpenAIClient(_HTTPEngine):
 
     def forget(self, token: int) -> None:
         """Clear the prefix cache (each bench run must start cold). vLLM offers this only in its development mode."""
-        import httpx
-
-        try:
-            response = self.http.post("/reset_prefix_cache")
-        except httpx.HTTPError as exc:
-            raise FlashbackError(f"cannot reach the upstream engine at {self.url}: {exc}") from None
+        response = self._request("POST", "/reset_prefix_cache")
         if response.status_code == 404:
             raise FlashbackError(
                 f"{self.url} cannot clear its prefix cache (POST /reset_prefix_cache: 404), so a bench run would "
@@ -319,21 +312,19 @@ UpstreamClient = LlamaServerClient | OpenAIClient
 
 def connect(url: str) -> UpstreamClient:
     """A client for the server at `url`: llama.cpp's native protocol when it answers GET /props, else OpenAI's."""
-    import httpx
-
+    llama = LlamaServerClient(url)
     try:
-        probe = httpx.get(f"{url.rstrip('/')}/props", timeout=10.0)
-    except httpx.HTTPError as exc:
+        probe = llama._request("GET", "/props", timeout=10.0)
+    except FlashbackError as exc:
         raise FlashbackError(
-            f"cannot reach the upstream engine at {url} ({exc}); start one on the export, e.g. "
-            "llama-server -m EXPORT/model-f16.gguf, or vLLM with --model EXPORT"
+            f"{exc}; start one on the export, e.g. llama-server -m EXPORT/model-f16.gguf, or vLLM with --model EXPORT"
         ) from None
     if probe.status_code == 200:
-        client = LlamaServerClient(url)
-        client.props()
-    else:
-        client = OpenAIClient(url)
-        client.models()
+        llama.read_props(probe)
+        return llama
+    llama.close()
+    client = OpenAIClient(url)
+    client.models()
     return client
 
 
@@ -392,7 +383,8 @@ class UpstreamModel(ExportedModel):
         return UpstreamCache(self.client)
 
     def forget(self) -> None:
-        """Make the server's slot hold one end-of-sequence token: the next prompt finds nothing of the earlier ones."""
+        """Make the server drop what it cached (llama-server: each slot then holds one end-of-sequence token; vLLM:
+        its prefix cache is cleared), so that the next prompt finds nothing of the earlier ones."""
         self.client.forget(min(self.eos, default=0))
 
 
