@@ -13,8 +13,8 @@
 #              128-token generation with and without --compile, compile time included (~45 min)
 #   eval-int8  the perplexity cost of --quantize int8 on the held-out Python pages (~10 min)
 #   llamacpp   the shipped adapter exported to f16 GGUF, then the bench on llama.cpp at L=2048, and the same
-#              export on PyTorch in the same run, then llama.cpp with flash attention (~22 min; needs
-#              scripts/setup_engines.sh)
+#              export on PyTorch in the same run, then llama.cpp with flash attention, then a q4_1 export's
+#              bench and the f16 one again without PyTorch beside it (~35 min; needs scripts/setup_engines.sh)
 #   upstream   that export served by llama-server (one slot, 2 threads), then the bench with --upstream at
 #              L=2048, and the export on PyTorch in the same run (~12 min; needs the llamacpp step's export)
 #   vllm       the same export's folder served by vLLM's CPU build (scripts/vllm_server.sh), then the bench with
@@ -98,6 +98,11 @@ if run llamacpp; then
     --beside-torch --json "$RUNS/bench-llamacpp.json"
   flashback bench --engine llamacpp --flash-attn --model "$WORK/export-f16" --index "$INDEX" --context-lengths 2048 \
     --repeats 3 --json "$RUNS/bench-llamacpp-flash-attn.json"
+  flashback export --gguf q4_1 --out "$WORK/export-q4_1"
+  for q in q4_1 f16; do  # 4-bit weights (llama.cpp's usual laptop format) beside f16, minutes apart
+    flashback bench --engine llamacpp --model "$WORK/export-$q" --index "$INDEX" --context-lengths 2048 --repeats 3 \
+      --json "$RUNS/bench-llamacpp-pair-$q.json"
+  done
 fi
 if run upstream; then
   INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")

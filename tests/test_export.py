@@ -104,6 +104,32 @@ def test_gguf_export_gives_the_same_greedy_tokens_in_llama_cpp(gguf_export):
 
 
 @needs_default_model
+def test_q4_1_export_is_quantized_by_llama_cpp_and_stays_close_to_f16(gguf_export, tmp_path):
+    """--gguf q4_1: the converter's f16 then llama.cpp's quantizer; a third of the bytes, logits still close."""
+    import llama_cpp
+
+    f16_out, f16_card = gguf_export
+    out = tmp_path / "q4"
+    card = export(f16_card["adapter"], out, gguf="q4_1")
+    assert card["gguf"] == "model-q4_1.gguf" and sorted(p.name for p in out.glob("*.gguf")) == [card["gguf"]]
+    f16_file, q4_file = f16_out / f16_card["gguf"], out / card["gguf"]
+    assert q4_file.stat().st_size < 0.4 * f16_file.stat().st_size
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    context = encode(tokenizer, README_PROMPT)
+    ids = context[:-8] + [card["marker_ids"][0], *encode(tokenizer, "Memory is freed."), card["marker_ids"][1]]
+    ids += context[-8:]
+    scores = {}
+    for path in (f16_file, q4_file):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+        llm.eval(ids)
+        scores[path] = np.array(llm.scores[: len(ids)])
+    assert llm.metadata["general.file_type"] == str(llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1)
+    corr = [np.corrcoef(a, b)[0, 1] for a, b in zip(scores[f16_file], scores[q4_file], strict=True)]
+    print("q4_1 vs f16 logit correlation per position:", np.round(corr, 3).tolist())
+    assert np.median(corr) > 0.93 and min(corr) > 0.8  # 4-bit weights move every logit a little, not a lot
+
+
+@needs_default_model
 def test_llama_cpp_engine_rollback_then_extend_equals_a_fresh_evaluation(gguf_export):
     from flashback.llamacpp import load_llamacpp
 

@@ -802,7 +802,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="adapter folder (default: the one shipped for the default model)")
     p.add_argument("--out", required=True, help="folder to write (replaced only if it is an earlier export)")
     p.add_argument(
-        "--gguf", choices=["f16", "q8_0"], default=None, help="also write model-TYPE.gguf for llama.cpp (its converter)"
+        "--gguf",
+        choices=["f16", "q8_0", "q4_1"],
+        default=None,
+        help="also write model-TYPE.gguf for llama.cpp (its converter; q4_1 then its quantizer: llama-cpp-python)",
     )
     p.set_defaults(func=cmd_export)
 

@@ -9,6 +9,7 @@ Any engine that loads a transformers folder (vLLM, SGLang, transformers itself) 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -51,7 +52,15 @@ EXPORT_FOLDER = FolderKind(
     ),
     patterns=("model-*-of-*.safetensors", "*.gguf"),
 )
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_TYPES = ("f16", "q8_0", "q4_1")
+# Types the converter cannot write: it writes f16, then llama.cpp's own quantizer (llama-cpp-python) takes over.
+QUANTIZED_BY_LLAMA_CPP = {"q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1"}
+_QUANTIZE = """
+import ctypes, sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, sys.argv[3])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
+"""
 # llama.cpp's converter ships in this source package (vendor/llama.cpp); it is fetched once into the cache.
 LLAMA_CPP_SOURCE = "llama-cpp-python==0.3.36"
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
@@ -92,7 +101,18 @@ def gguf_converter() -> Path:
 
 
 def write_gguf(folder: Path, out_file: Path, outtype: str) -> None:
-    """Convert a Hugging Face folder with llama.cpp's own converter (`outtype` checked by export, before the merge)."""
+    """Convert a Hugging Face folder with llama.cpp's own converter (`outtype` checked by export, before the merge),
+    then quantize with llama.cpp for the types the converter lacks."""
+    if outtype in QUANTIZED_BY_LLAMA_CPP:
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise FlashbackError(f"--gguf {outtype} needs llama-cpp-python: bash scripts/setup_engines.sh")
+        f16 = out_file.with_name(out_file.name + ".f16.tmp")
+        write_gguf(folder, f16, "f16")
+        try:
+            quantize_gguf(f16, out_file, outtype)
+        finally:
+            f16.unlink(missing_ok=True)
+        return
     try:  # the converter tries a SentencePiece vocabulary first, whatever the tokenizer is
         import sentencepiece  # noqa: F401
     except ImportError:
@@ -104,6 +124,15 @@ def write_gguf(folder: Path, out_file: Path, outtype: str) -> None:
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise FlashbackError(f"llama.cpp's converter failed: {tail}")
+
+
+def quantize_gguf(source: Path, out_file: Path, outtype: str) -> None:
+    """llama.cpp's quantizer (what its llama-quantize tool runs), in a child process: it logs every tensor."""
+    cmd = [sys.executable, "-c", _QUANTIZE, str(source), str(out_file), QUANTIZED_BY_LLAMA_CPP[outtype]]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise FlashbackError(f"llama.cpp's quantizer failed ({outtype}): {tail}")
 
 
 def export(
