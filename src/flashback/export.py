@@ -104,8 +104,6 @@ def write_gguf(folder: Path, out_file: Path, outtype: str) -> None:
     """Convert a Hugging Face folder with llama.cpp's own converter (`outtype` checked by export, before the merge),
     then quantize with llama.cpp for the types the converter lacks."""
     if outtype in QUANTIZED_BY_LLAMA_CPP:
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise FlashbackError(f"--gguf {outtype} needs llama-cpp-python: bash scripts/setup_engines.sh")
         f16 = out_file.with_name(out_file.name + ".f16.tmp")
         write_gguf(folder, f16, "f16")
         try:
@@ -141,6 +139,8 @@ def export(
     """Write the merged model to `out` (whole or nothing), with `gguf` also as `model-<type>.gguf`; return its card."""
     if gguf is not None and gguf not in GGUF_TYPES:
         raise FlashbackError(f"unknown GGUF type {gguf!r}; choose one of {', '.join(GGUF_TYPES)}")
+    if gguf in QUANTIZED_BY_LLAMA_CPP and importlib.util.find_spec("llama_cpp") is None:
+        raise FlashbackError(f"--gguf {gguf} needs llama-cpp-python: bash scripts/setup_engines.sh")
     position = adapter_position(adapter)
     lm = load_model(model, dtype=dtype, markers=True, adapters={position: str(adapter)})
     merged = merged_copy(lm.model, position)
