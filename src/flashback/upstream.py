@@ -93,13 +93,17 @@ class _HTTPEngine:
                 message = response.text
             raise FlashbackError(f"upstream engine {self.url}{path} answered {response.status_code}: {message[:300]}")
 
+    def _unreachable(self, exc: Exception) -> FlashbackError:
+        """The error for a transport failure (refused, timed out, cut off), plain and streamed requests alike."""
+        return FlashbackError(f"cannot reach the upstream engine at {self.url}: {exc}")
+
     def _request(self, method: str, path: str, **kwargs):
         import httpx
 
         try:
             return self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise FlashbackError(f"cannot reach the upstream engine at {self.url}: {exc}") from None
+            raise self._unreachable(exc) from None
 
     def _post(self, path: str, body: dict) -> dict:
         response = self._request("POST", path, json=body)
@@ -279,7 +283,7 @@ class OpenAIClient(_HTTPEngine):
                         finish = choice.get("finish_reason") or finish
                     usage = chunk.get("usage") or usage
         except httpx.HTTPError as exc:
-            raise FlashbackError(f"cannot reach the upstream engine at {self.url}: {exc}") from None
+            raise self._unreachable(exc) from None
         end = time.perf_counter()
         first = first or end
         usage = usage or {}
