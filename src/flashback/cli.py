@@ -532,9 +532,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ---- serve ---------------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from flashback.export import export
+    from flashback.export import check_gguf_type, export
     from flashback.model import default_adapter
 
+    check_gguf_type(args.gguf)  # before the progress line: an export that cannot finish does not start
     adapter = args.adapter or default_adapter(args.model, "append")
     if adapter is None:
         raise FlashbackError("--adapter DIR is needed: no adapter is shipped for this model")

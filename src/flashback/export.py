@@ -133,14 +133,19 @@ def quantize_gguf(source: Path, out_file: Path, outtype: str) -> None:
         raise FlashbackError(f"llama.cpp's quantizer failed ({outtype}): {tail}")
 
 
-def export(
-    adapter: str | Path, out: str | Path, model: str | None = None, dtype: str = "float32", gguf: str | None = None
-) -> dict:
-    """Write the merged model to `out` (whole or nothing), with `gguf` also as `model-<type>.gguf`; return its card."""
+def check_gguf_type(gguf: str | None) -> None:
+    """Refuse a GGUF type that cannot be written here before any merging starts."""
     if gguf is not None and gguf not in GGUF_TYPES:
         raise FlashbackError(f"unknown GGUF type {gguf!r}; choose one of {', '.join(GGUF_TYPES)}")
     if gguf in QUANTIZED_BY_LLAMA_CPP and importlib.util.find_spec("llama_cpp") is None:
         raise FlashbackError(f"--gguf {gguf} needs llama-cpp-python: bash scripts/setup_engines.sh")
+
+
+def export(
+    adapter: str | Path, out: str | Path, model: str | None = None, dtype: str = "float32", gguf: str | None = None
+) -> dict:
+    """Write the merged model to `out` (whole or nothing), with `gguf` also as `model-<type>.gguf`; return its card."""
+    check_gguf_type(gguf)
     position = adapter_position(adapter)
     lm = load_model(model, dtype=dtype, markers=True, adapters={position: str(adapter)})
     merged = merged_copy(lm.model, position)
