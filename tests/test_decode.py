@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from flashback.bench import BenchConfig, run_bench
 from flashback.cache import KVCache
 from flashback.cli import main
-from flashback.decode import DecodeLinear, Decoder
+from flashback.decode import KV_BLOCK, DecodeLinear, Decoder, blocked_attention
 from flashback.errors import FlashbackError
 from flashback.generate import GenerationConfig, IndexRetriever, generate
 from flashback.model import load_model
@@ -55,6 +56,24 @@ def test_decoder_logits_equal_a_full_recomputation(tiny_lm):
     want = full_logits(tiny_lm.model, context + new)[len(context) - 1 + 1 : len(context) + len(new)]
     torch.testing.assert_close(got[:-1], want[: len(new) - 1], atol=1e-4, rtol=0)
     assert [f.kind for f in cache.forwards] == ["prefill"] + ["decode"] * len(new)
+
+
+def test_blocked_attention_equals_sdpa_over_the_filled_keys():
+    """The CPU decode attention: grouped heads, a buffer filled up to a length, two blocks' worth of keys."""
+    g = torch.Generator().manual_seed(8)
+    heads, kv_heads, dim, capacity, filled = 6, 2, 16, 2 * KV_BLOCK, KV_BLOCK + 37
+    query = torch.randn(1, heads, 1, dim, generator=g)
+    key, value = (torch.randn(1, kv_heads, capacity, dim, generator=g) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, capacity, dtype=torch.bool)
+    mask[..., :filled] = True
+    key[:, :, filled:] = 1e4  # whatever lies past the filled length must not count
+    got = blocked_attention(query, key, value, mask, dim**-0.5)
+    want = F.scaled_dot_product_attention(query, key[:, :, :filled], value[:, :, :filled], enable_gqa=True)
+    assert got.shape == (1, 1, heads, dim)
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    key[:, :, filled:] = torch.randn(1, kv_heads, capacity - filled, dim, generator=g)
+    unmasked = F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+    torch.testing.assert_close(blocked_attention(query, key, value, None, dim**-0.5), unmasked.transpose(1, 2))
 
 
 def test_decoder_merges_the_adapter_of_its_mode(tiny_model_dir, adapter_dir):
