@@ -18,7 +18,7 @@ import time
 import torch
 
 from flashback.bench import _sync, copy_bandwidth, decode_bound
-from flashback.model import load_model
+from flashback.engines.torch import load_model
 
 
 def main() -> None:
@@ -36,8 +36,7 @@ def main() -> None:
     decoder = lm.decoder(None)
     if decoder is None:
         raise SystemExit("profile_decode needs --compile or --quantize (the eager model has no separate step)")
-    capacity = -(-(args.context + 1) // 512) * 512
-    cache = lm.new_cache(capacity, decoder)
+    cache = lm.session(None, positions=args.context + 1)
     g = torch.Generator().manual_seed(0)
     cache.extend(torch.randint(0, len(lm.tokenizer), (args.context,), generator=g).tolist())
 
@@ -71,7 +70,7 @@ def main() -> None:
     result["compile_s"] = round(decoder.compile_s, 1)
     bandwidth = copy_bandwidth(lm.device)
     result["copy_gb_s"] = bandwidth / 1e9
-    result.update(decode_bound(lm, "none", capacity, bandwidth))
+    result.update(decode_bound(lm, "none", cache.capacity, bandwidth))
     result["step_over_bound"] = result["step_ms"] / result["bound_ms"]
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
 

@@ -106,7 +106,7 @@ if run llamacpp; then
 fi
 if run upstream; then
   INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
-  SERVER=$(python3 -c "from flashback.upstream import llama_server_path; print(llama_server_path() or '')")
+  SERVER=$(python3 -c "from flashback.engines.upstream import llama_server_path; print(llama_server_path() or '')")
   [[ -n $SERVER ]] || { echo "no llama-server: run scripts/setup_engines.sh" >&2; exit 1; }
   PORT=${UPSTREAM_PORT:-8181}
   # one slot and no host-memory prompt cache: each bench run starts cold (the bench replaces the slot's prompt first)

@@ -24,12 +24,11 @@ import httpx
 import uvicorn
 
 from flashback.api import DEFAULT_INDEX
-from flashback.data import DEFAULT_TAIL
-from flashback.export import read_export_card
-from flashback.generate import IndexRetriever
-from flashback.retrieval import Index
+from flashback.config import EngineConfig
+from flashback.engines import load_engine
+from flashback.layout import layout_settings
 from flashback.server import ServerLimits, create_app
-from flashback.upstream import load_upstream
+from flashback.text.retrieval import Index, IndexRetriever
 
 
 def serve(app) -> tuple[str, uvicorn.Server, threading.Thread]:
@@ -55,8 +54,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    lm = load_upstream(args.upstream, args.model)
-    card = read_export_card(args.model)
+    lm = load_engine(EngineConfig(model=args.model, upstream=args.upstream))
+    markers, tail = layout_settings(lm.tuned, "append", None, None)
     index = Index.load(args.index)
     retriever = IndexRetriever(index)
     ids = index.token_ids
@@ -66,7 +65,7 @@ def main() -> None:
     for r in range(args.rounds):
         for active in settings:
             limits = ServerLimits(max_active=active, max_prompt_tokens=args.context)
-            app = create_app(lm, retriever, limits, markers=True, tail=card.get("tail", DEFAULT_TAIL))
+            app = create_app(lm, retriever, limits, markers=markers, tail=tail)
             base, server, thread = serve(app)
             lm.forget()
             print(f"[serve-load] round {r + 1}: --max-active {active}, {args.clients} clients", file=sys.stderr)

@@ -15,7 +15,7 @@ set -euo pipefail
 [[ $# -ge 2 ]] || { echo "usage: $0 EXPORT PORT [vLLM options]" >&2; exit 2; }
 export_dir=$1 port=$2
 shift 2
-PY=${FLASHBACK_VLLM_PYTHON:-$(python3 -c "from flashback.upstream import vllm_python; print(vllm_python() or '')")}
+PY=${FLASHBACK_VLLM_PYTHON:-$(python3 -c "from flashback.engines.upstream import vllm_python; print(vllm_python() or '')")}
 [[ -n $PY ]] || { echo "no vLLM: run scripts/setup_engines.sh --vllm" >&2; exit 1; }
 export VLLM_SERVER_DEV_MODE=1 HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 export VLLM_CPU_NUM_OF_RESERVED_CPU=${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}

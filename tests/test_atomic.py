@@ -94,7 +94,7 @@ def test_sigterm_while_an_index_is_saved_leaves_no_temporary(tiny_model_dir, cor
     script = textwrap.dedent(
         f"""
         import sys, time
-        import flashback.retrieval as r
+        import flashback.text.retrieval as r
         from flashback.cli import main
         original = r.Index.save
         def slow_save(self, out):

@@ -4,10 +4,12 @@ import json
 
 import pytest
 
-from flashback.bench import BenchConfig, FullRetriever, flops, format_table, run_bench
+from flashback.bench import FullRetriever, flops, format_table, run_bench
 from flashback.cli import main
+from flashback.config import BenchConfig
+from flashback.engines.base import Architecture
 from flashback.errors import FlashbackError
-from flashback.retrieval import Index
+from flashback.text.retrieval import Index
 
 
 def test_flop_model_matches_the_formula(tiny_lm):
@@ -17,8 +19,9 @@ def test_flop_model_matches_the_formula(tiny_lm):
     body = sum(p.numel() for p in model.parameters()) - emb
     n, c = 10, 100
     want = 2 * body * n + 2 * emb + 4 * cfg.num_hidden_layers * cfg.hidden_size * (n * c + n * n / 2)
-    assert flops(model, n, c) == pytest.approx(want)
-    assert flops(model, 1, 1000) > flops(model, 1, 10)  # attention grows with the cache
+    arch = Architecture.of(model)
+    assert flops(arch, n, c) == pytest.approx(want)
+    assert flops(arch, 1, 1000) > flops(arch, 1, 10)  # attention grows with the cache
 
 
 @pytest.mark.parametrize("tail", [0, 4])

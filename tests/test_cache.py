@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashback.cache import KVCache
+from flashback.engines.torch.cache import KVCache
 
 ATOL = 1e-4
 
@@ -67,7 +67,7 @@ def test_rollback_then_extend_equals_plain_forward(tiny_lm, layout):
 @pytest.mark.parametrize("tail", [1, 8, 40])
 def test_tail_step_rolls_back_to_before_the_passage(tiny_lm, layout, tail):
     """A retrieval with a tail: the cache keeps context[:-tail]; passage + tail + new tokens follow."""
-    from flashback.data import append_parts
+    from flashback.layout import append_parts
 
     context, passage, new = layout
     kept, block = append_parts(context, [passage[1:-1]], (passage[0], passage[-1]), tail)

@@ -206,7 +206,7 @@ def test_serve_settings_that_cannot_work(capsys, tiny_model_dir, tiny_index_dir,
 
 
 def test_an_adapter_is_not_applied_to_another_mode(capsys, tiny_model_dir, tiny_index_dir, tmp_path):
-    from flashback.adapter import ADAPTER_FORMAT, CARD
+    from flashback.cards import ADAPTER_FORMAT, CARD
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -8,14 +8,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from flashback.bench import BenchConfig, run_bench
-from flashback.cache import KVCache
+from flashback.bench import run_bench
 from flashback.cli import main
-from flashback.decode import KV_BLOCK, DecodeLinear, Decoder, blocked_attention
+from flashback.config import BenchConfig, GenerationConfig
+from flashback.engines.torch import load_model
+from flashback.engines.torch.cache import KVCache
+from flashback.engines.torch.decode import KV_BLOCK, DecodeLinear, Decoder, blocked_attention
 from flashback.errors import FlashbackError
-from flashback.generate import GenerationConfig, IndexRetriever, generate
-from flashback.model import load_model
-from flashback.retrieval import Index
+from flashback.generate import generate
+from flashback.text.retrieval import Index, IndexRetriever
 
 from .conftest import TEST_DEVICE
 from .test_cache import assert_same_cache, full_logits, plain_cache

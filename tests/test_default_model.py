@@ -22,10 +22,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    from flashback.corpus import read_documents, split_passages
-    from flashback.generate import IndexRetriever
-    from flashback.model import load_model, tokenizer_fingerprint
-    from flashback.retrieval import Index
+    from flashback.engines.torch import load_model
+    from flashback.text.corpus import read_documents, split_passages
+    from flashback.text.retrieval import Index, IndexRetriever
+    from flashback.text.tokenize import tokenizer_fingerprint
 
     lm = load_model(markers=True)
     docs = itertools.islice(read_documents([SHARED / "foldoc.jsonl.gz"]), 400)
@@ -46,7 +46,8 @@ PROMPT = (
 
 @pytest.mark.parametrize(("mode", "tail"), [("append", 0), ("append", 32), ("prepend", 0)])
 def test_real_model_steps_match_full_recomputation(real, mode, tail):
-    from flashback.generate import GenerationConfig, Trace, stream
+    from flashback.config import GenerationConfig
+    from flashback.generate import Trace, stream
 
     lm, retriever = real
     prompt = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
@@ -83,8 +84,10 @@ def test_real_retrieval_finds_a_passage_from_its_own_words(real):
 
 
 def test_shipped_adapter_is_the_default_for_append_and_generates(real):
-    from flashback.generate import GenerationConfig, generate
-    from flashback.model import SHIPPED_ADAPTER, default_adapter, load_model
+    from flashback.config import GenerationConfig
+    from flashback.engines.torch import load_model
+    from flashback.generate import generate
+    from flashback.registry import SHIPPED_ADAPTER, default_adapter
 
     _, retriever = real
     assert default_adapter(None, "append") == str(SHIPPED_ADAPTER)
@@ -104,7 +107,7 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
     import re
 
     import flashback.api as api
-    from flashback.model import default_model_dir
+    from flashback.registry import default_model_dir
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     code = re.search(r"## Python API\s+```python\n(.*?)```", readme, re.S).group(1)

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from flashback.cli import main
-from flashback.corpus import read_documents
+from flashback.config import EvalConfig
 from flashback.errors import FlashbackError
 from flashback.evaluate import (
-    EvalConfig,
     ModeSpec,
     evaluate,
     plan_targets,
@@ -18,7 +17,8 @@ from flashback.evaluate import (
     score_slow,
     segment_size,
 )
-from flashback.retrieval import Index
+from flashback.text.corpus import read_documents
+from flashback.text.retrieval import Index
 
 CFG = EvalConfig(stride=8, query_tokens=8, k=1, max_length=96, tail=0)
 
@@ -36,9 +36,10 @@ def scored(lm, spec, setup, cfg):
     targets = plan_targets(docs, cfg, segment_size(cfg, index.chunk_tokens))
     retrievals = retrieve_all(targets, docs, documents, index, lm.tokenizer, cfg, frozenset())
     banned = torch.tensor(lm.marker_ids)
+    session = lm.session(spec.position if spec.adapter else None, scoring=True)
     return (
-        torch.cat(score_fast(lm, spec, docs, targets, retrievals, cfg, banned)),
-        torch.cat(score_slow(lm, spec, docs, targets, retrievals, cfg, banned)),
+        torch.cat(score_fast(session, lm.marker_ids, spec, docs, targets, retrievals, cfg, banned)),
+        torch.cat(score_slow(session, lm.marker_ids, spec, docs, targets, retrievals, cfg, banned)),
     )
 
 

@@ -11,11 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flashback.cli import main
+from flashback.config import GenerationConfig
+from flashback.engines.torch import load_model
 from flashback.errors import FlashbackError
 from flashback.export import export
-from flashback.generate import GenerationConfig, IndexRetriever, Retrieved, generate
-from flashback.model import MARKERS, encode, load_model
-from flashback.retrieval import Hit, Index
+from flashback.generate import generate
+from flashback.text.retrieval import Hit, Index, IndexRetriever, Retrieved
+from flashback.text.tokenize import MARKERS, encode
 from tests.conftest import engine_or_skip, needs_default_model
 
 from .test_cache import full_logits
@@ -131,7 +133,7 @@ def test_q4_1_export_is_quantized_by_llama_cpp_and_stays_close_to_f16(gguf_expor
 
 @needs_default_model
 def test_llama_cpp_engine_rollback_then_extend_equals_a_fresh_evaluation(gguf_export):
-    from flashback.llamacpp import load_llamacpp
+    from flashback.engines.llamacpp import load_llamacpp
 
     engine = load_llamacpp(gguf_export[0], n_ctx=512)
     context = encode(engine.tokenizer, README_PROMPT)
@@ -141,13 +143,13 @@ def test_llama_cpp_engine_rollback_then_extend_equals_a_fresh_evaluation(gguf_ex
         engine.marker_ids[1],
     ]
     new = encode(engine.tokenizer, " memory of objects")
-    cache = engine.new_cache()
+    cache = engine.session()
     cache.extend(context)
     cache.extend(passage)
     cache.rollback(len(context))
     assert len(cache) == len(context)
     got = cache.extend(new)
-    fresh = engine.new_cache()
+    fresh = engine.session()
     want = fresh.extend(context + new)
     assert int(got.argmax()) == int(want.argmax())
     torch.testing.assert_close(got, want, atol=0.05, rtol=0)  # f16 weights; llama.cpp batches differ
@@ -157,7 +159,7 @@ def test_llama_cpp_engine_rollback_then_extend_equals_a_fresh_evaluation(gguf_ex
 @needs_default_model
 def test_llama_cpp_engine_generates_the_torch_engines_tokens(gguf_export):
     """Same loop, same layouts: append, prepend and none on llama.cpp agree with PyTorch on the export."""
-    from flashback.llamacpp import load_llamacpp
+    from flashback.engines.llamacpp import load_llamacpp
 
     engine = load_llamacpp(gguf_export[0], n_ctx=1024)
     torch_lm = load_model(str(gguf_export[0]), markers=True)
@@ -193,9 +195,27 @@ def test_llama_cpp_engine_needs_an_export_with_a_gguf(capsys, tiny_model_dir, ex
 
 
 @needs_default_model
+def test_python_api_runs_the_llama_cpp_engine_as_the_cli_does(gguf_export, shipped_index, capsys):
+    """FlashBack.load(engine="llamacpp", model=EXPORT): the CLI's greedy tokens, in the layout the export's card
+    names (markers on, its tail)."""
+    from flashback import FlashBack
+
+    folder, card = gguf_export
+    fb = FlashBack.load(str(folder), index=shipped_index, engine="llamacpp")
+    got = fb.generate(README_PROMPT, max_new_tokens=24)
+    args = ["generate", "--engine", "llamacpp", "--model", folder, "--index", shipped_index, "--max-new-tokens", 24]
+    assert main([*map(str, args), "--json", "--prompt", README_PROMPT]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert got.token_ids and got.token_ids == cli["token_ids"]
+    assert got.config.tail == cli["config"]["tail"] == card["tail"] and got.config.markers and cli["config"]["markers"]
+    assert [r["computed_tokens"] for r in got.trace.retrievals] == [r["computed_tokens"] for r in cli["retrievals"]]
+
+
+@needs_default_model
 def test_bench_runs_on_the_llama_cpp_engine(gguf_export):
-    from flashback.bench import BenchConfig, run_bench
-    from flashback.llamacpp import load_llamacpp
+    from flashback.bench import run_bench
+    from flashback.config import BenchConfig
+    from flashback.engines.llamacpp import load_llamacpp
 
     engine = load_llamacpp(gguf_export[0], n_ctx=512)
     bc = BenchConfig(context_lengths=(64,), new_tokens=16, stride=8, passage_tokens=16, repeats=1, lora_overhead=True)
@@ -210,7 +230,7 @@ def test_bench_runs_on_the_llama_cpp_engine(gguf_export):
 def test_serve_runs_on_the_llama_cpp_engine(gguf_export, shipped_index, monkeypatch):
     """`flashback serve --engine llamacpp`: one generation at a time, the engine's own greedy text."""
     pytest.importorskip("uvicorn")
-    from flashback.llamacpp import load_llamacpp
+    from flashback.engines.llamacpp import load_llamacpp
 
     from .conftest import check_served_text, serve_app
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flashback.config import GenerationConfig
 from flashback.errors import FlashbackError
-from flashback.generate import GenerationConfig, IndexRetriever, Trace, generate, stream
-from flashback.retrieval import Index
+from flashback.generate import Trace, generate, stream
+from flashback.text.retrieval import Index, IndexRetriever
 
 PROMPT = "Garbage collection frees memory. A lambda expression creates a function and a socket binds to a port"
 
@@ -218,7 +219,7 @@ def test_long_max_new_tokens_lowers_max_new_tokens_not_the_prompt(tiny_lm):
 
 
 def test_marker_text_in_a_prompt_stays_text(tiny_lm):
-    from flashback.model import encode
+    from flashback.text.tokenize import encode
 
     ids = encode(tiny_lm.tokenizer, "before <MARK_L> after <eos>")
     assert not set(ids) & {*tiny_lm.marker_ids, tiny_lm.tokenizer.eos_token_id}
@@ -238,3 +239,50 @@ def test_a_query_that_matches_nothing_skips_the_passage(tiny_lm, index):
     with torch.no_grad():  # without a passage the layout is the plain context
         want = tiny_lm.model(input_ids=torch.tensor([prompt + tokens[:2]], device=tiny_lm.device)).logits[0, -1].float()
     torch.testing.assert_close(seen[2], want, atol=1e-4, rtol=0)
+
+
+def test_a_step_without_passages_then_a_tail_longer_than_the_stride(tiny_lm, index):
+    """Step 0 finds nothing, so the whole prompt is cached as context; step 16 finds a passage whose split point
+    (tail 24 > stride 16) lies before what is cached: the cache goes back to the split point, and every step still
+    equals a full recomputation of its layout."""
+    found = IndexRetriever(index)
+    calls: list[str] = []
+
+    def nothing_at_first(query: str, k: int):
+        calls.append(query)
+        return [] if len(calls) == 1 else found(query, k)
+
+    nothing_at_first.max_passage_tokens = found.max_passage_tokens
+    cfg = GenerationConfig(mode="append", stride=16, max_new_tokens=40, markers=True, tail=24)
+    prompt = tiny_lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    trace, seen = Trace("append"), {}
+    observe = lambda step, logits: seen.__setitem__(step, logits.clone())  # noqa: E731
+    tokens = list(stream(tiny_lm, prompt, nothing_at_first, cfg, trace, observe=observe))
+    passages = passages_by_step(index, trace)
+    assert len(tokens) == 40 and passages[0] == [] and passages[16] and trace.retrievals[0]["skipped"]
+    for step in range(len(tokens)):
+        layout = naive_layout("append", prompt, tokens, step, passages, tiny_lm.marker_ids, 24)
+        with torch.no_grad():
+            want = tiny_lm.model(input_ids=torch.tensor([layout], device=tiny_lm.device)).logits[0, -1].float()
+        torch.testing.assert_close(seen[step], want, atol=1e-4, rtol=0)
+
+
+def test_forwards_pass_the_cache_argument_transformers_keeps(tiny_model_dir, index):
+    """transformers 5.24 warns that `past_key_values` goes away in 5.40: generation (eager and the decode step),
+    scoring and training pass `cache` instead."""
+    import warnings
+
+    from flashback.data import Segment
+    from flashback.engines.torch import load_model
+    from flashback.train import pack, target_nll
+
+    lm = load_model(str(tiny_model_dir), markers=True, quantize="int8")
+    prompt = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = generate(lm, prompt, IndexRetriever(index), GenerationConfig(max_new_tokens=20, stride=8))
+        lm.session(None, scoring=True).extend(prompt, all_logits=True)
+        segment = Segment("d", 0, 4, prompt[:28], [24], [[prompt[:6]]], [["p"]])  # one target after 24 tokens
+        target_nll(lm.model, pack(segment, lm.marker_ids, 4, 0, lm.device), None)
+    assert len(result.token_ids) == 20 and any(f.kind == "decode" for f in result.trace.forwards)
+    assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]

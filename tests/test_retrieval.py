@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from flashback.corpus import Document, read_documents, split_passages
 from flashback.errors import FlashbackError
-from flashback.model import load_tokenizer, tokenizer_fingerprint
-from flashback.retrieval import Index
+from flashback.text.corpus import Document, read_documents, split_passages
+from flashback.text.retrieval import Index
+from flashback.text.tokenize import load_tokenizer, tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,8 @@ import time
 import httpx
 import pytest
 
-from flashback.generate import IndexRetriever
-from flashback.retrieval import Index
 from flashback.server import ServerLimits, create_app
+from flashback.text.retrieval import Index, IndexRetriever
 
 pytest.importorskip("uvicorn")
 import uvicorn  # noqa: E402
@@ -93,7 +92,8 @@ def test_completion_shape_and_retrievals(server, tiny_lm):
 
 
 def test_tail_comes_from_the_server_unless_the_request_sets_it(server, tiny_lm, tiny_index_dir):
-    from flashback.generate import GenerationConfig, generate
+    from flashback.config import GenerationConfig
+    from flashback.generate import generate
 
     assert httpx.get(f"{server}/health").json()["tail"] == 4
     prompt = "A socket is an endpoint for network communication"
@@ -372,8 +372,9 @@ def test_the_append_adapter_never_touches_none_or_prepend_requests(
 ):
     from fastapi.testclient import TestClient
 
-    from flashback.generate import GenerationConfig, generate
-    from flashback.model import load_model
+    from flashback.config import GenerationConfig
+    from flashback.engines.torch import load_model
+    from flashback.generate import generate
 
     served = load_model(str(tiny_model_dir), adapters={"append": str(adapter_dir)}, compile=compile)
     plain = load_model(str(tiny_model_dir), markers=True)
@@ -603,8 +604,8 @@ def test_serve_upstream_keeps_a_request_in_flight_per_generation(tiny_lm, tiny_i
     thread would hold the first request there alone until the barrier broke."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from flashback.model import encode
-    from flashback.upstream import Completion, UpstreamModel
+    from flashback.engines.upstream import Completion, UpstreamEngine
+    from flashback.text.tokenize import encode
 
     barrier = threading.Barrier(2, timeout=30)
     token = encode(tiny_lm.tokenizer, "hello")[0]
@@ -616,13 +617,13 @@ def test_serve_upstream_keeps_a_request_in_flight_per_generation(tiny_lm, tiny_i
             barrier.wait()
             return Completion([token] * n, False, len(prompt), 0, 0.0, 0.0)
 
-    lm = UpstreamModel(
+    lm = UpstreamEngine(
+        TwoAtOnce(),
         tokenizer=tiny_lm.tokenizer,
         name="upstream-fake",
         marker_ids=tiny_lm.marker_ids,
-        eos=set(tiny_lm.eos_ids),
-        positions=512,
-        client=TwoAtOnce(),
+        eos_ids=set(tiny_lm.eos_ids),
+        max_positions=512,
     )
     retriever = IndexRetriever(Index.load(tiny_index_dir))
     running = serve_in_thread(create_app(lm, retriever, ServerLimits(max_active=2), True, 4))

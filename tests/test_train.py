@@ -10,15 +10,17 @@ import pytest
 import torch
 
 from flashback.cli import main
-from flashback.data import FORMAT, Example, Segment, layout, load_segments
+from flashback.config import TrainConfig
+from flashback.data import FORMAT, Example, Segment, load_segments
+from flashback.engines.torch import load_model
+from flashback.engines.torch.adapters import lora_targets
 from flashback.errors import FlashbackError
-from flashback.model import load_model, tokenizer_fingerprint
+from flashback.layout import layout
+from flashback.text.tokenize import tokenizer_fingerprint
 from flashback.train import (
-    TrainConfig,
     add_adapter,
     collate,
     evaluate_loss,
-    lora_targets,
     pack,
     target_loss,
     target_nll,

@@ -18,14 +18,16 @@ import httpx
 import numpy as np
 import pytest
 
-from flashback.bench import BenchConfig, run_bench
+from flashback.bench import run_bench
 from flashback.cli import main
+from flashback.config import BenchConfig, GenerationConfig
+from flashback.engines.torch import load_model
+from flashback.engines.upstream import OpenAIClient, llama_server_path, load_upstream, vllm_python
 from flashback.errors import FlashbackError
 from flashback.export import export
-from flashback.generate import GenerationConfig, Retrieved, generate
-from flashback.model import encode, load_model
-from flashback.retrieval import Hit
-from flashback.upstream import OpenAIClient, llama_server_path, load_upstream, vllm_python
+from flashback.generate import generate
+from flashback.text.retrieval import Hit, Retrieved
+from flashback.text.tokenize import encode
 from tests.conftest import engine_or_skip
 
 from .test_cli import assert_clean_error, run_cli
@@ -140,7 +142,7 @@ def test_upstream_generates_the_local_engines_tokens(server):
     local = torch_lm
     if server.block == 1:  # llama-server
         engine_or_skip(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python")
-        from flashback.llamacpp import load_llamacpp
+        from flashback.engines.llamacpp import load_llamacpp
 
         local = load_llamacpp(server.folder, n_ctx=1024)
     prompt = encode(torch_lm.tokenizer, README_PROMPT)
@@ -214,6 +216,22 @@ def test_upstream_cli_generate_and_bench(server, capsys, tmp_path):
     assert result["rows"][0]["append_step_tokens"] == 16 + 32 + 128 + 2 + 96 % server.block
 
 
+def test_python_api_runs_the_upstream_engine_as_the_cli_does(server, shipped_index, capsys):
+    """FlashBack.load(upstream=URL, model=EXPORT): the CLI's greedy tokens, in the layout the export's card names."""
+    from flashback import FlashBack
+
+    fb = FlashBack.load(str(server.folder), index=shipped_index, upstream=server.url)
+    fb.engine.forget()
+    got = fb.generate(README_PROMPT, max_new_tokens=24)
+    fb.engine.forget()
+    args = ["generate", "--upstream", server.url, "--model", server.folder, "--index", shipped_index]
+    assert main([*map(str, args), "--max-new-tokens", "24", "--json", "--prompt", README_PROMPT]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert got.token_ids and got.token_ids == cli["token_ids"]
+    assert got.config.tail == cli["config"]["tail"] == 32 and got.config.markers and cli["config"]["markers"]
+    assert [r["computed_tokens"] for r in got.trace.retrievals] == [r["computed_tokens"] for r in cli["retrievals"]]
+
+
 def test_upstream_errors_are_clear(server, capsys, tiny_model_dir, adapter_dir, tmp_path):
     url, folder = server.url, server.folder
     other = tmp_path / "tiny-export"
@@ -234,8 +252,7 @@ def test_upstream_errors_are_clear(server, capsys, tiny_model_dir, adapter_dir, 
 def test_serve_upstream_is_a_retrieval_front_end(server, shipped_index, monkeypatch, capsys):
     """`flashback serve --upstream`: OpenAI completions whose decoding runs on llama-server."""
     pytest.importorskip("uvicorn")
-    from flashback.generate import IndexRetriever
-    from flashback.retrieval import Index
+    from flashback.text.retrieval import Index, IndexRetriever
 
     from .conftest import check_served_text, serve_app
 

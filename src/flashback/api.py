@@ -4,9 +4,9 @@
     fb = FlashBack.load()                       # default model, its shipped adapters, the default index
     print(fb.generate("A garbage collector", max_new_tokens=32).text)
 
-`FlashBack` holds a loaded model, a retriever and the settings the CLI would use; its methods take
+`FlashBack` holds an engine, a retriever and the settings the CLI would use; its methods take
 text and return the library's own result types. Everything it does is available below it
-(model.load_model, retrieval.Index, generate.generate, evaluate.evaluate) for finer control.
+(engines.load_engine, text.retrieval.Index, generate.generate, evaluate.evaluate) for finer control.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
-from flashback.model import DEFAULT_MODEL, LoadedModel, cache_root, encode
+from flashback.registry import DEFAULT_MODEL, default_index_dir
+from flashback.text.tokenize import encode
 
-DEFAULT_INDEX = cache_root() / "indexes" / "default"
+DEFAULT_INDEX = default_index_dir()
 DEFAULT_CORPUS = "python-docs"  # built in: the documentation of the running Python (corpus.python_docs)
 
 
@@ -36,14 +38,14 @@ def build_index(
     progress: bool = True,
 ):
     """Split documents (files, folders, JSONL, or a built-in corpus) into passages and save a BM25 index."""
-    from flashback.corpus import builtin_documents, expand_paths, read_documents, select, split_passages
-    from flashback.model import load_tokenizer, tokenizer_fingerprint
-    from flashback.retrieval import Index
+    from flashback.config import IndexConfig
+    from flashback.text.corpus import builtin_documents, expand_paths, read_documents, select, split_passages
+    from flashback.text.retrieval import Index
+    from flashback.text.tokenize import load_tokenizer, tokenizer_fingerprint
 
     if not corpus and not builtin:
         raise FlashbackError("nothing to index: give corpus files or a built-in corpus (--builtin python-docs)")
-    if chunk_tokens < 1:
-        raise FlashbackError("--chunk-tokens must be at least 1")
+    IndexConfig(builtin=builtin, chunk_tokens=chunk_tokens).validate()
     expand_paths(corpus)  # fail on a bad path before the slow part
     tokenizer = load_tokenizer(model)
     documents = read_documents(corpus) if corpus else iter(())
@@ -69,7 +71,7 @@ def _chain(*parts: Iterable) -> Iterator:
 
 def load_index(path: str | Path | None = None, progress: bool = True):
     """The index at `path`; without a path the default one, built from the built-in corpus on first use."""
-    from flashback.retrieval import Index
+    from flashback.text.retrieval import Index
 
     if path is not None:
         return Index.load(path)
@@ -112,8 +114,7 @@ class TextRetriever:
     def __call__(self, query: str, k: int) -> list:
         import numpy as np
 
-        from flashback.generate import Retrieved
-        from flashback.retrieval import Hit
+        from flashback.text.retrieval import Hit, Retrieved
 
         found = []
         for rank, item in enumerate(list(self.search(query, k))[:k]):
@@ -136,15 +137,13 @@ def _as_passage(item) -> Passage:
 
 
 class FlashBack:
-    """A model, a retriever and generation defaults: text in, text out."""
+    """An engine, a retriever and generation defaults: text in, text out."""
 
-    def __init__(self, lm: LoadedModel, retriever, index=None, tail: int | None = None):
-        from flashback.adapter import adapter_tail
-        from flashback.data import DEFAULT_TAIL
+    def __init__(self, engine: Engine, retriever, index=None, tail: int | None = None):
+        from flashback.layout import layout_settings
 
-        self.lm, self.retriever, self.index = lm, retriever, index
-        trained = adapter_tail(lm.adapters.get("append"))
-        self.tail = tail if tail is not None else (DEFAULT_TAIL if trained is None else trained)
+        self.engine, self.retriever, self.index = engine, retriever, index
+        self.tail = layout_settings(engine.tuned, "append", None, tail)[1]
 
     @classmethod
     def load(
@@ -154,35 +153,53 @@ class FlashBack:
         adapter: str | Sequence[str] | None = "auto",
         retriever: Callable[[str, int], Iterable] | None = None,
         *,
+        engine: str = "torch",
+        upstream: str | None = None,
         device: str = "cpu",
         dtype: str = "float32",
         tail: int | None = None,
         max_passage_tokens: int = 128,
         compile: bool = False,
         quantize: str | None = None,
+        flash_attn: bool = False,
     ) -> FlashBack:
         """Load everything the CLI would: `adapter="auto"` takes the adapters shipped for the default model
         (one per mode, never applied to another mode), None none, a folder (or several) exactly those.
-        `retriever` replaces the BM25 index with your own search function (see TextRetriever).
-        `compile` / `quantize="int8"` choose the decode step (decode.py), as the CLI's --compile / --quantize."""
-        from flashback.generate import IndexRetriever
-        from flashback.model import load_model, plan_adapters, tokenizer_fingerprint
+        `engine="llamacpp"` runs an export's GGUF (model=EXPORT) in llama.cpp; `upstream=URL` decodes on an
+        inference server that serves the export (model=EXPORT). `retriever` replaces the BM25 index with your
+        own search function (see TextRetriever). `compile` / `quantize="int8"` choose the decode step, as the
+        CLI's --compile / --quantize."""
+        from flashback.config import EngineConfig
+        from flashback.engines.load import load_engine, plan_adapters
+        from flashback.text.retrieval import IndexRetriever
+        from flashback.text.tokenize import tokenizer_fingerprint
 
         given = [] if adapter in (None, "auto") else [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
-        plan = plan_adapters(model, [str(a) for a in given], no_default=adapter != "auto")
-        lm = load_model(
-            model, device=device, dtype=dtype, markers=True, adapters=plan, compile=compile, quantize=quantize
+        cfg = EngineConfig(
+            model=model or DEFAULT_MODEL,
+            device=device,
+            dtype=dtype,
+            compile=compile,
+            quantize=quantize,
+            engine=engine,
+            flash_attn=flash_attn,
+            upstream=upstream,
+            adapters=tuple(str(a) for a in given),
+            shipped_adapters=adapter == "auto",
         )
+        loaded = load_engine(cfg, adapters=plan_adapters(cfg), markers=True)
         if retriever is not None:
-            return cls(lm, TextRetriever(retriever, lm.tokenizer, max_passage_tokens), None, tail)
+            return cls(loaded, TextRetriever(retriever, loaded.tokenizer, max_passage_tokens), None, tail)
         idx = load_index(index)
-        idx.check_tokenizer(tokenizer_fingerprint(lm.tokenizer))
-        return cls(lm, IndexRetriever(idx), idx, tail)
+        idx.check_tokenizer(tokenizer_fingerprint(loaded.tokenizer))
+        return cls(loaded, IndexRetriever(idx), idx, tail)
 
     def config(self, mode: str = "append", **settings):
-        from flashback.generate import GenerationConfig
+        from flashback.config import GenerationConfig
+        from flashback.layout import layout_settings
 
-        markers = settings.pop("markers", mode == "append" and ("append" in self.lm.adapters or not self.lm.adapters))
+        untuned = not self.engine.tuned  # a bare model: markers on in append mode, as the paper lays it out
+        markers, _ = layout_settings(self.engine.tuned, mode, settings.pop("markers", None), None, untuned)
         return GenerationConfig(mode=mode, markers=markers, **{"tail": self.tail, **settings})
 
     def generate(self, text: str, mode: str = "append", stream: bool = False, **settings):
@@ -194,14 +211,14 @@ class FlashBack:
         from flashback.generate import stream as stream_tokens
 
         cfg = self.config(mode, **settings)
-        ids = encode(self.lm.tokenizer, text)
+        ids = encode(self.engine.tokenizer, text)
         retriever = self.retriever if mode != "none" else None
         if not stream:
-            return generate(self.lm, ids, retriever, cfg)
-        tokens = stream_tokens(self.lm, ids, retriever, cfg)  # checks the request before the first piece
+            return generate(self.engine, ids, retriever, cfg)
+        tokens = stream_tokens(self.engine, ids, retriever, cfg)  # checks the request before the first piece
 
         def pieces() -> Iterator[str]:
-            streamer = TextStreamer(self.lm.tokenizer)
+            streamer = TextStreamer(self.engine.tokenizer)
             for token in tokens:
                 if piece := streamer.push(token):
                     yield piece
@@ -212,16 +229,16 @@ class FlashBack:
 
     def search(self, text: str, k: int = 3) -> list[dict]:
         """The top-k passages for a query: id, title, score and text."""
-        return [
-            {**r.hit.to_json(), "text": self.lm.tokenizer.decode(r.token_ids.tolist())} for r in self.retriever(text, k)
-        ]
+        decode = self.engine.tokenizer.decode
+        return [{**r.hit.to_json(), "text": decode(r.token_ids.tolist())} for r in self.retriever(text, k)]
 
     def eval(self, documents, modes: Sequence[str] = ("none", "prepend", "append+markers+adapter"), **settings):
         """Perplexity of each mode on the same tokens (evaluate.evaluate); `documents` are texts or Documents."""
-        from flashback.corpus import Document
-        from flashback.evaluate import EvalConfig, ModeSpec, evaluate
+        from flashback.config import EvalConfig
+        from flashback.evaluate import ModeSpec, evaluate
+        from flashback.text.corpus import Document
 
         docs = [d if isinstance(d, Document) else Document(f"text#{i}", "", d) for i, d in enumerate(documents)]
         specs = [ModeSpec.parse(m) for m in modes]
         cfg = EvalConfig(**{"tail": self.tail, **settings})
-        return evaluate(self.lm, docs, self.index if self.index is not None else self.retriever, specs, cfg)
+        return evaluate(self.engine, docs, self.index if self.index is not None else self.retriever, specs, cfg)

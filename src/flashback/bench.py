@@ -12,33 +12,15 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from flashback.data import DEFAULT_TAIL
+from flashback.config import BenchConfig, GenerationConfig
+from flashback.engines.base import Architecture, Engine
 from flashback.errors import FlashbackError
-from flashback.generate import GenerationConfig, IndexRetriever, Retrieved, generate
-from flashback.model import LoadedModel
-from flashback.retrieval import Hit, Index
-from flashback.train import lora_targets
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    context_lengths: tuple[int, ...] = (512, 1024, 2048, 4096)
-    new_tokens: int = 128
-    stride: int = 16
-    passage_tokens: int = 128
-    query_tokens: int = 32
-    k: int = 1
-    repeats: int = 3
-    markers: bool = True
-    tail: int = DEFAULT_TAIL  # append: context tokens re-encoded after the passage at each retrieval
-    lora_overhead: bool = True  # also time an unmerged LoRA adapter vs merged weights
-    lora_targets: tuple[str, ...] = ("all-linear",)  # as `train --target-modules`; the shipped adapter's
-    seed: int = 0
+from flashback.generate import generate
+from flashback.text.retrieval import Hit, Index, IndexRetriever, Retrieved
 
 
 class RandomRetriever:
@@ -82,20 +64,17 @@ class FullRetriever:
         return got
 
 
-def flops(model: torch.nn.Module, n: int, cached: int) -> float:
+def flops(arch: Architecture, n: int, cached: int) -> float:
     """FLOP model of one forward of n new tokens over `cached` tokens (logits for the last one only).
 
     2·P·n for the weights (P without the embedding lookup) + 4·layers·width·(n·c + n²/2) for attention.
     """
-    cfg = model.config
-    width, layers = cfg.hidden_size, cfg.num_hidden_layers
-    emb = model.get_input_embeddings().weight.numel()
-    body = sum(p.numel() for p in model.parameters()) - emb * (1 if cfg.tie_word_embeddings else 2)
-    return 2 * body * n + 2 * emb + 4 * layers * width * (n * cached + n * n / 2)
+    attention = 4 * arch.layers * arch.width * (n * cached + n * n / 2)
+    return 2 * arch.body_params * n + 2 * arch.embedding_params + attention
 
 
-def trace_flops(model, forwards) -> float:
-    return sum(flops(model, f.tokens, f.cache_len - f.tokens) for f in forwards)
+def trace_flops(arch: Architecture, forwards) -> float:
+    return sum(flops(arch, f.tokens, f.cache_len - f.tokens) for f in forwards)
 
 
 def _sync(device: torch.device) -> None:
@@ -119,15 +98,13 @@ def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 1
     return 2 * src.numel() * src.element_size() / statistics.median(times)
 
 
-def decode_bytes(lm: LoadedModel, mode: str) -> tuple[int, int]:
-    """(weight bytes, KV bytes per cached token) one decode step reads, on lm's engine."""
-    cfg = lm.model.config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return lm.decode_weight_bytes(mode), 2 * cfg.num_hidden_layers * heads * head_dim * lm.kv_value_bytes
+def decode_bytes(engine: Engine, mode: str) -> tuple[int, int]:
+    """(weight bytes, KV bytes per cached token) one decode step reads, on the engine."""
+    arch = engine.arch
+    return engine.decode_weight_bytes(mode), 2 * arch.layers * arch.kv_width * engine.kv_value_bytes
 
 
-def context_tokens(lm: LoadedModel, length: int, index: Index | None, seed: int) -> list[int]:
+def context_tokens(engine: Engine, length: int, index: Index | None, seed: int) -> list[int]:
     """Real text (consecutive index passages) when an index is given, else random tokens."""
     if index is not None:
         ids = index.token_ids[:length].tolist()
@@ -135,16 +112,15 @@ def context_tokens(lm: LoadedModel, length: int, index: Index | None, seed: int)
             raise FlashbackError(f"the index holds fewer than {length} tokens for a context")
         return ids
     rng = np.random.default_rng(seed)
-    return rng.integers(0, len(lm.tokenizer) - 2, length).tolist()
+    return rng.integers(0, len(engine.tokenizer) - 2, length).tolist()
 
 
-def _run(lm, context, retriever, cfg: GenerationConfig) -> dict:
-    if lm.engine == "upstream":  # a new context for the engine, as in the local engines' runs: nothing cached
-        lm.forget()
-    _sync(lm.device)
+def _run(engine: Engine, context, retriever, cfg: GenerationConfig) -> dict:
+    engine.forget()  # a new context for an engine with a prefix cache, as for the others: nothing cached
+    _sync(engine.device)
     t0 = time.perf_counter()
-    result = generate(lm, context, retriever, cfg)
-    _sync(lm.device)
+    result = generate(engine, context, retriever, cfg)
+    _sync(engine.device)
     wall = time.perf_counter() - t0
     trace = result.trace
     if len(result.token_ids) != cfg.max_new_tokens or trace.dropped_prompt_tokens:
@@ -155,10 +131,12 @@ def _run(lm, context, retriever, cfg: GenerationConfig) -> dict:
     decodes = [f for f in trace.forwards if f.kind == "decode"]
     # KV tokens a decode step reads: the filled cache (eager), or the whole fixed buffer, masked (Decoder)
     kv_read = trace.cache_capacity or statistics.mean(f.cache_len - 1 for f in decodes)
-    # Forwards before the first token: the context prefill (+ the first passage in append mode; an upstream
-    # engine computes both in its first request).
-    first = multi[:2] if cfg.mode == "append" and lm.engine != "upstream" else multi[:1]
+    # Forwards before the first token: the first stretch's (the context's prefill, and in append mode the first
+    # passage, which an upstream engine computes in the same request).
+    first_stretch = trace.forwards[: trace.stretch_starts[1]] if len(trace.stretch_starts) > 1 else trace.forwards
+    first = [f for f in first_stretch if f.kind != "decode"]
     first_s = sum(f.seconds for f in first) + trace.retrieval_s / max(1, len(trace.retrievals))
+    arch = engine.arch
     return {
         "wall_s": wall,
         **trace.timings(),
@@ -171,30 +149,30 @@ def _run(lm, context, retriever, cfg: GenerationConfig) -> dict:
         # retrieval steps after the first: the first one includes the context prefill in both modes
         "step_s": [f.seconds for f in multi[len(first) :]],
         "retrieval_each_s": trace.retrieval_s / max(1, len(trace.retrievals)),
-        "flops": trace_flops(lm.model, trace.forwards),
+        "flops": trace_flops(arch, trace.forwards),
         "after_first_s": wall - first_s,
-        "after_first_flops": trace_flops(lm.model, trace.forwards) - trace_flops(lm.model, first),
+        "after_first_flops": trace_flops(arch, trace.forwards) - trace_flops(arch, first),
     }
 
 
-def bare_extend_seconds(lm: LoadedModel, context: list[int], n: int, repeats: int) -> float:
+def bare_extend_seconds(engine: Engine, context: list[int], n: int, repeats: int) -> float:
     """Median time of one forward of n tokens against the context's cache, then rolled back."""
-    cache = lm.new_cache()
+    cache = engine.session()
     cache.extend(context)
     times = []
     for r in range(repeats):
         ids = context[r : r + n]  # new tokens each time: an engine with a prefix cache must not find them cached
         t0 = time.perf_counter()
         cache.extend(ids)
-        _sync(lm.device)
+        _sync(engine.device)
         times.append(time.perf_counter() - t0)
         cache.rollback(len(context))
     return statistics.median(times)
 
 
-def decode_bound(lm: LoadedModel, mode: str, kv_tokens: float, bandwidth: float) -> dict:
+def decode_bound(engine: Engine, mode: str, kv_tokens: float, bandwidth: float) -> dict:
     """Bandwidth bound of one decode step: the bytes it must read over the measured copy bandwidth."""
-    weights, per_token = decode_bytes(lm, mode)
+    weights, per_token = decode_bytes(engine, mode)
     return {
         "weight_mb": weights / 1e6,
         "kv_mb": per_token * kv_tokens / 1e6,
@@ -208,134 +186,135 @@ def _summary(values: Sequence[float]) -> dict:
 
 
 def run_bench(
-    lm: LoadedModel, bc: BenchConfig, index: Index | None = None, progress: Callable[[str], None] = lambda s: None
+    engine: Engine, bc: BenchConfig, index: Index | None = None, progress: Callable[[str], None] = lambda s: None
 ) -> dict:
+    bc.validate()
     retriever = (
         FullRetriever(index, bc.seed)
         if index is not None
-        else RandomRetriever(len(lm.tokenizer) - 2, bc.passage_tokens, bc.seed)
+        else RandomRetriever(len(engine.tokenizer) - 2, bc.passage_tokens, bc.seed)
     )
-    passage = retriever.max_passage_tokens
-    markers = bc.markers and lm.marker_ids is not None
     if bc.new_tokens <= bc.stride:
         raise FlashbackError(
             f"--new-tokens ({bc.new_tokens}) must exceed --stride ({bc.stride}): the bench times the retrieval "
             "steps after the first"
         )
     progress("measuring memory-copy bandwidth")
-    bandwidth = copy_bandwidth(lm.device)
-    rows = []
-    for length in bc.context_lengths:
-        if length + bc.new_tokens + bc.k * passage + 2 > lm.max_positions:
-            raise FlashbackError(f"context length {length} does not fit the model's {lm.max_positions} positions")
-        context = context_tokens(lm, length, index, bc.seed)
-        cfgs = {
-            m: GenerationConfig(
-                mode=m,
-                stride=bc.stride,
-                query_tokens=bc.query_tokens,
-                k=bc.k,
-                max_new_tokens=bc.new_tokens,
-                markers=markers,
-                tail=bc.tail,
-                stop_at_eos=False,
-            )
-            for m in ("append", "prepend")
-        }
-        progress(f"L={length}: warm-up")
-        for mode in cfgs:
-            _run(lm, context, retriever, cfgs[mode])
-        runs: dict[str, list[dict]] = {"append": [], "prepend": []}
-        for r in range(bc.repeats):
-            for mode in ("append", "prepend") if r % 2 == 0 else ("prepend", "append"):
-                progress(f"L={length}: {mode} run {r + 1}/{bc.repeats}")
-                runs[mode].append(_run(lm, context, retriever, cfgs[mode]))
-        step_tokens = bc.stride + bc.tail + bc.k * passage + 2 * markers  # what an append retrieval step encodes
-        bare = bare_extend_seconds(lm, context, step_tokens, max(3, bc.repeats))
-        row = {"context_length": length, "new_tokens": bc.new_tokens}
-        for mode, rs in runs.items():
-            wall = _summary([x["wall_s"] for x in rs])
-            row[mode] = {
-                "wall_s": wall,
-                "tokens_per_s": bc.new_tokens / wall["median"],
-                "breakdown_s": {
-                    k: statistics.median(x[k] for x in rs) for k in ("retrieval_s", "prefill_s", "extend_s", "decode_s")
-                },
-                "retrieval_step_s": statistics.median(s + x["retrieval_each_s"] for x in rs for s in x["step_s"]),
-                "decode_ms_per_token": 1000
-                * statistics.median(x["decode_s"] for x in rs)
-                / (bc.new_tokens - rs[0]["retrievals"]),
-                "decode_share": statistics.median(x["decode_s"] / x["wall_s"] for x in rs),
-                **decode_bound(lm, mode, rs[0]["kv_tokens_read"], bandwidth),
-                "flops": rs[0]["flops"],
-                "after_first_s": statistics.median(x["after_first_s"] for x in rs),
-                "after_first_flops": rs[0]["after_first_flops"],
-            }
-            if lm.engine == "upstream":
-                row[mode]["engine_prompt_tokens"] = rs[0]["engine_prompt_tokens"]
-                row[mode]["engine_cached_tokens"] = rs[0]["engine_cached_tokens"]
-        a, p = row["append"], row["prepend"]
-        row["speedup"] = p["wall_s"]["median"] / a["wall_s"]["median"]
-        row["flop_limit_speedup"] = p["flops"] / a["flops"]
-        row["after_first_speedup"] = p["after_first_s"] / a["after_first_s"]
-        row["after_first_flop_limit"] = p["after_first_flops"] / a["after_first_flops"]
-        row["step_speedup"] = p["retrieval_step_s"] / a["retrieval_step_s"]
-        row["step_flop_limit"] = flops(lm.model, length + bc.k * passage, 0) / flops(lm.model, step_tokens, length)
-        row["append_step_tokens"] = statistics.median(
-            r["computed_tokens"] for r in runs["append"][0]["retrieval_records"][1:]
-        )
-        for mode in ("append", "prepend"):
-            row[mode]["decode_over_bound"] = row[mode]["decode_ms_per_token"] / row[mode]["bound_ms"]
-        row["bare_extend_s"] = bare
-        row["append_step_over_bare"] = a["retrieval_step_s"] / bare
-        rows.append(row)
-        progress(f"L={length}: speedup {row['speedup']:.2f}x (FLOP limit {row['flop_limit_speedup']:.2f}x)")
+    bandwidth = copy_bandwidth(engine.device)
+    rows = [_bench_length(engine, bc, index, retriever, length, bandwidth, progress) for length in bc.context_lengths]
+    info = engine.describe()
     out = {
-        "model": lm.name,
-        "device": str(lm.device),
-        "engine": lm.engine,
-        "dtype": lm.dtype_name,
+        "model": engine.name,
+        "device": info["device"],
+        "engine": info["engine"],
+        "dtype": info["dtype"],
         "threads": torch.get_num_threads(),
         "passages": "index" if index is not None else "random tokens",
-        "compile": lm.compile,
-        "quantize": lm.quantize,
-        "compile_s": lm.compile_s,
+        "compile": info["compile"],
+        "quantize": info["quantize"],
+        "compile_s": info["compile_s"],
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "config": bc.__dict__,
         "rows": rows,
-        **({"engine_counts_cached": lm.client.reports_cached_tokens} if lm.engine == "upstream" else {}),
     }
-    if bc.lora_overhead and isinstance(lm, LoadedModel):  # LoRA on PyTorch weights only
-        out["lora"] = lora_overhead(lm, bc, retriever, progress)
+    if engine.capabilities.remote:  # whether the engine's counts of cached prompt tokens can be read
+        out["engine_counts_cached"] = engine.capabilities.counts_cached_tokens
+    if bc.lora_overhead and engine.capabilities.adapters:  # LoRA on weights this process holds
+        out["lora"] = lora_overhead(engine, bc, retriever, progress)
     if isinstance(retriever, FullRetriever):  # queries that matched nothing, filled with random index passages
         out["filled_passages"] = retriever.filled
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if lm.device.type == "cuda":
-        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(lm.device) / 2**20
+    if engine.device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(engine.device) / 2**20
     return out
 
 
-def lora_overhead(lm: LoadedModel, bc: BenchConfig, retriever, progress) -> dict:
-    """Append-mode generation with an unmerged LoRA adapter (r=16 on bc.lora_targets) vs the same merged."""
-    from peft import LoraConfig, get_peft_model
+def _bench_configs(engine: Engine, bc: BenchConfig) -> dict[str, GenerationConfig]:
+    markers = bc.markers and engine.marker_ids is not None
+    return {
+        m: GenerationConfig(
+            mode=m,
+            stride=bc.stride,
+            query_tokens=bc.query_tokens,
+            k=bc.k,
+            max_new_tokens=bc.new_tokens,
+            markers=markers,
+            tail=bc.tail,
+            stop_at_eos=False,
+        )
+        for m in ("append", "prepend")
+    }
 
-    length = min(bc.context_lengths[-1], 2048)
-    context = context_tokens(lm, length, getattr(retriever, "index", None), bc.seed)
-    cfg = GenerationConfig(
-        mode="append",
-        stride=bc.stride,
-        k=bc.k,
-        max_new_tokens=bc.new_tokens,
-        markers=lm.marker_ids is not None and bc.markers,
-        tail=bc.tail,
-        stop_at_eos=False,
+
+def _bench_length(engine: Engine, bc: BenchConfig, index, retriever, length: int, bandwidth: float, progress) -> dict:
+    """Both modes at one context length: a warm-up, then interleaved runs; medians and the FLOP limits."""
+    passage = retriever.max_passage_tokens
+    if length + bc.new_tokens + bc.k * passage + 2 > engine.max_positions:
+        raise FlashbackError(f"context length {length} does not fit the model's {engine.max_positions} positions")
+    context = context_tokens(engine, length, index, bc.seed)
+    cfgs = _bench_configs(engine, bc)
+    progress(f"L={length}: warm-up")
+    for mode in cfgs:
+        _run(engine, context, retriever, cfgs[mode])
+    runs: dict[str, list[dict]] = {"append": [], "prepend": []}
+    for r in range(bc.repeats):
+        for mode in ("append", "prepend") if r % 2 == 0 else ("prepend", "append"):
+            progress(f"L={length}: {mode} run {r + 1}/{bc.repeats}")
+            runs[mode].append(_run(engine, context, retriever, cfgs[mode]))
+    markers = cfgs["append"].markers
+    step_tokens = bc.stride + bc.tail + bc.k * passage + 2 * markers  # what an append retrieval step encodes
+    row = {"context_length": length, "new_tokens": bc.new_tokens}
+    for mode, rs in runs.items():
+        row[mode] = _mode_summary(engine, bc, mode, rs, bandwidth)
+    a, p = row["append"], row["prepend"]
+    arch = engine.arch
+    row["speedup"] = p["wall_s"]["median"] / a["wall_s"]["median"]
+    row["flop_limit_speedup"] = p["flops"] / a["flops"]
+    row["after_first_speedup"] = p["after_first_s"] / a["after_first_s"]
+    row["after_first_flop_limit"] = p["after_first_flops"] / a["after_first_flops"]
+    row["step_speedup"] = p["retrieval_step_s"] / a["retrieval_step_s"]
+    row["step_flop_limit"] = flops(arch, length + bc.k * passage, 0) / flops(arch, step_tokens, length)
+    row["append_step_tokens"] = statistics.median(
+        r["computed_tokens"] for r in runs["append"][0]["retrieval_records"][1:]
     )
-    base = lm.model
-    targets = lora_targets(base, bc.lora_targets)
-    peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
-    peft_model.eval()
-    try:
-        unmerged = LoadedModel(peft_model, lm.tokenizer, lm.name, lm.device, lm.marker_ids)
+    for mode in ("append", "prepend"):
+        row[mode]["decode_over_bound"] = row[mode]["decode_ms_per_token"] / row[mode]["bound_ms"]
+    row["bare_extend_s"] = bare_extend_seconds(engine, context, step_tokens, max(3, bc.repeats))
+    row["append_step_over_bare"] = a["retrieval_step_s"] / row["bare_extend_s"]
+    progress(f"L={length}: speedup {row['speedup']:.2f}x (FLOP limit {row['flop_limit_speedup']:.2f}x)")
+    return row
+
+
+def _mode_summary(engine: Engine, bc: BenchConfig, mode: str, rs: list[dict], bandwidth: float) -> dict:
+    wall = _summary([x["wall_s"] for x in rs])
+    out = {
+        "wall_s": wall,
+        "tokens_per_s": bc.new_tokens / wall["median"],
+        "breakdown_s": {
+            k: statistics.median(x[k] for x in rs) for k in ("retrieval_s", "prefill_s", "extend_s", "decode_s")
+        },
+        "retrieval_step_s": statistics.median(s + x["retrieval_each_s"] for x in rs for s in x["step_s"]),
+        "decode_ms_per_token": 1000
+        * statistics.median(x["decode_s"] for x in rs)
+        / (bc.new_tokens - rs[0]["retrievals"]),
+        "decode_share": statistics.median(x["decode_s"] / x["wall_s"] for x in rs),
+        **decode_bound(engine, mode, rs[0]["kv_tokens_read"], bandwidth),
+        "flops": rs[0]["flops"],
+        "after_first_s": statistics.median(x["after_first_s"] for x in rs),
+        "after_first_flops": rs[0]["after_first_flops"],
+    }
+    if engine.capabilities.remote:
+        out["engine_prompt_tokens"] = rs[0]["engine_prompt_tokens"]
+        out["engine_cached_tokens"] = rs[0]["engine_cached_tokens"]
+    return out
+
+
+def lora_overhead(engine: Engine, bc: BenchConfig, retriever, progress) -> dict:
+    """Append-mode generation with an unmerged LoRA adapter (r=16 on bc.lora_targets) vs the same merged."""
+    length = min(bc.context_lengths[-1], 2048)
+    context = context_tokens(engine, length, getattr(retriever, "index", None), bc.seed)
+    cfg = _bench_configs(engine, bc)["append"]
+    with engine.fresh_lora(bc.lora_targets) as (unmerged, peft_model, targets):
         times = {"unmerged": [], "merged": []}
         _run(unmerged, context, retriever, cfg)
         for r in range(bc.repeats):
@@ -346,90 +325,89 @@ def lora_overhead(lm: LoadedModel, bc: BenchConfig, retriever, progress) -> dict
         for _ in range(bc.repeats):
             times["merged"].append(_run(unmerged, context, retriever, cfg)["wall_s"])
         peft_model.unmerge_adapter()
-    finally:
-        lm.model = peft_model.unload()  # the plain base model again
     um, m = statistics.median(times["unmerged"]), statistics.median(times["merged"])
     return {"context_length": length, "targets": targets, "unmerged_s": um, "merged_s": m, "overhead": um / m - 1}
 
 
-def format_table(result: dict) -> str:
-    def spread(w: dict) -> str:
-        return f"{w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f})"
+def _table(header: str, rows: list[str]) -> list[str]:
+    return [header, "|" + "---|" * (header.count("|") - 1), *rows]
 
-    lines = [
+
+def _spread(w: dict) -> str:
+    return f"{w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f})"
+
+
+def _speed_tables(rows: list[dict]) -> list[str]:
+    """Whole runs, then the retrieval steps after the first."""
+    whole = _table(
         "| L | append s (min-max) | prepend s (min-max) | speedup | FLOP limit | "
         "speedup after 1st step | FLOP limit after 1st step |",
-        "|" + "---|" * 7,
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['context_length']} | {spread(r['append']['wall_s'])} | {spread(r['prepend']['wall_s'])} | "
+        [
+            f"| {r['context_length']} | {_spread(r['append']['wall_s'])} | {_spread(r['prepend']['wall_s'])} | "
             f"{r['speedup']:.2f}x | {r['flop_limit_speedup']:.2f}x | {r['after_first_speedup']:.2f}x | "
             f"{r['after_first_flop_limit']:.2f}x |"
-        )
-    lines += [
-        "",
+            for r in rows
+        ],
+    )
+    steps = _table(
         "| L | retrieval step append s | retrieval step prepend s | step speedup | step FLOP limit | "
         "append step / bare forward | append tokens/step |",
-        "|" + "---|" * 7,
-    ]
-    for r in result["rows"]:
-        a, p = r["append"], r["prepend"]
-        lines.append(
-            f"| {r['context_length']} | {a['retrieval_step_s']:.3f} | {p['retrieval_step_s']:.3f} | "
-            f"{r['step_speedup']:.2f}x | {r['step_flop_limit']:.2f}x | {r['append_step_over_bare']:.2f} | "
+        [
+            f"| {r['context_length']} | {r['append']['retrieval_step_s']:.3f} | {r['prepend']['retrieval_step_s']:.3f} "
+            f"| {r['step_speedup']:.2f}x | {r['step_flop_limit']:.2f}x | {r['append_step_over_bare']:.2f} | "
             f"{r['append_step_tokens']:.0f} |"
-        )
-    lines += [
-        "",
+            for r in rows
+        ],
+    )
+    return [*whole, "", *steps]
+
+
+def _time_tables(rows: list[dict]) -> list[str]:
+    """The decode step against its bandwidth bound, then where each run's time went."""
+    per_mode = [(r["context_length"], mode, r[mode]) for r in rows for mode in ("append", "prepend")]
+    decode = _table(
         "| L | mode | decode ms/token | bound ms (weights + KV) | / bound | weights-only bound ms | / weights bound "
         "| weights MB | KV MB | decode share of time |",
-        "|" + "---|" * 10,
-    ]
+        [
+            f"| {length} | {mode} | {x['decode_ms_per_token']:.1f} | {x['bound_ms']:.1f} | "
+            f"{x['decode_over_bound']:.2f}x | {x['weights_bound_ms']:.1f} | "
+            f"{x['decode_ms_per_token'] / x['weights_bound_ms']:.2f}x | {x['weight_mb']:.0f} | {x['kv_mb']:.0f} | "
+            f"{100 * x['decode_share']:.0f}% |"
+            for length, mode, x in per_mode
+        ],
+    )
+    breakdown = _table(
+        "| L | mode | retrieval s | prefill s | extend s | decode s | tokens/s |",
+        [
+            f"| {length} | {mode} | {x['breakdown_s']['retrieval_s']:.3f} | {x['breakdown_s']['prefill_s']:.2f} | "
+            f"{x['breakdown_s']['extend_s']:.2f} | {x['breakdown_s']['decode_s']:.2f} | {x['tokens_per_s']:.1f} |"
+            for length, mode, x in per_mode
+        ],
+    )
+    return [*decode, "", *breakdown]
+
+
+def _prefix_cache_table(result: dict) -> list[str]:
+    """What an engine with a prefix cache computed and what it reused, by its own count."""
+    rows = []
     for r in result["rows"]:
         for mode in ("append", "prepend"):
-            x = r[mode]
-            lines.append(
-                f"| {r['context_length']} | {mode} | {x['decode_ms_per_token']:.1f} | {x['bound_ms']:.1f} | "
-                f"{x['decode_over_bound']:.2f}x | {x['weights_bound_ms']:.1f} | "
-                f"{x['decode_ms_per_token'] / x['weights_bound_ms']:.2f}x | {x['weight_mb']:.0f} | {x['kv_mb']:.0f} | "
-                f"{100 * x['decode_share']:.0f}% |"
+            done, cached = r[mode]["engine_prompt_tokens"], r[mode]["engine_cached_tokens"]
+            rows.append(
+                f"| {r['context_length']} | {mode} | {done} | {cached} | {100 * cached / max(1, done + cached):.0f}% |"
             )
-    lines.append("")
-    lines.append("| L | mode | retrieval s | prefill s | extend s | decode s | tokens/s |")
-    lines.append("|---|---|---|---|---|---|---|")
-    for r in result["rows"]:
-        for mode in ("append", "prepend"):
-            b = r[mode]["breakdown_s"]
-            lines.append(
-                f"| {r['context_length']} | {mode} | {b['retrieval_s']:.3f} | {b['prefill_s']:.2f} | "
-                f"{b['extend_s']:.2f} | {b['decode_s']:.2f} | {r[mode]['tokens_per_s']:.1f} |"
-            )
-    if result.get("engine") == "upstream":
-        lines.append("")
+    lines = _table(
+        "| L | mode | prompt tokens computed by the engine | reused from its prefix cache | reused share |", rows
+    )
+    if not result.get("engine_counts_cached", True):
         lines.append(
-            "| L | mode | prompt tokens computed by the engine | reused from its prefix cache | reused share |"
+            "The engine did not say what came from its prefix cache, so every prompt token counts as computed "
+            "(vLLM says it with --enable-prompt-tokens-details)."
         )
-        lines.append("|---|---|---|---|---|")
-        for r in result["rows"]:
-            for mode in ("append", "prepend"):
-                x = r[mode]
-                done, cached = x["engine_prompt_tokens"], x["engine_cached_tokens"]
-                share = 100 * cached / max(1, done + cached)
-                lines.append(f"| {r['context_length']} | {mode} | {done} | {cached} | {share:.0f}% |")
-        if not result.get("engine_counts_cached", True):
-            lines.append(
-                "The engine did not say what came from its prefix cache, so every prompt token counts as computed "
-                "(vLLM says it with --enable-prompt-tokens-details)."
-            )
-    if "lora" in result:
-        lo = result["lora"]
-        lines.append("")
-        lines.append(
-            f"LoRA (r=16, {'/'.join(t.split('_')[0] for t in lo.get('targets', ['q', 'v']))}) at "
-            f"L={lo['context_length']}: unmerged {lo['unmerged_s']:.2f} s, "
-            f"merged {lo['merged_s']:.2f} s, overhead {100 * lo['overhead']:.1f}%"
-        )
+    return ["", *lines]
+
+
+def _summary_line(result: dict) -> str:
     filled = (
         f" ({result['filled_passages']} for queries that matched nothing: random)"
         if "filled_passages" in result
@@ -438,13 +416,28 @@ def format_table(result: dict) -> str:
     decode = "compiled" if result.get("compile") else "eager"
     if result.get("quantize"):
         decode += f", {result['quantize']} weights"
-    lines.append(
+    return (
         f"peak RSS {result['peak_rss_mb']:.0f} MB; passages: {result['passages']}{filled}; "
         f"{result['threads']} threads; {result.get('engine', 'torch')} engine, {result['device']} {result['dtype']}; "
         f"decode {decode}"
         + (f" (compiling took {result['compile_s']:.1f} s, not in the times above)" if result.get("compile") else "")
         + f"; memory copy {result.get('copy_bandwidth_gb_s', float('nan')):.1f} GB/s"
     )
+
+
+def format_table(result: dict) -> str:
+    lines = [*_speed_tables(result["rows"]), "", *_time_tables(result["rows"])]
+    if "engine_counts_cached" in result:
+        lines += _prefix_cache_table(result)
+    if "lora" in result:
+        lo = result["lora"]
+        lines.append("")
+        lines.append(
+            f"LoRA (r=16, {'/'.join(t.split('_')[0] for t in lo.get('targets', ['q', 'v']))}) at "
+            f"L={lo['context_length']}: unmerged {lo['unmerged_s']:.2f} s, "
+            f"merged {lo['merged_s']:.2f} s, overhead {100 * lo['overhead']:.1f}%"
+        )
+    lines.append(_summary_line(result))
     return "\n".join(lines)
 
 

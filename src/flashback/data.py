@@ -1,14 +1,6 @@
 """Training and evaluation data: text segments with their targets and retrieved passages.
 
-The token layout every part of FlashBack uses is decided here, in `append_parts` / `layout`:
-
-    append:  context[:-tail] [<MARK_L>] passages [<MARK_R>] context[-tail:] target   (FlashBack)
-    prepend: passages context target                                                (In-Context RALM)
-    none:    context target
-
-`tail` puts the passage a few tokens before the end of the context, so the model resumes a
-sentence it has just seen instead of one it last saw a passage ago. Generation, the evaluation
-fast path and packed training all derive their tokens from these functions.
+The token layouts these examples are laid out in live in layout.py.
 
 Prepared data is a list of `Segment`s: a window of a document with a target every `stride`
 tokens (the query is the `query_tokens` before each target; passages of the same document or
@@ -29,73 +21,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from flashback.atomic import FolderKind, atomic_folder
-from flashback.corpus import Document, is_heldout
+from flashback.config import PrepareConfig
 from flashback.errors import FlashbackError
-from flashback.model import encode
-from flashback.retrieval import Index
+from flashback.text.corpus import Document, is_heldout
+from flashback.text.retrieval import Index
+from flashback.text.tokenize import encode
 
 FORMAT = "flashback-data/2"
 DATA_FOLDER = FolderKind(
     "prepared data folder", "manifest.json", FORMAT, frozenset({"manifest.json", "train.jsonl", "val.jsonl"})
 )
-# Context tokens placed after the passage when neither the user nor an adapter's card says otherwise.
-DEFAULT_TAIL = 32
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    stride: int = 16
-    query_tokens: int = 32
-    k: int = 1
-    max_length: int = 512
-    val_fraction: float = 0.05
-    max_segments: int | None = None  # keep a seeded sample of this many segments (training budget)
-    seed: int = 0
-    batch_queries: int = 512
-
-
-def split_point(context_len: int, tail: int) -> int:
-    """Where the passage goes: `tail` tokens before the end of the context (never before its start)."""
-    return max(0, context_len - tail)
-
-
-def passage_block(passages: Sequence[Sequence[int]], markers: tuple[int, int] | None) -> list[int]:
-    """[<MARK_L>] passages [<MARK_R>], passages concatenated best first."""
-    flat = [int(t) for p in passages for t in p]
-    return [markers[0], *flat, markers[1]] if markers else flat
-
-
-def append_parts(
-    context: Sequence[int], passages: Sequence[Sequence[int]], markers: tuple[int, int] | None, tail: int
-) -> tuple[list[int], list[int]]:
-    """Append layout of a context as (kept, block): `kept` stays cached across retrievals, `block` is
-    the marked passage followed by the context's last `tail` tokens, recomputed at each retrieval.
-    Without passages (nothing was retrieved) there is no block: the layout is the plain context."""
-    if not any(len(p) for p in passages):
-        return list(context), []
-    cut = split_point(len(context), tail)
-    return list(context[:cut]), passage_block(passages, markers) + list(context[cut:])
-
-
-def layout(
-    context: Sequence[int],
-    passages: Sequence[Sequence[int]],
-    target: Sequence[int],
-    position: str,
-    markers: tuple[int, int] | None,
-    tail: int = 0,
-) -> tuple[list[int], int]:
-    """Token ids of one example and the index where the target starts (see the module docstring)."""
-    if position == "append":
-        kept, block = append_parts(context, passages, markers, tail)
-        ids = kept + block
-    elif position == "prepend":
-        ids = passage_block(passages, None) + list(context)
-    elif position == "none":
-        ids = list(context)
-    else:
-        raise FlashbackError(f"unknown position {position!r}")
-    return ids + list(target), len(ids)
 
 
 @dataclass(frozen=True)

@@ -20,28 +20,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from flashback.cache import KVCache
-from flashback.corpus import Document
-from flashback.data import DEFAULT_TAIL, append_parts, layout, search_without_leakage, split_point
+from flashback.config import EvalConfig
+from flashback.data import search_without_leakage
+from flashback.engines.base import Engine, Session
 from flashback.errors import FlashbackError
-from flashback.model import LoadedModel, encode_batch
-from flashback.retrieval import Index
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    stride: int = 16
-    query_tokens: int = 32
-    k: int = 1
-    max_length: int = 512
-    limit_tokens: int | None = None
-    ensemble: bool = False
-    fast: bool = True
-    tail: int = DEFAULT_TAIL  # append modes: context tokens after the passage (data.layout)
+from flashback.layout import append_parts, layout, split_point
+from flashback.text.corpus import Document
+from flashback.text.retrieval import Index
+from flashback.text.tokenize import encode_batch
 
 
 @dataclass(frozen=True)
@@ -148,8 +138,9 @@ def _retrieve_each(targets, docs, documents, retriever, tokenizer, cfg: EvalConf
     return out
 
 
-def _target_nll(logits: torch.Tensor, target: Sequence[int], banned: torch.Tensor | None) -> torch.Tensor:
-    """Per-token negative log-likelihood (S,) from the logits that predict each target token (S, V)."""
+def target_nll(logits: torch.Tensor, target: Sequence[int], banned: torch.Tensor | None) -> torch.Tensor:
+    """Per-token negative log-likelihood (S,) from the logits that predict each target token (S, V), the marker
+    ids `banned` from the softmax (generation never emits them)."""
     if banned is not None and len(banned):
         logits = logits.index_fill(-1, banned, float("-inf"))
     return -torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(target)), torch.tensor(target)]
@@ -165,21 +156,12 @@ def _passage_sets(r: Retrieval, cfg: EvalConfig) -> list[list[list[int]]]:
     return [[p] for p in r.passages] if cfg.ensemble and r.passages else [r.passages]
 
 
-def _scoring_model(lm: LoadedModel, spec: ModeSpec) -> LoadedModel:
-    """The model as loaded, or with --quantize its decode weights (adapter merged) for every forward:
-    what the quantization costs in perplexity."""
-    if not lm.quantize:
-        return lm
-    decoder = lm.decoder(spec.position if spec.adapter else None)
-    return replace(lm, model=decoder.model, adapters={}, compile=False, quantize=None)
-
-
 @torch.inference_mode()
 def score_slow(
-    lm: LoadedModel, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned
+    session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned
 ) -> list[torch.Tensor]:
     """Every example from scratch: one forward over context + passages + target."""
-    markers = lm.marker_ids if spec.markers else None
+    markers = markers if spec.markers else None
     out = []
     for t, r in zip(targets, retrievals, strict=True):
         tokens = docs[t.doc_index]
@@ -187,14 +169,15 @@ def score_slow(
         nlls = []
         for passages in _passage_sets(r, cfg) if spec.position != "none" else [[]]:
             ids, start = layout(context, passages, target, spec.position, markers, cfg.tail)
-            logits = lm.model(input_ids=torch.tensor([ids], device=lm.device)).logits[0]
-            nlls.append(_target_nll(logits[start - 1 : -1], target, banned))
+            session.reset()
+            logits = session.extend(ids, all_logits=True)
+            nlls.append(target_nll(logits[start - 1 : -1], target, banned))
         out.append(_mix(nlls, r.scores) if len(nlls) > 1 else nlls[0])
     return out
 
 
 def score_fast(
-    lm: LoadedModel, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned
+    session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned
 ) -> list[torch.Tensor]:
     """Consecutive targets of a segment share its KV cache (append and none modes).
 
@@ -203,15 +186,16 @@ def score_fast(
     """
     if spec.position == "prepend":
         raise FlashbackError("prepend has no fast path: its prefix changes with every passage")
-    markers = lm.marker_ids if spec.markers else None
+    markers = markers if spec.markers else None
     out: list[torch.Tensor] = []
-    cache, key, cached, last = None, None, 0, None
+    cache, key, cached, last = session, None, 0, None
     for t, r in zip(targets, retrievals, strict=True):
         tokens = docs[t.doc_index]
         context = tokens[t.segment_start : t.position]
         target = tokens[t.position : t.position + cfg.stride]
         if (t.doc_index, t.segment_start) != key:  # new segment: a fresh cache
-            cache, key, cached = KVCache(lm.model, lm.device), (t.doc_index, t.segment_start), 0
+            key, cached = (t.doc_index, t.segment_start), 0
+            cache.reset()
         plain = spec.position == "none" or not r.passages  # nothing retrieved: scored like none
         keep = len(context) if plain else split_point(len(context), cfg.tail)
         if keep < cached:  # the previous target kept more (it had no passage)
@@ -222,14 +206,14 @@ def score_fast(
             cached = keep
         if plain:
             logits = torch.cat([last[None], cache.extend(target, all_logits=True)[:-1]])
-            out.append(_target_nll(logits, target, banned))
+            out.append(target_nll(logits, target, banned))
             cache.rollback(cached)
             continue
         nlls = []
         for passages in _passage_sets(r, cfg):
             block = append_parts(context, passages, markers, cfg.tail)[1]
             logits = cache.extend(block + target, all_logits=True)
-            nlls.append(_target_nll(logits[len(block) - 1 : -1], target, banned))
+            nlls.append(target_nll(logits[len(block) - 1 : -1], target, banned))
             cache.rollback(cached)
         out.append(_mix(nlls, r.scores) if len(nlls) > 1 else nlls[0])
     return out
@@ -258,7 +242,7 @@ class ModeResult:
 
 
 def evaluate(
-    lm: LoadedModel,
+    engine: Engine,
     documents: Iterable[Document],
     index: Index,
     specs: Sequence[ModeSpec],
@@ -266,15 +250,18 @@ def evaluate(
     forbid_titles: frozenset[str] = frozenset(),
     progress: Callable[[str], None] = lambda s: None,
 ) -> list[ModeResult]:
+    cfg.validate()
+    if engine.capabilities.logits != "all":
+        raise FlashbackError(f"{engine.name} does not return every position's logits: evaluate on the PyTorch engine")
     documents = [d for d in documents if d.text.strip()]
     if not documents:
         raise FlashbackError("no text to evaluate")
     for s in specs:
-        if s.adapter and s.position not in lm.adapters:
+        if s.adapter and s.position not in engine.adapters:
             raise FlashbackError(f"mode {s} needs an adapter trained for {s.position} (--adapter)")
-    if any(s.markers for s in specs) and lm.marker_ids is None:
+    if any(s.markers for s in specs) and engine.marker_ids is None:
         raise FlashbackError("a +markers mode needs a model loaded with marking tokens")
-    docs = encode_batch(lm.tokenizer, [d.text for d in documents])
+    docs = encode_batch(engine.tokenizer, [d.text for d in documents])
     half = segment_size(cfg, index.chunk_tokens if isinstance(index, Index) else index.max_passage_tokens)
     targets = plan_targets(docs, cfg, half)
     if not targets:
@@ -283,35 +270,34 @@ def evaluate(
             "tokens): nothing to score"
         )
     progress(f"{len(targets)} targets ({len(targets) * cfg.stride} tokens) from {len(docs)} documents; retrieving")
-    retrievals = retrieve_all(targets, docs, documents, index, lm.tokenizer, cfg, forbid_titles)
-    banned = torch.tensor(lm.marker_ids, device=lm.device) if lm.marker_ids else None
-    results = []
-    for spec in specs:
-        fast = cfg.fast and spec.position != "prepend"
-        progress(f"scoring {spec} ({'fast' if fast else 'from scratch'})")
-        lm.activate(spec.position if spec.adapter else None)
-        start = time.perf_counter()
-        scorer = score_fast if fast else score_slow
-        nlls = torch.cat(scorer(_scoring_model(lm, spec), spec, docs, targets, retrievals, cfg, banned))
-        seconds = time.perf_counter() - start
-        nll = float(nlls.mean())
-        results.append(
-            ModeResult(
-                str(spec),
-                lm.adapters[spec.position] if spec.adapter else None,
-                spec.markers,
-                cfg.k,
-                cfg.ensemble and spec.position != "none",
-                math.exp(nll),
-                nll,
-                nlls.numel(),
-                seconds,
-                "fast" if fast else "from scratch",
-                [round(math.exp(float(v)), 3) for v in nlls.reshape(-1, cfg.stride).mean(dim=0)],
-            )
-        )
-        progress(f"{spec}: perplexity {math.exp(nll):.3f} over {nlls.numel()} tokens in {seconds:.1f} s")
-    return results
+    retrievals = retrieve_all(targets, docs, documents, index, engine.tokenizer, cfg, forbid_titles)
+    banned = torch.tensor(engine.marker_ids, device=engine.device) if engine.marker_ids else None
+    return [_score_mode(engine, spec, docs, targets, retrievals, cfg, banned, progress) for spec in specs]
+
+
+def _score_mode(engine: Engine, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, progress):
+    fast = cfg.fast and spec.position != "prepend"
+    progress(f"scoring {spec} ({'fast' if fast else 'from scratch'})")
+    session = engine.session(spec.position if spec.adapter else None, scoring=True)
+    start = time.perf_counter()
+    scorer = score_fast if fast else score_slow
+    nlls = torch.cat(scorer(session, engine.marker_ids, spec, docs, targets, retrievals, cfg, banned))
+    seconds = time.perf_counter() - start
+    nll = float(nlls.mean())
+    progress(f"{spec}: perplexity {math.exp(nll):.3f} over {nlls.numel()} tokens in {seconds:.1f} s")
+    return ModeResult(
+        str(spec),
+        engine.adapters[spec.position] if spec.adapter else None,
+        spec.markers,
+        cfg.k,
+        cfg.ensemble and spec.position != "none",
+        math.exp(nll),
+        nll,
+        nlls.numel(),
+        seconds,
+        "fast" if fast else "from scratch",
+        [round(math.exp(float(v)), 3) for v in nlls.reshape(-1, cfg.stride).mean(dim=0)],
+    )
 
 
 def format_table(results: Sequence[ModeResult]) -> str:

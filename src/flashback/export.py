@@ -4,7 +4,8 @@ vLLM and llama.cpp cannot take our adapter as it is: neither lets a LoRA add voc
 two marking tokens are new rows. So the export is a plain Hugging Face model folder: the LoRA folded
 into the weights, the marker rows in the embedding, the markers in the tokenizer (as special tokens,
 so they keep their ids), and FlashBack's card (`flashback.json`) saying how the layout was trained.
-Any engine that loads a transformers folder (vLLM, SGLang, transformers itself) serves it.
+Any engine that loads a transformers folder (vLLM, SGLang, transformers itself) serves it; the engines that run
+an export read it in engines/exported.py.
 """
 
 from __future__ import annotations
@@ -17,19 +18,16 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
-import torch
-
-from flashback.adapter import adapter_position, adapter_tail, read_card
 from flashback.atomic import FolderKind, atomic_folder
-from flashback.decode import merged_copy
+from flashback.cards import EXPORT_FORMAT, adapter_position, adapter_tail, read_card
+from flashback.config import GGUF_TYPES
+from flashback.engines.torch.decode import merged_copy
+from flashback.engines.torch.model import load_model
 from flashback.errors import FlashbackError
-from flashback.model import cache_root, load_model
+from flashback.registry import cache_root
 
-EXPORT_FORMAT = "flashback-export/1"
 EXPORT_FOLDER = FolderKind(
     "FlashBack exported model",
     "flashback.json",
@@ -52,7 +50,6 @@ EXPORT_FOLDER = FolderKind(
     ),
     patterns=("model-*-of-*.safetensors", "*.gguf"),
 )
-GGUF_TYPES = ("f16", "q8_0", "q4_1")
 # Types the converter cannot write: it writes f16, then llama.cpp's own quantizer (llama-cpp-python) takes over.
 QUANTIZED_BY_LLAMA_CPP = {"q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1"}
 _QUANTIZE = """
@@ -64,16 +61,6 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 # llama.cpp's converter ships in this source package (vendor/llama.cpp); it is fetched once into the cache.
 LLAMA_CPP_SOURCE = "llama-cpp-python==0.3.36"
 _CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-
-
-def read_export_card(folder: str | Path | None) -> dict | None:
-    """The card of an export folder, or None when `folder` is not one (a hub id, a plain model folder)."""
-    path = Path(folder or "").expanduser() / "flashback.json"
-    try:
-        card = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return card if isinstance(card, dict) and card.get("format", "").startswith("flashback-export/") else None
 
 
 def gguf_converter() -> Path:
@@ -169,66 +156,3 @@ def export(
             write_gguf(tmp, tmp / card["gguf"], gguf)
         (tmp / "flashback.json").write_text(json.dumps(card, indent=2) + "\n")
     return card
-
-
-@dataclass
-class ExportedModel:
-    """What the generation loop and the bench ask of a model (model.LoadedModel's interface) when an engine runs
-    an export: the adapter is merged, and tokenizer, markers and architecture come from the export folder."""
-
-    tokenizer: object
-    name: str
-    marker_ids: tuple[int, int] | None
-    eos: set[int]
-    positions: int
-    model: torch.nn.Module | None = None  # the architecture on the meta device: FLOP accounting (bench), no weights
-    weight_bytes: int = 0  # the GGUF file: what one decode step reads of weights
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    adapters: dict = field(default_factory=dict)  # merged into the exported weights already
-    dtype_name: str = "export"
-    compile: bool = False  # PyTorch's decode options do not apply
-    quantize: str | None = None
-    compile_s: float = 0.0
-    engine: ClassVar[str] = "export"
-    kv_value_bytes: ClassVar[int] = 2  # llama.cpp keeps keys and values in f16
-
-    def decode_weight_bytes(self, mode: str | None) -> int:
-        return self.weight_bytes
-
-    @property
-    def max_positions(self) -> int:
-        return self.positions
-
-    @property
-    def eos_ids(self) -> set[int]:
-        return self.eos
-
-    def activate(self, mode: str | None) -> None:
-        """Nothing to switch: the exported model has its adapter merged."""
-
-    def decoder(self, mode: str | None):
-        return None
-
-
-def exported_parts(folder: str | Path, card: dict) -> dict:
-    """ExportedModel's fields that the export folder gives: tokenizer, markers, end-of-sequence ids, positions,
-    the architecture on the meta device, and the GGUF's size and type when it has one."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(folder).expanduser()
-    config = AutoConfig.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-    with torch.device("meta"):
-        shape = AutoModelForCausalLM.from_config(config)
-    gguf = folder / card["gguf"] if card.get("gguf") else None
-    has_gguf = gguf is not None and gguf.exists()
-    return {
-        "tokenizer": tokenizer,
-        "marker_ids": tuple(card["marker_ids"]) if card.get("marker_ids") else None,
-        "eos": set() if eos is None else set(eos) if isinstance(eos, list) else {int(eos)},
-        "positions": int(getattr(config, "max_position_embeddings", 2048)),
-        "model": shape,
-        "weight_bytes": gguf.stat().st_size if has_gguf else 0,
-        "dtype_name": f"gguf {card['gguf']}" if has_gguf else "export",
-    }

@@ -1,15 +1,11 @@
-"""Retrieval-augmented generation loops: append (FlashBack), prepend (In-Context RALM), none.
+"""The retrieval-augmented generation loop, one for every engine: append (FlashBack), prepend (In-Context
+RALM), none.
 
 Retrieval happens before the first token and then every `stride` generated tokens, with the last
-`query_tokens` tokens of context + generated text as the query.
-
-  append:  [context[:-tail]][<MARK_L> passage <MARK_R>][context[-tail:]][generated since the last retrieval]
-           (data.append_parts). The cache keeps everything before the passage. At a retrieval it is
-           rolled back there, the tokens that left the tail since the previous retrieval are encoded
-           as context (without the old passage), the new passage is appended and the last `tail`
-           tokens are re-encoded after it: stride + tail + passage + 2 tokens per retrieval.
-  prepend: [passage][context + generated], recomputed from scratch at every retrieval.
-  none:    [context][generated].
+`query_tokens` tokens of context + generated text as the query. At each retrieval the layout module's
+Planner says what the sequence's cache keeps and what it must compute (layout.py); the engine's Session
+runs that stretch (engines/base.py): a local engine extends its cache and decodes token by token, an
+upstream engine sends one completion request.
 
 Everything here works on token ids; text appears only in the retrieval query and the streamer.
 """
@@ -17,76 +13,17 @@ Everything here works on token ids; text appears only in the retrieval query and
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
 
-import numpy as np
-import torch
-
-from flashback.data import DEFAULT_TAIL, append_parts, passage_block
+from flashback.config import GenerationConfig
+from flashback.engines.base import Engine, Observer, Sampling, Session
 from flashback.errors import FlashbackError
-from flashback.model import LoadedModel
-from flashback.retrieval import Hit, Index
+from flashback.layout import Planner, reserved_positions
+from flashback.text.retrieval import Retriever
 
 log = logging.getLogger("flashback")
-MODES = ("append", "prepend", "none")
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    mode: str = "append"
-    stride: int = 16
-    query_tokens: int = 32
-    k: int = 1
-    max_new_tokens: int = 64
-    markers: bool = True  # append mode only: wrap passages in <MARK_L> ... <MARK_R>
-    tail: int = DEFAULT_TAIL  # append mode only: context tokens that follow the passage (data.layout)
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_at_eos: bool = True  # benchmarks turn this off to generate a fixed number of tokens
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise FlashbackError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        for name in ("stride", "query_tokens", "k", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise FlashbackError(f"{name.replace('_', '-')} must be at least 1")
-        if self.tail < 0:
-            raise FlashbackError("tail must be >= 0")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise FlashbackError("temperature must be a finite number >= 0")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise FlashbackError("seed must be between 0 and 2**64 - 1")
-        if not 0 < self.top_p <= 1:
-            raise FlashbackError("top-p must be in (0, 1]")
-
-
-@dataclass(frozen=True)
-class Retrieved:
-    hit: Hit
-    token_ids: np.ndarray
-
-
-class Retriever(Protocol):
-    max_passage_tokens: int
-
-    def __call__(self, query: str, k: int) -> list[Retrieved]: ...
-
-
-class IndexRetriever:
-    """Top-k BM25 passages from an Index, with the model token ids stored at indexing time."""
-
-    def __init__(self, index: Index):
-        self.index = index
-        self.max_passage_tokens = index.chunk_tokens
-
-    def __call__(self, query: str, k: int) -> list[Retrieved]:
-        hits = self.index.search([query], k)[0]
-        return [Retrieved(h, self.index.passage_tokens(h.index)) for h in hits]
 
 
 @dataclass
@@ -103,6 +40,7 @@ class Trace:
     retrieval_s: float = 0.0
     total_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    stretch_starts: list[int] = field(default_factory=list)  # len(forwards) as each stretch began (bench)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -144,23 +82,6 @@ class GenerationResult:
         }
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """Greedy when temperature is 0, else nucleus sampling. logits: (V,)."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    # Shift before scaling, in float64 (1e-300 is 0 in float32): the best token scores 0, the others -inf
-    # at worst, so a tiny temperature is greedy, never NaN. On the CPU, where the seeded generator lives,
-    # so a seed draws the same tokens on every device.
-    logits = logits.double().cpu()
-    scaled = (logits - logits.max()) / temperature
-    probs = torch.softmax(scaled, dim=-1)
-    if top_p < 1:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p  # always keeps the top token
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def fit_to_positions(
     prompt: list[int], cfg: GenerationConfig, reserve: int, max_positions: int, trace: Trace
 ) -> tuple[list[int], int]:
@@ -196,29 +117,13 @@ def fit_to_positions(
     return prompt[-keep:], max_new
 
 
-def planned_work(cfg: GenerationConfig, prompt_tokens: int, passage_tokens: int) -> int:
-    """Token positions a generation will compute at most: what bounds one request's cost in the server.
-
-    none: prompt + new tokens. append: the prompt once, then stride + tail + passages + markers per
-    retrieval. prepend: passages + prompt + everything generated so far, recomputed at every retrieval.
-    """
-    new = cfg.max_new_tokens
-    if cfg.mode == "none":
-        return prompt_tokens + new
-    retrievals = -(-new // cfg.stride)
-    passages = cfg.k * passage_tokens
-    if cfg.mode == "append":
-        return prompt_tokens + new + retrievals * (cfg.stride + cfg.tail + passages + 2)
-    return new + sum(passages + prompt_tokens + r * cfg.stride for r in range(retrievals))
-
-
 def stream(
-    lm: LoadedModel,
+    engine: Engine,
     prompt_ids: Sequence[int],
     retriever: Retriever | None,
     cfg: GenerationConfig,
     trace: Trace | None = None,
-    observe: Callable[[int, torch.Tensor], None] | None = None,
+    observe: Observer | None = None,
 ) -> Iterator[int]:
     """Check the request, then return an iterator of generated token ids that fills `trace`.
 
@@ -230,163 +135,88 @@ def stream(
     prompt = [int(t) for t in prompt_ids]
     if not prompt:
         raise FlashbackError("the prompt is empty")
-    retrieving = cfg.mode != "none"
-    if retrieving and retriever is None:
+    if cfg.mode != "none" and retriever is None:
         raise FlashbackError(f"mode {cfg.mode} needs an index to retrieve from")
     use_markers = cfg.mode == "append" and cfg.markers
-    if use_markers and lm.marker_ids is None:
+    if use_markers and engine.marker_ids is None:
         raise FlashbackError("markers were asked for but the model has no marking tokens (load it with markers)")
-    reserve = (cfg.k * retriever.max_passage_tokens + 2 * use_markers) if retrieving else 0
-    prompt, max_new = fit_to_positions(prompt, cfg, reserve, lm.max_positions, trace)
+    if observe is not None and engine.capabilities.logits == "none":
+        raise FlashbackError("an upstream engine returns tokens, not logits (no logprobs, no echo scoring)")
+    reserve = reserved_positions(cfg, retriever.max_passage_tokens) if retriever is not None else 0
+    prompt, max_new = fit_to_positions(prompt, cfg, reserve, engine.max_positions, trace)
     trace.prompt_tokens = len(prompt)
     trace.max_new_tokens = max_new
-    positions = len(prompt) + reserve + max_new  # the most the cache will hold
-    if lm.engine == "upstream":  # decoding happens on a server: one completion request per retrieval step
-        if observe is not None:
-            raise FlashbackError("an upstream engine returns tokens, not logits (no logprobs, no echo scoring)")
-        return _request_loop(lm, prompt, retriever, cfg, max_new, use_markers, trace)
-    return _loop(lm, prompt, retriever, cfg, max_new, positions, use_markers, trace, observe)
+    session = engine.session(cfg.mode, positions=len(prompt) + reserve + max_new)  # the most it will hold
+    planner = Planner(cfg.mode, engine.marker_ids if use_markers else None, cfg.tail)
+    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed, engine.marker_ids or (), cfg.stop_at_eos)
+    return _loop(engine, session, planner, sampling, prompt, retriever, cfg, max_new, trace, observe)
 
 
 def _loop(
-    lm: LoadedModel,
+    engine: Engine,
+    session: Session,
+    planner: Planner,
+    sampling: Sampling,
     prompt: list[int],
     retriever: Retriever | None,
     cfg: GenerationConfig,
     max_new: int,
-    positions: int,
-    use_markers: bool,
     trace: Trace,
-    observe: Callable[[int, torch.Tensor], None] | None,
+    observe: Observer | None,
 ) -> Iterator[int]:
+    trace.cache_capacity = session.capacity
+    trace.forwards = session.forwards
     retrieving = cfg.mode != "none"
-    decoder = lm.decoder(cfg.mode)
-    capacity = None
-    if decoder is not None:  # the compiled step needs fixed-shape buffers: room for the whole generation
-        capacity = -(-positions // 512) * 512  # rounded: one compiled graph per size
-    cache = lm.new_cache(capacity, decoder)
-    trace.cache_capacity = capacity
-    trace.forwards = cache.forwards
-    banned = torch.tensor(lm.marker_ids if lm.marker_ids else [], dtype=torch.long, device=lm.device)
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    eos = lm.eos_ids
-    markers = lm.marker_ids if use_markers else None
-    generated: list[int] = []
-    cached = 0  # append mode: tokens before the passage, kept in the cache across retrievals
-    start = time.perf_counter()
-    try:
-        for step in range(max_new):
-            lm.activate(cfg.mode)  # every step: other generations may share the model (server)
-            if retrieving and step % cfg.stride == 0:
-                passages = _retrieve(lm, retriever, prompt + generated, cfg, step, trace)
-                if cfg.mode == "append":
-                    kept, block = append_parts(prompt + generated, passages, markers, cfg.tail)
-                    if step == 0 and kept:  # the prompt's prefill, kept for the whole generation
-                        logits = cache.extend(kept)
-                        cached = len(kept)
-                    before = len(cache.forwards)
-                    cache.rollback(cached)
-                    if kept[cached:] or block:
-                        logits = cache.extend(kept[cached:] + block)
-                    cached = len(kept)
-                else:  # prepend: the prefix changed, so nothing cached is valid any more
-                    before = len(cache.forwards)
-                    cache.reset()
-                    logits = cache.extend(passage_block(passages, None) + prompt + generated)
-                trace.retrievals[-1]["computed_tokens"] = sum(f.tokens for f in cache.forwards[before:])
-            elif step == 0:
-                logits = cache.extend(prompt)
-            else:
-                logits = cache.extend(generated[-1:])
-            if observe is not None:  # tests compare these with a from-scratch recomputation
-                observe(step, logits)
-            if len(banned):
-                logits = logits.index_fill(0, banned, float("-inf"))  # never emit a marker
-            token = sample(logits, cfg.temperature, cfg.top_p, generator)
-            generated.append(token)
-            yield token
-            if cfg.stop_at_eos and token in eos:
-                break
-    finally:
-        trace.total_s = time.perf_counter() - start
-
-
-def _request_loop(
-    lm, prompt: list[int], retriever: Retriever | None, cfg: GenerationConfig, max_new: int, use_markers: bool, trace
-) -> Iterator[int]:
-    """_loop's schedule and layouts, with each stretch between retrievals decoded by an upstream engine
-    (upstream.py) in one request: the prompt is the layout the local cache would hold at that retrieval."""
-    from flashback.upstream import completion_forwards
-
-    markers = lm.marker_ids if use_markers else None
-    banned = list(lm.marker_ids or ())
-    eos = lm.eos_ids
     generated: list[int] = []
     start = time.perf_counter()
     try:
         while len(generated) < max_new:
             step = len(generated)
-            if cfg.mode == "none":
-                layout, n = prompt + generated, max_new - step
-            else:
-                passages = _retrieve(lm, retriever, prompt + generated, cfg, step, trace)
-                if cfg.mode == "append":
-                    kept, block = append_parts(prompt + generated, passages, markers, cfg.tail)
-                    layout = kept + block
-                else:
-                    layout = passage_block(passages, None) + prompt + generated
-                n = min(cfg.stride, max_new - step)
-            done = lm.client.complete(
-                layout,
-                n,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                seed=cfg.seed,
-                banned=banned,
-                ignore_eos=not cfg.stop_at_eos,
-            )
-            trace.forwards += completion_forwards(done)
-            if cfg.mode != "none":
-                trace.retrievals[-1]["computed_tokens"] = done.prompt_tokens
-                trace.retrievals[-1]["engine_cached_tokens"] = done.cached_tokens
-            tokens = done.tokens[:n]
-            for token in tokens:
+            history = prompt + generated
+            passages = _retrieve(engine, retriever, history, cfg, step, trace) if retrieving else None
+            plan = planner.plan(history, passages, first=step == 0)
+            n = min(cfg.stride, max_new - step) if retrieving else max_new - step
+            trace.stretch_starts.append(len(session.forwards))
+            stretch = session.begin(plan, n, sampling, observe, step)
+            if retrieving:
+                trace.retrievals[-1]["computed_tokens"] = stretch.computed_tokens
+                if stretch.cached_tokens is not None:
+                    trace.retrievals[-1]["engine_cached_tokens"] = stretch.cached_tokens
+            got = 0
+            for token in stretch:
                 generated.append(token)
+                got += 1
                 yield token
-                if cfg.stop_at_eos and token in eos:
+                if cfg.stop_at_eos and token in engine.eos_ids:
                     return
-            if done.stopped_at_eos:
-                return
-            if len(tokens) < n:  # not at an end of sequence: the engine's context is full, or it cut the request
-                trace.warn(f"the upstream engine returned {len(tokens)} of {n} tokens (its context may be full)")
+            if got < n:  # only an engine that decodes elsewhere returns fewer tokens than asked
+                if not stretch.stopped():
+                    trace.warn(f"the upstream engine returned {got} of {n} tokens (its context may be full)")
                 return
     finally:
         trace.total_s = time.perf_counter() - start
 
 
 def _retrieve(
-    lm: LoadedModel, retriever: Retriever, history: list[int], cfg: GenerationConfig, step: int, trace: Trace
+    engine: Engine, retriever: Retriever, history: list[int], cfg: GenerationConfig, step: int, trace: Trace
 ) -> list[list[int]]:
     t0 = time.perf_counter()
-    query = lm.tokenizer.decode(history[-cfg.query_tokens :])
+    query = engine.tokenizer.decode(history[-cfg.query_tokens :])
     found = retriever(query, cfg.k)
     trace.retrieval_s += time.perf_counter() - t0
     record = {"step": step, "query": query, "passages": [r.hit.to_json() for r in found]}
     if not found:  # nothing matched the query: this step goes without a passage (and without markers)
         record["skipped"] = "no passage matches the query"
     trace.retrievals.append(record)
-    # Concatenated in rank order (best first), as the paper does for k > 1 (data.passage_block).
-    return [[int(t) for t in r.token_ids] for r in found]
+    return [[int(t) for t in r.token_ids] for r in found]  # in rank order, best first
 
 
 def generate(
-    lm: LoadedModel, prompt_ids: Sequence[int], retriever: Retriever | None, cfg: GenerationConfig
+    engine: Engine, prompt_ids: Sequence[int], retriever: Retriever | None, cfg: GenerationConfig
 ) -> GenerationResult:
     trace = Trace(cfg.mode)
-    tokens = list(stream(lm, prompt_ids, retriever, cfg, trace))
-    text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
+    tokens = list(stream(engine, prompt_ids, retriever, cfg, trace))
+    text = engine.tokenizer.decode(tokens, skip_special_tokens=True)
     return GenerationResult(text=text, token_ids=tokens, trace=trace, config=cfg)
 
 

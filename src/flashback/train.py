@@ -22,6 +22,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,58 +30,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from flashback.adapter import ADAPTER_FOLDER, ADAPTER_FORMAT, CARD
-from flashback.atomic import FolderKind, atomic_folder
-from flashback.data import DEFAULT_TAIL, Example, Segment, append_parts, layout, load_segments
+from flashback.atomic import FolderKind, atomic_folder, check_replaceable
+from flashback.cards import ADAPTER_FOLDER, ADAPTER_FORMAT, CARD
+from flashback.config import TrainConfig
+from flashback.data import Example, Segment, load_segments
+from flashback.engines.torch.adapters import lora_targets
+from flashback.engines.torch.model import TorchEngine
 from flashback.errors import FlashbackError
-from flashback.model import LoadedModel, tokenizer_fingerprint
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    position: str = "append"  # append (FlashBack) or prepend (In-Context RALM)
-    markers: bool = True
-    tail: int = DEFAULT_TAIL  # append: context tokens that follow the passage (data.layout); prepend ignores it
-    pack: bool = True  # append: all targets of a segment in one forward (see the module docstring)
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("all-linear",)  # every linear layer but the output head: the ablations' best
-    lr: float = 3e-4
-    marker_lr: float | None = None  # learning rate of the two marker rows (default: lr)
-    early_weight: float = 1.0  # loss weight of the first `early_tokens` target tokens (resuming the text)
-    early_tokens: int = 2
-    weight_decay: float = 0.0
-    batch_size: int = 1  # segments per step when packing, else examples per step
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
-    warmup_steps: int = 20
-    eval_every: int = 50
-    save_every: int = 50
-    max_val_segments: int = 8
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    autocast: str = "auto"  # bf16 matmuls, fp32 weights: "auto" (where the hardware has them), "bfloat16", "none"
-
-    def validate(self) -> None:
-        if self.position not in ("append", "prepend"):
-            raise FlashbackError("--position must be append or prepend")
-        if self.markers and self.position != "append":
-            raise FlashbackError("markers only make sense with --position append")
-        for name in ("r", "alpha", "batch_size", "grad_accum", "eval_every", "save_every"):
-            if getattr(self, name) < 1:
-                raise FlashbackError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.tail < 0 or self.early_tokens < 0 or self.early_weight <= 0:
-            raise FlashbackError("--tail and --early-tokens must be >= 0, --early-weight > 0")
-        if not self.target_modules:
-            raise FlashbackError("--target-modules is empty")
-        if self.autocast not in ("auto", "bfloat16", "none"):
-            raise FlashbackError("--autocast must be auto, bfloat16 or none")
-
-    @property
-    def packed(self) -> bool:
-        return self.pack and self.position == "append"
+from flashback.layout import append_parts, layout
+from flashback.text.tokenize import tokenizer_fingerprint
 
 
 @dataclass
@@ -225,7 +183,7 @@ def target_nll(model, batch: Batch, banned: torch.Tensor | None) -> torch.Tensor
     cache = None
     if batch.prefix is not None and batch.prefix.shape[1]:
         cache = DynamicCache(config=model.config)
-        model(input_ids=batch.prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=batch.prefix, cache=cache, use_cache=True, logits_to_keep=1)
         for layer in cache.layers:  # every row reads the same prefix keys and values
             layer.keys = layer.keys.expand(batch.input_ids.shape[0], -1, -1, -1)
             layer.values = layer.values.expand(batch.input_ids.shape[0], -1, -1, -1)
@@ -233,7 +191,7 @@ def target_nll(model, batch: Batch, banned: torch.Tensor | None) -> torch.Tensor
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
-        past_key_values=cache,
+        cache=cache,
         logits_to_keep=s + 1,
         use_cache=cache is not None,
     )
@@ -258,20 +216,7 @@ def embedding_module_name(model) -> str:
     raise FlashbackError("cannot find the model's input embedding module")
 
 
-def lora_targets(model, requested: Sequence[str]) -> list[str]:
-    """Linear layer names to adapt, in the model's order; "all-linear" is every linear layer but the output head,
-    resolved to names so that the card says what was trained."""
-    linear = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    if list(requested) == ["all-linear"]:
-        head = model.get_output_embeddings()
-        return [name for name, m in linear.items() if m is not head]
-    missing = [t for t in requested if t not in linear]
-    if missing:
-        raise FlashbackError(f"target modules {missing} not found; this model's linear layers: {sorted(linear)}")
-    return list(requested)
-
-
-def add_adapter(lm: LoadedModel, cfg: TrainConfig):
+def add_adapter(lm: TorchEngine, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
     targets = lora_targets(lm.model, cfg.target_modules)
@@ -350,8 +295,70 @@ def optimizer_for(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+@dataclass
+class _Progress:
+    """What a run has done so far: saved in checkpoints, restored by --resume."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    target_tokens: int = 0
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    val_before: float | None = None
+
+    def result(self) -> TrainResult:
+        return TrainResult(
+            self.step,
+            self.tokens_seen,
+            self.target_tokens,
+            self.seconds,
+            self.val_before,
+            _last_val(self.history),
+            self.history,
+        )
+
+
+class _Loop:
+    """One run's moving parts: the model under its adapter, the optimizer and schedule, the batching."""
+
+    def __init__(self, lm: TorchEngine, model, cfg: TrainConfig, total_steps: int):
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.model, self.cfg, self.device = model, cfg, lm.device
+        self.markers = lm.marker_ids if cfg.markers else None
+        self.banned = torch.tensor(lm.marker_ids, device=lm.device) if lm.marker_ids else None
+        self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = optimizer_for(model, cfg)
+        warmup = min(cfg.warmup_steps, total_steps // 10 + 1)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, total_steps)
+
+    def validation(self, units: Sequence) -> dict:
+        return evaluate_loss(self.model, units, self.cfg, self.markers, self.pad_id, self.banned, self.device)
+
+    def step(self, units: Sequence, done: _Progress) -> float:
+        """One optimizer step on `units`: the gradient of the mean over all their target tokens."""
+        self.optimizer.zero_grad(set_to_none=True)
+        step_batches = batches(units, self.cfg, self.markers, self.pad_id, self.device)
+        step_targets = sum(b.targets.numel() for b in step_batches)
+        step_loss = 0.0
+        for batch in step_batches:
+            with _forward_context(self.cfg, self.device):
+                nll = target_nll(self.model, batch, self.banned)
+            weighted = (nll * _offset_weights(nll.shape[1], self.cfg, self.device)).sum() / step_targets
+            weighted.backward()
+            step_loss += float(nll.detach().sum()) / step_targets
+            done.tokens_seen += batch.computed
+            done.target_tokens += nll.numel()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        done.step += 1
+        return step_loss
+
+
 def train(
-    lm: LoadedModel,
+    lm: TorchEngine,
     data_dir: str | Path,
     out: str | Path,
     cfg: TrainConfig,
@@ -372,107 +379,59 @@ def train(
     cfg = replace(cfg, target_modules=tuple(lora_targets(lm.model, cfg.target_modules)))  # the card names them
     model = add_adapter(lm, cfg)
     model.train()
-    device = lm.device
-    markers = lm.marker_ids if cfg.markers else None
-    banned = torch.tensor(lm.marker_ids, device=device) if lm.marker_ids else None
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-
     per_step = cfg.batch_size * cfg.grad_accum  # units per optimizer step
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / per_step))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer_for(model, cfg)
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps // 10 + 1), total_steps)
+    loop = _Loop(lm, model, cfg, total_steps)
     ckpt = out.with_name(out.name + ".checkpoint")
-    step, tokens_seen, target_tokens, history, elapsed = 0, 0, 0, [], 0.0
-    val_before = None
-    if resume:
-        if not (ckpt / "state.pt").exists():
-            raise FlashbackError(f"nothing to resume: no checkpoint at {ckpt}")
-        step, tokens_seen, target_tokens, history, elapsed, val_before = _load_checkpoint(
-            ckpt, model, optimizer, scheduler
-        )
-        log(f"resumed from step {step}")
-    if val_before is None:
-        val_before = (
-            evaluate_loss(model, val_set, cfg, markers, pad_id, banned, device)["loss"] if val_set else float("nan")
-        )
-        log(f"validation loss before training: {val_before:.4f} (ppl {math.exp(val_before):.2f})")
-
+    done = _resume(ckpt, loop, log) if resume else _Progress()
+    if done.val_before is None:
+        done.val_before = loop.validation(val_set)["loss"] if val_set else float("nan")
+        log(f"validation loss before training: {done.val_before:.4f} (ppl {math.exp(done.val_before):.2f})")
+    card = partial(_card, lm, cfg, fingerprint, data_dir, manifest)
     order = _order(len(train_set), cfg.seed, total_steps * per_step)
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress)
-    start = time.perf_counter() - elapsed
-    precision = contextlib.ExitStack()
-    precision.enter_context(mixed_precision(model, cfg, device))  # left at the end of the loop
-    while step < total_steps:
-        optimizer.zero_grad(set_to_none=True)
-        first = step * per_step
-        units = [train_set[i] for i in order[first : first + per_step]]
-        step_batches = batches(units, cfg, markers, pad_id, device)
-        step_targets = sum(b.targets.numel() for b in step_batches)
-        step_loss = 0.0
-        for batch in step_batches:  # gradient of the mean over all target tokens of the step
-            with _forward_context(cfg, device):
-                nll = target_nll(model, batch, banned)
-            weighted = (nll * _offset_weights(nll.shape[1], cfg, device)).sum() / step_targets
-            weighted.backward()
-            step_loss += float(nll.detach().sum()) / step_targets
-            tokens_seen += batch.computed
-            target_tokens += nll.numel()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        seconds = time.perf_counter() - start
-        record = {
-            "step": step,
-            "loss": step_loss,
-            "tokens_seen": tokens_seen,
-            "target_tokens": target_tokens,
-            "seconds": round(seconds, 1),
-        }
-        if (step % cfg.eval_every == 0 or step == total_steps) and val_set:
-            val = evaluate_loss(model, val_set, cfg, markers, pad_id, banned, device)
-            record["val_loss"], record["val_by_offset"] = val["loss"], val["by_offset"]
-            log(
-                f"step {step}: train loss {step_loss:.4f}, val loss {val['loss']:.4f} "
-                f"(ppl {math.exp(val['loss']):.2f}), offsets 1-3 {val['by_offset'][:3]}, "
-                f"{target_tokens / seconds:.1f} target tokens/s"
-            )
-        history.append(record)
-        if step % cfg.save_every == 0 and step < total_steps:
-            so_far = TrainResult(
-                step, tokens_seen, target_tokens, time.perf_counter() - start, val_before, _last_val(history), history
-            )
-            _save_checkpoint(
-                ckpt,
-                model,
-                optimizer,
-                scheduler,
-                step,
-                tokens_seen,
-                target_tokens,
-                history,
-                so_far.seconds,
-                val_before,
-                _card(lm, cfg, fingerprint, data_dir, manifest, so_far),
-            )
-    precision.close()
+    bar = tqdm(total=total_steps, initial=done.step, desc="training", unit="step", disable=not progress)
+    start = time.perf_counter() - done.seconds
+    with mixed_precision(model, cfg, lm.device):
+        while done.step < total_steps:
+            first = done.step * per_step
+            step_loss = loop.step([train_set[i] for i in order[first : first + per_step]], done)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{loop.scheduler.get_last_lr()[0]:.1e}")
+            done.seconds = time.perf_counter() - start
+            _record(done, step_loss, loop, val_set, done.step == total_steps, log)
+            if done.step % cfg.save_every == 0 and done.step < total_steps:
+                _save_checkpoint(ckpt, loop, done, card(done.result()))
     bar.close()
-    seconds = time.perf_counter() - start
-    result = TrainResult(step, tokens_seen, target_tokens, seconds, val_before, _last_val(history), history)
-    card = _card(lm, cfg, fingerprint, data_dir, manifest, result)
+    done.seconds = time.perf_counter() - start
+    result = done.result()
     with atomic_folder(out, ADAPTER_FOLDER) as tmp:
-        _save_adapter(model, tmp, card)
-    shutil.rmtree(ckpt, ignore_errors=True)
+        _save_adapter(model, tmp, card(result))
+    _remove_checkpoint(ckpt, log)
     lm.model = model
     return result
 
 
-def throughput(lm: LoadedModel, data_dir: str | Path, cfg: TrainConfig, segments: int, repeats: int = 3) -> dict:
+def _record(done: _Progress, step_loss: float, loop: _Loop, val_set, last: bool, log) -> None:
+    """The step's line in the history, validated every eval_every steps and at the end."""
+    record = {
+        "step": done.step,
+        "loss": step_loss,
+        "tokens_seen": done.tokens_seen,
+        "target_tokens": done.target_tokens,
+        "seconds": round(done.seconds, 1),
+    }
+    if (done.step % loop.cfg.eval_every == 0 or last) and val_set:
+        val = loop.validation(val_set)
+        record["val_loss"], record["val_by_offset"] = val["loss"], val["by_offset"]
+        log(
+            f"step {done.step}: train loss {step_loss:.4f}, val loss {val['loss']:.4f} "
+            f"(ppl {math.exp(val['loss']):.2f}), offsets 1-3 {val['by_offset'][:3]}, "
+            f"{done.target_tokens / done.seconds:.1f} target tokens/s"
+        )
+    done.history.append(record)
+
+
+def throughput(lm: TorchEngine, data_dir: str | Path, cfg: TrainConfig, segments: int, repeats: int = 3) -> dict:
     """Target tokens/s of forward + backward: one example per row vs packed, in fp32 and bf16 autocast.
 
     All ways run on the same training segments, interleaved (the order rotates), after a warm-up;
@@ -552,7 +511,7 @@ def _last_val(history: list[dict]) -> float:
     return next((h["val_loss"] for h in reversed(history) if "val_loss" in h), float("nan"))
 
 
-def _card(lm: LoadedModel, cfg: TrainConfig, fingerprint: str, data_dir, manifest: dict, result: TrainResult) -> dict:
+def _card(lm: TorchEngine, cfg: TrainConfig, fingerprint: str, data_dir, manifest: dict, result: TrainResult) -> dict:
     """flashback.json: what the adapter is for (base, tokenizer, layout) and how it was trained."""
     return {
         "format": ADAPTER_FORMAT,
@@ -583,43 +542,54 @@ def _save_adapter(model, folder: Path, card: dict) -> None:
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
 
 
-def _save_checkpoint(
-    ckpt: Path, model, optimizer, scheduler, step, tokens_seen, target_tokens, history, elapsed, val_before, card
-) -> None:
+def _save_checkpoint(ckpt: Path, loop: _Loop, done: _Progress, card: dict) -> None:
     """Optimizer state for --resume, plus the adapter so far in ckpt/adapter (usable like a finished one)."""
     from peft import get_peft_model_state_dict
 
     with atomic_folder(ckpt, CHECKPOINT_FOLDER) as tmp:
-        (tmp / "checkpoint.json").write_text(json.dumps({"format": CHECKPOINT_FOLDER.format, "step": step}) + "\n")
-        _save_adapter(model, tmp / "adapter", card)
+        (tmp / "checkpoint.json").write_text(json.dumps({"format": CHECKPOINT_FOLDER.format, "step": done.step}) + "\n")
+        _save_adapter(loop.model, tmp / "adapter", card)
         torch.save(
             {
-                "adapter": get_peft_model_state_dict(model, save_embedding_layers=False),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "target_tokens": target_tokens,
-                "history": history,
-                "elapsed": elapsed,
-                "val_before": val_before,
+                "adapter": get_peft_model_state_dict(loop.model, save_embedding_layers=False),
+                "optimizer": loop.optimizer.state_dict(),
+                "scheduler": loop.scheduler.state_dict(),
+                "step": done.step,
+                "tokens_seen": done.tokens_seen,
+                "target_tokens": done.target_tokens,
+                "history": done.history,
+                "elapsed": done.seconds,
+                "val_before": done.val_before,
             },
             tmp / "state.pt",
         )
 
 
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler):
+def _resume(ckpt: Path, loop: _Loop, log) -> _Progress:
     from peft import set_peft_model_state_dict
 
+    if not (ckpt / "state.pt").exists():
+        raise FlashbackError(f"nothing to resume: no checkpoint at {ckpt}")
     state = torch.load(ckpt / "state.pt", weights_only=False)
-    set_peft_model_state_dict(model, state["adapter"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return (
+    set_peft_model_state_dict(loop.model, state["adapter"])
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    log(f"resumed from step {state['step']}")
+    return _Progress(
         state["step"],
         state["tokens_seen"],
         state["target_tokens"],
         state["history"],
         state["elapsed"],
-        state["val_before"],
+        state.get("val_before"),
     )
+
+
+def _remove_checkpoint(ckpt: Path, log) -> None:
+    """The finished adapter replaces the run's checkpoint; a folder of that name that is not one stays."""
+    try:
+        check_replaceable(ckpt, CHECKPOINT_FOLDER)
+    except FlashbackError:
+        log(f"left {ckpt} in place: it is not a FlashBack training checkpoint")
+        return
+    shutil.rmtree(ckpt, ignore_errors=True)

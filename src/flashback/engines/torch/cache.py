@@ -1,8 +1,8 @@
 """The KV cache with three explicit verbs: extend, rollback, reset.
 
-This is the only module that touches the transformers Cache. FlashBack's whole speed-up rests
-on `rollback`: a passage appended after the context can be dropped by cropping the cache,
-leaving exactly the keys and values a plain forward over the context would have produced.
+This is the only module that touches the transformers Cache; `KVCache` is the PyTorch engine's Session.
+FlashBack's whole speed-up rests on `rollback`: a passage appended after the context can be dropped by
+cropping the cache, leaving exactly the keys and values a plain forward over the context would have produced.
 Positions of new tokens follow the cache length, so after a rollback the next tokens take the
 positions the dropped ones had.
 """
@@ -10,13 +10,14 @@ positions the dropped ones had.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
+import transformers
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from flashback.engines.base import Forward, Session, forward_kind
 from flashback.errors import FlashbackError
 
 
@@ -146,29 +147,12 @@ def new_cache(config, capacity: int | None = None, device: torch.device | None =
     return cache
 
 
-@dataclass(frozen=True)
-class Forward:
-    """One forward pass, as reported in generation traces."""
-
-    kind: str  # "prefill" (empty cache), "extend" (several tokens onto a cache) or "decode" (one token)
-    tokens: int
-    cache_len: int  # after the pass
-    seconds: float
-
-    def to_json(self) -> dict:
-        return {
-            "kind": self.kind,
-            "tokens": self.tokens,
-            "cache_len": self.cache_len,
-            "seconds": round(self.seconds, 6),
-        }
-
-
-class KVCache:
+class KVCache(Session):
     """Extend, rollback, reset over one sequence's cache.
 
     With a `decoder` (decode.Decoder), single tokens go through it instead of the eager model; its
-    fixed-shape step needs the cache preallocated, so `capacity` (tokens) is then required.
+    fixed-shape step needs the cache preallocated, so `capacity` (tokens) is then required. `before_forward`
+    runs before every eager forward (the engine switches the model to this sequence's adapter there).
     """
 
     def __init__(
@@ -177,9 +161,11 @@ class KVCache:
         device: torch.device | str | None = None,
         capacity: int | None = None,
         decoder=None,
+        before_forward: Callable[[], None] | None = None,
     ):
         if decoder is not None and capacity is None:
             raise ValueError("a decoder needs a fixed cache capacity")
+        self.before_forward = before_forward
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.capacity = capacity
@@ -201,15 +187,16 @@ class KVCache:
         if self.decoder is not None and ids.shape[1] == 1 and before > 0:
             logits = self._decode(int(ids[0, 0]), before)[None]
         else:
-            out = self.model(
-                input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1
-            )
+            if self.before_forward is not None:
+                self.before_forward()
+            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
             logits = out.logits[0].float()  # (T, V) or (1, V)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         n = ids.shape[1]
-        kind = "prefill" if before == 0 else ("decode" if n == 1 else "extend")
-        self.forwards.append(Forward(kind, n, len(self), time.perf_counter() - start))
+        if len(self) != before + n:  # a transformers without the `cache` argument would ignore it silently
+            raise FlashbackError(f"the model did not fill the KV cache (transformers {transformers.__version__})")
+        self.forwards.append(Forward(forward_kind(before, n), n, len(self), time.perf_counter() - start))
         return logits if all_logits else logits[-1]
 
     def _decode(self, token: int, length: int) -> torch.Tensor:

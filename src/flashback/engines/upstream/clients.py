@@ -1,4 +1,4 @@
-"""The upstream engine: FlashBack's retrieval and layout here, decoding on an inference server over HTTP.
+"""HTTP clients of the inference servers the upstream engine drives (engine.py).
 
 An engine with a prefix cache (llama.cpp's `llama-server` with `cache_prompt`, vLLM's automatic prefix caching)
 reuses the KV of any prompt that begins like the previous one. FlashBack's layout keeps the context as that
@@ -26,19 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import torch
-
-from flashback.cache import Forward
+from flashback.engines.base import Forward
 from flashback.errors import FlashbackError
-from flashback.export import ExportedModel, exported_parts, read_export_card
+from flashback.registry import cache_root
 
 LLAMA_SERVER_VERSION = "0.3.36"  # the llama-cpp-python source package that scripts/setup_engines.sh builds it from
 
 
 def llama_server_path() -> Path | None:
     """A llama-server binary: $FLASHBACK_LLAMA_SERVER, the one scripts/setup_engines.sh built, or one on PATH."""
-    from flashback.model import cache_root
-
     for candidate in (
         os.environ.get("FLASHBACK_LLAMA_SERVER"),
         cache_root() / "llama-server" / LLAMA_SERVER_VERSION / "llama-server",
@@ -51,8 +47,6 @@ def llama_server_path() -> Path | None:
 
 def vllm_python() -> Path | None:
     """A Python with vLLM: $FLASHBACK_VLLM_PYTHON, or the environment scripts/setup_engines.sh --vllm made."""
-    from flashback.model import cache_root
-
     for candidate in (os.environ.get("FLASHBACK_VLLM_PYTHON"), cache_root() / "vllm-venv" / "bin" / "python"):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
@@ -235,8 +229,6 @@ class OpenAIClient(_HTTPEngine):
     ) -> Completion:
         """`n` tokens after `prompt`; n = 0 asks for one (vLLM's minimum) and drops it: the prompt's forward
         computes that token's logits anyway."""
-        import httpx
-
         body = {
             "model": self.model,
             "prompt": [int(t) for t in prompt],
@@ -256,10 +248,30 @@ class OpenAIClient(_HTTPEngine):
         }
         if seed is not None:
             body["seed"] = int(seed)
-        tokens: list[int] = []
-        finish = usage = None
         t0 = time.perf_counter()
-        first = None
+        tokens, finish, usage, first = self._stream(body)
+        end = time.perf_counter()
+        first = first or end
+        usage = usage or {}
+        details = usage.get("prompt_tokens_details")
+        self.reports_cached_tokens = details is not None  # vLLM: only with --enable-prompt-tokens-details
+        cached = int((details or {}).get("cached_tokens") or 0)
+        return Completion(
+            tokens=tokens[:n],
+            # "stop" without a stop string is an end-of-sequence token (FlashBack sends no stop strings)
+            stopped_at_eos=finish == "stop" and len(tokens) <= n,
+            prompt_tokens=int(usage.get("prompt_tokens", len(prompt))) - cached,
+            cached_tokens=cached,
+            prompt_s=first - t0,  # the prompt's forward and the first token (one forward on the engine)
+            decode_s=end - first,
+        )
+
+    def _stream(self, body: dict) -> tuple[list[int], str | None, dict | None, float | None]:
+        """Send a streamed completion request: (token ids, finish reason, usage, when the first token came)."""
+        import httpx
+
+        tokens: list[int] = []
+        finish = usage = first = None
         try:
             with self.http.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
@@ -284,21 +296,7 @@ class OpenAIClient(_HTTPEngine):
                     usage = chunk.get("usage") or usage
         except httpx.HTTPError as exc:
             raise self._unreachable(exc) from None
-        end = time.perf_counter()
-        first = first or end
-        usage = usage or {}
-        details = usage.get("prompt_tokens_details")
-        self.reports_cached_tokens = details is not None  # vLLM: only with --enable-prompt-tokens-details
-        cached = int((details or {}).get("cached_tokens") or 0)
-        return Completion(
-            tokens=tokens[:n],
-            # "stop" without a stop string is an end-of-sequence token (FlashBack sends no stop strings)
-            stopped_at_eos=finish == "stop" and len(tokens) <= n,
-            prompt_tokens=int(usage.get("prompt_tokens", len(prompt))) - cached,
-            cached_tokens=cached,
-            prompt_s=first - t0,  # the prompt's forward and the first token (one forward on the engine)
-            decode_s=end - first,
-        )
+        return tokens, finish, usage, first
 
     def forget(self, token: int) -> None:
         """Clear the prefix cache (each bench run must start cold). vLLM offers this only in its development mode."""
@@ -341,80 +339,3 @@ def completion_forwards(done: Completion) -> list[Forward]:
     steps = max(0, len(done.tokens) - 1)
     out += [Forward("decode", 1, length + i + 1, done.decode_s / steps) for i in range(steps)]
     return out
-
-
-class UpstreamCache:
-    """The three cache verbs over a prefix-caching server, for timing only (bench's bare forward).
-
-    extend = evaluate what is held plus the new tokens (the engine reuses the held prefix); rollback = hold
-    fewer tokens (the next request's prompt diverges there). No logits come back.
-    """
-
-    def __init__(self, client: UpstreamClient):
-        self.client = client
-        self.tokens: list[int] = []
-        self.forwards: list[Forward] = []
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def extend(self, token_ids: Sequence[int] | torch.Tensor, all_logits: bool = False) -> None:
-        ids = [int(t) for t in token_ids]
-        if not ids:
-            raise ValueError("extend() needs at least one token")
-        self.tokens += ids
-        done = self.client.complete(self.tokens, 0)
-        self.forwards += completion_forwards(done)[:1]
-
-    def rollback(self, length: int) -> None:
-        if length > len(self.tokens):
-            raise ValueError(f"cannot roll back to {length}: only {len(self.tokens)} tokens are held")
-        del self.tokens[length:]
-
-    def reset(self) -> None:
-        self.tokens = []
-
-
-@dataclass
-class UpstreamModel(ExportedModel):
-    """An export served by an inference server: decoding happens there (generate._request_loop)."""
-
-    client: UpstreamClient | None = None
-    kv_value_bytes: int = 2  # llama.cpp keeps keys and values in f16; vLLM in the model's dtype
-    engine: ClassVar[str] = "upstream"
-
-    def new_cache(self, capacity: int | None = None, decoder=None) -> UpstreamCache:
-        return UpstreamCache(self.client)
-
-    def forget(self) -> None:
-        """Make the server drop what it cached (llama-server: each slot then holds one end-of-sequence token; vLLM:
-        its prefix cache is cleared), so that the next prompt finds nothing of the earlier ones."""
-        self.client.forget(min(self.eos, default=0))
-
-
-def load_upstream(url: str, folder: str | Path) -> UpstreamModel:
-    """Connect to `url`, which serves the export in `folder`; check that both tokenize alike, markers included."""
-    card = read_export_card(folder)
-    if card is None:
-        raise FlashbackError(
-            f"--upstream needs --model EXPORT, the folder `flashback export` wrote for the served model "
-            f"({folder} is not one)"
-        )
-    folder = Path(folder).expanduser()
-    client = connect(url)
-    parts = exported_parts(folder, card)
-    tokenizer, markers = parts["tokenizer"], parts["marker_ids"]
-    probe = "def f(x): return x  # FlashBack"
-    if markers:
-        probe = f"{tokenizer.convert_ids_to_tokens(markers[0])}{probe}{tokenizer.convert_ids_to_tokens(markers[1])}"
-    if client.tokenize(probe) != tokenizer(probe, add_special_tokens=False)["input_ids"]:
-        served = card.get("gguf") if client.protocol == "llama.cpp" else folder
-        raise FlashbackError(f"the model served at {url} tokenizes differently from {folder}: serve {served}")
-    parts["positions"] = min(parts["positions"], int(client.context_size or parts["positions"]))
-    if client.protocol == "openai":  # vLLM serves the folder's weights, in the dtype it was started with
-        served = client.served_dtype()
-        dtype = getattr(torch, served or card.get("dtype") or "float32")
-        parts["kv_value_bytes"] = dtype.itemsize  # vLLM's default KV cache dtype is the model's
-        parts["weight_bytes"] = sum(p.numel() for p in parts["model"].parameters()) * dtype.itemsize
-        parts["dtype_name"] = f"vLLM {str(dtype).removeprefix('torch.')}" + ("" if served else " (assumed)")
-    return UpstreamModel(name=f"{folder.name} (upstream {client.url}, {client.protocol})", client=client, **parts)

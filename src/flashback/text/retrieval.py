@@ -7,6 +7,9 @@ On disk an index is a folder:
   offsets.npy       passage i is token_ids[offsets[i]:offsets[i + 1]]
   bm25/             the bm25s index
 The model token ids are stored so that generation appends exactly the tokens that were indexed.
+
+A `Retriever` is what generation asks for passages: any callable (query, k) -> list[Retrieved];
+`IndexRetriever` is the one over an Index.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import bm25s
 import numpy as np
 
 from flashback.atomic import FolderKind, atomic_folder
-from flashback.corpus import Passage
 from flashback.errors import FlashbackError
+from flashback.text.corpus import Passage
 
 FORMAT = "flashback-index/1"
 INDEX_FOLDER = FolderKind(
@@ -192,3 +196,27 @@ class Index:
             if len(hits) == k:
                 break
         return hits
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    hit: Hit
+    token_ids: np.ndarray
+
+
+class Retriever(Protocol):
+    max_passage_tokens: int
+
+    def __call__(self, query: str, k: int) -> list[Retrieved]: ...
+
+
+class IndexRetriever:
+    """Top-k BM25 passages from an Index, with the model token ids stored at indexing time."""
+
+    def __init__(self, index: Index):
+        self.index = index
+        self.max_passage_tokens = index.chunk_tokens
+
+    def __call__(self, query: str, k: int) -> list[Retrieved]:
+        hits = self.index.search([query], k)[0]
+        return [Retrieved(h, self.index.passage_tokens(h.index)) for h in hits]

@@ -1,30 +1,29 @@
 """The llama.cpp engine: FlashBack's generation loop on an exported GGUF, in process.
 
-The loop asks three verbs of an engine: extend, rollback, reset (cache.KVCache for PyTorch). llama.cpp has
-all three: `Llama.eval` appends tokens to its KV cache, and setting `n_tokens` back before the next eval drops
-the cells after it (eval removes them before writing). Only the last position's logits are read, straight
-from the context, so nothing of size tokens x vocabulary is kept. The model is what `flashback export --gguf`
-writes: the adapter merged and the markers in the vocabulary, since llama.cpp LoRAs cannot add tokens.
+llama.cpp has the three cache verbs: `Llama.eval` appends tokens to its KV cache, and setting `n_tokens` back
+before the next eval drops the cells after it (eval removes them before writing). Only the last position's
+logits are read, straight from the context, so nothing of size tokens x vocabulary is kept. The model is what
+`flashback export --gguf` writes: the adapter merged and the markers in the vocabulary, since llama.cpp LoRAs
+cannot add tokens. One context holds one sequence, so the engine serves one generation at a time.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
 
-from flashback.cache import Forward
+from flashback.cards import read_export_card
+from flashback.engines.base import Capabilities, Forward, Session, forward_kind
+from flashback.engines.exported import ExportedEngine, exported_parts
 from flashback.errors import FlashbackError
-from flashback.export import ExportedModel, exported_parts, read_export_card
 
 
-class LlamaCppCache:
-    """KVCache's verbs over one llama.cpp context."""
+class LlamaCppSession(Session):
+    """The cache verbs over the engine's one llama.cpp context."""
 
     def __init__(self, llm):
         self.llm = llm
@@ -35,7 +34,7 @@ class LlamaCppCache:
         return self.llm.n_tokens
 
     @property
-    def capacity(self) -> int:
+    def context_size(self) -> int:
         return len(self.llm.input_ids)  # what was asked for; llama.cpp may round its own n_ctx up
 
     def extend(self, token_ids: Sequence[int] | torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -46,15 +45,14 @@ class LlamaCppCache:
         ids = [int(t) for t in token_ids]
         if not ids:
             raise ValueError("extend() needs at least one token")
-        if len(self) + len(ids) > self.capacity:
-            raise FlashbackError(f"the llama.cpp context holds {self.capacity} tokens")
+        if len(self) + len(ids) > self.context_size:
+            raise FlashbackError(f"the llama.cpp context holds {self.context_size} tokens")
         before = len(self)
         start = time.perf_counter()
         self.llm.eval(ids)
         row = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         logits = torch.from_numpy(np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).copy())
-        kind = "prefill" if before == 0 else ("decode" if len(ids) == 1 else "extend")
-        self.forwards.append(Forward(kind, len(ids), len(self), time.perf_counter() - start))
+        self.forwards.append(Forward(forward_kind(before, len(ids)), len(ids), len(self), time.perf_counter() - start))
         return logits
 
     def rollback(self, length: int) -> None:
@@ -66,18 +64,21 @@ class LlamaCppCache:
         self.llm.reset()
 
 
-@dataclass
-class LlamaCppModel(ExportedModel):
+class LlamaCppEngine(ExportedEngine):
     """An export's GGUF, run in this process by llama.cpp."""
 
-    llm: object = None
-    engine: ClassVar[str] = "llama.cpp"
+    capabilities = Capabilities(logits="last", sequences=1)
+    kind = "llama.cpp"
 
-    def new_cache(self, capacity: int | None = None, decoder=None) -> LlamaCppCache:
-        return LlamaCppCache(self.llm)
+    def __init__(self, llm, **parts):
+        super().__init__(**parts)
+        self.llm = llm
+
+    def session(self, mode: str | None = None, positions: int | None = None, scoring: bool = False) -> LlamaCppSession:
+        return LlamaCppSession(self.llm)
 
 
-def export_card(folder: str | Path) -> dict:
+def gguf_export_card(folder: str | Path) -> dict:
     """The card of a `flashback export --gguf` folder (position, markers, tail, the GGUF's name)."""
     card = read_export_card(folder) or {}
     if not card.get("gguf"):
@@ -87,24 +88,23 @@ def export_card(folder: str | Path) -> dict:
 
 def load_llamacpp(
     folder: str | Path, n_ctx: int | None = None, threads: int | None = None, flash_attn: bool = False
-) -> LlamaCppModel:
+) -> LlamaCppEngine:
     """Load `flashback export --gguf` output: the GGUF its card names, the tokenizer beside it."""
-    card = export_card(folder)
+    card = gguf_export_card(folder)
     try:
         from llama_cpp import Llama
     except ImportError:
         raise FlashbackError("--engine llamacpp needs llama-cpp-python: bash scripts/setup_engines.sh") from None
-
     folder = Path(folder).expanduser()
     parts = exported_parts(folder, card)
     threads = threads or torch.get_num_threads()
     llm = Llama(
         model_path=str(folder / card["gguf"]),
-        n_ctx=min(n_ctx or parts["positions"], parts["positions"]),
+        n_ctx=min(n_ctx or parts["max_positions"], parts["max_positions"]),
         n_threads=threads,
         n_threads_batch=threads,
         flash_attn=flash_attn,
         verbose=False,
     )
-    parts["positions"] = len(llm.input_ids)  # the context asked for (llama.cpp may round its own n_ctx up)
-    return LlamaCppModel(name=f"{folder.name} (llama.cpp)", llm=llm, **parts)
+    parts["max_positions"] = len(llm.input_ids)  # the context asked for (llama.cpp may round its own n_ctx up)
+    return LlamaCppEngine(llm, name=f"{folder.name} (llama.cpp)", **parts)

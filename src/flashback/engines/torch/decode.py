@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from flashback.config import QUANTIZE
 from flashback.errors import FlashbackError
 
-QUANTIZE = ("int8",)
 ATTENTION = "fixed_kv_decode"  # a name with "flash" in it would send transformers looking for a kernel
 
 
@@ -180,7 +180,7 @@ class Decoder:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
     def _forward(self, input_ids, position_ids, cache):
-        return self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True).logits
+        return self.model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True).logits
 
     def weight_bytes(self) -> int:
         """Bytes a decode step reads from weights: every linear layer plus one embedding row."""
@@ -221,8 +221,3 @@ def _graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]
-
-
-def check_options(quantize: str | None) -> None:
-    if quantize is not None and quantize not in QUANTIZE:
-        raise FlashbackError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANTIZE)}")

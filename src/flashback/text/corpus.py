@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flashback.errors import FlashbackError
-from flashback.model import encode_batch
+from flashback.text.tokenize import encode_batch
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")

@@ -1,0 +1,219 @@
+"""The engine seam: what FlashBack asks of whatever runs the model.
+
+An `Engine` owns a model (PyTorch weights, a llama.cpp context, or an inference server over HTTP) and says
+what it can do (`Capabilities`); it never gets asked which kind it is. A `Session` is one sequence's cache,
+with the three verbs FlashBack's speed rests on (extend, rollback, reset) and one verb that runs a stretch
+of generation between two retrievals (`begin`): a local engine implements it over its own cache and
+decodes token by token; an upstream engine sends one completion request whose prompt is the layout.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from flashback.layout import StepPlan, Tuned
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One forward pass, as reported in generation traces."""
+
+    kind: str  # "prefill" (empty cache), "extend" (several tokens onto a cache) or "decode" (one token)
+    tokens: int
+    cache_len: int  # after the pass
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind,
+            "tokens": self.tokens,
+            "cache_len": self.cache_len,
+            "seconds": round(self.seconds, 6),
+        }
+
+
+def forward_kind(cached_before: int, tokens: int) -> str:
+    return "prefill" if cached_before == 0 else ("decode" if tokens == 1 else "extend")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do, for the code that drives it."""
+
+    logits: str  # "all" (every position: scoring), "last" (the last position: local sampling), "none" (tokens)
+    sequences: int | None = None  # sequences it holds at once; None: as many as memory allows
+    remote: bool = False  # the work waits on another process: generations may each have a request in flight
+    counts_cached_tokens: bool = False  # its answers say how many prompt tokens came from its prefix cache
+    adapters: bool = False  # unmerged LoRA adapters, switched per mode (else: merged into the weights)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The transformer's shape: what FLOP and byte accounting needs (bench)."""
+
+    layers: int
+    width: int
+    kv_width: int  # key/value heads x head size
+    embedding_params: int
+    body_params: int  # every parameter but the embedding (and an untied output matrix)
+    params: int  # all of them, a tied output matrix once
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Architecture:
+        """Read off a transformers model (real or on the meta device)."""
+        cfg = model.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        emb = model.get_input_embeddings().weight.numel()
+        params = sum(p.numel() for p in model.parameters())
+        body = params - emb * (1 if cfg.tie_word_embeddings else 2)
+        return cls(cfg.num_hidden_layers, cfg.hidden_size, heads * head_dim, emb, body, params)
+
+
+class Sampling:
+    """How tokens are chosen: greedy at temperature 0, else nucleus sampling with a seeded generator.
+
+    Marker ids are `banned`: FlashBack places them, the model never emits them.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seed: int | None, banned: Sequence[int], stop_at_eos: bool):
+        self.temperature, self.top_p, self.seed, self.stop_at_eos = temperature, top_p, seed, stop_at_eos
+        self.banned = [int(t) for t in banned]
+        self.generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        self._banned: torch.Tensor | None = None
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token from last-position logits (V,)."""
+        if self.banned:
+            if self._banned is None or self._banned.device != logits.device:
+                self._banned = torch.tensor(self.banned, dtype=torch.long, device=logits.device)
+            logits = logits.index_fill(0, self._banned, float("-inf"))
+        return sample(logits, self.temperature, self.top_p, self.generator)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy when temperature is 0, else nucleus sampling. logits: (V,)."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    # Shift before scaling, in float64 (1e-300 is 0 in float32): the best token scores 0, the others -inf
+    # at worst, so a tiny temperature is greedy, never NaN. On the CPU, where the seeded generator lives,
+    # so a seed draws the same tokens on every device.
+    logits = logits.double().cpu()
+    scaled = (logits - logits.max()) / temperature
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+Observer = Callable[[int, torch.Tensor], None]  # (generation step, last-position logits before banning)
+
+
+@dataclass
+class Stretch:
+    """The tokens of one stretch between retrievals, and what the engine computed for them."""
+
+    tokens: Iterator[int]
+    computed_tokens: int  # positions the step's plan ran through the model (its `prefix` excluded)
+    cached_tokens: int | None = None  # prompt tokens the engine reused from its own prefix cache, if it says
+    stopped: Callable[[], bool] = field(default=lambda: False)  # the engine ended it at an end of sequence
+
+    def __iter__(self) -> Iterator[int]:
+        return self.tokens
+
+
+class Session(ABC):
+    """One sequence's cache on an engine."""
+
+    forwards: list[Forward]
+    capacity: int | None = None  # a fixed buffer size in tokens, where the engine preallocates one
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def extend(self, token_ids: Sequence[int], all_logits: bool = False) -> torch.Tensor | None:
+        """Run `token_ids` after what is cached; last-position logits (V,), every position's (T, V), or None
+        from an engine that returns none."""
+
+    @abstractmethod
+    def rollback(self, length: int) -> None:
+        """Drop everything after the first `length` cached tokens."""
+
+    def reset(self) -> None:
+        self.rollback(0)
+
+    def begin(self, plan: StepPlan, n: int, sampling: Sampling, observe: Observer | None, step: int) -> Stretch:
+        """Apply `plan` to the cache, then decode up to `n` tokens one at a time (lazily: a stretch that is
+        not read further computes nothing more)."""
+        if plan.keep == 0:
+            self.reset()
+        else:
+            self.rollback(plan.keep)
+        logits = self.extend(plan.prefix) if plan.prefix else None
+        before = len(self.forwards)
+        if plan.feed:
+            logits = self.extend(plan.feed)
+        computed = sum(f.tokens for f in self.forwards[before:])
+        return Stretch(self._tokens(logits, n, sampling, observe, step), computed)
+
+    def _tokens(self, logits, n: int, sampling: Sampling, observe: Observer | None, step: int) -> Iterator[int]:
+        for i in range(n):
+            if observe is not None:  # tests compare these with a from-scratch recomputation
+                observe(step + i, logits)
+            token = sampling.pick(logits)
+            yield token
+            if i + 1 < n:
+                logits = self.extend([token])
+
+
+class Engine(ABC):
+    """A model FlashBack can generate with. Subclasses set the attributes below in their constructors."""
+
+    name: str
+    tokenizer: object
+    marker_ids: tuple[int, int] | None
+    eos_ids: set[int]
+    max_positions: int
+    device: torch.device
+    arch: Architecture
+    capabilities: Capabilities
+    tuned: dict[str, Tuned]  # modes whose layout the weights were tuned for (adapters or an export's card)
+    kind: str  # for reports ("torch", "llama.cpp", "upstream"); code asks `capabilities`, never this
+
+    @abstractmethod
+    def session(self, mode: str | None = None, positions: int | None = None, scoring: bool = False) -> Session:
+        """A new cache for one sequence generated in `mode` (its adapter, where the engine switches them),
+        with room for `positions` tokens; `scoring`: for every position's logits (evaluation)."""
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Mode -> adapter folder, for engines that run unmerged adapters."""
+        return {}
+
+    def forget(self) -> None:  # noqa: B027 - most engines cache nothing beyond a session
+        """Drop whatever the engine cached beyond a session (a prefix cache), so the next prompt starts cold."""
+
+    def describe(self) -> dict:
+        """What a benchmark reports about the engine."""
+        return {
+            "engine": self.kind,
+            "device": str(self.device),
+            "dtype": self.dtype_name,
+            "compile": False,
+            "quantize": None,
+            "compile_s": 0.0,
+        }
+
+    def decode_weight_bytes(self, mode: str | None) -> int:
+        """Bytes of weights one decode step reads."""
+        return 0
+
+    kv_value_bytes: int = 2  # bytes per cached key or value element
+    dtype_name: str = "export"

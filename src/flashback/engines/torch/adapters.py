@@ -1,0 +1,74 @@
+"""Which LoRA adapter serves which mode, and attaching them (PEFT) to a base model.
+
+An adapter serves only the layout it was trained for (its card's `position`), so an append adapter never
+alters prepend or none; each is loaded under its mode's name and switched per forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from flashback.cards import adapter_position, read_card
+from flashback.errors import FlashbackError, first_line
+from flashback.registry import default_adapter
+from flashback.text.tokenize import tokenizer_fingerprint
+
+
+def plan_adapters(model: str | None, adapters: Sequence[str] = (), no_default: bool = False) -> dict[str, str]:
+    """Mode -> adapter folder: the one place that decides it (CLI, Python API, server).
+
+    Modes without an adapter given fall back to the adapter shipped for that mode of the default model,
+    unless `no_default`. `none` never has one.
+    """
+    plan: dict[str, str] = {}
+    for path in adapters:
+        mode = adapter_position(path)
+        if mode in plan:
+            raise FlashbackError(f"two adapters for {mode} mode: {plan[mode]} and {path}")
+        plan[mode] = str(path)
+    if not no_default:
+        for mode in ("append", "prepend"):
+            shipped = default_adapter(model, mode)
+            if mode not in plan and shipped:
+                plan[mode] = shipped
+    return plan
+
+
+def attach_adapters(model, tokenizer, plan: dict[str, str], base_name: str):
+    """Wrap `model` in the PEFT adapters of `plan` (mode -> folder), each named after its mode.
+
+    The tokenizer must already hold the markers. Each adapter's card must match the tokenizer.
+    """
+    from peft import PeftModel
+
+    for mode, path in plan.items():
+        card = read_card(path)
+        want = card.get("tokenizer_fingerprint")
+        if want and want != tokenizer_fingerprint(tokenizer):
+            raise FlashbackError(
+                f"adapter {path} was trained for another tokenizer/base model ({card.get('base_model')}), "
+                f"not {base_name}"
+            )
+        try:
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(path), adapter_name=mode)
+            else:
+                model = PeftModel.from_pretrained(model, str(path), adapter_name=mode)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise FlashbackError(f"cannot load adapter {path} onto {base_name}: {first_line(exc)}") from None
+    return model
+
+
+def lora_targets(model, requested: Sequence[str]) -> list[str]:
+    """Linear layer names to adapt, in the model's order; "all-linear" is every linear layer but the output head,
+    resolved to names so that the card says what was trained."""
+    linear = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if list(requested) == ["all-linear"]:
+        head = model.get_output_embeddings()
+        return [name for name, m in linear.items() if m is not head]
+    missing = [t for t in requested if t not in linear]
+    if missing:
+        raise FlashbackError(f"target modules {missing} not found; this model's linear layers: {sorted(linear)}")
+    return list(requested)

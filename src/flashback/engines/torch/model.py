@@ -1,0 +1,218 @@
+"""The PyTorch engine: a transformers causal LM with its tokenizer, the marking tokens, and LoRA adapters per mode.
+
+Sessions are KV caches (cache.py); single-token steps may go through a compiled or int8 decode step
+(decode.py). This module does not touch the KV cache itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from flashback.cards import adapter_position, adapter_tuned
+from flashback.config import DTYPES, QUANTIZE
+from flashback.engines.base import Architecture, Capabilities, Engine
+from flashback.errors import FlashbackError, first_line
+from flashback.registry import DEFAULT_MODEL, resolve_model_path
+from flashback.text.tokenize import MARKERS, load_tokenizer
+
+CAPACITY_STEP = 512  # compiled decode steps have one graph per cache capacity: capacities are rounded to this
+
+
+class TorchEngine(Engine):
+    capabilities = Capabilities(logits="all", adapters=True)
+    kind = "torch"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        name: str,
+        device: torch.device,
+        marker_ids: tuple[int, int] | None = None,
+        adapters: dict[str, str] | None = None,
+        compile: bool = False,
+        quantize: str | None = None,
+    ):
+        self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, torch.device(device)
+        self.marker_ids = marker_ids
+        self._adapters = dict(adapters or {})  # mode -> adapter folder (peft adapter name = mode)
+        self.compile = compile  # decode steps through a torch.compile'd step (decode.py)
+        self.quantize = quantize  # decode weights: None (as loaded) or "int8"
+        self.tuned = {mode: adapter_tuned(path) for mode, path in self._adapters.items()}
+        self._active = next(iter(self._adapters), None)  # PeftModel activates the first adapter it loads
+        self._decoders: dict = {}
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        return self._adapters
+
+    @property
+    def arch(self) -> Architecture:
+        return Architecture.of(self.model)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(next(self.model.parameters()).dtype)
+
+    @property
+    def kv_value_bytes(self) -> int:
+        return next(self.model.parameters()).element_size()
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling decode steps so far in this process."""
+        return sum(d.compile_s for d in self._decoders.values())
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_ids(self) -> set[int]:
+        eos = self.model.config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return set()
+        return set(eos) if isinstance(eos, list) else {int(eos)}
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "compile": self.compile,
+            "quantize": self.quantize,
+            "compile_s": self.compile_s,
+        }
+
+    def session(self, mode: str | None = None, positions: int | None = None, scoring: bool = False):
+        """A KV cache whose forwards run with `mode`'s adapter. Given `positions` (a generation's most), single
+        tokens go through the decode step when one is asked for (--compile / --quantize), over a buffer of that
+        many positions rounded up. `scoring` with --quantize runs every forward on the decode weights: what the
+        quantization costs in perplexity."""
+        from flashback.engines.torch.cache import KVCache
+
+        if scoring and self.quantize:
+            return KVCache(self.decoder(mode).model, self.device)
+        decoder = self.decoder(mode) if positions is not None else None
+        capacity = -(-positions // CAPACITY_STEP) * CAPACITY_STEP if decoder is not None else None
+        return KVCache(self.model, self.device, capacity, decoder, before_forward=lambda: self.activate(mode))
+
+    def decode_weight_bytes(self, mode: str | None) -> int:
+        """Weight bytes one decode step reads: every linear layer (the decode step's own, int8 with --quantize)
+        and one embedding row; a tied output matrix counts once, as the output layer."""
+        decoder = self.decoder(mode)
+        if decoder is not None:
+            return decoder.weight_bytes()
+        linears = {id(m.weight): m.weight for m in self.model.modules() if isinstance(m, torch.nn.Linear)}
+        emb = self.model.get_input_embeddings().weight
+        return sum(w.numel() * w.element_size() for w in linears.values()) + emb.shape[1] * emb.element_size()
+
+    def decoder(self, mode: str | None):
+        """The decode step for `mode` (its adapter merged), or None when decoding stays on the eager model."""
+        if not (self.compile or self.quantize):
+            return None
+        adapter = mode if mode in self._adapters else None
+        if adapter not in self._decoders:
+            from flashback.engines.torch.decode import Decoder
+
+            self._decoders[adapter] = Decoder(self.model, adapter, self.quantize, self.compile)
+        return self._decoders[adapter]
+
+    def activate(self, mode: str | None) -> None:
+        """Switch the model to the adapter planned for `mode`, or to the bare base model.
+
+        Called before every eager forward, so interleaved requests of different modes on one model (the
+        server) each run with their own adapter. A no-op when nothing changes.
+        """
+        if not self._adapters:
+            return
+        want = mode if mode in self._adapters else None
+        if want == self._active:
+            return
+        if want is None:
+            self.model.base_model.disable_adapter_layers()
+        else:
+            self.model.base_model.enable_adapter_layers()
+            self.model.set_adapter(want)
+        self._active = want
+
+    @contextmanager
+    def fresh_lora(self, targets: Sequence[str], r: int = 16, alpha: int = 32) -> Iterator[tuple]:
+        """(engine, PEFT model, layer names): this engine's model under a new, untrained LoRA adapter (r, alpha on
+        `targets`, named as `train --target-modules`), and the PEFT model to merge and unmerge it, for timing what
+        an unmerged adapter costs (bench). The plain model comes back afterwards."""
+        from peft import LoraConfig, get_peft_model
+
+        from flashback.engines.torch.adapters import lora_targets
+
+        base = self.model
+        names = lora_targets(base, targets)
+        peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=names))
+        peft_model.eval()
+        try:
+            yield TorchEngine(peft_model, self.tokenizer, self.name, self.device, self.marker_ids), peft_model, names
+        finally:
+            self.model = peft_model.unload()
+
+
+def add_marker_tokens(model, tokenizer) -> tuple[int, int]:
+    """Add <MARK_L>/<MARK_R> if missing and return their ids (looked up, never assumed)."""
+    missing = [m for m in MARKERS if m not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+    ids = tuple(tokenizer.convert_tokens_to_ids(m) for m in MARKERS)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if max(ids) >= rows:
+        # Deterministic start for the new rows: the mean embedding (the default samples randomly).
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            weight = model.get_input_embeddings().weight
+            weight[rows:] = weight[:rows].mean(dim=0)
+    return ids  # type: ignore[return-value]
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    markers: bool = False,
+    adapter: str | None = None,
+    adapters: dict[str, str] | None = None,
+    compile: bool = False,
+    quantize: str | None = None,
+) -> TorchEngine:
+    """Load model + tokenizer; add marking tokens when asked or when an adapter needs them.
+
+    `adapters` maps modes to adapter folders (adapters.plan_adapters); `adapter` alone is filed under the mode
+    its card names.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise FlashbackError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise FlashbackError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FlashbackError("--device cuda was asked for but no CUDA device is available")
+    path = resolve_model_path(name)
+    tokenizer = load_tokenizer(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as exc:
+        raise FlashbackError(f"cannot load model from {path!r}: {first_line(exc)}") from None
+    plan = dict(adapters or {})
+    if adapter:
+        plan.setdefault(adapter_position(adapter), str(adapter))
+    marker_ids = add_marker_tokens(model, tokenizer) if (markers or plan) else None
+    if plan:
+        from flashback.engines.torch.adapters import attach_adapters
+
+        model = attach_adapters(model, tokenizer, plan, base_name=name or DEFAULT_MODEL)
+    model.to(device).eval()
+    return TorchEngine(
+        model, tokenizer, name or DEFAULT_MODEL, torch.device(device), marker_ids, plan, compile, quantize
+    )

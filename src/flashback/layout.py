@@ -1,0 +1,146 @@
+"""The token layouts, decided once: generation, the eval fast path, packed training and upstream prompts
+all derive their tokens from this module.
+
+    append:  context[:-tail] [<MARK_L>] passages [<MARK_R>] context[-tail:] target   (FlashBack)
+    prepend: passages context target                                                (In-Context RALM)
+    none:    context target
+
+`tail` puts the passage a few tokens before the end of the context, so the model resumes a sentence it
+has just seen instead of one it last saw a passage ago. `Planner` turns the layout into what each
+retrieval step of a generation feeds an engine: which cached prefix stays, and which tokens follow it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from flashback.config import DEFAULT_TAIL, GenerationConfig
+from flashback.errors import FlashbackError
+
+
+def split_point(context_len: int, tail: int) -> int:
+    """Where the passage goes: `tail` tokens before the end of the context (never before its start)."""
+    return max(0, context_len - tail)
+
+
+def passage_block(passages: Sequence[Sequence[int]], markers: tuple[int, int] | None) -> list[int]:
+    """[<MARK_L>] passages [<MARK_R>], passages concatenated best first (as the paper does for k > 1)."""
+    flat = [int(t) for p in passages for t in p]
+    return [markers[0], *flat, markers[1]] if markers else flat
+
+
+def append_parts(
+    context: Sequence[int], passages: Sequence[Sequence[int]], markers: tuple[int, int] | None, tail: int
+) -> tuple[list[int], list[int]]:
+    """Append layout of a context as (kept, block): `kept` stays cached across retrievals, `block` is
+    the marked passage followed by the context's last `tail` tokens, recomputed at each retrieval.
+    Without passages (nothing was retrieved) there is no block: the layout is the plain context."""
+    if not any(len(p) for p in passages):
+        return list(context), []
+    cut = split_point(len(context), tail)
+    return list(context[:cut]), passage_block(passages, markers) + list(context[cut:])
+
+
+def layout(
+    context: Sequence[int],
+    passages: Sequence[Sequence[int]],
+    target: Sequence[int],
+    position: str,
+    markers: tuple[int, int] | None,
+    tail: int = 0,
+) -> tuple[list[int], int]:
+    """Token ids of one example and the index where the target starts (see the module docstring)."""
+    if position == "append":
+        kept, block = append_parts(context, passages, markers, tail)
+        ids = kept + block
+    elif position == "prepend":
+        ids = passage_block(passages, None) + list(context)
+    elif position == "none":
+        ids = list(context)
+    else:
+        raise FlashbackError(f"unknown position {position!r}")
+    return ids + list(target), len(ids)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one retrieval step asks of a sequence's cache: keep its first `keep` tokens, then run `prefix`
+    (cached for the rest of the generation: not counted as the step's work) and `feed` after them."""
+
+    keep: int
+    prefix: list[int]
+    feed: list[int]
+
+
+class Planner:
+    """The per-step plans of one generation in one mode.
+
+    append: the cache keeps everything before the passage. At a retrieval it is cut back there, the tokens
+    that left the tail since the previous retrieval join the kept context (without the old passage), and the
+    new passage block and the last `tail` tokens follow: stride + tail + passages + 2 tokens per step.
+    prepend: the prefix changed, so nothing cached stays. none: the prompt once.
+    """
+
+    def __init__(self, mode: str, markers: tuple[int, int] | None, tail: int):
+        self.mode, self.markers, self.tail = mode, markers, tail
+        self.cached = 0  # append: tokens before the passage, cached across retrievals
+
+    def plan(self, history: list[int], passages: list[list[int]] | None, first: bool) -> StepPlan:
+        if self.mode == "none":
+            return StepPlan(0, [], list(history))
+        if self.mode == "prepend":
+            return StepPlan(0, [], passage_block(passages or [], None) + list(history))
+        kept, block = append_parts(history, passages or [], self.markers, self.tail)
+        if first:  # the prompt's prefill, kept for the whole generation
+            self.cached = len(kept)
+            return StepPlan(0, kept, block)
+        # A step without passages cached its whole history; with a tail longer than the stride the new split
+        # point then lies before what is cached, so the cache goes back to it.
+        keep = min(self.cached, len(kept))
+        self.cached = len(kept)
+        return StepPlan(keep, [], kept[keep:] + block)
+
+
+def reserved_positions(cfg: GenerationConfig, passage_tokens: int) -> int:
+    """Positions a retrieval step's passages (and markers) take beside the prompt and the new tokens."""
+    if cfg.mode == "none":
+        return 0
+    return cfg.k * passage_tokens + 2 * (cfg.mode == "append" and cfg.markers)
+
+
+def planned_work(cfg: GenerationConfig, prompt_tokens: int, passage_tokens: int) -> int:
+    """Token positions a generation will compute at most: what bounds one request's cost in the server.
+
+    none: prompt + new tokens. append: the prompt once, then stride + tail + passages + markers per
+    retrieval. prepend: passages + prompt + everything generated so far, recomputed at every retrieval.
+    """
+    new = cfg.max_new_tokens
+    if cfg.mode == "none":
+        return prompt_tokens + new
+    retrievals = -(-new // cfg.stride)
+    passages = cfg.k * passage_tokens
+    if cfg.mode == "append":
+        return prompt_tokens + new + retrievals * (cfg.stride + cfg.tail + passages + 2)
+    return new + sum(passages + prompt_tokens + r * cfg.stride for r in range(retrievals))
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """How an engine's weights were tuned for a mode's layout (an adapter's or an export's card)."""
+
+    markers: bool
+    tail: int | None
+
+
+def layout_settings(
+    tuned: dict[str, Tuned], mode: str, markers: bool | None, tail: int | None, untuned_markers: bool = False
+) -> tuple[bool, int]:
+    """(markers, tail) for `mode`: what the user set, else what the weights were tuned with, else the defaults
+    (markers in append mode only, and only with `untuned_markers`; the package's tail)."""
+    trained = tuned.get(mode)
+    if markers is None:
+        markers = (trained.markers if trained else untuned_markers) and mode == "append"
+    if tail is None:
+        tail = trained.tail if trained and trained.tail is not None else DEFAULT_TAIL
+    return bool(markers), tail

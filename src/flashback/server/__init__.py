@@ -1,0 +1,12 @@
+"""FlashBack behind the OpenAI completions API.
+
+protocol.py (schemas, errors, response shapes), scheduler.py (which generation steps next), generation.py (one
+request's generation, the admitting service), app.py (routes and middleware).
+"""
+
+from flashback.config import ServerLimits
+from flashback.server.app import create_app
+from flashback.server.generation import CompletionService, Generation, StopFilter
+from flashback.server.protocol import CompletionRequest
+
+__all__ = ["CompletionRequest", "CompletionService", "Generation", "ServerLimits", "StopFilter", "create_app"]

@@ -1,0 +1,153 @@
+"""The HTTP app (FastAPI + uvicorn): routes, the body limit, errors in OpenAI's shape.
+
+One engine serves every request; the service (generation.py) admits them and the scheduler (scheduler.py)
+interleaves their steps on the model thread(s).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from flashback.config import DEFAULT_TAIL, ServerLimits
+from flashback.engines.base import Engine
+from flashback.errors import FlashbackError
+from flashback.server.generation import CompletionService
+from flashback.server.protocol import CompletionRequest, error_response, events, whole
+from flashback.text.retrieval import Retriever
+
+log = logging.getLogger("flashback.server")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 before anyone parses it.
+
+    The body is read here (at most `limit` bytes are ever held) and replayed to the app.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = error_response(413, f"request body larger than {self.limit} bytes")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await too_large(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await too_large(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(
+    lm: Engine,
+    retriever: Retriever | None,
+    limits: ServerLimits | None = None,
+    markers: bool = False,
+    tail: int = DEFAULT_TAIL,
+    docs: bool = False,
+) -> FastAPI:
+    """The HTTP app. `docs` serves /docs and /openapi.json (off by default)."""
+    limits = limits or ServerLimits()
+    service: CompletionService | None = None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        nonlocal service
+        service = CompletionService(lm, retriever, limits, markers, tail)
+        yield
+        service.scheduler.close()
+
+    app = FastAPI(
+        title="FlashBack",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "model": lm.name,
+            "adapters": {mode: Path(path).name for mode, path in lm.adapters.items()},
+            "tail": tail,
+            "index_passages": len(retriever.index) if hasattr(retriever, "index") else None,
+            **(service.state if service else {}),
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": 0, "owned_by": "flashback"}]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        steps = service.steps(req, request)
+        try:  # run up to the first step now, so that bad requests get a status code, not a broken stream
+            first = await anext(steps)
+        except FlashbackError as exc:
+            return error_response(400, str(exc))
+        if req.stream:
+            return StreamingResponse(
+                events(first, steps, req, cid, created, lm.name),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        return await whole(first, steps, req, cid, created, lm.name)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: bad JSON and schema violations as 400s, a crash as a bare 500."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            return error_response(400, "request body is not valid JSON")
+        return error_response(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = "request body is not valid UTF-8 JSON" if exc.status_code == 400 else str(exc.detail)
+        return error_response(
+            exc.status_code, message, "invalid_request_error" if exc.status_code < 500 else "server_error"
+        )
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        log.exception("unexpected error")
+        return error_response(500, "internal error", "server_error")

@@ -1,0 +1,308 @@
+"""One request's generation on the scheduler: the engine's token stream turned into text, stop strings,
+log-probabilities and retrievals, step by step; and the service that admits requests and opens generations.
+
+Everything that grows with the request (tokenizing the prompt, stop strings, log-probabilities, echo scoring)
+runs on a model thread, never on the event loop. Limits bound the prompt, the stop strings and a request's
+total work before any of it starts. A request chooses settings but no paths: nothing it sends reads or writes
+files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+import torch
+from fastapi import Request
+
+from flashback.config import GenerationConfig, ServerLimits
+from flashback.engines.base import Engine
+from flashback.errors import FlashbackError
+from flashback.generate import TextStreamer, Trace, stream
+from flashback.layout import planned_work
+from flashback.server.protocol import CompletionRequest, Step
+from flashback.server.scheduler import Scheduler, _ignore_result
+from flashback.text.retrieval import Retriever
+from flashback.text.tokenize import encode
+
+
+class StopFilter:
+    """Cuts the text at the first stop string, holding back any tail that could begin one.
+
+    Each stop string keeps the length of its longest prefix that the text ends with, updated per
+    character with a KMP failure table: linear in the text, whatever the stop strings look like.
+    Without the hold-back a stop string split across two tokens would be half sent already.
+    """
+
+    def __init__(self, stop: str | list[str] | None):
+        self.stops = [s for s in ([stop] if isinstance(stop, str) else (stop or [])) if s]
+        self.fail = [self._failure(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    @staticmethod
+    def _failure(s: str) -> list[int]:
+        fail, k = [0] * len(s), 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = fail[k - 1]
+            if s[i] == s[k]:
+                k += 1
+            fail[i] = k
+        return fail
+
+    def push(self, piece: str) -> str:
+        """Add a piece; return what may be sent now. Sets `stopped` once a stop string appears."""
+        if self.stopped:
+            return ""
+        for ch in piece:
+            self.text += ch
+            found = 0  # the longest stop string ending here starts first
+            for j, s in enumerate(self.stops):
+                k = self.matched[j]
+                while k and ch != s[k]:
+                    k = self.fail[j][k - 1]
+                k += ch == s[k]
+                if k == len(s):
+                    found, k = max(found, k), self.fail[j][k - 1]
+                self.matched[j] = k
+            if found:
+                self.stopped = True
+                return self._send_to(len(self.text) - found)
+        return self._send_to(len(self.text) - max(self.matched, default=0))
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._send_to(len(self.text))
+
+    def _send_to(self, end: int) -> str:
+        out = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return out
+
+
+@dataclass
+class Generation:
+    """One request's state; every method runs on the model thread."""
+
+    lm: Engine
+    req: CompletionRequest
+    prompt_ids: list[int]
+    tokens: object  # the generate.stream iterator
+    trace: Trace
+    start: float  # scheduler clock when admitted
+    streamer: TextStreamer = field(init=False)
+    stops: StopFilter = field(init=False)
+    count: int = 0
+    reported: int = 0
+    last_logits: torch.Tensor | None = None
+    busy: threading.Lock = field(default_factory=threading.Lock)  # a step or close; workers > 1 may race them
+
+    def __post_init__(self) -> None:
+        self.streamer = TextStreamer(self.lm.tokenizer)
+        self.stops = StopFilter(self.req.stop)
+
+    @property
+    def priority(self) -> float:
+        return self.start + sum(f.tokens for f in self.trace.forwards)
+
+    def observe(self, step: int, logits: torch.Tensor) -> None:
+        self.last_logits = logits
+
+    def echo(self) -> Step:
+        """The prompt itself (echo), with its log-probabilities when asked (the first token has none)."""
+        text = self.lm.tokenizer.decode(self.prompt_ids, skip_special_tokens=True)
+        probs: list[dict] = []
+        if self.req.logprobs is not None:
+            with torch.inference_mode():
+                logits = self.lm.session(self.req.mode).extend(self.prompt_ids, all_logits=True)
+            probs = [self._logprob(None, self.prompt_ids[0])]
+            probs += [self._logprob(logits[i], t) for i, t in enumerate(self.prompt_ids[1:])]
+        return Step(text, list(self.prompt_ids), probs, [], None, len(self.prompt_ids), echo=True)
+
+    def step(self) -> Step:
+        with self.busy:
+            return self._step()
+
+    def _step(self) -> Step:
+        token = next(self.tokens, None)
+        if token is None:
+            return Step(self._rest(), [], [], self._new_retrievals(), "length", len(self.prompt_ids))
+        self.count += 1
+        text = self.stops.push(self.streamer.push(token))
+        probs = [self._logprob(self.last_logits, token)] if self.req.logprobs is not None else []
+        finish = None
+        if self.stops.stopped or token in self.lm.eos_ids:
+            finish = "stop"
+        elif self.count >= self.trace.max_new_tokens:
+            finish = "length"
+        if finish:
+            text += self._rest()
+        return Step(text, [token], probs, self._new_retrievals(), finish, len(self.prompt_ids))
+
+    def _rest(self) -> str:
+        """At the end: the held-back text, up to a stop string if one turns up in it."""
+        text = self.stops.push(self.streamer.flush())
+        return text + self.stops.flush()
+
+    def close(self) -> None:
+        with self.busy:
+            self.tokens.close()  # frees the KV cache
+
+    def _new_retrievals(self) -> list[dict]:
+        new = self.trace.retrievals[self.reported :]
+        self.reported = len(self.trace.retrievals)
+        return new
+
+    def _logprob(self, logits: torch.Tensor | None, token: int) -> dict:
+        text = self.lm.tokenizer.decode([token])
+        if logits is None:
+            return {"token": text, "logprob": None, "top": {}}
+        logits = logits.float().clone()
+        if self.lm.marker_ids:
+            logits[list(self.lm.marker_ids)] = float("-inf")
+        logp = torch.log_softmax(logits, dim=-1)
+        top = {}
+        if self.req.logprobs:
+            values, ids = logp.topk(self.req.logprobs)
+            for v, i in zip(values.tolist(), ids.tolist(), strict=True):  # best first: ids that decode alike
+                top.setdefault(self.lm.tokenizer.decode([i]), v)  # keep the best one's value
+        return {"token": text, "logprob": float(logp[token]), "top": top}
+
+
+class LockedRetriever:
+    """One search at a time: a retriever (BM25 index, tokenizer) is not promised to be thread-safe, and a search
+    takes milliseconds next to an upstream request's hundreds."""
+
+    def __init__(self, retriever: Retriever):
+        self.retriever = retriever
+        self.lock = threading.Lock()
+        self.max_passage_tokens = retriever.max_passage_tokens
+
+    def __call__(self, query: str, k: int):
+        with self.lock:
+            return self.retriever(query, k)
+
+
+class CompletionService:
+    """Turns requests into generations on the scheduler and their steps into OpenAI responses."""
+
+    def __init__(self, lm: Engine, retriever: Retriever | None, limits: ServerLimits, markers: bool, tail: int) -> None:
+        self.lm, self.retriever, self.limits, self.markers, self.tail = lm, retriever, limits, markers, tail
+        workers = 1
+        if lm.capabilities.remote:  # each admitted generation may wait on its own request to the engine
+            workers = limits.max_active
+            if retriever is not None:
+                self.retriever = LockedRetriever(retriever)
+        self.scheduler = Scheduler(workers)
+        self.admission = asyncio.Semaphore(limits.max_active)
+        self.state = {"active": 0, "waiting": 0, "served": 0}
+
+    # -- on the model thread ---------------------------------------------------------------------
+    def prompt_ids(self, req: CompletionRequest) -> list[int]:
+        prompt = req.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1 and not all(isinstance(t, int) for t in prompt):
+                raise FlashbackError("prompt: one prompt per request (n and batches of prompts are not supported)")
+            if prompt and isinstance(prompt[0], (str, list)):
+                prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise FlashbackError("the prompt is empty")
+            ids = encode(self.lm.tokenizer, prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            special = set(self.lm.marker_ids or ()) | set(self.lm.tokenizer.all_special_ids)
+            if any(t < 0 or t >= len(self.lm.tokenizer) or t in special for t in ids):
+                raise FlashbackError("prompt: token ids must be ordinary tokens of this model's vocabulary")
+        if not ids:
+            raise FlashbackError("the prompt is empty")
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise FlashbackError(f"the prompt has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}")
+        return ids
+
+    def open(self, req: CompletionRequest, start: float) -> Generation:
+        ids = self.prompt_ids(req)
+        if req.mode != "none" and self.retriever is None:
+            raise FlashbackError("this server has no index; use mode 'none'")
+        cfg = GenerationConfig(
+            mode=req.mode,
+            stride=req.stride,
+            query_tokens=req.query_tokens,
+            k=req.k,
+            max_new_tokens=req.max_tokens or 16,
+            markers=self.markers and req.mode == "append",
+            tail=self.tail if req.tail is None else req.tail,
+            temperature=0.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+        )
+        passage = self.retriever.max_passage_tokens if self.retriever is not None else 0
+        work = planned_work(cfg, len(ids), passage)
+        if work > self.limits.max_request_work:
+            raise FlashbackError(
+                f"this request would compute up to {work} token positions; the limit is "
+                f"{self.limits.max_request_work} (fewer max_tokens, a larger stride, a smaller k, or mode append)"
+            )
+        trace = Trace(req.mode)
+        gen = Generation(self.lm, req, ids, None, trace, start)
+        observe = gen.observe if req.logprobs is not None else None  # logits are kept only when asked for
+        gen.tokens = stream(self.lm, ids, self.retriever, cfg, trace, observe=observe)  # validates now
+        return gen
+
+    # -- on the event loop -----------------------------------------------------------------------
+    def check(self, req: CompletionRequest) -> None:
+        """Cheap checks that need no tokenizer, so a bad request costs nothing on the model thread."""
+        if req.model not in (None, self.lm.name):
+            raise FlashbackError(f"model {req.model!r} is not served here; this server serves {self.lm.name!r}")
+        if (req.max_tokens or 16) > self.limits.max_tokens:
+            raise FlashbackError(f"max_tokens may be at most {self.limits.max_tokens}")
+        problem = req.unsupported()
+        if problem:
+            raise FlashbackError(problem)
+        if req.logprobs is not None and self.lm.capabilities.logits == "none":
+            raise FlashbackError("logprobs are not available here: an upstream engine decodes (serve --upstream)")
+        if req.echo and req.logprobs is not None and self.lm.capabilities.logits != "all":
+            raise FlashbackError("echo with logprobs scores the prompt with the PyTorch engine only")
+        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+        if len(stops) > self.limits.max_stop:
+            raise FlashbackError(f"stop: at most {self.limits.max_stop} stop strings")
+        if any(len(s) > self.limits.max_stop_chars for s in stops):
+            raise FlashbackError(f"stop: each stop string may have at most {self.limits.max_stop_chars} characters")
+
+    async def steps(self, req: CompletionRequest, request: Request) -> AsyncIterator[Step]:
+        """Admit the request, then yield its steps; the echo comes first when asked."""
+        self.check(req)
+        self.state["waiting"] += 1
+        try:
+            await self.admission.acquire()
+        finally:
+            self.state["waiting"] -= 1
+        self.state["active"] += 1
+        gen, steps = None, None
+        try:
+            clock = self.scheduler.clock
+            gen = await self.scheduler.submit(clock, lambda: self.open(req, clock))
+            if req.echo:
+                yield await self.scheduler.submit(gen.priority, gen.echo)
+            steps = self.scheduler.stream(gen)
+            while True:
+                step = await steps.next()
+                yield step
+                if step.finish:
+                    return
+                if not req.stream and await request.is_disconnected():
+                    return  # nobody is waiting for the answer
+        finally:  # no await here: a hung-up client cancels this task, and the slot must still be freed
+            if steps is not None:
+                steps.cancel()
+            if gen is not None:  # frees the KV cache after any step in flight (gen.busy)
+                with suppress(FlashbackError):
+                    self.scheduler.submit(-1.0, gen.close).add_done_callback(_ignore_result)
+            self.state["active"] -= 1
+            self.state["served"] += 1
+            self.admission.release()

@@ -1,0 +1,154 @@
+"""The model thread(s): which generation's step runs next.
+
+The lowest priority runs next: for generations, the token positions they have computed so far, so a request
+whose steps are expensive (prepend, large k, stride 1) cannot starve a cheap one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from flashback.errors import FlashbackError
+from flashback.server.protocol import Step
+
+
+class Steps(Protocol):
+    """What the scheduler runs again and again: a generation, one step at a time (generation.py)."""
+
+    priority: float
+
+    def step(self) -> Step: ...
+
+
+class Scheduler:
+    """The model thread(s). The lowest priority runs next: for generations, the tokens they have computed.
+
+    A generation's next step is queued by the thread that ran its previous step, as soon as that step is done,
+    so which generation runs next never depends on how fast the event loop picks up results, and no generation
+    ever has two steps running. `workers` > 1 is for engines whose work waits on another process (upstream).
+    """
+
+    def __init__(self, workers: int = 1) -> None:
+        self._heap: list = []
+        self._order = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self.clock = 0.0  # priority of the work that ran last: where a new generation starts
+        self._threads = [
+            threading.Thread(target=self._run, name=f"flashback-model-{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, priority: float, job: Callable[[], object]) -> asyncio.Future:
+        """Run `job` once; its result (or exception) lands in the returned future."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._push(priority, _Once(job, loop, future))
+        return future
+
+    def stream(self, gen: Steps) -> StepStream:
+        """Run `gen.step` again and again, by `gen.priority`, until a step finishes it or it is cancelled."""
+        handle = StepStream(gen, asyncio.get_running_loop())
+        self._push(gen.priority, handle)
+        return handle
+
+    def _push(self, priority: float, item) -> None:
+        with self._cv:
+            if self._closed:
+                raise FlashbackError("the server is shutting down")
+            heapq.heappush(self._heap, (priority, next(self._order), item))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                priority, _, item = heapq.heappop(self._heap)
+            if item.cancelled:
+                continue
+            self.clock = max(self.clock, priority)
+            again = item.run()
+            if again is not None:
+                with self._cv:
+                    if not self._closed:
+                        heapq.heappush(self._heap, (again, next(self._order), item))
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            pending, self._heap = self._heap, []
+            self._cv.notify_all()
+        for _, _, item in pending:
+            item.fail(FlashbackError("the server is shutting down"))
+
+
+class _Once:
+    def __init__(self, job: Callable[[], object], loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+        self.job, self.loop, self.future = job, loop, future
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.cancelled()
+
+    def run(self) -> None:
+        try:
+            result, error = self.job(), None
+        except BaseException as exc:  # handed to the waiting request, which decides
+            result, error = None, exc
+        self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+
+    def fail(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, None, error)
+
+
+class StepStream:
+    """A generation's steps as they come off the model thread, in an asyncio queue."""
+
+    def __init__(self, gen: Steps, loop: asyncio.AbstractEventLoop):
+        self.gen, self.loop = gen, loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+
+    def run(self) -> float | None:
+        """One step on the model thread; the priority to run again at, or None when done."""
+        try:
+            step = self.gen.step()
+        except BaseException as exc:
+            self.fail(exc)
+            return None
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, step)
+        return None if step.finish or self.cancelled else self.gen.priority
+
+    def fail(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, error)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def next(self) -> Step:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def _ignore_result(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: no "never retrieved" warning at shutdown
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if not future.done():
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
