@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from flashback.config import PASSAGE_TOKENS
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
 from flashback.registry import DEFAULT_MODEL, default_index_dir
@@ -32,7 +33,7 @@ def build_index(
     *,
     builtin: str | None = None,
     model: str | None = None,
-    chunk_tokens: int = 128,
+    chunk_tokens: int = PASSAGE_TOKENS,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     progress: bool = True,
@@ -106,7 +107,7 @@ class TextRetriever:
     tokens) and cut to `max_passage_tokens`, the budget the layout reserves for it.
     """
 
-    def __init__(self, search: Callable[[str, int], Iterable], tokenizer, max_passage_tokens: int = 128):
+    def __init__(self, search: Callable[[str, int], Iterable], tokenizer, max_passage_tokens: int = PASSAGE_TOKENS):
         if max_passage_tokens < 1:
             raise FlashbackError("max_passage_tokens must be at least 1")
         self.search, self.tokenizer, self.max_passage_tokens = search, tokenizer, max_passage_tokens
@@ -158,7 +159,7 @@ class FlashBack:
         device: str = "cpu",
         dtype: str = "float32",
         tail: int | None = None,
-        max_passage_tokens: int = 128,
+        max_passage_tokens: int = PASSAGE_TOKENS,
         compile: bool = False,
         quantize: str | None = None,
         flash_attn: bool = False,

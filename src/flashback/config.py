@@ -21,6 +21,13 @@ ENGINES = ("torch", "llamacpp")
 GGUF_TYPES = ("f16", "q8_0", "q4_1")
 # Context tokens placed after the passage when neither the user nor an adapter's card says otherwise.
 DEFAULT_TAIL = 32
+# The paper's settings, the defaults wherever they apply: a retrieval every 16 tokens, queried with the last 32,
+# one passage of 128 model tokens; examples of at most 512 positions.
+STRIDE = 16
+QUERY_TOKENS = 32
+PASSAGES = 1
+PASSAGE_TOKENS = 128
+MAX_LENGTH = 512
 
 
 def opt(default, help: str, **cli):
@@ -100,9 +107,9 @@ class EngineConfig:
 @dataclass(frozen=True)
 class GenerationConfig:
     mode: str = opt("append", "append = FlashBack, prepend = In-Context RALM, none = no retrieval", choices=MODES)
-    stride: int = opt(16, "retrieve every N generated tokens")
-    query_tokens: int = opt(32, "query = the last N tokens")
-    k: int = opt(1, "passages per retrieval, concatenated")
+    stride: int = opt(STRIDE, "retrieve every N generated tokens")
+    query_tokens: int = opt(QUERY_TOKENS, "query = the last N tokens")
+    k: int = opt(PASSAGES, "passages per retrieval, concatenated")
     max_new_tokens: int = opt(64, "tokens to generate at most")
     markers: bool = opt(
         True,
@@ -163,7 +170,7 @@ class IndexConfig:
         "help() and the standard-library module docs (offline, ~4.7M characters)",
         choices=("python-docs",),
     )
-    chunk_tokens: int = opt(128, "passage length in model tokens")
+    chunk_tokens: int = opt(PASSAGE_TOKENS, "passage length in model tokens")
 
     def validate(self) -> None:
         _at_least(self, ("chunk_tokens",))
@@ -171,10 +178,10 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    stride: int = opt(16, "target tokens per example")
-    query_tokens: int = opt(32, "query = the N tokens before each target")
-    k: int = opt(1, "passages per example")
-    max_length: int = opt(512, "context + markers + passages + target")
+    stride: int = opt(STRIDE, "target tokens per example")
+    query_tokens: int = opt(QUERY_TOKENS, "query = the N tokens before each target")
+    k: int = opt(PASSAGES, "passages per example")
+    max_length: int = opt(MAX_LENGTH, "context + markers + passages + target")
     val_fraction: float = opt(0.05, "documents set aside for validation")
     max_segments: int | None = opt(None, "keep a seeded sample of this many segments (text windows)")
     seed: int = opt(0, "seed of the validation split and the sample")
@@ -252,10 +259,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    stride: int = opt(16, "target tokens per retrieval")
-    query_tokens: int = opt(32, "query = the N tokens before each target")
-    k: int = opt(1, "passages per target")
-    max_length: int = opt(512, "context + markers + passages + target")
+    stride: int = opt(STRIDE, "target tokens per retrieval")
+    query_tokens: int = opt(QUERY_TOKENS, "query = the N tokens before each target")
+    k: int = opt(PASSAGES, "passages per target")
+    max_length: int = opt(MAX_LENGTH, "context + markers + passages + target")
     limit_tokens: int | None = opt(None, "score about this many tokens, spread evenly")
     ensemble: bool = opt(False, "mix per-passage probabilities instead of concatenating")
     fast: bool = opt(True, "score every example from scratch (no shared cache)", flag="slow", negate=True)
@@ -277,10 +284,10 @@ class EvalConfig:
 class BenchConfig:
     context_lengths: tuple[int, ...] = opt((512, 1024, 2048, 4096), "comma-separated context lengths", comma=True)
     new_tokens: int = opt(128, "tokens generated per run")
-    stride: int = opt(16, "retrieve every N generated tokens")
-    passage_tokens: int = opt(128, "random-passage length (without --index)")
-    query_tokens: int = opt(32, "query = the last N tokens", hidden=True)
-    k: int = opt(1, "passages per retrieval")
+    stride: int = opt(STRIDE, "retrieve every N generated tokens")
+    passage_tokens: int = opt(PASSAGE_TOKENS, "random-passage length (without --index)")
+    query_tokens: int = opt(QUERY_TOKENS, "query = the last N tokens", hidden=True)
+    k: int = opt(PASSAGES, "passages per retrieval")
     repeats: int = opt(3, "timed runs per mode and length (after a warm-up)")
     markers: bool = opt(
         True, "append: wrap passages in the marking tokens", default_help="on, or as the export was trained"

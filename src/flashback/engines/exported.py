@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from flashback.cards import export_tuned
+from flashback.cards import export_tuned, read_export_card
 from flashback.engines.base import Architecture, Engine
+from flashback.errors import FlashbackError
 from flashback.layout import Tuned
 
 
@@ -63,3 +64,14 @@ def exported_parts(folder: str | Path, card: dict) -> dict:
         "weight_bytes": gguf.stat().st_size if has_gguf else 0,
         "dtype_name": f"gguf {card['gguf']}" if has_gguf else "export",
     }
+
+
+def export_card(folder: str | Path, what: str) -> dict:
+    """The card of an export folder, or a clear error naming what needed one."""
+    card = read_export_card(folder)
+    if card is None:
+        raise FlashbackError(
+            f"{what} needs --model EXPORT, the folder `flashback export` wrote for the served model "
+            f"({folder} is not one)"
+        )
+    return card

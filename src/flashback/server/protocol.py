@@ -48,7 +48,7 @@ class CompletionRequest(BaseModel):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's own default
     temperature: float | None = Field(0.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**64)

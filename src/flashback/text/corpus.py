@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from flashback.config import PASSAGE_TOKENS
 from flashback.errors import FlashbackError
 from flashback.text.tokenize import encode_batch
 
@@ -179,7 +180,7 @@ def read_documents(paths: Iterable[str | Path]) -> Iterator[Document]:
 def split_passages(
     documents: Iterable[Document],
     tokenizer,
-    chunk_tokens: int = 128,
+    chunk_tokens: int = PASSAGE_TOKENS,
     batch_size: int = 256,
     progress: bool = True,
 ) -> list[Passage]:

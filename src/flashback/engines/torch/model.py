@@ -12,12 +12,13 @@ from contextlib import contextmanager
 import torch
 
 from flashback.cards import adapter_position, adapter_tuned
-from flashback.config import DTYPES, QUANTIZE
+from flashback.config import DTYPES, QUANTIZE, TrainConfig, defaults
 from flashback.engines.base import Architecture, Capabilities, Engine
 from flashback.errors import FlashbackError, first_line
 from flashback.registry import DEFAULT_MODEL, resolve_model_path
 from flashback.text.tokenize import MARKERS, load_tokenizer
 
+LORA = defaults(TrainConfig)  # an untrained adapter of the shipped recipe's shape (bench)
 CAPACITY_STEP = 512  # compiled decode steps have one graph per cache capacity: capacities are rounded to this
 
 
@@ -140,7 +141,7 @@ class TorchEngine(Engine):
         self._active = want
 
     @contextmanager
-    def fresh_lora(self, targets: Sequence[str], r: int = 16, alpha: int = 32) -> Iterator[tuple]:
+    def fresh_lora(self, targets: Sequence[str], r: int = LORA["r"], alpha: int = LORA["alpha"]) -> Iterator[tuple]:
         """(engine, PEFT model, layer names): this engine's model under a new, untrained LoRA adapter (r, alpha on
         `targets`, named as `train --target-modules`), and the PEFT model to merge and unmerge it, for timing what
         an unmerged adapter costs (bench). The plain model comes back afterwards."""
