@@ -198,6 +198,7 @@ def test_tiny_temperature_generates(capsys, tiny_model_dir, tiny_index_dir):
         (["--port", 70000], "not a TCP port"),
         (["--max-active", 0], "--max-active must be at least 1"),
         (["--max-body-bytes", 0], "--max-body-bytes must be at least 1"),
+        (["--tail", -1], "tail must be >= 0"),
     ],
 )
 def test_serve_settings_that_cannot_work(capsys, tiny_model_dir, tiny_index_dir, argv, message):

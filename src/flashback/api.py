@@ -146,6 +146,11 @@ class FlashBack:
         self.engine, self.retriever, self.index = engine, retriever, index
         self.tail = layout_settings(engine.tuned, "append", None, tail)[1]
 
+    @property
+    def lm(self) -> Engine:
+        """The engine, under its earlier name."""
+        return self.engine
+
     @classmethod
     def load(
         cls,

@@ -297,9 +297,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from flashback.layout import layout_settings
 
     ecfg, bc = config(EngineConfig, args), config(BenchConfig, args)
-    markers, tail = layout_settings(
-        tuned_layouts(ecfg, {}), "append", given(args, "markers"), given(args, "tail"), True
-    )
+    tuned = tuned_layouts(ecfg, {})  # a bare model times the markers too; an export, the layout it was tuned for
+    markers, tail = layout_settings(tuned, "append", given(args, "markers"), given(args, "tail"), not tuned)
     bc = replace(bc, markers=markers, tail=tail, lora_overhead=bc.lora_overhead and not runs_export(ecfg))
     index = _load_index(args.index) if args.index else None
     step = bc.stride + bc.tail + bc.k * bc.passage_tokens + 2  # the bare forward of one step's tokens, too
@@ -314,7 +313,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.beside_torch:  # the same export, contexts and passages on the PyTorch engine, in this run
         progress("the same export on the PyTorch engine")
-        torch_engine = load_engine(replace(ecfg, engine="torch", upstream=None), adapters={}, markers=bc.markers)
+        pytorch = replace(ecfg, engine="torch", upstream=None, flash_attn=False)
+        torch_engine = load_engine(pytorch, adapters={}, markers=bc.markers)
         result["beside_torch"] = run_bench(torch_engine, bc, index, progress=progress)
         print("\nThe same export on the PyTorch engine:\n")
         print(format_table(result["beside_torch"]))
@@ -355,6 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flashback.layout import layout_settings
 
     ecfg, serve, limits = config(EngineConfig, args), config(ServeConfig, args), config(ServerLimits, args)
+    config(GenerationConfig, args)  # the layout flags serve takes (--markers, --tail) are checked like generate's
     index = _load_index(args.index)
     plan = plan_adapters(ecfg)
     markers, tail = layout_settings(tuned_layouts(ecfg, plan), "append", given(args, "markers"), given(args, "tail"))
@@ -413,7 +414,7 @@ COMMANDS = {
         Arg("--json", help="write every row to this JSON file"),
         Arg("--plot", help="draw time vs context length to this PNG")]),
     "export": (cmd_export, "a plain model folder with the adapter and markers merged, for engines", [
-        Fields(EngineConfig, ("model", "dtype", "adapters")),
+        Fields(EngineConfig, ("model", "device", "dtype", "adapters")),
         Arg("--out", required=True, help="folder to write (replaced only if it is an earlier export)"),
         Arg("--gguf", choices=GGUF_TYPES, default=None,
             help="also write model-TYPE.gguf for llama.cpp (its converter; q4_1 then llama.cpp's quantizer)")]),

@@ -141,6 +141,7 @@ def layout_settings(
     trained = tuned.get(mode)
     if markers is None:
         markers = (trained.markers if trained else untuned_markers) and mode == "append"
-    if tail is None:
-        tail = trained.tail if trained and trained.tail is not None else DEFAULT_TAIL
+    if tail is None:  # an append-mode setting: another mode's card says nothing about it
+        tuned_tail = trained.tail if trained and mode == "append" else None
+        tail = DEFAULT_TAIL if tuned_tail is None else tuned_tail
     return bool(markers), tail
