@@ -124,6 +124,44 @@ def test_streaming_matches_non_streaming(server):
     assert sum(len(c.get("retrievals", [])) for c in chunks) == len(whole["retrievals"])
 
 
+def test_token_id_prompts_may_hold_the_models_special_tokens_but_never_the_markers(server, tiny_lm):
+    """Scoring clients start a window with end-of-text (lm-evaluation-harness) or BOS: accepted as the model's own
+    tokens. The marking tokens are FlashBack's, and ids outside the vocabulary do not exist: refused."""
+    words = tiny_lm.tokenizer("A kludge is", add_special_tokens=False)["input_ids"]
+    eos = tiny_lm.tokenizer.eos_token_id
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": [eos, *words], "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(words) + 1, r.text
+    for bad, message in (([*words, tiny_lm.marker_ids[0]], "marking tokens"), ([*words, 10**6], "vocabulary")):
+        r = httpx.post(f"{server}/v1/completions", json={"prompt": bad, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batch_of_prompts_gets_one_choice_each_in_order(server, tiny_lm, stream):
+    """Several prompts (texts or token-id lists) in one request: one choice per prompt, by index, each the text
+    that prompt gets alone; the usage adds them up."""
+    texts = ["A kludge is", "Unicode assigns", "A socket is an endpoint"]
+    ids = tiny_lm.tokenizer(texts[2], add_special_tokens=False)["input_ids"]
+    body = {"max_tokens": 10, "stride": 4}
+    alone = [httpx.post(f"{server}/v1/completions", json={**body, "prompt": t}, timeout=60).json() for t in texts]
+    for prompts in (texts, [tiny_lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:2]] + [ids]):
+        request = {**body, "prompt": prompts, "stream": stream}
+        if stream:
+            with httpx.stream("POST", f"{server}/v1/completions", json=request, timeout=60) as r:
+                events = sse_events(r)
+            assert events[-1] == "[DONE]"
+            got = [
+                "".join(c["choices"][0]["text"] for c in events[:-1] if c["choices"][0]["index"] == i) for i in range(3)
+            ]
+        else:
+            data = httpx.post(f"{server}/v1/completions", json=request, timeout=60).json()
+            assert [c["index"] for c in data["choices"]] == [0, 1, 2]
+            assert all(c["retrievals"] for c in data["choices"])
+            assert data["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+            got = [c["text"] for c in data["choices"]]
+        assert got == [a["choices"][0]["text"] for a in alone]
+
+
 def test_stop_sequence(server):
     full = httpx.post(f"{server}/v1/completions", json={"prompt": "A kludge", "max_tokens": 30}, timeout=60).json()
     text = full["choices"][0]["text"]
@@ -270,7 +308,7 @@ def test_stop_filter_matches_a_naive_search_on_random_text():
         ({"prompt": "x", "logit_bias": {"5": 1}}, "logit_bias is not supported"),
         ({"prompt": "x", "suffix": "tail"}, "suffix is not supported"),
         ({"prompt": "x", "best_of": 2}, "best_of"),
-        ({"prompt": ["one", "two"]}, "one prompt per request"),
+        ({"prompt": ["one", "word " * 400]}, "limit is 200"),  # a batch is refused if one of its prompts is
         ({"prompt": [1, 2, 99999]}, "token ids"),
         ({"prompt": "x", "seed": 2**64}, "seed"),
         ({"prompt": "a \ud800 b"}, "not valid Unicode"),

@@ -315,6 +315,7 @@ class ServerLimits:
     max_tokens: int = opt(512, "largest max_tokens a request may ask for")
     max_active: int = opt(8, "generations in flight; more requests wait")
     max_body_bytes: int = opt(1 << 20, "largest request body", default_help="1 MiB")
+    max_batch: int = opt(32, "prompts in one request (a batch: one choice each)")
     max_stop: int = opt(4, "stop strings per request (OpenAI's own limit)", hidden=True)
     max_stop_chars: int = opt(256, "characters per stop string", hidden=True)
     max_request_work: int = opt(262_144, "token positions one request may compute, retrieval recomputation included")
@@ -323,7 +324,8 @@ class ServerLimits:
     )
 
     def validate(self) -> None:
-        names = ("max_prompt_tokens", "max_tokens", "max_active", "max_body_bytes", "max_stop", "max_request_work")
+        names = ("max_prompt_tokens", "max_tokens", "max_active", "max_body_bytes", "max_batch", "max_stop")
+        _at_least(self, ("max_request_work",))
         _at_least(self, names)
         if self.shutdown_grace_s < 0:
             raise FlashbackError("--shutdown-grace must be >= 0")

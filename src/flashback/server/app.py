@@ -6,6 +6,7 @@ interleaves their steps on the model thread(s).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -21,7 +22,7 @@ from flashback.config import DEFAULT_TAIL, ServerLimits
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
 from flashback.server.generation import CompletionService
-from flashback.server.protocol import CompletionRequest, error_response, events, whole
+from flashback.server.protocol import Choice, CompletionRequest, error_response, events, split_prompts, whole
 from flashback.text.retrieval import Retriever
 
 log = logging.getLogger("flashback.server")
@@ -113,18 +114,26 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        steps = service.steps(req, request)
-        try:  # run up to the first step now, so that bad requests get a status code, not a broken stream
-            first = await anext(steps)
+        try:
+            prompts = split_prompts(req, limits.max_batch)
         except FlashbackError as exc:
-            return error_response(400, str(exc))
+            return error_response(400, str(exc), param="prompt")
+        choices = [Choice(i, service.steps(one, request)) for i, one in enumerate(prompts)]
+        # up to each prompt's first step now, so that a bad request gets a status code, not a broken stream
+        started = await asyncio.gather(*(c.start() for c in choices), return_exceptions=True)
+        failed = next((e for e in started if isinstance(e, BaseException)), None)
+        if failed is not None:
+            await asyncio.gather(*(c.cancel() for c in choices))
+            if isinstance(failed, FlashbackError):
+                return error_response(400, str(failed))
+            raise failed
         if req.stream:
             return StreamingResponse(
-                events(first, steps, req, cid, created, lm.name),
+                events(choices, req, cid, created, lm.name),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await whole(first, steps, req, cid, created, lm.name)
+        return await whole(choices, req, cid, created, lm.name)
 
     return app
 

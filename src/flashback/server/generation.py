@@ -203,22 +203,20 @@ class CompletionService:
         self.state = {"active": 0, "waiting": 0, "served": 0}
 
     # -- on the model thread ---------------------------------------------------------------------
-    def prompt_ids(self, req: CompletionRequest) -> list[int]:
-        prompt = req.prompt
-        if isinstance(prompt, list):
-            if len(prompt) != 1 and not all(isinstance(t, int) for t in prompt):
-                raise FlashbackError("prompt: one prompt per request (n and batches of prompts are not supported)")
-            if prompt and isinstance(prompt[0], (str, list)):
-                prompt = prompt[0]
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """One prompt's token ids. Text is tokenized as plain text (never special tokens); token ids may hold the
+        model's own special tokens (scoring clients start a window with BOS or end-of-text), never the marking
+        tokens, which only FlashBack places."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise FlashbackError("the prompt is empty")
             ids = encode(self.lm.tokenizer, prompt)
         else:
             ids = [int(t) for t in prompt]
-            special = set(self.lm.marker_ids or ()) | set(self.lm.tokenizer.all_special_ids)
-            if any(t < 0 or t >= len(self.lm.tokenizer) or t in special for t in ids):
-                raise FlashbackError("prompt: token ids must be ordinary tokens of this model's vocabulary")
+            if any(t < 0 or t >= len(self.lm.tokenizer) for t in ids):
+                raise FlashbackError("prompt: token ids must lie in this model's vocabulary")
+            if set(ids) & set(self.lm.marker_ids or ()):
+                raise FlashbackError("prompt: the marking tokens are FlashBack's own; a prompt may not hold them")
         if not ids:
             raise FlashbackError("the prompt is empty")
         if len(ids) > self.limits.max_prompt_tokens:
@@ -226,7 +224,7 @@ class CompletionService:
         return ids
 
     def open(self, req: CompletionRequest, start: float) -> Generation:
-        ids = self.prompt_ids(req)
+        ids = self.prompt_ids(req.prompt)
         if req.mode != "none" and self.retriever is None:
             raise FlashbackError("this server has no index; use mode 'none'")
         cfg = GenerationConfig(

@@ -6,6 +6,7 @@ refused otherwise. FlashBack's own settings (mode, k, stride, ...) default to th
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from flashback.config import GenerationConfig, defaults
+from flashback.errors import FlashbackError
 
 GENERATION = defaults(GenerationConfig)
 
@@ -103,14 +105,73 @@ def logprobs_block(steps: list[dict], offset: int) -> dict:
     }
 
 
-def _envelope(cid: str, created: int, model: str, text: str, finish: str | None, logprobs=None) -> dict:
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}],
-    }
+def split_prompts(req: CompletionRequest, limit: int) -> list[CompletionRequest]:
+    """One request per prompt: `prompt` may be one text, one token-id list, or a list of either (a batch, answered
+    with one choice per prompt in order, as the OpenAI API does)."""
+    prompt = req.prompt
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        return [req]
+    if not prompt:
+        raise FlashbackError("the prompt is empty")
+    if len(prompt) > limit:
+        raise FlashbackError(f"prompt: at most {limit} prompts in one request")
+    return [req.model_copy(update={"prompt": one}) for one in prompt]
+
+
+class Choice:
+    """One prompt of a request, run to its end by its own task; its steps wait in a queue for the response.
+
+    Every prompt of a batch runs on its own, so a batch never holds a generation slot while it waits for another.
+    """
+
+    def __init__(self, index: int, steps: AsyncIterator[Step]):
+        self.index = index
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task = asyncio.create_task(self._pump(steps))
+        self.first: Step | None = None
+
+    async def _pump(self, steps: AsyncIterator[Step]) -> None:
+        try:
+            async for step in steps:
+                await self.queue.put(step)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # handed to whoever reads the steps
+            await self.queue.put(exc)
+        finally:
+            await steps.aclose()
+            await self.queue.put(None)
+
+    async def start(self) -> Step:
+        """Wait for the first step: a bad request fails here, before the response starts."""
+        self.first = await self._next()
+        if self.first is None:
+            raise FlashbackError("the generation ended before its first step")
+        return self.first
+
+    async def _next(self) -> Step | None:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def steps(self) -> AsyncIterator[Step]:
+        if self.first is not None:
+            yield self.first
+        while (step := await self._next()) is not None:
+            yield step
+
+    async def cancel(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+def _envelope(cid: str, created: int, model: str, choices: list[dict]) -> dict:
+    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": choices}
+
+
+def _choice(index: int, text: str, finish: str | None, logprobs=None) -> dict:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -121,48 +182,73 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-async def _all(first: Step, steps: AsyncIterator[Step]) -> AsyncIterator[Step]:
-    yield first
-    async for step in steps:
-        yield step
-
-
-async def whole(first: Step, steps, req: CompletionRequest, cid: str, created: int, model: str) -> dict:
-    text, probs, retrievals, finish, completion = "", [], [], "length", 0
-    async for step in _all(first, steps):
+async def _collect(choice: Choice, req: CompletionRequest) -> tuple[dict, dict, list[dict]]:
+    """A choice's whole text, log-probabilities and retrievals: (choice, usage, retrievals)."""
+    text, probs, retrievals, finish, completion, prompt_tokens = "", [], [], "length", 0, 0
+    async for step in choice.steps():
         completion += 0 if step.echo else len(step.tokens)
+        prompt_tokens = step.prompt_tokens
         text += step.text
         probs += step.logprobs
         retrievals += step.retrievals
         finish = step.finish or finish
     logprobs = logprobs_block(probs, 0) if req.logprobs is not None else None
-    return {
-        **_envelope(cid, created, model, text, finish, logprobs),
-        "usage": _usage(first.prompt_tokens, completion),
-        "retrievals": retrievals,
-    }
+    return _choice(choice.index, text, finish, logprobs), _usage(prompt_tokens, completion), retrievals
 
 
-async def events(first: Step, steps, req: CompletionRequest, cid: str, created: int, model: str):
-    completion, offset = 0, 0
+def _total(usages: list[dict]) -> dict:
+    return _usage(sum(u["prompt_tokens"] for u in usages), sum(u["completion_tokens"] for u in usages))
+
+
+async def whole(choices: list[Choice], req: CompletionRequest, cid: str, created: int, model: str) -> dict:
+    done = await asyncio.gather(*(_collect(c, req) for c in choices))
+    if len(done) == 1:  # one prompt: the retrievals beside the choice, as FlashBack has always answered
+        choice, usage, retrievals = done[0]
+        return {**_envelope(cid, created, model, [choice]), "usage": usage, "retrievals": retrievals}
+    body = [{**choice, "retrievals": retrievals} for choice, _, retrievals in done]
+    return {**_envelope(cid, created, model, body), "usage": _total([usage for _, usage, _ in done])}
+
+
+async def events(choices: list[Choice], req: CompletionRequest, cid: str, created: int, model: str):
+    """Server-sent events: every choice's chunks as they come, each with its index, then [DONE]."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def forward(choice: Choice) -> None:
+        try:
+            async for step in choice.steps():
+                await merged.put((choice.index, step))
+        except Exception as exc:
+            await merged.put((choice.index, exc))
+        finally:
+            await merged.put((choice.index, None))
+
+    tasks = [asyncio.create_task(forward(c)) for c in choices]
+    state = {c.index: {"completion": 0, "offset": 0, "prompt_tokens": 0} for c in choices}
     try:
-        async for step in _all(first, steps):
-            completion += 0 if step.echo else len(step.tokens)
-            logprobs = logprobs_block(step.logprobs, offset) if req.logprobs is not None else None
-            offset += len(step.text)
-            chunk = _envelope(cid, created, model, step.text, step.finish, logprobs)
-            if step.retrievals:
-                chunk["retrievals"] = step.retrievals
-            if step.finish:  # FlashBack's own habit: the last chunk carries the usage too
-                chunk["usage"] = _usage(first.prompt_tokens, completion)
-            yield f"data: {json.dumps(chunk)}\n\n"
+        for _ in range(len(choices)):
+            while (item := await merged.get())[1] is not None:
+                index, step = item
+                if isinstance(step, BaseException):
+                    raise step
+                yield f"data: {json.dumps(_chunk(step, index, state[index], req, cid, created, model))}\n\n"
         if req.stream_options and req.stream_options.include_usage:
-            usage = {
-                **_envelope(cid, created, model, "", None),
-                "choices": [],
-                "usage": _usage(first.prompt_tokens, completion),
-            }
-            yield f"data: {json.dumps(usage)}\n\n"
+            usage = _total([_usage(s["prompt_tokens"], s["completion"]) for s in state.values()])
+            yield f"data: {json.dumps({**_envelope(cid, created, model, []), 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        await steps.aclose()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, *(c.cancel() for c in choices), return_exceptions=True)
+
+
+def _chunk(step: Step, index: int, state: dict, req: CompletionRequest, cid: str, created: int, model: str) -> dict:
+    state["completion"] += 0 if step.echo else len(step.tokens)
+    state["prompt_tokens"] = step.prompt_tokens
+    logprobs = logprobs_block(step.logprobs, state["offset"]) if req.logprobs is not None else None
+    state["offset"] += len(step.text)
+    chunk = _envelope(cid, created, model, [_choice(index, step.text, step.finish, logprobs)])
+    if step.retrievals:
+        chunk["retrievals"] = step.retrievals
+    if step.finish:  # FlashBack's own habit: the last chunk of a choice carries its usage too
+        chunk["usage"] = _usage(step.prompt_tokens, state["completion"])
+    return chunk
