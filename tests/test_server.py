@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from flashback.config import MODES
 from flashback.server import ServerLimits, create_app
 from flashback.text.retrieval import Index, IndexRetriever
 
@@ -71,7 +72,8 @@ def sse_events(response) -> list:
 def test_health_and_models(server):
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
     models = httpx.get(f"{server}/v1/models").json()
-    assert models["object"] == "list" and len(models["data"]) == 1
+    name = models["data"][0]["id"]  # the model, then the model in each mode, for clients that send only OpenAI's fields
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [name, *(f"{name}:{m}" for m in MODES)]
 
 
 def test_completion_shape_and_retrievals(server, tiny_lm):
@@ -160,6 +162,24 @@ def test_a_batch_of_prompts_gets_one_choice_each_in_order(server, tiny_lm, strea
             assert data["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
             got = [c["text"] for c in data["choices"]]
         assert got == [a["choices"][0]["text"] for a in alone]
+
+
+def test_the_model_name_can_pick_the_mode(server, tiny_lm):
+    """A client that sends only OpenAI's fields (an evaluation harness) picks the mode by model name; the `mode`
+    field agrees with it or the request is refused."""
+    name = tiny_lm.name
+    body = {"prompt": "Unicode assigns", "max_tokens": 8}
+    texts = {}
+    for mode in MODES:
+        by_field = httpx.post(f"{server}/v1/completions", json={**body, "mode": mode}, timeout=60).json()
+        by_name = httpx.post(f"{server}/v1/completions", json={**body, "model": f"{name}:{mode}"}, timeout=60).json()
+        assert by_name["choices"][0]["text"] == by_field["choices"][0]["text"]
+        assert bool(by_name["retrievals"]) == (mode != "none")
+        texts[mode] = by_field["choices"][0]["text"]
+    default = httpx.post(f"{server}/v1/completions", json={**body, "model": name}, timeout=60).json()
+    assert default["choices"][0]["text"] == texts["append"]  # the server's mode (serve --mode; append by default)
+    r = httpx.post(f"{server}/v1/completions", json={**body, "model": f"{name}:none", "mode": "append"}, timeout=60)
+    assert r.status_code == 400 and "contradicts" in r.json()["error"]["message"]
 
 
 def test_stop_sequence(server):

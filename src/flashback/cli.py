@@ -355,7 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flashback.layout import layout_settings
 
     ecfg, serve, limits = config(EngineConfig, args), config(ServeConfig, args), config(ServerLimits, args)
-    config(GenerationConfig, args)  # the layout flags serve takes (--markers, --tail) are checked like generate's
+    mode = config(GenerationConfig, args).mode  # requests that name no mode get this one
     index = _load_index(args.index)
     plan = plan_adapters(ecfg)
     markers, tail = layout_settings(tuned_layouts(ecfg, plan), "append", given(args, "markers"), given(args, "tail"))
@@ -364,7 +364,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if held and limits.max_active > held:  # a generation beyond them would evict another's cache
         print(f"flashback: {engine.name} has {held} slot(s): --max-active {held}", file=sys.stderr)
         limits = replace(limits, max_active=held)
-    app = create_app(engine, _checked_retriever(engine, index), limits, markers=markers, tail=tail, docs=serve.docs)
+    retriever = _checked_retriever(engine, index)
+    app = create_app(engine, retriever, limits, markers=markers, tail=tail, docs=serve.docs, mode=mode)
     uvicorn.run(
         app, host=serve.host, port=serve.port, log_level="info", timeout_graceful_shutdown=limits.shutdown_grace_s
     )
@@ -419,7 +420,7 @@ COMMANDS = {
         Arg("--gguf", choices=GGUF_TYPES, default=None,
             help="also write model-TYPE.gguf for llama.cpp (its converter; q4_1 then llama.cpp's quantizer)")]),
     "serve": (cmd_serve, "OpenAI-compatible HTTP completions with FlashBack retrieval", [
-        ENGINE, ADAPTERS, INDEX, Fields(GenerationConfig, ("markers", "tail")), Fields(ServeConfig),
+        ENGINE, ADAPTERS, INDEX, Fields(GenerationConfig, ("mode", "markers", "tail")), Fields(ServeConfig),
         Fields(ServerLimits)]),
 }  # fmt: skip
 

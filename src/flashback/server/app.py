@@ -18,11 +18,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flashback.config import DEFAULT_TAIL, ServerLimits
+from flashback.config import DEFAULT_TAIL, MODES, ServerLimits
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
 from flashback.server.generation import CompletionService
-from flashback.server.protocol import Choice, CompletionRequest, error_response, events, split_prompts, whole
+from flashback.server.protocol import (
+    GENERATION,
+    Choice,
+    CompletionRequest,
+    error_response,
+    events,
+    split_prompts,
+    whole,
+)
 from flashback.text.retrieval import Retriever
 
 log = logging.getLogger("flashback.server")
@@ -72,15 +80,17 @@ def create_app(
     markers: bool = False,
     tail: int = DEFAULT_TAIL,
     docs: bool = False,
+    mode: str = GENERATION["mode"],
 ) -> FastAPI:
-    """The HTTP app. `docs` serves /docs and /openapi.json (off by default)."""
+    """The HTTP app. `docs` serves /docs and /openapi.json (off by default); `mode` is the mode of requests that
+    name none."""
     limits = limits or ServerLimits()
     service: CompletionService | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal service
-        service = CompletionService(lm, retriever, limits, markers, tail)
+        service = CompletionService(lm, retriever, limits, markers, tail, mode)
         yield
         service.scheduler.close()
 
@@ -103,13 +113,18 @@ def create_app(
             "model": lm.name,
             "adapters": {mode: Path(path).name for mode, path in lm.adapters.items()},
             "tail": tail,
+            "mode": mode,
             "index_passages": len(retriever.index) if hasattr(retriever, "index") else None,
             **(service.state if service else {}),
         }
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": lm.name, "object": "model", "created": 0, "owned_by": "flashback"}]}
+        names = [lm.name, *(f"{lm.name}:{m}" for m in MODES)]  # the mode named in the model, for OpenAI-only clients
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "flashback"} for n in names],
+        }
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from fastapi import Request
 
-from flashback.config import GenerationConfig, ServerLimits
+from flashback.config import MODES, GenerationConfig, ServerLimits
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
 from flashback.generate import TextStreamer, Trace, stream
 from flashback.layout import planned_work
-from flashback.server.protocol import CompletionRequest, Step
+from flashback.server.protocol import GENERATION, CompletionRequest, Step
 from flashback.server.scheduler import Scheduler, _ignore_result
 from flashback.text.retrieval import Retriever
 from flashback.text.tokenize import encode
@@ -191,8 +191,17 @@ class LockedRetriever:
 class CompletionService:
     """Turns requests into generations on the scheduler and their steps into OpenAI responses."""
 
-    def __init__(self, lm: Engine, retriever: Retriever | None, limits: ServerLimits, markers: bool, tail: int) -> None:
+    def __init__(
+        self,
+        lm: Engine,
+        retriever: Retriever | None,
+        limits: ServerLimits,
+        markers: bool,
+        tail: int,
+        mode: str = GENERATION["mode"],
+    ) -> None:
         self.lm, self.retriever, self.limits, self.markers, self.tail = lm, retriever, limits, markers, tail
+        self.mode = mode  # for requests that name no mode, in their fields or their model name
         workers = 1
         if lm.capabilities.remote:  # each admitted generation may wait on its own request to the engine
             workers = limits.max_active
@@ -253,10 +262,23 @@ class CompletionService:
         return gen
 
     # -- on the event loop -----------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        """The served names: the model, and the model in each mode (for clients that send only OpenAI's fields)."""
+        return [self.lm.name, *(f"{self.lm.name}:{mode}" for mode in MODES)]
+
+    def resolve(self, req: CompletionRequest) -> CompletionRequest:
+        """The request with its mode settled: its `mode` field, else the one its model name picks, else the
+        server's."""
+        names = self.model_names()
+        if req.model is not None and req.model not in names:
+            raise FlashbackError(f"model {req.model!r} is not served here; this server serves {', '.join(names)}")
+        named = req.model.rpartition(":")[2] if req.model and req.model != self.lm.name else None
+        if req.mode is not None and named is not None and req.mode != named:
+            raise FlashbackError(f"mode {req.mode!r} contradicts the model name {req.model!r}")
+        return req.model_copy(update={"mode": req.mode or named or self.mode})
+
     def check(self, req: CompletionRequest) -> None:
         """Cheap checks that need no tokenizer, so a bad request costs nothing on the model thread."""
-        if req.model not in (None, self.lm.name):
-            raise FlashbackError(f"model {req.model!r} is not served here; this server serves {self.lm.name!r}")
         if (req.max_tokens or 16) > self.limits.max_tokens:
             raise FlashbackError(f"max_tokens may be at most {self.limits.max_tokens}")
         problem = req.unsupported()
@@ -274,6 +296,7 @@ class CompletionService:
 
     async def steps(self, req: CompletionRequest, request: Request) -> AsyncIterator[Step]:
         """Admit the request, then yield its steps; the echo comes first when asked."""
+        req = self.resolve(req)
         self.check(req)
         self.state["waiting"] += 1
         try:

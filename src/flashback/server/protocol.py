@@ -67,7 +67,8 @@ class CompletionRequest(BaseModel):
     suffix: str | None = None
     user: str | None = None
     # FlashBack options
-    mode: Literal["append", "prepend", "none"] = GENERATION["mode"]
+    # None: the mode the model name picks (NAME:prepend), else the server's (serve --mode)
+    mode: Literal["append", "prepend", "none"] | None = None
     stride: int = Field(GENERATION["stride"], ge=1)
     k: int = Field(GENERATION["k"], ge=1, le=16)
     query_tokens: int = Field(GENERATION["query_tokens"], ge=1, le=512)
