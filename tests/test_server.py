@@ -182,6 +182,43 @@ def test_the_model_name_can_pick_the_mode(server, tiny_lm):
     assert r.status_code == 400 and "contradicts" in r.json()["error"]["message"]
 
 
+HELD_OUT = (
+    "Memory that a program no longer reaches is reclaimed by the collector, while a socket accepts connections "
+    "from clients and a lambda returns the value of its one expression. Unicode gives every character a code point, "
+    "and a kludge keeps working although nobody likes it."
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_echo_scores_the_prompt_as_flashback_eval_does(server, tiny_lm, tiny_index_dir, mode):
+    """echo + logprobs (what evaluation harnesses send) scores the prompt in the request's mode: retrieval every
+    stride tokens and the mode's layout, the same numbers as `flashback eval` on the same tokens, with the passages
+    it used in `retrievals`. The first token has no log-probability; before the first target there is no query."""
+    from flashback.config import EvalConfig
+    from flashback.evaluate import ModeSpec, evaluate
+    from flashback.text.corpus import Document
+
+    ids = tiny_lm.tokenizer(HELD_OUT, add_special_tokens=False)["input_ids"]
+    body = {"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 2, "temperature": 0, "mode": mode}
+    r = httpx.post(f"{server}/v1/completions", json={**body, "stride": 8, "query_tokens": 8}, timeout=60)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    logprobs = data["choices"][0]["logprobs"]
+    scored = logprobs["token_logprobs"][: len(ids)]
+    assert scored[0] is None and all(v is not None and v <= 0 for v in scored[1:])
+    tops = logprobs["top_logprobs"][1 : len(ids)]
+    assert all(len(top) <= 2 and max(top.values()) >= v for top, v in zip(tops, scored[1:], strict=True))
+    spec = ModeSpec.parse({"none": "none", "prepend": "prepend", "append": "append+markers"}[mode])
+    cfg = EvalConfig(stride=8, query_tokens=8, tail=4)
+    (want,) = evaluate(tiny_lm, [Document("held", "held out", HELD_OUT)], Index.load(tiny_index_dir), [spec], cfg)
+    full = range(8, len(ids) - 8 + 1, 8)  # eval's targets: whole strides only
+    got = [-v for p in full for v in scored[p : p + 8]]
+    assert len(got) == want.tokens and sum(got) / len(got) == pytest.approx(want.nll, abs=1e-5)
+    positions = [x["position"] for x in data["retrievals"] if "position" in x]
+    assert positions == list(range(8, len(ids), 8))  # the last, shorter target too
+    assert any(x["passages"] for x in data["retrievals"] if "position" in x) == (mode != "none")
+
+
 def test_stop_sequence(server):
     full = httpx.post(f"{server}/v1/completions", json={"prompt": "A kludge", "max_tokens": 30}, timeout=60).json()
     text = full["choices"][0]["text"]

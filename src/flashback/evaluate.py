@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,6 +64,7 @@ class Target:
 class Retrieval:
     passages: list[list[int]]
     scores: list[float]
+    hits: list[dict] = field(default_factory=list)  # id, document, title, score of each passage
 
 
 def segment_size(cfg: EvalConfig, chunk_tokens: int) -> int:
@@ -73,15 +74,17 @@ def segment_size(cfg: EvalConfig, chunk_tokens: int) -> int:
     return room // 2
 
 
-def plan_targets(docs: Sequence[list[int]], cfg: EvalConfig, half: int) -> list[Target]:
-    """All target slots (every stride tokens after query_tokens), limited to about --limit-tokens.
+def plan_targets(docs: Sequence[list[int]], cfg: EvalConfig, half: int, partial: bool = False) -> list[Target]:
+    """All target slots (every stride tokens after query_tokens), limited to about --limit-tokens; with `partial`,
+    a last, shorter target takes the tokens that remain.
 
     The limit keeps whole segments, evenly spread over the text, so that the targets kept still share
     their segment's KV cache in the fast path.
     """
     segments: dict[tuple[int, int], list[Target]] = {}
     for d, tokens in enumerate(docs):
-        for p in range(cfg.query_tokens, len(tokens) - cfg.stride + 1, cfg.stride):
+        last = len(tokens) - (1 if partial else cfg.stride) + 1
+        for p in range(cfg.query_tokens, max(cfg.query_tokens, last), cfg.stride):
             start = 0 if p < 2 * half else (p // half - 1) * half  # context length in [half, 2 * half)
             segments.setdefault((d, start), []).append(Target(d, p, start))
     groups = list(segments.values())
@@ -121,9 +124,18 @@ def retrieve_all(
         queries = [tokenizer.decode(docs[t.doc_index][t.position - cfg.query_tokens : t.position]) for t in chunk]
         hits = search_without_leakage(index, queries, [documents[t.doc_index] for t in chunk], cfg.k, forbid_titles)
         out += [
-            Retrieval([index.passage_tokens(h.index).tolist() for h in row], [h.score for h in row]) for row in hits
+            Retrieval(
+                [index.passage_tokens(h.index).tolist() for h in row],
+                [h.score for h in row],
+                [h.to_json() for h in row],
+            )
+            for row in hits
         ]
     return out
+
+
+def _hits(hits) -> list[dict]:
+    return [h.to_json() for h in hits]
 
 
 def _retrieve_each(targets, docs, documents, retriever, tokenizer, cfg: EvalConfig, forbid_titles) -> list[Retrieval]:
@@ -134,16 +146,33 @@ def _retrieve_each(targets, docs, documents, retriever, tokenizer, cfg: EvalConf
         banned = forbid_titles | {doc.title} if doc.title else forbid_titles
         hits = [r for r in retriever(query, 2 * cfg.k + 4) if r.hit.doc_id != doc.id and r.hit.title not in banned]
         hits = hits[: cfg.k]
-        out.append(Retrieval([r.token_ids.tolist() for r in hits], [r.hit.score for r in hits]))
+        out.append(
+            Retrieval(
+                [r.token_ids.tolist() for r in hits], [r.hit.score for r in hits], [r.hit.to_json() for r in hits]
+            )
+        )
     return out
 
 
-def target_nll(logits: torch.Tensor, target: Sequence[int], banned: torch.Tensor | None) -> torch.Tensor:
-    """Per-token negative log-likelihood (S,) from the logits that predict each target token (S, V), the marker
-    ids `banned` from the softmax (generation never emits them)."""
+LogpHook = Callable[[int, torch.Tensor], None]  # (target number, log-probabilities (S, V) that predict it)
+
+
+def target_logp(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    """Log-probabilities (S, V) without the marker ids `banned`: the distribution generation samples from."""
     if banned is not None and len(banned):
         logits = logits.index_fill(-1, banned, float("-inf"))
-    return -torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(target)), torch.tensor(target)]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def target_nll(
+    logits: torch.Tensor, target: Sequence[int], banned: torch.Tensor | None, hook: LogpHook | None = None, i: int = 0
+) -> torch.Tensor:
+    """Per-token negative log-likelihood (S,) from the logits that predict each target token (S, V), the marker
+    ids `banned` from the softmax (generation never emits them). `hook` sees the log-probabilities (echo scoring)."""
+    logp = target_logp(logits, banned)
+    if hook is not None:
+        hook(i, logp)
+    return -logp[torch.arange(len(target)), torch.tensor(target)]
 
 
 def _mix(nlls: list[torch.Tensor], scores: list[float]) -> torch.Tensor:
@@ -158,12 +187,12 @@ def _passage_sets(r: Retrieval, cfg: EvalConfig) -> list[list[list[int]]]:
 
 @torch.inference_mode()
 def score_slow(
-    session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned
+    session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook=None
 ) -> list[torch.Tensor]:
     """Every example from scratch: one forward over context + passages + target."""
     markers = markers if spec.markers else None
     out = []
-    for t, r in zip(targets, retrievals, strict=True):
+    for i, (t, r) in enumerate(zip(targets, retrievals, strict=True)):
         tokens = docs[t.doc_index]
         context, target = tokens[t.segment_start : t.position], tokens[t.position : t.position + cfg.stride]
         nlls = []
@@ -171,13 +200,13 @@ def score_slow(
             ids, start = layout(context, passages, target, spec.position, markers, cfg.tail)
             session.reset()
             logits = session.extend(ids, all_logits=True)
-            nlls.append(target_nll(logits[start - 1 : -1], target, banned))
+            nlls.append(target_nll(logits[start - 1 : -1], target, banned, hook, i))
         out.append(_mix(nlls, r.scores) if len(nlls) > 1 else nlls[0])
     return out
 
 
 def score_fast(
-    session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned
+    session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook=None
 ) -> list[torch.Tensor]:
     """Consecutive targets of a segment share its KV cache (append and none modes).
 
@@ -189,7 +218,7 @@ def score_fast(
     markers = markers if spec.markers else None
     out: list[torch.Tensor] = []
     cache, key, cached, last = session, None, 0, None
-    for t, r in zip(targets, retrievals, strict=True):
+    for i, (t, r) in enumerate(zip(targets, retrievals, strict=True)):
         tokens = docs[t.doc_index]
         context = tokens[t.segment_start : t.position]
         target = tokens[t.position : t.position + cfg.stride]
@@ -206,17 +235,90 @@ def score_fast(
             cached = keep
         if plain:
             logits = torch.cat([last[None], cache.extend(target, all_logits=True)[:-1]])
-            out.append(target_nll(logits, target, banned))
+            out.append(target_nll(logits, target, banned, hook, i))
             cache.rollback(cached)
             continue
         nlls = []
         for passages in _passage_sets(r, cfg):
             block = append_parts(context, passages, markers, cfg.tail)[1]
             logits = cache.extend(block + target, all_logits=True)
-            nlls.append(target_nll(logits[len(block) - 1 : -1], target, banned))
+            nlls.append(target_nll(logits[len(block) - 1 : -1], target, banned, hook, i))
             cache.rollback(cached)
         out.append(_mix(nlls, r.scores) if len(nlls) > 1 else nlls[0])
     return out
+
+
+def _query(engine: Engine, tokens: list[int], t: Target, cfg: EvalConfig) -> str:
+    return engine.tokenizer.decode(tokens[t.position - cfg.query_tokens : t.position])
+
+
+@dataclass
+class TokenScores:
+    """Log-probabilities of a token sequence under a mode's layout: one per token after the first."""
+
+    logprobs: list[float]  # of tokens[1:]
+    top: list[list[tuple[int, float]]]  # the best `top` tokens at each of those positions, best first
+    retrievals: list[dict]  # per target: its first position, the query and the passages used
+    work: int  # token positions the scoring ran through the model
+
+
+def score_tokens(
+    engine: Engine, tokens: list[int], retriever, spec: ModeSpec, cfg: EvalConfig, top: int = 0
+) -> TokenScores:
+    """Every token of one sequence scored as `flashback eval` scores a document (same targets, segments, retrieval
+    and layouts), so that an evaluation client talking to the server measures the method: the targets every
+    `stride` tokens from `query_tokens` on, the last one as long as the tokens that remain, and before the first
+    target (no query yet) the mode's model on the tokens alone. No leakage filter: the prompt is no document of
+    the index. Windowing follows eval's segments: contexts of `max_length`'s budget, whatever the prompt's length."""
+    cfg.validate()
+    passage_tokens = retriever.max_passage_tokens if retriever is not None else 0
+    targets = plan_targets([tokens], cfg, segment_size(cfg, passage_tokens), partial=True)
+    if spec.position == "none":
+        retrievals = [Retrieval([], []) for _ in targets]
+    else:
+        source = getattr(retriever, "index", retriever)  # an index retrieves all targets in one batch
+        nobody = Document("\0request", "\0request", "")  # excludes nothing from the index
+        retrievals = retrieve_all(targets, [tokens], [nobody], source, engine.tokenizer, cfg, frozenset())
+    banned = torch.tensor(engine.marker_ids, device=engine.device) if engine.marker_ids else None
+    session = engine.session(spec.position if spec.adapter else None, scoring=True)
+    logprobs, best = [0.0] * (len(tokens) - 1), [[] for _ in tokens[1:]]
+
+    def keep(first: int, logp: torch.Tensor) -> None:  # logp (S, V) predicts tokens[first : first + S]
+        got = logp[torch.arange(logp.shape[0]), torch.tensor(tokens[first : first + logp.shape[0]])]
+        values, ids = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+        for j in range(logp.shape[0]):
+            logprobs[first + j - 1] = float(got[j])
+            best[first + j - 1] = list(zip(ids[j].tolist(), values[j].tolist(), strict=True))
+
+    with torch.inference_mode():
+        head = tokens[: min(cfg.query_tokens, len(tokens))]
+        if len(head) > 1:
+            session.reset()
+            keep(1, target_logp(session.extend(head, all_logits=True)[:-1], banned))
+        scorer = score_fast if spec.position != "prepend" else score_slow
+        hook = lambda i, logp: keep(targets[i].position, logp)  # noqa: E731
+        scorer(session, engine.marker_ids, spec, [tokens], targets, retrievals, cfg, banned, hook)
+    decode = engine.tokenizer.decode
+    records = [
+        {
+            "position": t.position,
+            "query": decode(tokens[t.position - cfg.query_tokens : t.position]),
+            "passages": r.hits,
+        }
+        for t, r in zip(targets, retrievals, strict=True)
+    ]
+    return TokenScores(logprobs, best, records, sum(f.tokens for f in session.forwards))
+
+
+def scoring_work(n: int, cfg: EvalConfig, passage_tokens: int, position: str) -> int:
+    """Token positions score_tokens computes at most for n tokens: what bounds an echo request in the server.
+    Overlapping segments encode each token about twice; each target adds itself and, in its layout, passages."""
+    half = segment_size(cfg, passage_tokens)
+    targets = max(0, -(-(n - cfg.query_tokens) // cfg.stride))
+    if position == "prepend":  # every target from scratch, after its whole context
+        return cfg.query_tokens + targets * (2 * half + cfg.k * passage_tokens + cfg.stride)
+    per_target = cfg.stride + (cfg.k * passage_tokens + 2 + cfg.tail if position == "append" else 0)
+    return cfg.query_tokens + 2 * n + targets * per_target
 
 
 @dataclass

@@ -128,27 +128,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        try:
-            prompts = split_prompts(req, limits.max_batch)
-        except FlashbackError as exc:
-            return error_response(400, str(exc), param="prompt")
-        choices = [Choice(i, service.steps(one, request)) for i, one in enumerate(prompts)]
-        # up to each prompt's first step now, so that a bad request gets a status code, not a broken stream
-        started = await asyncio.gather(*(c.start() for c in choices), return_exceptions=True)
-        failed = next((e for e in started if isinstance(e, BaseException)), None)
-        if failed is not None:
-            await asyncio.gather(*(c.cancel() for c in choices))
-            if isinstance(failed, FlashbackError):
-                return error_response(400, str(failed))
-            raise failed
-        if req.stream:
-            return StreamingResponse(
-                events(choices, req, cid, created, lm.name),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        return await whole(choices, req, cid, created, lm.name)
+        return await _complete(service, req, request, limits.max_batch, lm.name)
 
     return app
 
@@ -175,3 +155,28 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _crash(request: Request, exc: Exception):
         log.exception("unexpected error")
         return error_response(500, "internal error", "server_error")
+
+
+async def _complete(service: CompletionService, req: CompletionRequest, request: Request, max_batch: int, name: str):
+    """One completions request: each prompt runs as its own generation; the response waits for every prompt's
+    first step, so that a bad request gets a status code, not a broken stream."""
+    cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    try:
+        prompts = split_prompts(req, max_batch)
+    except FlashbackError as exc:
+        return error_response(400, str(exc), param="prompt")
+    choices = [Choice(i, service.steps(one, request)) for i, one in enumerate(prompts)]
+    started = await asyncio.gather(*(c.start() for c in choices), return_exceptions=True)
+    failed = next((e for e in started if isinstance(e, BaseException)), None)
+    if failed is not None:
+        await asyncio.gather(*(c.cancel() for c in choices))
+        if isinstance(failed, FlashbackError):
+            return error_response(400, str(failed))
+        raise failed
+    if req.stream:
+        return StreamingResponse(
+            events(choices, req, cid, created, name),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await whole(choices, req, cid, created, name)

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from fastapi import Request
 
-from flashback.config import MODES, GenerationConfig, ServerLimits
+from flashback.config import MODES, EvalConfig, GenerationConfig, ServerLimits
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
+from flashback.evaluate import ModeSpec, score_tokens, scoring_work
 from flashback.generate import TextStreamer, Trace, stream
 from flashback.layout import planned_work
 from flashback.server.protocol import GENERATION, CompletionRequest, Step
@@ -97,6 +98,8 @@ class Generation:
     start: float  # scheduler clock when admitted
     streamer: TextStreamer = field(init=False)
     stops: StopFilter = field(init=False)
+    scoring: tuple | None = None  # (mode spec, eval config, retriever) when the echoed prompt is scored
+    scored: int = 0  # token positions the echo scoring computed
     count: int = 0
     reported: int = 0
     last_logits: torch.Tensor | None = None
@@ -108,21 +111,28 @@ class Generation:
 
     @property
     def priority(self) -> float:
-        return self.start + sum(f.tokens for f in self.trace.forwards)
+        return self.start + self.scored + sum(f.tokens for f in self.trace.forwards)
 
     def observe(self, step: int, logits: torch.Tensor) -> None:
         self.last_logits = logits
 
     def echo(self) -> Step:
-        """The prompt itself (echo), with its log-probabilities when asked (the first token has none)."""
+        """The prompt itself (echo), with its log-probabilities when asked (the first token has none), scored as
+        `flashback eval` scores a document in the request's mode (evaluate.score_tokens)."""
         text = self.lm.tokenizer.decode(self.prompt_ids, skip_special_tokens=True)
-        probs: list[dict] = []
-        if self.req.logprobs is not None:
-            with torch.inference_mode():
-                logits = self.lm.session(self.req.mode).extend(self.prompt_ids, all_logits=True)
-            probs = [self._logprob(None, self.prompt_ids[0])]
-            probs += [self._logprob(logits[i], t) for i, t in enumerate(self.prompt_ids[1:])]
-        return Step(text, list(self.prompt_ids), probs, [], None, len(self.prompt_ids), echo=True)
+        if self.scoring is None:
+            return Step(text, list(self.prompt_ids), [], [], None, len(self.prompt_ids), echo=True)
+        spec, cfg, retriever = self.scoring
+        scores = score_tokens(self.lm, self.prompt_ids, retriever, spec, cfg, top=self.req.logprobs or 0)
+        self.scored = scores.work
+        decode = self.lm.tokenizer.decode
+        probs = [{"token": decode([self.prompt_ids[0]]), "logprob": None, "top": {}}]
+        for token, logprob, best in zip(self.prompt_ids[1:], scores.logprobs, scores.top, strict=True):
+            top: dict[str, float] = {}
+            for i, value in best:  # best first: ids that decode alike keep the best one's value
+                top.setdefault(decode([i]), value)
+            probs.append({"token": decode([token]), "logprob": logprob, "top": top})
+        return Step(text, list(self.prompt_ids), probs, scores.retrievals, None, len(self.prompt_ids), echo=True)
 
     def step(self) -> Step:
         with self.busy:
@@ -250,16 +260,27 @@ class CompletionService:
         )
         passage = self.retriever.max_passage_tokens if self.retriever is not None else 0
         work = planned_work(cfg, len(ids), passage)
+        scoring = self._scoring(req, cfg) if req.echo and req.logprobs is not None else None
+        if scoring is not None:
+            work += scoring_work(len(ids), scoring[1], passage, req.mode)
         if work > self.limits.max_request_work:
             raise FlashbackError(
                 f"this request would compute up to {work} token positions; the limit is "
                 f"{self.limits.max_request_work} (fewer max_tokens, a larger stride, a smaller k, or mode append)"
             )
         trace = Trace(req.mode)
-        gen = Generation(self.lm, req, ids, None, trace, start)
+        gen = Generation(self.lm, req, ids, None, trace, start, scoring=scoring)
         observe = gen.observe if req.logprobs is not None else None  # logits are kept only when asked for
         gen.tokens = stream(self.lm, ids, self.retriever, cfg, trace, observe=observe)  # validates now
         return gen
+
+    def _scoring(self, req: CompletionRequest, cfg: GenerationConfig) -> tuple:
+        """How an echoed prompt is scored: `flashback eval`'s settings taken from the request."""
+        spec = ModeSpec(req.mode, markers=cfg.markers, adapter=req.mode in self.lm.adapters)
+        settings = {"stride": cfg.stride, "query_tokens": cfg.query_tokens, "k": cfg.k, "tail": cfg.tail}
+        if req.max_length is not None:
+            settings["max_length"] = req.max_length
+        return spec, EvalConfig(**settings), self.retriever
 
     # -- on the event loop -----------------------------------------------------------------------
     def model_names(self) -> list[str]:

@@ -73,6 +73,7 @@ class CompletionRequest(BaseModel):
     k: int = Field(GENERATION["k"], ge=1, le=16)
     query_tokens: int = Field(GENERATION["query_tokens"], ge=1, le=512)
     tail: int | None = Field(None, ge=0, le=512)  # None: the server's tail (the adapter's own)
+    max_length: int | None = Field(None, ge=1)  # echo scoring: eval's example length (None: eval's default)
 
     def unsupported(self) -> str | None:
         """The first parameter set to a value FlashBack cannot honour, as an error message."""
