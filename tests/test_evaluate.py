@@ -132,3 +132,44 @@ def test_eval_cli_and_bad_input(capsys, tiny_model_dir, tiny_index_dir, corpus_f
     assert "not found" in capsys.readouterr().err
     assert main([*args, "--modes", "append+adapter"]) == 2
     assert "needs --adapter" in capsys.readouterr().err
+
+
+def test_eval_reads_a_datasets_dataset_as_it_reads_the_same_text_files(
+    capsys, tiny_model_dir, tiny_index_dir, tmp_path
+):
+    """`--dataset` (a save_to_disk folder, or a parquet file) with `--text-field`: the same documents, so the
+    same perplexities, as the same texts in a JSONL file; a missing column or split is a one-line error."""
+    datasets = pytest.importorskip("datasets")
+    from tests.conftest import corpus_records
+
+    records = corpus_records(1)
+    rows = {
+        "body": [r["text"] for r in records],
+        "name": [r["title"] for r in records],
+        "id": [r["id"] for r in records],
+    }
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)}).save_to_disk(str(saved))
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(
+        "".join(json.dumps({"id": r["id"], "title": r["title"], "text": r["text"]}) + "\n" for r in records)
+    )
+    base = ["eval", "--index", str(tiny_index_dir), "--model", str(tiny_model_dir), "--modes", "none,append+markers"]
+    base += ["--stride", "8", "--query-tokens", "8", "--max-length", "96"]
+
+    def perplexities(*source) -> list[float]:
+        out = tmp_path / "eval.json"
+        assert main([*base, *source, "--json", str(out)]) == 0, capsys.readouterr().err
+        return [r["perplexity"] for r in json.loads(out.read_text())["results"]]
+
+    want = perplexities(str(jsonl))
+    assert perplexities("--dataset", str(saved), "--text-field", "body", "--title-field", "name") == want
+    assert (
+        perplexities("--dataset", str(tmp_path / "rows.parquet"), "--text-field", "body", "--title-field", "name")
+        == want
+    )
+    for extra, message in ((["--text-field", "text"], "no column 'text'"), (["--split", "train"], "no split 'train'")):
+        assert main([*base, "--dataset", str(saved), "--text-field", "body", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(base) == 2 and "give TEXT files or --dataset" in capsys.readouterr().err

@@ -8,6 +8,7 @@ tail, say, then applies). Errors the user can fix (FlashbackError) become one li
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import signal
@@ -22,6 +23,7 @@ from flashback.config import (
     DEFAULT_INDEX_HELP,
     GGUF_TYPES,
     BenchConfig,
+    DatasetSource,
     EngineConfig,
     EvalConfig,
     GenerationConfig,
@@ -211,10 +213,18 @@ def _read_titles(path: str | None) -> frozenset[str]:
 
 
 def _documents(args: argparse.Namespace, sel: Selection, split: str):
-    from flashback.text.corpus import expand_paths, read_documents, select
+    """The documents of TEXT files and/or --dataset, filtered; an empty source is an error before any slow work."""
+    from flashback.text.corpus import dataset_documents, expand_paths, read_documents, select
 
+    source = config(DatasetSource, args)
+    if not args.text and source.dataset is None:
+        raise FlashbackError("no text: give TEXT files or --dataset")
     expand_paths(args.text)  # fail on a bad path before the slow part
-    return select(read_documents(args.text), sel.include, sel.exclude, sel.heldout, split if sel.heldout else "all")
+    documents = read_documents(args.text)
+    if source.dataset is not None:
+        rows = list(dataset_documents(source.dataset, source.text_field, source.split, source.title_field))
+        documents = itertools.chain(documents, rows)
+    return select(documents, sel.include, sel.exclude, sel.heldout, split if sel.heldout else "all")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -280,6 +290,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "config": cfg.__dict__,
             "index": str(args.index or default_index_dir()),
             "text": args.text,
+            "dataset": given(args, "dataset"),
             "include": list(sel.include),
             "exclude": list(sel.exclude),
             "heldout": sel.heldout,
@@ -378,8 +389,9 @@ ADAPTERS = Fields(EngineConfig, ("adapters", "shipped_adapters"))
 MODEL_ONLY = Fields(EngineConfig, ("model",))
 INDEX = Arg("--index", default=None, help=DEFAULT_INDEX_HELP)
 QUIET = Arg("--quiet", action="store_true", help="no progress bar")
-TEXT = Arg("text", nargs="+", help=".txt/.md/.rst files, folders, .jsonl(.gz) with id/title/text")
+TEXT = Arg("text", nargs="*", help=".txt/.md/.rst files, folders, .jsonl(.gz) with id/title/text (or --dataset)")
 SELECT = Fields(Selection)
+DATASET = Fields(DatasetSource)
 COMMANDS = {
     "index": (cmd_index, "split a corpus into passages and build a BM25 index", [
         Arg("corpus", nargs="*", help=".txt/.md/.rst files, folders, .jsonl(.gz) with id/title/text"),
@@ -394,7 +406,7 @@ COMMANDS = {
     "prepare": (cmd_prepare, "turn running text into (context, passages, target) training examples", [
         TEXT, Arg("--index", required=True, help="index to retrieve passages from"),
         Arg("--out", required=True, help="data folder to write (train.jsonl, val.jsonl, manifest.json)"),
-        MODEL_ONLY, Fields(PrepareConfig), SELECT, QUIET]),
+        MODEL_ONLY, Fields(PrepareConfig), DATASET, SELECT, QUIET]),
     "train": (cmd_train, "fine-tune a LoRA adapter + marker embeddings (base model frozen)", [
         Fields(EngineConfig, ("model", "device", "dtype", "threads")), Fields(TrainConfig),
         Arg("--data", required=True, help="folder written by `flashback prepare`"),
@@ -406,7 +418,7 @@ COMMANDS = {
         TEXT, Fields(EngineConfig, ("model", "device", "dtype", "quantize", "adapters")), INDEX, Fields(EvalConfig),
         Arg("--modes", default="none,prepend,append",
             help="comma-separated: none, prepend, append, append+markers, and +adapter on any of them"),
-        SELECT, Arg("--json", help="write the results to this JSON file")]),
+        DATASET, SELECT, Arg("--json", help="write the results to this JSON file")]),
     "bench": (cmd_bench, "time append vs prepend generation across context lengths", [
         ENGINE, Fields(EngineConfig, ("threads",)), Fields(BenchConfig),
         Arg("--index", default=None, help="retrieve real passages from this index (default: random tokens)"),

@@ -163,6 +163,24 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class DatasetSource:
+    """Documents from a Hugging Face `datasets` dataset instead of (or beside) text files."""
+
+    dataset: str | None = opt(
+        None,
+        "a dataset: a folder saved with save_to_disk, a parquet/JSON/CSV file, or a hub name (needs network)",
+        metavar="DATASET",
+    )
+    text_field: str = opt("text", "the dataset's column of text")
+    title_field: str | None = opt(None, "its column of titles (the leakage filter never retrieves a document's title)")
+    split: str | None = opt(None, "the split to read", default_help="the only one, else test")
+
+    def validate(self) -> None:
+        if self.dataset is not None and not self.text_field:
+            raise FlashbackError("--text-field is empty")
+
+
+@dataclass(frozen=True)
 class IndexConfig:
     builtin: str | None = opt(
         None,

@@ -101,9 +101,8 @@ def search_without_leakage(
 
     The one leakage filter, shared by `prepare` and `eval`.
     """
-    return index.search(
-        queries, k, exclude_titles=[forbid_titles | {d.title} for d in sources], exclude_docs=[{d.id} for d in sources]
-    )
+    titles = [forbid_titles | {d.title} if d.title else forbid_titles for d in sources]  # "" is no title
+    return index.search(queries, k, exclude_titles=titles, exclude_docs=[{d.id} for d in sources])
 
 
 def retrieve_for(

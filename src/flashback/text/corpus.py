@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flashback.config import PASSAGE_TOKENS
-from flashback.errors import FlashbackError
+from flashback.errors import FlashbackError, first_line
 from flashback.text.tokenize import encode_batch
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -162,6 +162,56 @@ def builtin_documents(name: str, progress: bool = True) -> Iterator[Document]:
     if name not in BUILTIN_CORPORA:
         raise FlashbackError(f"unknown built-in corpus {name!r}; choose one of {', '.join(BUILTIN_CORPORA)}")
     return BUILTIN_CORPORA[name](progress)
+
+
+def dataset_documents(
+    source: str, text_field: str = "text", split: str | None = None, title_field: str | None = None
+) -> Iterator[Document]:
+    """The rows of a Hugging Face `datasets` dataset as documents: a folder written by `save_to_disk`, a
+    parquet/JSON(L)/CSV file, or a hub name. Ids are `SOURCE:SPLIT:ROW`, so held-out splits stay stable."""
+    try:
+        import datasets
+    except ImportError:
+        raise FlashbackError("--dataset needs the datasets package: pip install 'flashback[datasets]'") from None
+    data = _load_dataset(datasets, source)
+    if isinstance(data, datasets.DatasetDict):
+        names = list(data)
+        split = split or (names[0] if len(names) == 1 else "test")
+        if split not in data:
+            raise FlashbackError(f"{source} has no split {split!r}; it has {', '.join(names)} (--split)")
+        data = data[split]
+    for field in (text_field, title_field):
+        if field is not None and field not in data.column_names:
+            raise FlashbackError(f"{source} has no column {field!r}; it has {', '.join(data.column_names)}")
+    name = Path(source).name or source
+    for row, record in enumerate(data):
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise FlashbackError(f"{source}: row {row}: {text_field!r} is not text")
+        title = str(record[title_field]) if title_field else ""
+        yield Document(id=f"{name}:{split or 'data'}:{row}", title=title, text=text)
+
+
+_DATA_FILES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def _load_dataset(datasets, source: str):
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir() and any((path / n).exists() for n in ("dataset_info.json", "dataset_dict.json")):
+            return datasets.load_from_disk(str(path))
+        if path.is_file():
+            builder = _DATA_FILES.get(path.suffix.lower())
+            if builder is None:
+                raise FlashbackError(f"{path}: use a parquet, JSON(L) or CSV file, or a save_to_disk folder")
+            return datasets.load_dataset(builder, data_files=str(path))
+        if path.exists() or source.startswith(("/", "./", "../", "~")):
+            raise FlashbackError(f"{source} is not a dataset folder (save_to_disk writes dataset_info.json)")
+        return datasets.load_dataset(source)
+    except FlashbackError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; the user needs one line
+        raise FlashbackError(f"cannot read the dataset {source}: {first_line(exc)}") from None
 
 
 def read_documents(paths: Iterable[str | Path]) -> Iterator[Document]:
