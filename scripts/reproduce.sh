@@ -19,6 +19,9 @@
 #              L=2048, and the export on PyTorch in the same run (~12 min; needs the llamacpp step's export)
 #   vllm       the same export's folder served by vLLM's CPU build (scripts/vllm_server.sh), then the bench with
 #              --upstream at L=2048 beside PyTorch (~15 min; needs setup_engines.sh --vllm and the export)
+#   harness    lm-evaluation-harness (local-completions) against `flashback serve` with the shipped adapter on the
+#              recipe index: rolling perplexity of three held-out Python pages in modes none, prepend, append (~10 min;
+#              needs the index step)
 # Usage: bash scripts/reproduce.sh [STEP|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -131,5 +134,35 @@ if run vllm; then
   done
   flashback bench --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" --index "$INDEX" \
     --context-lengths 2048 --repeats 3 --beside-torch --json "$RUNS/bench-vllm.json"
+  kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT
+fi
+if run harness; then  # an evaluation tool researchers already use, pointed at the server: one model name per mode
+  PORT=${HARNESS_PORT:-8183}
+  HARNESS_DOCS="$WORK/harness-docs.jsonl"
+  python3 - "$DATA/python-docs.jsonl.gz" "$HARNESS_DOCS" <<'PY'
+import json, sys
+from flashback.text.corpus import read_documents, select
+held = select(read_documents([sys.argv[1]]), exclude=["python:library/*", "python:reference/*", "python:c-api/*"],
+              heldout=0.1, split="heldout")
+with open(sys.argv[2], "w") as out:
+    for doc in list(held)[:3]:  # three held-out pages, their first 6,000 characters (about 1,500 tokens each)
+        out.write(json.dumps({"id": doc.id, "text": doc.text[:6000]}) + "\n")
+PY
+  mkdir -p "$WORK/harness-tasks"
+  sed "s|\${HARNESS_DOCS}|$HARNESS_DOCS|" scripts/harness/heldout.yaml > "$WORK/harness-tasks/heldout.yaml"
+  flashback serve --index "$WORK/index" --port "$PORT" >"$RUNS/harness-serve.log" 2>&1 &
+  server_pid=$!
+  trap 'kill $server_pid 2>/dev/null' EXIT
+  until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
+    kill -0 $server_pid 2>/dev/null || { tail -20 "$RUNS/harness-serve.log" >&2; exit 1; }
+    sleep 2
+  done
+  MODEL=$(curl -sf "http://127.0.0.1:$PORT/v1/models" | python3 -c "import json,sys; print(json.load(sys.stdin)['data'][0]['id'])")
+  TOKENIZER=$(python3 -c "from flashback.registry import default_model_dir; print(default_model_dir())")
+  for mode in none prepend append; do
+    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model local-completions --tasks flashback_heldout \
+      --model_args "model=$MODEL:$mode,base_url=http://127.0.0.1:$PORT/v1/completions,tokenizer=$TOKENIZER,tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1" \
+      --include_path "$WORK/harness-tasks" --output_path "$RUNS/harness-$mode" | tee "$RUNS/harness-$mode.txt"
+  done
   kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT
 fi

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from flashback.atomic import FolderKind, atomic_folder, remove_stale_temporaries
+import flashback.atomic as a
+from flashback.atomic import FolderKind, atomic_folder, check_output, recover
 from flashback.cli import main
 from flashback.errors import FlashbackError
 
@@ -80,12 +81,77 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     out = tmp_path / "out"
+    out.mkdir()  # the swap finished: what was moved aside is garbage
     (tmp_path / f".out.tmp-{dead.pid}").mkdir()
     (tmp_path / f".out.old-{dead.pid}").mkdir()
     (tmp_path / f".out.tmp-{os.getppid()}").mkdir()  # a live process's: left alone
-    removed = remove_stale_temporaries(out)
+    removed = recover(out)
     assert sorted(p.name for p in removed) == [f".out.old-{dead.pid}", f".out.tmp-{dead.pid}"]
     assert (tmp_path / f".out.tmp-{os.getppid()}").exists()
+
+
+def test_a_swap_cut_between_its_renames_gets_the_previous_output_back(tmp_path, monkeypatch):
+    """Killed after moving the old output aside and before moving the new one in: nothing at --out. The next
+    write puts the previous output back before it decides anything, so the previous index is never lost."""
+    kind = FolderKind("thing", "manifest.json", "thing/1", frozenset({"manifest.json", "data.txt"}))
+    out = tmp_path / "out"
+    with atomic_folder(out, kind) as tmp:
+        (tmp / "manifest.json").write_text('{"format": "thing/1"}')
+        (tmp / "data.txt").write_text("previous")
+    real_replace = a.os.replace
+
+    def cut(src, dst):  # the first rename (old aside) happens, then the process dies
+        real_replace(src, dst)
+        if str(dst).endswith(f".old-{os.getpid()}"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(a.os, "replace", cut)
+    with pytest.raises(KeyboardInterrupt), atomic_folder(out, kind) as tmp:
+        (tmp / "manifest.json").write_text('{"format": "thing/1"}')
+        (tmp / "data.txt").write_text("new")
+    monkeypatch.undo()
+    assert not out.exists()
+    aside = tmp_path / f".out.old-{os.getpid()}"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside.rename(tmp_path / f".out.old-{dead.pid}")  # as a later process finds it: its writer is gone
+    recover(out)
+    assert (out / "data.txt").read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_files_in_an_outputs_subfolders_are_never_deleted(tiny_model_dir, corpus_file, tmp_path, capsys):
+    """An index holds a bm25/ subfolder: a note left in it makes the index someone's folder, at every depth."""
+    from flashback.cli import main
+
+    out = tmp_path / "idx"
+    args = ["index", str(corpus_file), "--out", str(out), "--model", str(tiny_model_dir), "--quiet"]
+    assert main(args) == 0
+    assert main(args) == 0  # an index of its own files is replaced
+    (out / "bm25" / "NOTES.txt").write_text("notes")
+    assert main(args) == 2
+    assert "bm25/NOTES.txt" in capsys.readouterr().err and (out / "bm25" / "NOTES.txt").read_text() == "notes"
+
+
+def test_a_symlinked_out_is_followed_and_nothing_is_left_behind(tmp_path):
+    kind = FolderKind("thing", "manifest.json", "thing/1", frozenset({"manifest.json", "data.txt"}))
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    for text in ("one", "two"):  # into an empty folder, then over its own output
+        with atomic_folder(link, kind) as tmp:
+            (tmp / "manifest.json").write_text('{"format": "thing/1"}')
+            (tmp / "data.txt").write_text(text)
+        assert link.is_symlink() and (real / "data.txt").read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FlashbackError, match="does not exist"):
+        check_output(dangling, kind)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FlashbackError, match="is a file, not a folder"):
+        check_output(tmp_path / "file" / "out", kind)
 
 
 def test_sigterm_while_an_index_is_saved_leaves_no_temporary(tiny_model_dir, corpus_file, tmp_path):

@@ -217,3 +217,38 @@ def test_an_adapter_is_not_applied_to_another_mode(capsys, tiny_model_dir, tiny_
         argv = ["--index", tiny_index_dir, "--model", tiny_model_dir, "--prompt", "x", "--adapter", adapter]
         code, _, err = run_cli(capsys, "generate", *argv, "--mode", mode)
         assert_clean_error(code, err, f"trained for append mode; --mode {mode} does not use it")
+
+
+def test_outputs_are_checked_before_the_work(
+    capsys, tiny_model_dir, tiny_index_dir, corpus_file, tmp_path, monkeypatch
+):
+    """A refused --out or --json costs nothing: train refuses a user's folder (or one named like its checkpoint)
+    before loading anything, eval refuses a --json folder before evaluating, and the user's files stay."""
+    import flashback.evaluate
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    ckpt = tmp_path / "adapter.checkpoint"
+    ckpt.mkdir()
+    (ckpt / "precious.txt").write_text("precious")
+    data = tmp_path / "no-data-needed"  # never read: the check comes first
+    for out, where in ((mine, "mine"), (tmp_path / "adapter", "adapter.checkpoint")):
+        code, _, err = run_cli(capsys, "train", "--model", tiny_model_dir, "--data", data, "--out", out)
+        assert_clean_error(code, err, where)
+    assert (mine / "notes.txt").read_text() == "mine" and (ckpt / "precious.txt").read_text() == "precious"
+
+    monkeypatch.setattr(flashback.evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    args = ["eval", corpus_file, "--model", tiny_model_dir, "--index", tiny_index_dir, "--json", tmp_path]
+    code, _, err = run_cli(capsys, *args)
+    assert_clean_error(code, err, "is a folder")
+
+
+def test_deep_json_and_an_unknown_device_are_one_line_errors(capsys, tiny_model_dir, tiny_index_dir, tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    code, _, err = run_cli(capsys, "index", deep, "--out", tmp_path / "idx", "--model", tiny_model_dir, "--quiet")
+    assert_clean_error(code, err, "nested too deeply")
+    args = ["generate", "--index", tiny_index_dir, "--model", tiny_model_dir, "--prompt", "x", "--device", "foo"]
+    code, _, err = run_cli(capsys, *args)
+    assert_clean_error(code, err, "unknown --device 'foo'")

@@ -141,3 +141,39 @@ def test_tokenizer_mismatch_is_detected(tokenizer, other_tokenizer_model_dir):
     other = load_tokenizer(str(other_tokenizer_model_dir))
     with pytest.raises(FlashbackError, match="another tokenizer"):
         index.check_tokenizer(tokenizer_fingerprint(other))
+
+
+def _damage_manifest(edit):
+    def apply(folder):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps(edit(manifest)))
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda f: (f / "token_ids.npy").write_bytes(b""),
+        lambda f: [p.write_bytes(b"") for p in (f / "bm25").glob("*.npy")],
+        lambda f: (f / "bm25" / "params.index.json").write_text("null"),
+        lambda f: (f / "manifest.json").write_text("[1, 2]"),
+        _damage_manifest(lambda m: {k: v for k, v in m.items() if k != "tokenizer"}),
+        _damage_manifest(lambda m: {**m, "chunk_tokens": "abc"}),
+        lambda f: (f / "passages.jsonl").write_text('{"id": 3}\n' * 4),
+    ],
+    ids=["empty-token-ids", "empty-bm25", "null-params", "list-manifest", "no-tokenizer", "text-chunk", "bad-records"],
+)
+def test_a_damaged_index_is_one_clean_error_for_every_command(tiny_index_dir, tiny_model_dir, tmp_path, capsys, damage):
+    """Validated once, on load: search and generate both answer with `flashback: error:`, never a traceback."""
+    import shutil
+
+    from tests.test_cli import assert_clean_error, run_cli
+
+    folder = tmp_path / "idx"
+    shutil.copytree(tiny_index_dir, folder)
+    damage(folder)
+    code, _, err = run_cli(capsys, "search", folder, "garbage collection")
+    assert_clean_error(code, err, str(folder))
+    code, _, err = run_cli(capsys, "generate", "--index", folder, "--model", tiny_model_dir, "--prompt", "A kludge")
+    assert_clean_error(code, err, str(folder))

@@ -39,14 +39,16 @@ def build_index(
     progress: bool = True,
 ):
     """Split documents (files, folders, JSONL, or a built-in corpus) into passages and save a BM25 index."""
+    from flashback.atomic import check_output
     from flashback.config import IndexConfig
     from flashback.text.corpus import builtin_documents, expand_paths, read_documents, select, split_passages
-    from flashback.text.retrieval import Index
+    from flashback.text.retrieval import INDEX_FOLDER, Index
     from flashback.text.tokenize import load_tokenizer, tokenizer_fingerprint
 
     if not corpus and not builtin:
         raise FlashbackError("nothing to index: give corpus files or a built-in corpus (--builtin python-docs)")
     IndexConfig(builtin=builtin, chunk_tokens=chunk_tokens).validate()
+    check_output(out, INDEX_FOLDER)  # before the slow part
     expand_paths(corpus)  # fail on a bad path before the slow part
     tokenizer = load_tokenizer(model)
     documents = read_documents(corpus) if corpus else iter(())

@@ -19,6 +19,7 @@ import warnings
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
+from flashback.atomic import check_file
 from flashback.config import (
     DEFAULT_INDEX_HELP,
     GGUF_TYPES,
@@ -55,8 +56,8 @@ def _flag_kwargs(f) -> dict:
     meta, kind = f.metadata, str(f.type)
     shown = meta.get("default_help", "on" if f.default is True else "off" if f.default is False else f.default)
     more = {"choices": meta["choices"]} if "choices" in meta else {}
-    if "metavar" in meta:
-        more["metavar"] = meta["metavar"]
+    if "choices" not in meta:  # named after the flag, not after the field
+        more["metavar"] = meta.get("metavar", meta.get("flag", f.name).upper().replace("-", "_"))
     help_text = meta["help"] + ("" if shown in (None, ()) or meta.get("negate") else f" (default: {shown})")
     if kind == "bool":
         return {"action": "store_false" if meta.get("negate") else argparse.BooleanOptionalAction, "help": help_text}
@@ -246,9 +247,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from flashback.engines.load import load_engine
-    from flashback.train import throughput, train
+    from flashback.train import check_outputs, throughput, train
 
     ecfg, cfg = config(EngineConfig, args), config(TrainConfig, args)
+    if not args.throughput:
+        check_outputs(args.out, args.resume)  # before the model loads
     engine = load_engine(ecfg, adapters={}, markers=cfg.markers)
     if args.throughput:
         print(json.dumps(throughput(engine, args.data, cfg, args.throughput)))
@@ -268,6 +271,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from flashback.layout import layout_settings
 
     sel = config(Selection, args)
+    if args.json:
+        check_file(args.json)  # before the evaluation, whose results it keeps
     docs = _documents(args, sel, "heldout")
     specs = [ModeSpec.parse(m) for m in args.modes.split(",") if m.strip()]
     if not specs:
@@ -308,6 +313,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from flashback.layout import layout_settings
 
     ecfg, bc = config(EngineConfig, args), config(BenchConfig, args)
+    for path in (args.json, args.plot):
+        if path:
+            check_file(path)
     tuned = tuned_layouts(ecfg, {})  # a bare model times the markers too; an export, the layout it was tuned for
     markers, tail = layout_settings(tuned, "append", given(args, "markers"), given(args, "tail"), not tuned)
     bc = replace(bc, markers=markers, tail=tail, lora_overhead=bc.lora_overhead and not runs_export(ecfg))
@@ -339,10 +347,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ---- export / serve --------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
-    from flashback.export import check_gguf_type, export
+    from flashback.atomic import check_output
+    from flashback.export import EXPORT_FOLDER, check_gguf_type, export
     from flashback.registry import default_adapter
 
     check_gguf_type(args.gguf)  # before the progress line: an export that cannot finish does not start
+    check_output(args.out, EXPORT_FOLDER)
     ecfg = config(EngineConfig, args)
     if len(ecfg.adapters) > 1:
         raise FlashbackError("an export merges one adapter: give one --adapter")

@@ -9,6 +9,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 
 from flashback.errors import FlashbackError
@@ -94,6 +95,8 @@ class EngineConfig:
     context: int | None = opt(None, "llama.cpp context size in tokens", hidden=True, default_help="the model's")
 
     def validate(self) -> None:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            raise FlashbackError(f"unknown --device {self.device!r}; choose cpu, cuda, cuda:N or mps")
         _one_of(self.dtype, DTYPES, "dtype")
         _one_of(self.quantize, QUANTIZE, "--quantize")
         _one_of(self.engine, ENGINES, "--engine")

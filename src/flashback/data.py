@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from flashback.atomic import FolderKind, atomic_folder
+from flashback.atomic import FolderKind, atomic_folder, check_output
 from flashback.config import PrepareConfig
 from flashback.errors import FlashbackError
 from flashback.text.corpus import Document, is_heldout
@@ -202,6 +202,7 @@ def prepare(
     progress: bool = True,
 ) -> dict:
     """Write train.jsonl, val.jsonl (one segment a line) and manifest.json to `out` (atomically)."""
+    check_output(out, DATA_FOLDER)  # before the slow part
     index.check_tokenizer(fingerprint)
     segments = list(make_segments(documents, tokenizer, index, cfg, forbid_titles, progress))
     if not segments:

@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from flashback.atomic import FolderKind, atomic_folder
+from flashback.atomic import FolderKind, atomic_folder, check_output
 from flashback.cards import EXPORT_FORMAT, adapter_position, adapter_tail, read_card
 from flashback.config import GGUF_TYPES
 from flashback.engines.torch.decode import merged_copy
@@ -133,6 +133,7 @@ def export(
 ) -> dict:
     """Write the merged model to `out` (whole or nothing), with `gguf` also as `model-<type>.gguf`; return its card."""
     check_gguf_type(gguf)
+    check_output(out, EXPORT_FOLDER)  # before the merge
     position = adapter_position(adapter)
     lm = load_model(model, dtype=dtype, markers=True, adapters={position: str(adapter)})
     merged = merged_copy(lm.model, position)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from flashback.atomic import FolderKind, atomic_folder, check_replaceable
+from flashback.atomic import FolderKind, atomic_folder, check_output, check_replaceable, resolve_output
 from flashback.cards import ADAPTER_FOLDER, ADAPTER_FORMAT, CARD
 from flashback.config import TrainConfig
 from flashback.data import Example, Segment, load_segments
@@ -367,6 +367,7 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     cfg.validate()
+    check_outputs(out, resume)
     fingerprint = tokenizer_fingerprint(lm.tokenizer)
     train_segments, manifest = load_segments(data_dir, "train", fingerprint)
     val_segments, _ = load_segments(data_dir, "val", fingerprint)
@@ -374,7 +375,7 @@ def train(
         raise FlashbackError(f"{data_dir}/train.jsonl holds no examples")
     train_set = training_units(train_segments, cfg)
     val_set = training_units(spread(val_segments, cfg.max_val_segments), cfg)
-    out = Path(out).expanduser()
+    out = resolve_output(out)
     torch.manual_seed(cfg.seed)
     cfg = replace(cfg, target_modules=tuple(lora_targets(lm.model, cfg.target_modules)))  # the card names them
     model = add_adapter(lm, cfg)
@@ -409,6 +410,18 @@ def train(
     _remove_checkpoint(ckpt, log)
     lm.model = model
     return result
+
+
+def check_outputs(out: str | Path, resume: bool) -> None:
+    """The adapter folder and its checkpoint, checked before any training: a refusal after an hour loses the hour."""
+    check_output(out, ADAPTER_FOLDER)
+    ckpt = resolve_output(out)
+    ckpt = ckpt.with_name(ckpt.name + ".checkpoint")
+    if resume:
+        if not (ckpt / "state.pt").exists():
+            raise FlashbackError(f"nothing to resume: no checkpoint at {ckpt}")
+    else:
+        check_output(ckpt, CHECKPOINT_FOLDER)
 
 
 def _record(done: _Progress, step_loss: float, loop: _Loop, val_set, last: bool, log) -> None:
@@ -504,6 +517,7 @@ CHECKPOINT_FOLDER = FolderKind(
     "checkpoint.json",
     "flashback-checkpoint/1",
     frozenset({"checkpoint.json", "state.pt", "adapter"}),
+    nested=tuple(f"adapter/{name}" for name in ADAPTER_FOLDER.files),
 )
 
 

@@ -79,6 +79,8 @@ def _read_jsonl(path: Path) -> Iterator[Document]:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise FlashbackError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+                except RecursionError:
+                    raise FlashbackError(f"{path}:{lineno}: malformed JSON (nested too deeply)") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise FlashbackError(f'{path}:{lineno}: expected an object with a string "text" field')
                 doc_id = str(record.get("id", f"{path.name}:{lineno}"))

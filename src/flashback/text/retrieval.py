@@ -34,6 +34,7 @@ INDEX_FOLDER = FolderKind(
     "manifest.json",
     FORMAT,
     frozenset({"manifest.json", "passages.jsonl", "token_ids.npy", "offsets.npy", "bm25"}),
+    nested=("bm25/*.index.json", "bm25/*.index.npy"),  # what bm25s writes
 )
 BM25_PARAMS = {"method": "lucene", "k1": 1.2, "b": 0.75}
 
@@ -48,6 +49,35 @@ class Hit:
 
     def to_json(self) -> dict:
         return {"id": self.id, "doc_id": self.doc_id, "title": self.title, "score": round(self.score, 4)}
+
+
+def _get(record, key: str):
+    return record.get(key) if isinstance(record, dict) else None
+
+
+def _check(manifest: dict, meta: list, token_ids: np.ndarray, offsets: np.ndarray, bm25) -> None:
+    """What every command relies on: the manifest's fields and types, one record and one token span per passage,
+    a BM25 matrix over the same passages."""
+    tokenizer, chunk = manifest.get("tokenizer"), manifest.get("chunk_tokens")
+    if not isinstance(tokenizer, dict) or not all(isinstance(tokenizer.get(k), str) for k in ("name", "fingerprint")):
+        raise FlashbackError("index {path} is corrupt: its manifest names no tokenizer")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise FlashbackError(f"index {{path}} is corrupt: chunk_tokens is {chunk!r}")
+    n = len(meta)
+    if n == 0 or n != manifest.get("num_passages") or offsets.ndim != 1 or len(offsets) != n + 1:
+        raise FlashbackError("index {path} is corrupt: passage counts do not match the manifest")
+    if token_ids.ndim != 1 or offsets[0] != 0 or offsets[-1] != len(token_ids) or np.any(np.diff(offsets) < 0):
+        raise FlashbackError("index {path} is corrupt: token ids do not match the passages")
+    if not all(isinstance(m, dict) and all(isinstance(m.get(k), str) for k in ("id", "doc_id", "text")) for m in meta):
+        raise FlashbackError("index {path} is corrupt: a passage record lacks its id or text")
+    scores = getattr(bm25, "scores", None)
+    if not isinstance(scores, dict) or not {"data", "indices", "indptr", "num_docs"} <= set(scores):
+        raise FlashbackError("index {path} is corrupt: its BM25 matrix is damaged")
+    data, indices, indptr = scores["data"], scores["indices"], scores["indptr"]
+    if len(data) != len(indices) or len(indptr) == 0 or int(indptr[-1]) != len(data):
+        raise FlashbackError("index {path} is corrupt: its BM25 matrix is damaged")
+    if scores["num_docs"] != n:
+        raise FlashbackError("index {path} is corrupt: the BM25 matrix covers another number of passages")
 
 
 def _bm25_tokenize(texts: Sequence[str]) -> list[list[str]]:
@@ -117,25 +147,25 @@ class Index:
     # ---- loading --------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path) -> Index:
+        """Load and validate an index once, for every command: a damaged one is a one-line error here, never a
+        traceback later."""
         path = Path(path).expanduser()
         if not path.is_dir():
             raise FlashbackError(f"index {path} not found (build one with: flashback index CORPUS --out {path})")
         try:
             manifest = json.loads((path / "manifest.json").read_text())
-            if manifest.get("format") != FORMAT:
-                raise FlashbackError(f"index {path}: unknown format {manifest.get('format')!r}")
+            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+                raise FlashbackError(f"index {path}: unknown format {_get(manifest, 'format')!r}")
             with open(path / "passages.jsonl", encoding="utf-8") as fh:
                 meta = [json.loads(line) for line in fh]
             token_ids = np.load(path / "token_ids.npy")
             offsets = np.load(path / "offsets.npy")
             bm25 = bm25s.BM25.load(path / "bm25", mmap=True, show_progress=False)
-        except FlashbackError:
-            raise
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            _check(manifest, meta, token_ids, offsets, bm25)
+        except FlashbackError as exc:
+            raise FlashbackError(str(exc).replace("{path}", str(path))) from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, RecursionError) as exc:
             raise FlashbackError(f"index {path} is missing files or corrupt ({type(exc).__name__}: {exc})") from None
-        n = len(meta)
-        if n != manifest.get("num_passages") or len(offsets) != n + 1 or offsets[-1] != len(token_ids):
-            raise FlashbackError(f"index {path} is corrupt: passage counts do not match the manifest")
         return cls(manifest, meta, token_ids, offsets, bm25)
 
     def check_tokenizer(self, fingerprint: str) -> None:

@@ -197,6 +197,10 @@ def load_model(
         raise FlashbackError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if quantize is not None and quantize not in QUANTIZE:
         raise FlashbackError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise FlashbackError(f"unknown --device {device!r}; choose cpu, cuda, cuda:N or mps") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FlashbackError("--device cuda was asked for but no CUDA device is available")
     path = resolve_model_path(name)
