@@ -735,3 +735,19 @@ def test_serve_upstream_keeps_a_request_in_flight_per_generation(tiny_lm, tiny_i
     assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
     assert all(r.json()["usage"]["completion_tokens"] == 4 for r in answers)
     assert len(prompts) == 2 and barrier.n_waiting == 0 and not barrier.broken
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", "16"), ("max_tokens", True), ("logprobs", True), ("k", "3"), ("prompt", [3.0]), ("echo", 1)],
+)
+def test_request_types_are_strict(server, field, value):
+    """OpenAI's types, not coercions: a string, a boolean or a float where an integer belongs is a 400."""
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 2, field: value}, timeout=30)
+    assert r.status_code == 400 and field in r.json()["error"]["message"], r.text
+
+
+def test_a_nan_temperature_is_named_as_such(server):
+    content = b'{"prompt": "x", "temperature": NaN}'
+    r = httpx.post(f"{server}/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "finite" in r.json()["error"]["message"], r.text

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from flashback.config import GenerationConfig, defaults
 from flashback.errors import FlashbackError
@@ -36,9 +36,10 @@ class Step:
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
+# Types are strict, as OpenAI's are: "16" is no integer, true no number, 3.0 no token id, NaN no temperature.
 class CompletionRequest(BaseModel):
     """The OpenAI completions request, plus FlashBack's retrieval options.
 
@@ -48,32 +49,32 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    model: str | None = None
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's own default
-    temperature: float | None = Field(0.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, lt=2**64)
-    stop: str | list[str] | None = None
-    stream: bool = False
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    model: StrictStr | None = None
+    max_tokens: int | None = Field(16, ge=1, strict=True)  # OpenAI's own default
+    temperature: float | None = Field(0.0, ge=0.0, le=2.0, strict=True, allow_inf_nan=False)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=2**64, strict=True)
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5, strict=True)
+    echo: bool = Field(False, strict=True)
     n: Literal[1] = 1
     best_of: Literal[1] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, strict=True, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, strict=True, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
-    user: str | None = None
+    suffix: StrictStr | None = None
+    user: StrictStr | None = None
     # FlashBack options
     # None: the mode the model name picks (NAME:prepend), else the server's (serve --mode)
     mode: Literal["append", "prepend", "none"] | None = None
-    stride: int = Field(GENERATION["stride"], ge=1)
-    k: int = Field(GENERATION["k"], ge=1, le=16)
-    query_tokens: int = Field(GENERATION["query_tokens"], ge=1, le=512)
-    tail: int | None = Field(None, ge=0, le=512)  # None: the server's tail (the adapter's own)
-    max_length: int | None = Field(None, ge=1)  # echo scoring: eval's example length (None: eval's default)
+    stride: int = Field(GENERATION["stride"], ge=1, strict=True)
+    k: int = Field(GENERATION["k"], ge=1, le=16, strict=True)
+    query_tokens: int = Field(GENERATION["query_tokens"], ge=1, le=512, strict=True)
+    tail: int | None = Field(None, ge=0, le=512, strict=True)  # None: the server's tail (the adapter's own)
+    max_length: int | None = Field(None, ge=1, strict=True)  # echo scoring: eval's example length (None: eval's)
 
     def unsupported(self) -> str | None:
         """The first parameter set to a value FlashBack cannot honour, as an error message."""
