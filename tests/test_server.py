@@ -8,6 +8,7 @@ import socket
 import statistics
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from flashback.config import MODES
 from flashback.server import ServerLimits, create_app
 from flashback.text.retrieval import Index, IndexRetriever
+from tests.conftest import TOPICS
 
 pytest.importorskip("uvicorn")
 import uvicorn  # noqa: E402
@@ -182,6 +184,7 @@ def test_the_model_name_can_pick_the_mode(server, tiny_lm):
     assert r.status_code == 400 and "contradicts" in r.json()["error"]["message"]
 
 
+TOPICS_TEXT = " ".join(TOPICS.values())
 HELD_OUT = (
     "Memory that a program no longer reaches is reclaimed by the collector, while a socket accepts connections "
     "from clients and a lambda returns the value of its one expression. Unicode gives every character a code point, "
@@ -751,3 +754,29 @@ def test_a_nan_temperature_is_named_as_such(server):
     content = b'{"prompt": "x", "temperature": NaN}'
     r = httpx.post(f"{server}/v1/completions", content=content, headers={"content-type": "application/json"})
     assert r.status_code == 400 and "finite" in r.json()["error"]["message"], r.text
+
+
+def test_no_path_of_this_machine_reaches_a_client(monkeypatch, tiny_model_dir, corpus_file, tmp_path):
+    """Served by its absolute path, the model is named after its folder; documents indexed from an absolute folder
+    carry ids relative to it, so neither /health, /v1/models, answers nor retrievals show where files lie."""
+    from flashback.cli import main
+
+    from .conftest import serve_app
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "sockets.txt").write_text(TOPICS_TEXT)
+    index = tmp_path / "idx"
+    assert main(["index", str(docs.resolve()), "--out", str(index), "--model", str(tiny_model_dir), "--quiet"]) == 0
+    app = serve_app(monkeypatch, "--model", Path(tiny_model_dir).resolve(), "--index", index)
+    running = serve_in_thread(app)
+    base = next(running)
+    try:
+        seen = [httpx.get(f"{base}/health").text, httpx.get(f"{base}/v1/models").text]
+        body = {"prompt": "A server socket binds to a port", "max_tokens": 4, "stride": 2}
+        seen.append(httpx.post(f"{base}/v1/completions", json=body, timeout=60).text)
+        seen.append(httpx.post(f"{base}/v1/completions", json={**body, "model": "/etc"}, timeout=60).text)
+    finally:
+        next(running, None)
+    assert all(str(tmp_path) not in text and str(Path(tiny_model_dir).parent) not in text for text in seen), seen
+    assert '"docs/sockets.txt' in seen[2] and json.loads(seen[0])["model"] == Path(tiny_model_dir).name

@@ -386,7 +386,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"flashback: {engine.name} has {held} slot(s): --max-active {held}", file=sys.stderr)
         limits = replace(limits, max_active=held)
     retriever = _checked_retriever(engine, index)
-    app = create_app(engine, retriever, limits, markers=markers, tail=tail, docs=serve.docs, mode=mode)
+    name = serve.served_model_name or Path(ecfg.model).name  # a folder's name, never where it lies
+    app = create_app(engine, retriever, limits, markers=markers, tail=tail, docs=serve.docs, mode=mode, name=name)
     uvicorn.run(
         app, host=serve.host, port=serve.port, log_level="info", timeout_graceful_shutdown=limits.shutdown_grace_s
     )

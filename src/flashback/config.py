@@ -357,6 +357,9 @@ class ServeConfig:
     host: str = opt("127.0.0.1", "address to listen on")
     port: int = opt(8000, "TCP port")
     docs: bool = opt(False, "serve the OpenAPI page at /docs")
+    served_model_name: str | None = opt(
+        None, "the model's name in requests and answers", default_help="the model folder's name"
+    )
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:

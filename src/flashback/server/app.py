@@ -81,6 +81,7 @@ def create_app(
     tail: int = DEFAULT_TAIL,
     docs: bool = False,
     mode: str = GENERATION["mode"],
+    name: str | None = None,
 ) -> FastAPI:
     """The HTTP app. `docs` serves /docs and /openapi.json (off by default); `mode` is the mode of requests that
     name none."""
@@ -90,7 +91,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal service
-        service = CompletionService(lm, retriever, limits, markers, tail, mode)
+        service = CompletionService(lm, retriever, limits, markers, tail, mode, name)
         yield
         service.scheduler.close()
 
@@ -110,7 +111,7 @@ def create_app(
     async def health():
         return {
             "status": "ok",
-            "model": lm.name,
+            "model": name,
             "adapters": {mode: Path(path).name for mode, path in lm.adapters.items()},
             "tail": tail,
             "mode": mode,
@@ -120,7 +121,7 @@ def create_app(
 
     @app.get("/v1/models")
     async def models():
-        names = [lm.name, *(f"{lm.name}:{m}" for m in MODES)]  # the mode named in the model, for OpenAI-only clients
+        names = [name, *(f"{name}:{m}" for m in MODES)]  # the mode named in the model, for OpenAI-only clients
         return {
             "object": "list",
             "data": [{"id": n, "object": "model", "created": 0, "owned_by": "flashback"} for n in names],
@@ -128,7 +129,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        return await _complete(service, req, request, limits.max_batch, lm.name)
+        return await _complete(service, req, request, limits.max_batch, name)
 
     return app
 

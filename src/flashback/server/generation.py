@@ -209,8 +209,10 @@ class CompletionService:
         markers: bool,
         tail: int,
         mode: str = GENERATION["mode"],
+        name: str | None = None,
     ) -> None:
         self.lm, self.retriever, self.limits, self.markers, self.tail = lm, retriever, limits, markers, tail
+        self.name = name or lm.name  # the served model's name
         self.mode = mode  # for requests that name no mode, in their fields or their model name
         workers = 1
         if lm.capabilities.remote:  # each admitted generation may wait on its own request to the engine
@@ -285,7 +287,7 @@ class CompletionService:
     # -- on the event loop -----------------------------------------------------------------------
     def model_names(self) -> list[str]:
         """The served names: the model, and the model in each mode (for clients that send only OpenAI's fields)."""
-        return [self.lm.name, *(f"{self.lm.name}:{mode}" for mode in MODES)]
+        return [self.name, *(f"{self.name}:{mode}" for mode in MODES)]
 
     def resolve(self, req: CompletionRequest) -> CompletionRequest:
         """The request with its mode settled: its `mode` field, else the one its model name picks, else the
@@ -293,7 +295,7 @@ class CompletionService:
         names = self.model_names()
         if req.model is not None and req.model not in names:
             raise FlashbackError(f"model {req.model!r} is not served here; this server serves {', '.join(names)}")
-        named = req.model.rpartition(":")[2] if req.model and req.model != self.lm.name else None
+        named = req.model.rpartition(":")[2] if req.model and req.model != self.name else None
         if req.mode is not None and named is not None and req.mode != named:
             raise FlashbackError(f"mode {req.mode!r} contradicts the model name {req.model!r}")
         return req.model_copy(update={"mode": req.mode or named or self.mode})

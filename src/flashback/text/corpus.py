@@ -217,16 +217,22 @@ def _load_dataset(datasets, source: str):
 
 
 def read_documents(paths: Iterable[str | Path]) -> Iterator[Document]:
-    """Yield every document of the given files and folders; a text file is one document."""
-    for path in expand_paths(paths):
-        if _is_jsonl(path):
-            yield from _read_jsonl(path)
-        else:
+    """Yield every document of the given files and folders; a text file is one document.
+
+    A text file's id is its path as given, or, given by an absolute path, its path from the given folder's (or
+    file's) parent: no machine's layout leaks into an index, its passages or a server's answers."""
+    for raw in paths:
+        given = Path(raw)
+        for path in expand_paths([given]):
+            if _is_jsonl(path):
+                yield from _read_jsonl(path)
+                continue
             try:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise FlashbackError(f"{path}: cannot read ({exc})") from None
-            yield Document(id=str(path), title=path.stem, text=text)
+            doc_id = str(path.relative_to(given.parent)) if given.is_absolute() else str(path)
+            yield Document(id=doc_id, title=path.stem, text=text)
 
 
 def split_passages(
