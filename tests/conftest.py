@@ -197,13 +197,12 @@ def shipped_index(shipped_gguf, corpus_file, tmp_path_factory):
 
 
 def serve_app(monkeypatch, *argv) -> object:
-    """The app `flashback serve ARGV` would run (uvicorn.run is intercepted)."""
-    import uvicorn
-
+    """The app `flashback serve ARGV` would run (flashback.server.run, which starts uvicorn, is intercepted)."""
+    import flashback.server
     from flashback.cli import main
 
     apps = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))
+    monkeypatch.setattr(flashback.server, "run", lambda app, *args: apps.append(app))
     assert main(["serve", *map(str, argv)]) == 0
     return apps[0]
 

@@ -577,12 +577,12 @@ def test_sigterm_ends_open_streams_within_the_grace_period(tiny_model_dir, tiny_
             assert next(line for line in lines if line.startswith("data: "))
             proc.send_signal(signal.SIGTERM)
             start = time.monotonic()
-            with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError, StopIteration)):
-                for _ in lines:
-                    assert time.monotonic() - start < 30, "still streaming long after SIGTERM"
-                raise StopIteration
-        proc.wait(timeout=30)
-        assert time.monotonic() - start < 15
+            rest = [line for line in lines if line.startswith("data: ")]  # the stream ends: no cut connection
+        assert time.monotonic() - start < 15, "still streaming long after SIGTERM"
+        assert rest[-1] == "data: [DONE]" and "shutting down" in rest[-2], rest[-3:]
+        assert proc.wait(timeout=30) == 143  # the model thread finished its step: no abort
+        err = proc.stderr.read().decode()
+        assert "Traceback" not in err and "terminate called" not in err, err[-2000:]
     finally:
         proc.kill()
 

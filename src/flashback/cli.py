@@ -367,9 +367,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
-        from flashback.server import create_app
+        from flashback.server import create_app, run
     except ImportError:
         raise FlashbackError("the server needs its extras: pip install 'flashback[server]'") from None
     from flashback.engines.load import load_engine, plan_adapters, tuned_layouts
@@ -388,9 +386,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     retriever = _checked_retriever(engine, index)
     name = serve.served_model_name or Path(ecfg.model).name  # a folder's name, never where it lies
     app = create_app(engine, retriever, limits, markers=markers, tail=tail, docs=serve.docs, mode=mode, name=name)
-    uvicorn.run(
-        app, host=serve.host, port=serve.port, log_level="info", timeout_graceful_shutdown=limits.shutdown_grace_s
-    )
+    run(app, serve.host, serve.port, limits.shutdown_grace_s)
     return 0
 
 

@@ -84,16 +84,19 @@ def create_app(
     name: str | None = None,
 ) -> FastAPI:
     """The HTTP app. `docs` serves /docs and /openapi.json (off by default); `mode` is the mode of requests that
-    name none."""
+    name none; `name` the served model's name (default: the engine's)."""
     limits = limits or ServerLimits()
+    name = name or lm.name
     service: CompletionService | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal service
         service = CompletionService(lm, retriever, limits, markers, tail, mode, name)
+        app.state.drain = service.drain  # run() calls it when a shutdown signal comes
         yield
         service.scheduler.close()
+        service.scheduler.join(limits.shutdown_grace_s + 30)  # no model thread may outlive the interpreter
 
     app = FastAPI(
         title="FlashBack",
@@ -176,8 +179,25 @@ async def _complete(service: CompletionService, req: CompletionRequest, request:
         raise failed
     if req.stream:
         return StreamingResponse(
-            events(choices, req, cid, created, name),
+            events(choices, req, cid, created, name, service.streams),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     return await whole(choices, req, cid, created, name)
+
+
+def run(app: FastAPI, host: str, port: int, shutdown_grace_s: float) -> None:
+    """Serve `app` with uvicorn until SIGINT/SIGTERM. At the signal, open streams end at once with an error event and
+    [DONE] (a clean end, not a cut connection), requests without a stream get the grace period, and the model
+    threads finish their step before the process exits."""
+    import uvicorn
+
+    class Draining(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            drain = getattr(app.state, "drain", None)
+            if drain is not None and not self.should_exit:
+                drain()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_grace_s)
+    Draining(config).run()

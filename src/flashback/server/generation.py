@@ -24,7 +24,7 @@ from flashback.errors import FlashbackError
 from flashback.evaluate import ModeSpec, score_tokens, scoring_work
 from flashback.generate import TextStreamer, Trace, stream
 from flashback.layout import planned_work
-from flashback.server.protocol import GENERATION, CompletionRequest, Step
+from flashback.server.protocol import DRAIN, GENERATION, CompletionRequest, Step
 from flashback.server.scheduler import Scheduler, _ignore_result
 from flashback.text.retrieval import Retriever
 from flashback.text.tokenize import encode
@@ -213,6 +213,8 @@ class CompletionService:
     ) -> None:
         self.lm, self.retriever, self.limits, self.markers, self.tail = lm, retriever, limits, markers, tail
         self.name = name or lm.name  # the served model's name
+        self.streams: set[asyncio.Queue] = set()  # open streams' event queues: told when the server drains
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.mode = mode  # for requests that name no mode, in their fields or their model name
         workers = 1
         if lm.capabilities.remote:  # each admitted generation may wait on its own request to the engine
@@ -285,6 +287,11 @@ class CompletionService:
         return spec, EvalConfig(**settings), self.retriever
 
     # -- on the event loop -----------------------------------------------------------------------
+    def drain(self) -> None:
+        """The server is shutting down: every open stream ends now (safe to call from a signal handler)."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: [queue.put_nowait(DRAIN) for queue in list(self.streams)])
+
     def model_names(self) -> list[str]:
         """The served names: the model, and the model in each mode (for clients that send only OpenAI's fields)."""
         return [self.name, *(f"{self.name}:{mode}" for mode in MODES)]
@@ -321,6 +328,7 @@ class CompletionService:
         """Admit the request, then yield its steps; the echo comes first when asked."""
         req = self.resolve(req)
         self.check(req)
+        self.loop = asyncio.get_running_loop()
         self.state["waiting"] += 1
         try:
             await self.admission.acquire()

@@ -19,6 +19,7 @@ from flashback.config import GenerationConfig, defaults
 from flashback.errors import FlashbackError
 
 GENERATION = defaults(GenerationConfig)
+DRAIN = ("drain", "")  # put into a stream's queue: the server is shutting down
 
 
 @dataclass
@@ -212,9 +213,14 @@ async def whole(choices: list[Choice], req: CompletionRequest, cid: str, created
     return {**_envelope(cid, created, model, body), "usage": _total([usage for _, usage, _ in done])}
 
 
-async def events(choices: list[Choice], req: CompletionRequest, cid: str, created: int, model: str):
-    """Server-sent events: every choice's chunks as they come, each with its index, then [DONE]."""
+async def events(
+    choices: list[Choice], req: CompletionRequest, cid: str, created: int, model: str, streams: set | None = None
+):
+    """Server-sent events: every choice's chunks as they come, each with its index, then [DONE]. A stream in
+    `streams` that gets DRAIN (the server is shutting down) ends at once with an error event and [DONE]."""
     merged: asyncio.Queue = asyncio.Queue()
+    if streams is not None:
+        streams.add(merged)
 
     async def forward(choice: Choice) -> None:
         try:
@@ -230,6 +236,10 @@ async def events(choices: list[Choice], req: CompletionRequest, cid: str, create
     try:
         for _ in range(len(choices)):
             while (item := await merged.get())[1] is not None:
+                if item is DRAIN:
+                    error = {"message": "the server is shutting down", "type": "server_error", "code": None}
+                    yield f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n"
+                    return
                 index, step = item
                 if isinstance(step, BaseException):
                     raise step
@@ -239,6 +249,8 @@ async def events(choices: list[Choice], req: CompletionRequest, cid: str, create
             yield f"data: {json.dumps({**_envelope(cid, created, model, []), 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
+        if streams is not None:
+            streams.discard(merged)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, *(c.cancel() for c in choices), return_exceptions=True)

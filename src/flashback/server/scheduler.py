@@ -10,6 +10,7 @@ import asyncio
 import heapq
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -81,6 +82,12 @@ class Scheduler:
                 with self._cv:
                     if not self._closed:
                         heapq.heappush(self._heap, (again, next(self._order), item))
+
+    def join(self, timeout: float) -> None:
+        """Wait for the model threads to finish the step they run (after close)."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         with self._cv:
