@@ -252,3 +252,11 @@ def test_deep_json_and_an_unknown_device_are_one_line_errors(capsys, tiny_model_
     args = ["generate", "--index", tiny_index_dir, "--model", tiny_model_dir, "--prompt", "x", "--device", "foo"]
     code, _, err = run_cli(capsys, *args)
     assert_clean_error(code, err, "unknown --device 'foo'")
+
+
+def test_a_nan_heldout_fraction_is_refused(capsys, tiny_model_dir, tiny_index_dir, corpus_file, tmp_path):
+    args = [corpus_file, "--index", tiny_index_dir, "--model", tiny_model_dir, "--heldout", "nan"]
+    code, _, err = run_cli(capsys, "prepare", *args, "--out", tmp_path / "data")
+    assert_clean_error(code, err, "--heldout must be in [0, 1)")
+    code, _, err = run_cli(capsys, "eval", *args)
+    assert_clean_error(code, err, "--heldout must be in [0, 1)")
