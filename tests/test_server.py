@@ -780,3 +780,49 @@ def test_no_path_of_this_machine_reaches_a_client(monkeypatch, tiny_model_dir, c
         next(running, None)
     assert all(str(tmp_path) not in text and str(Path(tiny_model_dir).parent) not in text for text in seen), seen
     assert '"docs/sockets.txt' in seen[2] and json.loads(seen[0])["model"] == Path(tiny_model_dir).name
+
+
+def test_a_hung_up_stream_stops_its_generation():
+    """The response task of a client that hangs up is cancelled (as Starlette does, with every await inside cancelled
+    too): the stream's generations must stop at once, not run to max_tokens holding their slot."""
+    import anyio
+
+    from flashback.server.protocol import Choice, CompletionRequest, Step, events
+
+    pulled, closed = [], asyncio.Event()
+
+    async def generation():
+        try:
+            for i in range(50):
+                await asyncio.sleep(0.01)
+                pulled.append(i)
+                yield Step("x", [1], [], [], None, 1)
+        finally:
+            closed.set()
+
+    async def scenario():
+        choice = Choice(0, generation())
+        await choice.start()
+        stream = events([choice], CompletionRequest(prompt="x", stream=True), "id", 0, "m")
+
+        async def client():
+            async for _ in stream:
+                pass
+
+        async with anyio.create_task_group() as group:  # level-triggered: every await in the scope is cancelled
+            group.start_soon(client)
+            await asyncio.sleep(0.05)
+            group.cancel_scope.cancel()  # the client hung up
+        await asyncio.wait_for(closed.wait(), 2)
+        return len(pulled)
+
+    assert asyncio.run(scenario()) < 20
+
+
+def test_a_batch_shares_one_work_budget(server):
+    """--max-request-work bounds a request, not each of its prompts: a batch's prompts share it."""
+    body = {"prompt": "A socket is", "mode": "prepend", "k": 16, "stride": 1, "max_tokens": 64}
+    alone = httpx.post(f"{server}/v1/completions", json=body, timeout=120)
+    assert alone.status_code == 200, alone.text
+    batch = httpx.post(f"{server}/v1/completions", json={**body, "prompt": ["A socket is"] * 2}, timeout=120)
+    assert batch.status_code == 400 and "for each prompt of this batch" in batch.json()["error"]["message"]

@@ -87,6 +87,8 @@ def resolve_output(out: str | Path) -> Path:
     if path.is_symlink():
         target = path.resolve()
         if not target.exists():
+            recover(target)  # a swap of the target cut between its renames
+        if not target.exists():
             raise FlashbackError(f"{out} is a symbolic link to {target}, which does not exist")
         path = target
     for parent in path.parents:

@@ -223,7 +223,8 @@ def _documents(args: argparse.Namespace, sel: Selection, split: str):
     expand_paths(args.text)  # fail on a bad path before the slow part
     documents = read_documents(args.text)
     if source.dataset is not None:
-        rows = list(dataset_documents(source.dataset, source.text_field, source.split, source.title_field))
+        default = "train" if split == "train" else "test"  # prepare trains on train, eval scores test
+        rows = list(dataset_documents(source.dataset, source.text_field, source.split, source.title_field, default))
         documents = itertools.chain(documents, rows)
     return select(documents, sel.include, sel.exclude, sel.heldout, split if sel.heldout else "all")
 
@@ -385,7 +386,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits = replace(limits, max_active=held)
     retriever = _checked_retriever(engine, index)
     name = serve.served_model_name or Path(ecfg.model).name  # a folder's name, never where it lies
-    app = create_app(engine, retriever, limits, markers=markers, tail=tail, docs=serve.docs, mode=mode, name=name)
+    app = create_app(
+        engine, retriever, limits, markers=markers, tail=tail, docs=serve.docs, mode=mode, name=name, alias=ecfg.model
+    )
     run(app, serve.host, serve.port, limits.shutdown_grace_s)
     return 0
 

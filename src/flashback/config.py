@@ -176,7 +176,9 @@ class DatasetSource:
     )
     text_field: str = opt("text", "the dataset's column of text")
     title_field: str | None = opt(None, "its column of titles (the leakage filter never retrieves a document's title)")
-    split: str | None = opt(None, "the split to read", default_help="the only one, else test")
+    split: str | None = opt(
+        None, "the split to read", default_help="the only one, else train for prepare, test for eval"
+    )
 
     def validate(self) -> None:
         if self.dataset is not None and not self.text_field:

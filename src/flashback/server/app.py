@@ -82,6 +82,7 @@ def create_app(
     docs: bool = False,
     mode: str = GENERATION["mode"],
     name: str | None = None,
+    alias: str | None = None,
 ) -> FastAPI:
     """The HTTP app. `docs` serves /docs and /openapi.json (off by default); `mode` is the mode of requests that
     name none; `name` the served model's name (default: the engine's)."""
@@ -92,7 +93,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal service
-        service = CompletionService(lm, retriever, limits, markers, tail, mode, name)
+        service = CompletionService(lm, retriever, limits, markers, tail, mode, name, alias)
         app.state.drain = service.drain  # run() calls it when a shutdown signal comes
         yield
         service.scheduler.close()
@@ -162,24 +163,28 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 async def _complete(service: CompletionService, req: CompletionRequest, request: Request, max_batch: int, name: str):
-    """One completions request: each prompt runs as its own generation; the response waits for every prompt's
-    first step, so that a bad request gets a status code, not a broken stream."""
+    """One completions request: each prompt runs as its own generation, a batch within one work budget; the
+    response waits for every prompt's first step, so that a bad request gets a status code, not a broken stream."""
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     try:
         prompts = split_prompts(req, max_batch)
     except FlashbackError as exc:
         return error_response(400, str(exc), param="prompt")
-    choices = [Choice(i, service.steps(one, request)) for i, one in enumerate(prompts)]
-    started = await asyncio.gather(*(c.start() for c in choices), return_exceptions=True)
-    failed = next((e for e in started if isinstance(e, BaseException)), None)
+    share = service.limits.max_request_work // len(prompts)
+    choices = [Choice(i, service.steps(one, request, share)) for i, one in enumerate(prompts)]
+    starts = [asyncio.ensure_future(c.start()) for c in choices]
+    await asyncio.wait(starts, return_when=asyncio.FIRST_EXCEPTION)  # one bad prompt stops the batch at once
+    failed = next((s.exception() for s in starts if s.done() and s.exception() is not None), None)
     if failed is not None:
-        await asyncio.gather(*(c.cancel() for c in choices))
+        for choice, start in zip(choices, starts, strict=True):
+            start.cancel()
+            choice.cancel()
         if isinstance(failed, FlashbackError):
             return error_response(400, str(failed))
         raise failed
     if req.stream:
         return StreamingResponse(
-            events(choices, req, cid, created, name, service.streams),
+            events(choices, req, cid, created, name, service.drainer),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

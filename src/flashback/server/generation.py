@@ -24,7 +24,7 @@ from flashback.errors import FlashbackError
 from flashback.evaluate import ModeSpec, score_tokens, scoring_work
 from flashback.generate import TextStreamer, Trace, stream
 from flashback.layout import planned_work
-from flashback.server.protocol import DRAIN, GENERATION, CompletionRequest, Step
+from flashback.server.protocol import DRAIN, GENERATION, CompletionRequest, Drain, Step
 from flashback.server.scheduler import Scheduler, _ignore_result
 from flashback.text.retrieval import Retriever
 from flashback.text.tokenize import encode
@@ -119,7 +119,7 @@ class Generation:
     def echo(self) -> Step:
         """The prompt itself (echo), with its log-probabilities when asked (the first token has none), scored as
         `flashback eval` scores a document in the request's mode (evaluate.score_tokens)."""
-        text = self.lm.tokenizer.decode(self.prompt_ids, skip_special_tokens=True)
+        text = self.lm.tokenizer.decode(self.prompt_ids)  # as the tokens' own strings: text_offset points into it
         if self.scoring is None:
             return Step(text, list(self.prompt_ids), [], [], None, len(self.prompt_ids), echo=True)
         spec, cfg, retriever = self.scoring
@@ -210,10 +210,12 @@ class CompletionService:
         tail: int,
         mode: str = GENERATION["mode"],
         name: str | None = None,
+        alias: str | None = None,
     ) -> None:
         self.lm, self.retriever, self.limits, self.markers, self.tail = lm, retriever, limits, markers, tail
         self.name = name or lm.name  # the served model's name
-        self.streams: set[asyncio.Queue] = set()  # open streams' event queues: told when the server drains
+        self.alias = alias  # another name a client may send for it (the --model string), never shown
+        self.drainer = Drain()  # open streams, told when the server shuts down
         self.loop: asyncio.AbstractEventLoop | None = None
         self.mode = mode  # for requests that name no mode, in their fields or their model name
         workers = 1
@@ -246,7 +248,7 @@ class CompletionService:
             raise FlashbackError(f"the prompt has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}")
         return ids
 
-    def open(self, req: CompletionRequest, start: float) -> Generation:
+    def open(self, req: CompletionRequest, start: float, budget: int | None = None) -> Generation:
         ids = self.prompt_ids(req.prompt)
         if req.mode != "none" and self.retriever is None:
             raise FlashbackError("this server has no index; use mode 'none'")
@@ -267,10 +269,12 @@ class CompletionService:
         scoring = self._scoring(req, cfg) if req.echo and req.logprobs is not None else None
         if scoring is not None:
             work += scoring_work(len(ids), scoring[1], passage, req.mode)
-        if work > self.limits.max_request_work:
+        budget = self.limits.max_request_work if budget is None else budget
+        if work > budget:
+            shared = "" if budget == self.limits.max_request_work else " for each prompt of this batch"
             raise FlashbackError(
-                f"this request would compute up to {work} token positions; the limit is "
-                f"{self.limits.max_request_work} (fewer max_tokens, a larger stride, a smaller k, or mode append)"
+                f"this request would compute up to {work} token positions; the limit is {budget}{shared} "
+                "(fewer max_tokens, a larger stride, a smaller k, or mode append)"
             )
         trace = Trace(req.mode)
         gen = Generation(self.lm, req, ids, None, trace, start, scoring=scoring)
@@ -283,14 +287,18 @@ class CompletionService:
         spec = ModeSpec(req.mode, markers=cfg.markers, adapter=req.mode in self.lm.adapters)
         settings = {"stride": cfg.stride, "query_tokens": cfg.query_tokens, "k": cfg.k, "tail": cfg.tail}
         if req.max_length is not None:
+            if req.max_length > self.lm.max_positions:
+                raise FlashbackError(f"max_length may be at most the model's {self.lm.max_positions} positions")
             settings["max_length"] = req.max_length
         return spec, EvalConfig(**settings), self.retriever
 
     # -- on the event loop -----------------------------------------------------------------------
     def drain(self) -> None:
-        """The server is shutting down: every open stream ends now (safe to call from a signal handler)."""
+        """The server is shutting down: every open stream ends now, new requests are refused (safe to call from a
+        signal handler)."""
+        self.drainer.draining = True
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(lambda: [queue.put_nowait(DRAIN) for queue in list(self.streams)])
+            self.loop.call_soon_threadsafe(lambda: [q.put_nowait(DRAIN) for q in list(self.drainer.queues)])
 
     def model_names(self) -> list[str]:
         """The served names: the model, and the model in each mode (for clients that send only OpenAI's fields)."""
@@ -300,6 +308,8 @@ class CompletionService:
         """The request with its mode settled: its `mode` field, else the one its model name picks, else the
         server's."""
         names = self.model_names()
+        if self.alias and req.model is not None and req.model.startswith(self.alias):  # NAME as the client knows it
+            req = req.model_copy(update={"model": self.name + req.model[len(self.alias) :]})
         if req.model is not None and req.model not in names:
             raise FlashbackError(f"model {req.model!r} is not served here; this server serves {', '.join(names)}")
         named = req.model.rpartition(":")[2] if req.model and req.model != self.name else None
@@ -324,8 +334,11 @@ class CompletionService:
         if any(len(s) > self.limits.max_stop_chars for s in stops):
             raise FlashbackError(f"stop: each stop string may have at most {self.limits.max_stop_chars} characters")
 
-    async def steps(self, req: CompletionRequest, request: Request) -> AsyncIterator[Step]:
-        """Admit the request, then yield its steps; the echo comes first when asked."""
+    async def steps(self, req: CompletionRequest, request: Request, work: int | None = None) -> AsyncIterator[Step]:
+        """Admit the request, then yield its steps; the echo comes first when asked. `work` is its budget of token
+        positions (a batch's prompts share the request's)."""
+        if self.drainer.draining:
+            raise FlashbackError("the server is shutting down")
         req = self.resolve(req)
         self.check(req)
         self.loop = asyncio.get_running_loop()
@@ -338,7 +351,7 @@ class CompletionService:
         gen, steps = None, None
         try:
             clock = self.scheduler.clock
-            gen = await self.scheduler.submit(clock, lambda: self.open(req, clock))
+            gen = await self.scheduler.submit(clock, lambda: self.open(req, clock, work))
             if req.echo:
                 yield await self.scheduler.submit(gen.priority, gen.echo)
             steps = self.scheduler.stream(gen)

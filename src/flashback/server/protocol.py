@@ -165,9 +165,17 @@ class Choice:
         while (step := await self._next()) is not None:
             yield step
 
-    async def cancel(self) -> None:
+    def cancel(self) -> None:
+        """Stop the generation: synchronous, so that a cancelled caller (a client hung up) still stops it."""
         self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+
+
+class Drain:
+    """Open streams, and whether the server is shutting down: a stream then ends at once, cleanly."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.queues: set[asyncio.Queue] = set()
 
 
 def _envelope(cid: str, created: int, model: str, choices: list[dict]) -> dict:
@@ -205,7 +213,11 @@ def _total(usages: list[dict]) -> dict:
 
 
 async def whole(choices: list[Choice], req: CompletionRequest, cid: str, created: int, model: str) -> dict:
-    done = await asyncio.gather(*(_collect(c, req) for c in choices))
+    try:
+        done = await asyncio.gather(*(_collect(c, req) for c in choices))
+    finally:  # a failed or abandoned prompt stops its batch
+        for choice in choices:
+            choice.cancel()
     if len(done) == 1:  # one prompt: the retrievals beside the choice, as FlashBack has always answered
         choice, usage, retrievals = done[0]
         return {**_envelope(cid, created, model, [choice]), "usage": usage, "retrievals": retrievals}
@@ -213,14 +225,20 @@ async def whole(choices: list[Choice], req: CompletionRequest, cid: str, created
     return {**_envelope(cid, created, model, body), "usage": _total([usage for _, usage, _ in done])}
 
 
+def _error_event(message: str) -> str:
+    """A stream's clean end after a failure: an error event in OpenAI's shape, then [DONE]."""
+    error = {"message": message, "type": "server_error", "code": None}
+    return f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n"
+
+
 async def events(
-    choices: list[Choice], req: CompletionRequest, cid: str, created: int, model: str, streams: set | None = None
+    choices: list[Choice], req: CompletionRequest, cid: str, created: int, model: str, drain: Drain | None = None
 ):
-    """Server-sent events: every choice's chunks as they come, each with its index, then [DONE]. A stream in
-    `streams` that gets DRAIN (the server is shutting down) ends at once with an error event and [DONE]."""
+    """Server-sent events: every choice's chunks as they come, each with its index, then [DONE]. A failure, or the
+    server shutting down (`drain`), ends the stream at once with an error event and [DONE]."""
+    drain = drain or Drain()
     merged: asyncio.Queue = asyncio.Queue()
-    if streams is not None:
-        streams.add(merged)
+    drain.queues.add(merged)
 
     async def forward(choice: Choice) -> None:
         try:
@@ -236,24 +254,25 @@ async def events(
     try:
         for _ in range(len(choices)):
             while (item := await merged.get())[1] is not None:
-                if item is DRAIN:
-                    error = {"message": "the server is shutting down", "type": "server_error", "code": None}
-                    yield f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n"
+                if item is DRAIN or drain.draining:
+                    yield _error_event("the server is shutting down")
                     return
                 index, step = item
                 if isinstance(step, BaseException):
-                    raise step
+                    message = str(step) if isinstance(step, FlashbackError) else "internal error"
+                    yield _error_event(message)
+                    return
                 yield f"data: {json.dumps(_chunk(step, index, state[index], req, cid, created, model))}\n\n"
         if req.stream_options and req.stream_options.include_usage:
             usage = _total([_usage(s["prompt_tokens"], s["completion"]) for s in state.values()])
             yield f"data: {json.dumps({**_envelope(cid, created, model, []), 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
-    finally:
-        if streams is not None:
-            streams.discard(merged)
+    finally:  # nothing awaited here: a hung-up client cancels this generator, and its generations must still stop
+        drain.queues.discard(merged)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, *(c.cancel() for c in choices), return_exceptions=True)
+        for choice in choices:
+            choice.cancel()
 
 
 def _chunk(step: Step, index: int, state: dict, req: CompletionRequest, cid: str, created: int, model: str) -> dict:

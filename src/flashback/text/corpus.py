@@ -167,7 +167,11 @@ def builtin_documents(name: str, progress: bool = True) -> Iterator[Document]:
 
 
 def dataset_documents(
-    source: str, text_field: str = "text", split: str | None = None, title_field: str | None = None
+    source: str,
+    text_field: str = "text",
+    split: str | None = None,
+    title_field: str | None = None,
+    default_split: str = "test",
 ) -> Iterator[Document]:
     """The rows of a Hugging Face `datasets` dataset as documents: a folder written by `save_to_disk`, a
     parquet/JSON(L)/CSV file, or a hub name. Ids are `SOURCE:SPLIT:ROW`, so held-out splits stay stable."""
@@ -178,7 +182,7 @@ def dataset_documents(
     data = _load_dataset(datasets, source)
     if isinstance(data, datasets.DatasetDict):
         names = list(data)
-        split = split or (names[0] if len(names) == 1 else "test")
+        split = split or (names[0] if len(names) == 1 else default_split)
         if split not in data:
             raise FlashbackError(f"{source} has no split {split!r}; it has {', '.join(names)} (--split)")
         data = data[split]
@@ -190,7 +194,7 @@ def dataset_documents(
         text = record[text_field]
         if not isinstance(text, str):
             raise FlashbackError(f"{source}: row {row}: {text_field!r} is not text")
-        title = str(record[title_field]) if title_field else ""
+        title = "" if not title_field or record[title_field] is None else str(record[title_field])
         yield Document(id=f"{name}:{split or 'data'}:{row}", title=title, text=text)
 
 
