@@ -1,5 +1,6 @@
-"""lm-evaluation-harness against `flashback serve`: its own client (local-completions, token-id requests) on two
-local tasks, a rolling perplexity task and a multiple-choice one, in each mode picked by model name.
+"""lm-evaluation-harness against `flashback serve`: its own evaluation (simple_evaluate, what its CLI runs) and
+client (local-completions, token-id requests) on two local tasks, a rolling perplexity task and a multiple-choice
+one, in each mode picked by model name.
 
 The harness's log-likelihoods must be what FlashBack's evaluation code gives for the same tokens: each document
 is one window [end-of-text] + its tokens, scored by evaluate.score_tokens (the protocol `flashback eval` uses).
@@ -10,10 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -75,28 +73,29 @@ def tasks(tmp_path_factory):
     return folder
 
 
-def run_harness(url: str, model: str, tokenizer: str, tasks, out) -> dict:
-    args = f"model={model},base_url={url}/v1/completions,tokenizer={tokenizer},tokenizer_backend=huggingface"
-    args += ",tokenized_requests=True,num_concurrent=1,max_retries=1"
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args]
-    cmd += ["--tasks", "flashback_rolling,flashback_choice", "--include_path", str(tasks), "--output_path", str(out)]
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (results,) = out.rglob("results_*.json")
-    return json.loads(results.read_text())["results"]
+def run_harness(url: str, model: str, tokenizer: str, tasks) -> dict:
+    """lm_eval's own evaluation (what its CLI runs) with its local-completions client, in this process."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    args = {"model": model, "base_url": f"{url}/v1/completions", "tokenizer": tokenizer}
+    args |= {"tokenizer_backend": "huggingface", "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1}
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    out = lm_eval.simple_evaluate(
+        "local-completions", args, ["flashback_rolling", "flashback_choice"], task_manager=manager, log_samples=False
+    )
+    return out["results"]
 
 
-def test_the_harness_measures_flashback_in_every_mode(tiny_lm, tiny_model_dir, tiny_index_dir, tasks, tmp_path):
+def test_the_harness_measures_flashback_in_every_mode(tiny_lm, tiny_model_dir, tiny_index_dir, tasks, monkeypatch):
+    for offline in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):  # local files only
+        monkeypatch.setenv(offline, "1")
     retriever = IndexRetriever(Index.load(tiny_index_dir))
     limits = ServerLimits(max_prompt_tokens=1024, max_request_work=200_000)
     running = serve_in_thread(create_app(tiny_lm, retriever, limits, markers=True, tail=4))
     url = next(running)
     try:
-        got = {
-            mode: run_harness(url, f"{tiny_lm.name}:{mode}", str(tiny_model_dir), tasks, tmp_path / mode)
-            for mode in MODES
-        }
+        got = {mode: run_harness(url, f"{tiny_lm.name}:{mode}", str(tiny_model_dir), tasks) for mode in MODES}
     finally:
         next(running, None)
     eot = tiny_lm.tokenizer.eos_token_id
