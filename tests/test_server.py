@@ -416,9 +416,9 @@ def test_health_names_no_paths_and_docs_are_off(server):
 
 
 def test_an_expensive_request_does_not_starve_a_cheap_one(tiny_lm, tiny_index_dir, monkeypatch):
-    """Fair by work: while a prepend request recomputes ~400 tokens per step, a 16-token request runs to
-    completion before the expensive one gets more than the step it was already running (scheduled by
-    steps, it would get one step per step of the cheap request: 17). The order is recorded on the
+    """Fair by work: while a prepend request recomputes ~400 tokens per token (in chunks of --prefill-chunk), a
+    16-token request runs to completion before the expensive one gets more than the step it was already running
+    (scheduled by steps, it would get one step per step of the cheap request: 17). The order is recorded on the
     model thread, as the steps execute."""
     from flashback.server import CompletionRequest, CompletionService, Generation
 
@@ -459,8 +459,9 @@ def test_an_expensive_request_does_not_starve_a_cheap_one(tiny_lm, tiny_index_di
 
     asyncio.run(main())
     first, last = order.index("light"), len(order) - 1 - order[::-1].index("light")
-    assert order.count("heavy") == 64 and order.count("light") == 16
-    assert min(heavy_work) > 300, heavy_work  # every heavy step recomputes 16 passages + prompt + output
+    assert order.count("light") == 16 and order.count("heavy") >= 64  # 64 tokens, their prefills in chunks
+    assert sum(heavy_work) > 64 * 300, heavy_work  # every heavy token recomputes 16 passages + prompt + output
+    assert max(heavy_work) <= ServerLimits().prefill_chunk, heavy_work  # a step never computes more than a chunk
     assert order[first : last + 1].count("heavy") == 0, order
 
 
@@ -826,3 +827,45 @@ def test_a_batch_shares_one_work_budget(server):
     assert alone.status_code == 200, alone.text
     batch = httpx.post(f"{server}/v1/completions", json={**body, "prompt": ["A socket is"] * 2}, timeout=120)
     assert batch.status_code == 400 and "for each prompt of this batch" in batch.json()["error"]["message"]
+
+
+def test_a_cheap_request_does_not_wait_behind_prefills_that_have_not_finished(tiny_lm, tiny_index_dir, monkeypatch):
+    """Three prepend requests with long prefills (16 passages), then a 16-token request: their prefills run a chunk
+    at a time, so the cheap request runs to its end after at most one chunk of each, not behind three prefills."""
+    from flashback.server import CompletionRequest, CompletionService, Generation
+
+    order: list[str] = []
+    step = Generation.step
+
+    def recorded(self):
+        order.append("light" if self.req.mode == "none" else "heavy")
+        return step(self)
+
+    monkeypatch.setattr(Generation, "step", recorded)
+
+    class Connected:
+        async def is_disconnected(self):
+            return False
+
+    async def main():
+        limits = ServerLimits(prefill_chunk=64)
+        service = CompletionService(tiny_lm, IndexRetriever(Index.load(tiny_index_dir)), limits, True, 4)
+
+        async def run(body: dict, started: asyncio.Event | None = None):
+            async for _step in service.steps(CompletionRequest(**body), Connected()):
+                if started is not None:
+                    started.set()
+
+        words = "garbage collection memory program socket server port lambda function unicode hacker kludge " * 4
+        heavy = {"prompt": words, "mode": "prepend", "k": 16, "max_tokens": 1, "stream": True, "query_tokens": 512}
+        started = [asyncio.Event() for _ in range(3)]
+        tasks = [asyncio.create_task(run(heavy, event)) for event in started]
+        await asyncio.gather(*(event.wait() for event in started))  # each has computed its first chunk
+        await run({"prompt": "A socket", "max_tokens": 16, "mode": "none", "stream": True})
+        await asyncio.gather(*tasks)
+        service.scheduler.close()
+
+    asyncio.run(main())
+    first, last = order.index("light"), len(order) - 1 - order[::-1].index("light")
+    assert order.count("light") == 16 and order.count("heavy") > 3 * 6  # each prefill took several chunks
+    assert order[first : last + 1].count("heavy") <= 3, order  # at most one chunk of each, then the cheap one

@@ -342,13 +342,16 @@ class ServerLimits:
     max_stop: int = opt(4, "stop strings per request (OpenAI's own limit)", hidden=True)
     max_stop_chars: int = opt(256, "characters per stop string", hidden=True)
     max_request_work: int = opt(262_144, "token positions one request may compute, retrieval recomputation included")
+    prefill_chunk: int = opt(
+        256, "long prefills and echo scoring run this many token positions at a time, other requests between them"
+    )
     shutdown_grace_s: float = opt(
         5.0, "seconds open streams get after SIGTERM before they are cut", flag="shutdown-grace"
     )
 
     def validate(self) -> None:
         names = ("max_prompt_tokens", "max_tokens", "max_active", "max_body_bytes", "max_batch", "max_stop")
-        _at_least(self, ("max_request_work",))
+        _at_least(self, ("max_request_work", "prefill_chunk"))
         _at_least(self, names)
         if self.shutdown_grace_s < 0:
             raise FlashbackError("--shutdown-grace must be >= 0")

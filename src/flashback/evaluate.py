@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -190,8 +190,11 @@ def score_slow(
     session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook=None
 ) -> list[torch.Tensor]:
     """Every example from scratch: one forward over context + passages + target."""
+    return list(_slow(session, markers, spec, docs, targets, retrievals, cfg, banned, hook))
+
+
+def _slow(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook):
     markers = markers if spec.markers else None
-    out = []
     for i, (t, r) in enumerate(zip(targets, retrievals, strict=True)):
         tokens = docs[t.doc_index]
         context, target = tokens[t.segment_start : t.position], tokens[t.position : t.position + cfg.stride]
@@ -201,8 +204,7 @@ def score_slow(
             session.reset()
             logits = session.extend(ids, all_logits=True)
             nlls.append(target_nll(logits[start - 1 : -1], target, banned, hook, i))
-        out.append(_mix(nlls, r.scores) if len(nlls) > 1 else nlls[0])
-    return out
+        yield _mix(nlls, r.scores) if len(nlls) > 1 else nlls[0]
 
 
 def score_fast(
@@ -215,8 +217,11 @@ def score_fast(
     """
     if spec.position == "prepend":
         raise FlashbackError("prepend has no fast path: its prefix changes with every passage")
+    return list(_fast(session, markers, spec, docs, targets, retrievals, cfg, banned, hook))
+
+
+def _fast(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook):
     markers = markers if spec.markers else None
-    out: list[torch.Tensor] = []
     cache, key, cached, last = session, None, 0, None
     for i, (t, r) in enumerate(zip(targets, retrievals, strict=True)):
         tokens = docs[t.doc_index]
@@ -235,7 +240,7 @@ def score_fast(
             cached = keep
         if plain:
             logits = torch.cat([last[None], cache.extend(target, all_logits=True)[:-1]])
-            out.append(target_nll(logits, target, banned, hook, i))
+            yield target_nll(logits, target, banned, hook, i)
             cache.rollback(cached)
             continue
         nlls = []
@@ -244,8 +249,7 @@ def score_fast(
             logits = cache.extend(block + target, all_logits=True)
             nlls.append(target_nll(logits[len(block) - 1 : -1], target, banned, hook, i))
             cache.rollback(cached)
-        out.append(_mix(nlls, r.scores) if len(nlls) > 1 else nlls[0])
-    return out
+        yield _mix(nlls, r.scores) if len(nlls) > 1 else nlls[0]
 
 
 def _query(engine: Engine, tokens: list[int], t: Target, cfg: EvalConfig) -> str:
@@ -265,11 +269,26 @@ class TokenScores:
 def score_tokens(
     engine: Engine, tokens: list[int], retriever, spec: ModeSpec, cfg: EvalConfig, top: int = 0
 ) -> TokenScores:
+    """Every token of one sequence scored as `flashback eval` scores a document (see scoring_steps)."""
+    steps = scoring_steps(engine, tokens, retriever, spec, cfg, top)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def scoring_steps(
+    engine: Engine, tokens: list[int], retriever, spec: ModeSpec, cfg: EvalConfig, top: int = 0, chunk: int = 0
+) -> Generator[int, None, TokenScores]:
     """Every token of one sequence scored as `flashback eval` scores a document (same targets, segments, retrieval
     and layouts), so that an evaluation client talking to the server measures the method: the targets every
     `stride` tokens from `query_tokens` on, the last one as long as the tokens that remain, and before the first
     target (no query yet) the mode's model on the tokens alone. No leakage filter: the prompt is no document of
-    the index. Windowing follows eval's segments: contexts of `max_length`'s budget, whatever the prompt's length."""
+    the index. Windowing follows eval's segments: contexts of `max_length`'s budget, whatever the prompt's length.
+
+    A generator: it yields the token positions computed so far every `chunk` of them (0: never), so that a
+    scheduler can run other work within a long scoring, and returns the TokenScores."""
     cfg.validate()
     passage_tokens = retriever.max_passage_tokens if retriever is not None else 0
     targets = plan_targets([tokens], cfg, segment_size(cfg, passage_tokens), partial=True)
@@ -290,14 +309,19 @@ def score_tokens(
             logprobs[first + j - 1] = float(got[j])
             best[first + j - 1] = list(zip(ids[j].tolist(), values[j].tolist(), strict=True))
 
-    with torch.inference_mode():
-        head = tokens[: min(cfg.query_tokens, len(tokens))]
-        if len(head) > 1:
-            session.reset()
-            keep(1, target_logp(session.extend(head, all_logits=True)[:-1], banned))
-        scorer = score_fast if spec.position != "prepend" else score_slow
-        hook = lambda i, logp: keep(targets[i].position, logp)  # noqa: E731
-        scorer(session, engine.marker_ids, spec, [tokens], targets, retrievals, cfg, banned, hook)
+    # No inference_mode around the yields: it would stay on in the scheduler's thread (the forwards set their own).
+    head = tokens[: min(cfg.query_tokens, len(tokens))]
+    if len(head) > 1:
+        session.reset()
+        keep(1, target_logp(session.extend(head, all_logits=True)[:-1], banned))
+    hook = lambda i, logp: keep(targets[i].position, logp)  # noqa: E731
+    scorer = _fast if spec.position != "prepend" else _slow
+    reported = 0
+    for _ in scorer(session, engine.marker_ids, spec, [tokens], targets, retrievals, cfg, banned, hook):
+        work = sum(f.tokens for f in session.forwards)
+        if chunk and work - reported >= chunk:
+            reported = work
+            yield work
     decode = engine.tokenizer.decode
     records = [
         {

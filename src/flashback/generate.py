@@ -124,11 +124,13 @@ def stream(
     cfg: GenerationConfig,
     trace: Trace | None = None,
     observe: Observer | None = None,
+    chunk: int | None = None,
 ) -> Iterator[int]:
     """Check the request, then return an iterator of generated token ids that fills `trace`.
 
     Validation happens here, before the first token is asked for, so callers can reject bad input
-    before they start streaming.
+    before they start streaming. With `chunk`, long prefills run `chunk` tokens at a time and the iterator yields
+    None between chunks: the server's scheduler then interleaves other requests within them.
     """
     cfg.validate()
     trace = trace if trace is not None else Trace(cfg.mode)
@@ -149,7 +151,7 @@ def stream(
     session = engine.session(cfg.mode, positions=len(prompt) + reserve + max_new)  # the most it will hold
     planner = Planner(cfg.mode, engine.marker_ids if use_markers else None, cfg.tail)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed, engine.marker_ids or (), cfg.stop_at_eos)
-    return _loop(engine, session, planner, sampling, prompt, retriever, cfg, max_new, trace, observe)
+    return _loop(engine, session, planner, sampling, prompt, retriever, cfg, max_new, trace, observe, chunk)
 
 
 def _loop(
@@ -163,6 +165,7 @@ def _loop(
     max_new: int,
     trace: Trace,
     observe: Observer | None,
+    chunk: int | None,
 ) -> Iterator[int]:
     trace.cache_capacity = session.capacity
     trace.forwards = session.forwards
@@ -177,24 +180,35 @@ def _loop(
             plan = planner.plan(history, passages, first=step == 0)
             n = min(cfg.stride, max_new - step) if retrieving else max_new - step
             trace.stretch_starts.append(len(session.forwards))
-            stretch = session.begin(plan, n, sampling, observe, step)
-            if retrieving:
-                trace.retrievals[-1]["computed_tokens"] = stretch.computed_tokens
-                if stretch.cached_tokens is not None:
-                    trace.retrievals[-1]["engine_cached_tokens"] = stretch.cached_tokens
+            stretch = session.begin(plan, n, sampling, observe, step, chunk)
+            record = trace.retrievals[-1] if retrieving else None
             got = 0
             for token in stretch:
+                if token is None:  # a chunk of the prefill is done (chunk)
+                    yield None
+                    continue
+                if got == 0:
+                    _note(record, stretch)
                 generated.append(token)
                 got += 1
                 yield token
                 if cfg.stop_at_eos and token in engine.eos_ids:
                     return
+            _note(record, stretch)
             if got < n:  # only an engine that decodes elsewhere returns fewer tokens than asked
                 if not stretch.stopped():
                     trace.warn(f"the upstream engine returned {got} of {n} tokens (its context may be full)")
                 return
     finally:
         trace.total_s = time.perf_counter() - start
+
+
+def _note(record: dict | None, stretch) -> None:
+    """What a retrieval step computed, once its forwards have run."""
+    if record is not None:
+        record["computed_tokens"] = stretch.computed_tokens
+        if stretch.cached_tokens is not None:
+            record["engine_cached_tokens"] = stretch.cached_tokens
 
 
 def _retrieve(

@@ -149,19 +149,36 @@ class Session(ABC):
     def reset(self) -> None:
         self.rollback(0)
 
-    def begin(self, plan: StepPlan, n: int, sampling: Sampling, observe: Observer | None, step: int) -> Stretch:
+    def begin(
+        self, plan: StepPlan, n: int, sampling: Sampling, observe: Observer | None, step: int, chunk: int | None = None
+    ) -> Stretch:
         """Apply `plan` to the cache, then decode up to `n` tokens one at a time (lazily: a stretch that is
-        not read further computes nothing more)."""
+        not read further computes nothing more). With `chunk`, the plan's forwards run lazily too, `chunk` tokens at
+        a time with a None between them, so that a scheduler can run other work within a long prefill."""
         if plan.keep == 0:
             self.reset()
         else:
             self.rollback(plan.keep)
+        if chunk is not None:
+            stretch = Stretch(iter(()), 0)
+            stretch.tokens = self._chunked(plan, n, sampling, observe, step, chunk, stretch)
+            return stretch
         logits = self.extend(plan.prefix) if plan.prefix else None
         before = len(self.forwards)
         if plan.feed:
             logits = self.extend(plan.feed)
         computed = sum(f.tokens for f in self.forwards[before:])
         return Stretch(self._tokens(logits, n, sampling, observe, step), computed)
+
+    def _chunked(self, plan: StepPlan, n: int, sampling, observe, step: int, chunk: int, stretch: Stretch):
+        logits = None
+        for part, counted in ((plan.prefix, False), (plan.feed, True)):
+            for start in range(0, len(part), chunk):
+                if logits is not None:
+                    yield None  # a chunk is done: other work may run before the next
+                logits = self.extend(part[start : start + chunk])
+                stretch.computed_tokens += len(part[start : start + chunk]) if counted else 0
+        yield from self._tokens(logits, n, sampling, observe, step)
 
     def _tokens(self, logits, n: int, sampling: Sampling, observe: Observer | None, step: int) -> Iterator[int]:
         for i in range(n):

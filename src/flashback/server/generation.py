@@ -21,13 +21,15 @@ from fastapi import Request
 from flashback.config import MODES, EvalConfig, GenerationConfig, ServerLimits
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
-from flashback.evaluate import ModeSpec, score_tokens, scoring_work
+from flashback.evaluate import ModeSpec, scoring_steps, scoring_work
 from flashback.generate import TextStreamer, Trace, stream
 from flashback.layout import planned_work
 from flashback.server.protocol import DRAIN, GENERATION, CompletionRequest, Drain, Step
 from flashback.server.scheduler import Scheduler, _ignore_result
 from flashback.text.retrieval import Retriever
 from flashback.text.tokenize import encode
+
+END = object()  # a generation's token iterator is exhausted
 
 
 class StopFilter:
@@ -100,6 +102,9 @@ class Generation:
     stops: StopFilter = field(init=False)
     scoring: tuple | None = None  # (mode spec, eval config, retriever) when the echoed prompt is scored
     scored: int = 0  # token positions the echo scoring computed
+    chunk: int = 0  # the scoring's token positions between two steps of the scheduler
+    echoing: object = None  # the scoring in progress (evaluate.scoring_steps)
+    echoed: bool = False
     count: int = 0
     reported: int = 0
     last_logits: torch.Tensor | None = None
@@ -116,15 +121,23 @@ class Generation:
     def observe(self, step: int, logits: torch.Tensor) -> None:
         self.last_logits = logits
 
-    def echo(self) -> Step:
+    def _echo(self) -> Step:
         """The prompt itself (echo), with its log-probabilities when asked (the first token has none), scored as
-        `flashback eval` scores a document in the request's mode (evaluate.score_tokens)."""
+        `flashback eval` scores a document in the request's mode (evaluate.scoring_steps), a chunk per step."""
         text = self.lm.tokenizer.decode(self.prompt_ids)  # as the tokens' own strings: text_offset points into it
         if self.scoring is None:
+            self.echoed = True
             return Step(text, list(self.prompt_ids), [], [], None, len(self.prompt_ids), echo=True)
-        spec, cfg, retriever = self.scoring
-        scores = score_tokens(self.lm, self.prompt_ids, retriever, spec, cfg, top=self.req.logprobs or 0)
-        self.scored = scores.work
+        if self.echoing is None:
+            spec, cfg, retriever = self.scoring
+            top = self.req.logprobs or 0
+            self.echoing = scoring_steps(self.lm, self.prompt_ids, retriever, spec, cfg, top, self.chunk)
+        try:
+            self.scored = next(self.echoing)
+            return self._tick()
+        except StopIteration as done:
+            scores = done.value
+        self.echoed, self.scored = True, scores.work
         decode = self.lm.tokenizer.decode
         probs = [{"token": decode([self.prompt_ids[0]]), "logprob": None, "top": {}}]
         for token, logprob, best in zip(self.prompt_ids[1:], scores.logprobs, scores.top, strict=True):
@@ -134,14 +147,22 @@ class Generation:
             probs.append({"token": decode([token]), "logprob": logprob, "top": top})
         return Step(text, list(self.prompt_ids), probs, scores.retrievals, None, len(self.prompt_ids), echo=True)
 
+    def _tick(self) -> Step:
+        """A step that produced nothing yet (a chunk of a prefill or of the scoring): the scheduler runs others."""
+        return Step("", [], [], self._new_retrievals(), None, len(self.prompt_ids))
+
     def step(self) -> Step:
         with self.busy:
             return self._step()
 
     def _step(self) -> Step:
-        token = next(self.tokens, None)
-        if token is None:
+        if self.req.echo and not self.echoed:
+            return self._echo()
+        token = next(self.tokens, END)
+        if token is END:
             return Step(self._rest(), [], [], self._new_retrievals(), "length", len(self.prompt_ids))
+        if token is None:  # a chunk of a prefill is done
+            return self._tick()
         self.count += 1
         text = self.stops.push(self.streamer.push(token))
         probs = [self._logprob(self.last_logits, token)] if self.req.logprobs is not None else []
@@ -277,9 +298,10 @@ class CompletionService:
                 "(fewer max_tokens, a larger stride, a smaller k, or mode append)"
             )
         trace = Trace(req.mode)
-        gen = Generation(self.lm, req, ids, None, trace, start, scoring=scoring)
+        chunk = self.limits.prefill_chunk
+        gen = Generation(self.lm, req, ids, None, trace, start, scoring=scoring, chunk=chunk)
         observe = gen.observe if req.logprobs is not None else None  # logits are kept only when asked for
-        gen.tokens = stream(self.lm, ids, self.retriever, cfg, trace, observe=observe)  # validates now
+        gen.tokens = stream(self.lm, ids, self.retriever, cfg, trace, observe=observe, chunk=chunk)  # validates now
         return gen
 
     def _scoring(self, req: CompletionRequest, cfg: GenerationConfig) -> tuple:
@@ -352,9 +374,7 @@ class CompletionService:
         try:
             clock = self.scheduler.clock
             gen = await self.scheduler.submit(clock, lambda: self.open(req, clock, work))
-            if req.echo:
-                yield await self.scheduler.submit(gen.priority, gen.echo)
-            steps = self.scheduler.stream(gen)
+            steps = self.scheduler.stream(gen)  # the echo first, when asked
             while True:
                 step = await steps.next()
                 yield step

@@ -262,6 +262,8 @@ async def events(
                     message = str(step) if isinstance(step, FlashbackError) else "internal error"
                     yield _error_event(message)
                     return
+                if not (step.text or step.tokens or step.retrievals or step.finish):
+                    continue  # a step that computed without producing (a chunk of a prefill)
                 yield f"data: {json.dumps(_chunk(step, index, state[index], req, cid, created, model))}\n\n"
         if req.stream_options and req.stream_options.include_usage:
             usage = _total([_usage(s["prompt_tokens"], s["completion"]) for s in state.values()])

@@ -51,7 +51,9 @@ class UpstreamSession(Session):
             raise ValueError(f"cannot roll back to {length}: only {len(self.tokens)} tokens are held")
         del self.tokens[length:]
 
-    def begin(self, plan: StepPlan, n: int, sampling: Sampling, observe: Observer | None, step: int) -> Stretch:
+    def begin(
+        self, plan: StepPlan, n: int, sampling: Sampling, observe: Observer | None, step: int, chunk: int | None = None
+    ) -> Stretch:  # one request: the server does its own chunking
         if observe is not None:
             raise FlashbackError("an upstream engine returns tokens, not logits (no logprobs, no echo scoring)")
         self.rollback(plan.keep)
