@@ -869,3 +869,34 @@ def test_a_cheap_request_does_not_wait_behind_prefills_that_have_not_finished(ti
     first, last = order.index("light"), len(order) - 1 - order[::-1].index("light")
     assert order.count("light") == 16 and order.count("heavy") > 3 * 6  # each prefill took several chunks
     assert order[first : last + 1].count("heavy") <= 3, order  # at most one chunk of each, then the cheap one
+
+
+def test_slow_clients_are_cut_off(tiny_lm, tiny_index_dir):
+    """--read-timeout: a connection that sends no complete request headers is closed, a body that stops coming gets
+    a 408; neither holds anything for long. A normal request on the same server is unaffected."""
+    import dataclasses
+
+    from flashback.server import server_config
+
+    limits = dataclasses.replace(LIMITS, read_timeout_s=1.0)
+    app = create_app(tiny_lm, IndexRetriever(Index.load(tiny_index_dir)), limits, True, 4)
+    port = free_port()
+    srv = uvicorn.Server(server_config(app, "127.0.0.1", port, limits, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        while not srv.started:
+            time.sleep(0.05)
+        headers = socket.create_connection(("127.0.0.1", port), timeout=10)
+        headers.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        start = time.monotonic()
+        assert headers.recv(100) == b"" and time.monotonic() - start < 8  # closed by the server
+        body = socket.create_connection(("127.0.0.1", port), timeout=10)
+        body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        body.sendall(b'Content-Length: 100\r\n\r\n{"prompt": ')  # then nothing
+        assert body.recv(100).startswith(b"HTTP/1.1 408")
+        ok = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "A kludge", "max_tokens": 4})
+        assert ok.status_code == 200, ok.text
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

@@ -389,7 +389,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(
         engine, retriever, limits, markers=markers, tail=tail, docs=serve.docs, mode=mode, name=name, alias=ecfg.model
     )
-    run(app, serve.host, serve.port, limits.shutdown_grace_s)
+    run(app, serve.host, serve.port, limits)
     return 0
 
 

@@ -345,6 +345,9 @@ class ServerLimits:
     prefill_chunk: int = opt(
         256, "long prefills and echo scoring run this many token positions at a time, other requests between them"
     )
+    read_timeout_s: float = opt(
+        10.0, "seconds a client has to send its request headers, and each part of its body", flag="read-timeout"
+    )
     shutdown_grace_s: float = opt(
         5.0, "seconds open streams get after SIGTERM before they are cut", flag="shutdown-grace"
     )
@@ -355,6 +358,8 @@ class ServerLimits:
         _at_least(self, names)
         if self.shutdown_grace_s < 0:
             raise FlashbackError("--shutdown-grace must be >= 0")
+        if not self.read_timeout_s > 0:
+            raise FlashbackError("--read-timeout must be > 0")
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,17 @@ request's generation, the admitting service), app.py (routes and middleware).
 """
 
 from flashback.config import ServerLimits
-from flashback.server.app import create_app, run
+from flashback.server.app import create_app, run, server_config
 from flashback.server.generation import CompletionService, Generation, StopFilter
 from flashback.server.protocol import CompletionRequest
 
-__all__ = ["CompletionRequest", "CompletionService", "Generation", "ServerLimits", "StopFilter", "create_app", "run"]
+__all__ = [
+    "CompletionRequest",
+    "CompletionService",
+    "Generation",
+    "ServerLimits",
+    "StopFilter",
+    "create_app",
+    "run",
+    "server_config",
+]

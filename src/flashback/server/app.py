@@ -37,13 +37,14 @@ log = logging.getLogger("flashback.server")
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets a 413 before anyone parses it.
+    """ASGI middleware: a request body over `limit` bytes gets a 413 before anyone parses it, and one whose next part
+    does not come within `timeout` seconds a 408 (a client trickling a body holds no slot for long).
 
     The body is read here (at most `limit` bytes are ever held) and replayed to the app.
     """
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float | None = None):
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -54,7 +55,11 @@ class BodyLimit:
             return await too_large(scope, receive, send)
         body, more = b"", True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                late = error_response(408, f"request body not received within {self.timeout:g} s")
+                return await late(scope, receive, send)
             if message["type"] != "http.request":  # the client left
                 return
             body += message.get("body", b"")
@@ -107,7 +112,7 @@ def create_app(
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes, timeout=limits.read_timeout_s)
 
     _add_error_handlers(app)
 
@@ -191,7 +196,42 @@ async def _complete(service: CompletionService, req: CompletionRequest, request:
     return await whole(choices, req, cid, created, name)
 
 
-def run(app: FastAPI, host: str, port: int, shutdown_grace_s: float) -> None:
+def server_config(app: FastAPI, host: str, port: int, limits: ServerLimits, log_level: str = "info"):
+    """uvicorn's settings for `app`: the shutdown grace, and connections that send no request headers within
+    --read-timeout closed (uvicorn bounds only idle keep-alive connections)."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadersInTime(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.headers_late = self.loop.call_later(limits.read_timeout_s, self._close_without_request)
+
+        def _close_without_request(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None:
+                self.headers_late.cancel()
+
+        def connection_lost(self, exc) -> None:
+            self.headers_late.cancel()
+            super().connection_lost(exc)
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=HeadersInTime,
+        timeout_keep_alive=int(max(1, limits.read_timeout_s)),
+        timeout_graceful_shutdown=limits.shutdown_grace_s,
+    )
+
+
+def run(app: FastAPI, host: str, port: int, limits: ServerLimits) -> None:
     """Serve `app` with uvicorn until SIGINT/SIGTERM. At the signal, open streams end at once with an error event and
     [DONE] (a clean end, not a cut connection), requests without a stream get the grace period, and the model
     threads finish their step before the process exits."""
@@ -204,5 +244,4 @@ def run(app: FastAPI, host: str, port: int, shutdown_grace_s: float) -> None:
                 drain()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=shutdown_grace_s)
-    Draining(config).run()
+    Draining(server_config(app, host, port, limits)).run()
