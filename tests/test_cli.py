@@ -260,3 +260,11 @@ def test_a_nan_heldout_fraction_is_refused(capsys, tiny_model_dir, tiny_index_di
     assert_clean_error(code, err, "--heldout must be in [0, 1)")
     code, _, err = run_cli(capsys, "eval", *args)
     assert_clean_error(code, err, "--heldout must be in [0, 1)")
+
+
+def test_an_error_under_a_progress_bar_gets_its_own_line(capsys, tiny_model_dir, corpus_file, tmp_path):
+    """index shows a progress bar while it tokenizes; an error then must not share the bar's line."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(corpus_file.read_text() + "{broken\n")
+    code, _, err = run_cli(capsys, "index", corpus_file, bad, "--out", tmp_path / "idx", "--model", tiny_model_dir)
+    assert_clean_error(code, err, "bad.jsonl")  # a line that starts with the error, not with the bar

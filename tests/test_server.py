@@ -269,6 +269,18 @@ def test_invalid_json(server):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "number too long"),
+        (b"[" * 100_000, "nested too deeply"),
+    ],
+)
+def test_json_the_parser_refuses_is_named(server, content, message):
+    r = httpx.post(f"{server}/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
 def test_bounded_load(server):
     """50 requests, 8 at a time: some streaming, some hanging up early; all well-formed, server healthy."""
 

@@ -506,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         return args.func(args)
     except FlashbackError as exc:
-        print(f"flashback: error: {exc}", file=sys.stderr)
+        from tqdm import tqdm
+
+        tqdm.write(f"flashback: error: {exc}", file=sys.stderr)  # on its own line, even under a progress bar
         return 2
     except KeyboardInterrupt:
         print("flashback: interrupted", file=sys.stderr)

@@ -156,7 +156,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        message = "request body is not valid UTF-8 JSON" if exc.status_code == 400 else str(exc.detail)
+        message = (  # what the JSON parser refused beyond a syntax error (those are json_invalid, above)
+            "request body is not JSON this server reads: not UTF-8, nested too deeply, or a number too long"
+            if exc.status_code == 400
+            else str(exc.detail)
+        )
         return error_response(
             exc.status_code, message, "invalid_request_error" if exc.status_code < 500 else "server_error"
         )

@@ -10,6 +10,7 @@ files.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import threading
 from collections.abc import AsyncIterator
 from contextlib import suppress
@@ -30,6 +31,13 @@ from flashback.text.retrieval import Retriever
 from flashback.text.tokenize import encode
 
 END = object()  # a generation's token iterator is exhausted
+
+
+def release_memory() -> None:
+    """Return memory freed by finished requests to the OS. glibc keeps freed memory for reuse, so without this a
+    server's RSS stays at the peak of its largest prefill long after the request ended."""
+    with suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class StopFilter:
@@ -390,4 +398,7 @@ class CompletionService:
                     self.scheduler.submit(-1.0, gen.close).add_done_callback(_ignore_result)
             self.state["active"] -= 1
             self.state["served"] += 1
+            if self.state["active"] == 0:  # the last request ended: hand its peak memory back
+                with suppress(FlashbackError):
+                    self.scheduler.submit(-1.0, release_memory).add_done_callback(_ignore_result)
             self.admission.release()
