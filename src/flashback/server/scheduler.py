@@ -12,6 +12,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Protocol
 
 from flashback.errors import FlashbackError
@@ -111,10 +112,10 @@ class _Once:
             result, error = self.job(), None
         except BaseException as exc:  # handed to the waiting request, which decides
             result, error = None, exc
-        self.loop.call_soon_threadsafe(_settle, self.future, result, error)
+        _call_soon(self.loop, _settle, self.future, result, error)
 
     def fail(self, error: BaseException) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.future, None, error)
+        _call_soon(self.loop, _settle, self.future, None, error)
 
 
 class StepStream:
@@ -132,11 +133,11 @@ class StepStream:
         except BaseException as exc:
             self.fail(exc)
             return None
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, step)
+        _call_soon(self.loop, self.queue.put_nowait, step)
         return None if step.finish or self.cancelled else self.gen.priority
 
     def fail(self, error: BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, error)
+        _call_soon(self.loop, self.queue.put_nowait, error)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -146,6 +147,12 @@ class StepStream:
         if isinstance(item, BaseException):
             raise item
         return item
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """Hand a result to the event loop; a loop that has closed (the server stopped) has nobody left to tell."""
+    with suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
 
 
 def _ignore_result(future: asyncio.Future) -> None:
