@@ -4,7 +4,7 @@
 
 The server runs alone on the machine (start nothing else). While normal 16-token append requests run one after
 another in the foreground, background clients send: expensive prepend requests (16 passages, a long prompt), long
-echo scoring (echo + logprobs over a 2,000-token prompt), streams that hang up after their first event, connections
+echo scoring (echo + logprobs over a ~1,000-token prompt), streams that hang up after their first event, connections
 that never finish their headers, bodies that stop coming, and hostile bodies (over the limits, malformed). Then a
 stream is left open and the server gets SIGTERM.
 

@@ -427,7 +427,7 @@ COMMANDS = {
     "eval": (cmd_eval, "perplexity of retrieval modes on the same target tokens", [
         TEXT, Fields(EngineConfig, ("model", "device", "dtype", "quantize", "adapters")), INDEX, Fields(EvalConfig),
         Arg("--modes", default="none,prepend,append",
-            help="comma-separated: none, prepend, append, append+markers, and +adapter on any of them"),
+            help="comma-separated: none, prepend, append, append+markers, and +adapter on any but none"),
         DATASET, SELECT, Arg("--json", help="write the results to this JSON file")]),
     "bench": (cmd_bench, "time append vs prepend generation across context lengths", [
         ENGINE, Fields(EngineConfig, ("threads",)), Fields(BenchConfig),

@@ -349,7 +349,9 @@ class ServerLimits:
         10.0, "seconds a client has to send its request headers, and each part of its body", flag="read-timeout"
     )
     shutdown_grace_s: float = opt(
-        5.0, "seconds open streams get after SIGTERM before they are cut", flag="shutdown-grace"
+        5.0,
+        "after SIGTERM: open streams end at once, requests without a stream get this many seconds",
+        flag="shutdown-grace",
     )
 
     def validate(self) -> None:
