@@ -100,3 +100,34 @@ def test_bench_cli_writes_json_and_plot(capsys, tiny_model_dir, tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["rows"][0]["context_length"] == 64 and "lora" in data
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_papers_runtime_test_grows_the_sequence_to_a_total_length(capsys, tiny_model_dir, tmp_path):
+    """--paper: the paper's regime (no markers, tail = stride, random passages, generation until the sequence
+    reaches --total-length), each setting still the user's to change; here scaled to the tiny model's positions."""
+    out = tmp_path / "paper.json"
+    args = ["bench", "--paper", "--model", tiny_model_dir, "--context-lengths", 64, "--total-length", 160]
+    code = main(
+        [
+            *map(str, args),
+            "--passage-tokens",
+            "16",
+            "--stride",
+            "8",
+            "--tail",
+            "8",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    config, (row,) = result["config"], result["rows"]
+    assert config["markers"] is False and config["lora_overhead"] is False and "lora" not in result
+    assert row["new_tokens"] == 160 - 64 and result["passages"] == "random tokens"
+    assert row["append_step_tokens"] == 8 + 8 + 16  # stride + tail + passage, no markers
+    assert row["flop_limit_speedup"] > 1
+    code = main([*map(str, args[:-2]), "--total-length", "64"])
+    assert code == 2 and "--total-length must exceed" in capsys.readouterr().err

@@ -22,6 +22,19 @@ from flashback.errors import FlashbackError
 from flashback.generate import generate
 from flashback.text.retrieval import Hit, Index, IndexRetriever, Retrieved
 
+# The runtime test of the FlashBack paper (its test_speed.py): random token ids, an initial context of 512 tokens grown
+# to 2,048, a random 128-token document every 16 generated tokens, no marking tokens; its append mode cuts the cache
+# back before the old document and the last 16 tokens and re-feeds those after the new one, which is tail = stride.
+PAPER_REGIME = {
+    "context_lengths": (512,),
+    "total_length": 2048,
+    "passage_tokens": 128,
+    "stride": 16,
+    "markers": False,
+    "tail": 16,
+    "lora_overhead": False,
+}
+
 
 class RandomRetriever:
     """Random-token passages: measures the model side alone when no index is given."""
@@ -194,11 +207,12 @@ def run_bench(
         if index is not None
         else RandomRetriever(len(engine.tokenizer) - 2, bc.passage_tokens, bc.seed)
     )
-    if bc.new_tokens <= bc.stride:
-        raise FlashbackError(
-            f"--new-tokens ({bc.new_tokens}) must exceed --stride ({bc.stride}): the bench times the retrieval "
-            "steps after the first"
-        )
+    for length in bc.context_lengths:
+        if new_tokens(bc, length) <= bc.stride:
+            raise FlashbackError(
+                f"--new-tokens ({new_tokens(bc, length)} at L={length}) must exceed --stride ({bc.stride}): the bench "
+                "times the retrieval steps after the first"
+            )
     progress("measuring memory-copy bandwidth")
     bandwidth = copy_bandwidth(engine.device)
     rows = [_bench_length(engine, bc, index, retriever, length, bandwidth, progress) for length in bc.context_lengths]
@@ -229,7 +243,12 @@ def run_bench(
     return out
 
 
-def _bench_configs(engine: Engine, bc: BenchConfig) -> dict[str, GenerationConfig]:
+def new_tokens(bc: BenchConfig, length: int) -> int:
+    """Tokens generated after a context of `length`: --new-tokens, or up to --total-length (the paper's test)."""
+    return bc.total_length - length if bc.total_length else bc.new_tokens
+
+
+def _bench_configs(engine: Engine, bc: BenchConfig, new: int) -> dict[str, GenerationConfig]:
     markers = bc.markers and engine.marker_ids is not None
     return {
         m: GenerationConfig(
@@ -237,7 +256,7 @@ def _bench_configs(engine: Engine, bc: BenchConfig) -> dict[str, GenerationConfi
             stride=bc.stride,
             query_tokens=bc.query_tokens,
             k=bc.k,
-            max_new_tokens=bc.new_tokens,
+            max_new_tokens=new,
             markers=markers,
             tail=bc.tail,
             stop_at_eos=False,
@@ -248,11 +267,11 @@ def _bench_configs(engine: Engine, bc: BenchConfig) -> dict[str, GenerationConfi
 
 def _bench_length(engine: Engine, bc: BenchConfig, index, retriever, length: int, bandwidth: float, progress) -> dict:
     """Both modes at one context length: a warm-up, then interleaved runs; medians and the FLOP limits."""
-    passage = retriever.max_passage_tokens
-    if length + bc.new_tokens + bc.k * passage + 2 > engine.max_positions:
+    passage, new = retriever.max_passage_tokens, new_tokens(bc, length)
+    if length + new + bc.k * passage + 2 > engine.max_positions:
         raise FlashbackError(f"context length {length} does not fit the model's {engine.max_positions} positions")
     context = context_tokens(engine, length, index, bc.seed)
-    cfgs = _bench_configs(engine, bc)
+    cfgs = _bench_configs(engine, bc, new)
     progress(f"L={length}: warm-up")
     for mode in cfgs:
         _run(engine, context, retriever, cfgs[mode])
@@ -263,9 +282,9 @@ def _bench_length(engine: Engine, bc: BenchConfig, index, retriever, length: int
             runs[mode].append(_run(engine, context, retriever, cfgs[mode]))
     markers = cfgs["append"].markers
     step_tokens = bc.stride + bc.tail + bc.k * passage + 2 * markers  # what an append retrieval step encodes
-    row = {"context_length": length, "new_tokens": bc.new_tokens}
+    row = {"context_length": length, "new_tokens": new}
     for mode, rs in runs.items():
-        row[mode] = _mode_summary(engine, bc, mode, rs, bandwidth)
+        row[mode] = _mode_summary(engine, new, mode, rs, bandwidth)
     a, p = row["append"], row["prepend"]
     arch = engine.arch
     row["speedup"] = p["wall_s"]["median"] / a["wall_s"]["median"]
@@ -285,18 +304,16 @@ def _bench_length(engine: Engine, bc: BenchConfig, index, retriever, length: int
     return row
 
 
-def _mode_summary(engine: Engine, bc: BenchConfig, mode: str, rs: list[dict], bandwidth: float) -> dict:
+def _mode_summary(engine: Engine, new: int, mode: str, rs: list[dict], bandwidth: float) -> dict:
     wall = _summary([x["wall_s"] for x in rs])
     out = {
         "wall_s": wall,
-        "tokens_per_s": bc.new_tokens / wall["median"],
+        "tokens_per_s": new / wall["median"],
         "breakdown_s": {
             k: statistics.median(x[k] for x in rs) for k in ("retrieval_s", "prefill_s", "extend_s", "decode_s")
         },
         "retrieval_step_s": statistics.median(s + x["retrieval_each_s"] for x in rs for s in x["step_s"]),
-        "decode_ms_per_token": 1000
-        * statistics.median(x["decode_s"] for x in rs)
-        / (bc.new_tokens - rs[0]["retrievals"]),
+        "decode_ms_per_token": 1000 * statistics.median(x["decode_s"] for x in rs) / (new - rs[0]["retrievals"]),
         "decode_share": statistics.median(x["decode_s"] / x["wall_s"] for x in rs),
         **decode_bound(engine, mode, rs[0]["kv_tokens_read"], bandwidth),
         "flops": rs[0]["flops"],
@@ -313,7 +330,7 @@ def lora_overhead(engine: Engine, bc: BenchConfig, retriever, progress) -> dict:
     """Append-mode generation with an unmerged LoRA adapter (r=16 on bc.lora_targets) vs the same merged."""
     length = min(bc.context_lengths[-1], 2048)
     context = context_tokens(engine, length, getattr(retriever, "index", None), bc.seed)
-    cfg = _bench_configs(engine, bc)["append"]
+    cfg = _bench_configs(engine, bc, bc.new_tokens)["append"]
     with engine.fresh_lora(bc.lora_targets) as (unmerged, peft_model, targets):
         times = {"unmerged": [], "merged": []}
         _run(unmerged, context, retriever, cfg)

@@ -309,10 +309,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---- bench -----------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
-    from flashback.bench import format_comparison, format_table, plot, run_bench
+    from flashback.bench import PAPER_REGIME, format_comparison, format_table, plot, run_bench
     from flashback.engines.load import load_engine, runs_export, tuned_layouts
     from flashback.layout import layout_settings
 
+    if args.paper:  # the paper's runtime test, where the user set nothing else
+        for name, value in PAPER_REGIME.items():
+            if not hasattr(args, name):
+                setattr(args, name, value)
     ecfg, bc = config(EngineConfig, args), config(BenchConfig, args)
     for path in (args.json, args.plot):
         if path:
@@ -322,7 +326,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bc = replace(bc, markers=markers, tail=tail, lora_overhead=bc.lora_overhead and not runs_export(ecfg))
     index = _load_index(args.index) if args.index else None
     step = bc.stride + bc.tail + bc.k * bc.passage_tokens + 2  # the bare forward of one step's tokens, too
-    context = max(bc.context_lengths) + max(bc.new_tokens, step) + step
+    context = max(max(bc.context_lengths) + max(bc.new_tokens, step), bc.total_length or 0) + step
     engine = load_engine(replace(ecfg, context=ecfg.context or context), adapters={}, markers=bc.markers)
     if args.beside_torch and engine.capabilities.adapters:
         raise FlashbackError("--beside-torch compares an engine (--engine llamacpp or --upstream) with PyTorch")
@@ -432,6 +436,9 @@ COMMANDS = {
     "bench": (cmd_bench, "time append vs prepend generation across context lengths", [
         ENGINE, Fields(EngineConfig, ("threads",)), Fields(BenchConfig),
         Arg("--index", default=None, help="retrieve real passages from this index (default: random tokens)"),
+        Arg("--paper", action="store_true",
+            help="the FlashBack paper's runtime test: a 512-token context grown to 2,048 tokens, a random 128-token "
+                 "passage every 16 tokens, no markers, the 16 new tokens re-encoded after the passage"),
         Arg("--beside-torch", action="store_true",
             help="with --engine llamacpp or --upstream: then time the same export on the PyTorch engine, in this run"),
         Arg("--json", help="write every row to this JSON file"),

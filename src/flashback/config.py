@@ -307,6 +307,9 @@ class EvalConfig:
 class BenchConfig:
     context_lengths: tuple[int, ...] = opt((512, 1024, 2048, 4096), "comma-separated context lengths", comma=True)
     new_tokens: int = opt(128, "tokens generated per run")
+    total_length: int | None = opt(
+        None, "instead, generate until the sequence holds this many tokens (the paper's runtime test: 2048)"
+    )
     stride: int = opt(STRIDE, "retrieve every N generated tokens")
     passage_tokens: int = opt(PASSAGE_TOKENS, "random-passage length (without --index)")
     query_tokens: int = opt(QUERY_TOKENS, "query = the last N tokens", hidden=True)
@@ -328,6 +331,8 @@ class BenchConfig:
         _at_least(self, ("new_tokens", "stride", "passage_tokens", "k", "repeats", "query_tokens"))
         if not self.context_lengths or min(self.context_lengths) < 1:
             raise FlashbackError("--context-lengths must be positive integers")
+        if self.total_length is not None and self.total_length <= max(self.context_lengths):
+            raise FlashbackError("--total-length must exceed every context length")
         if self.tail < 0:
             raise FlashbackError("--tail must be >= 0")
 
