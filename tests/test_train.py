@@ -198,6 +198,38 @@ def test_training_changes_only_markers_and_lora_and_reloads_exactly(fresh_lm, ti
     assert card["steps"] == 4 and card["markers"] and card["position"] == "append"
 
 
+def test_switching_modes_gives_each_mode_its_own_marker_rows(fresh_lm, tiny_model_dir, tmp_path):
+    """The engine keeps the adapter's trained marker rows outside PEFT (TokenRows) and writes them on a switch:
+    append equals the adapter under PEFT, none equals the bare model, in any order, and so does a merged copy."""
+    from peft import PeftModel
+
+    from flashback.cards import ADAPTER_FORMAT
+    from flashback.engines.torch.decode import merged_copy
+
+    peft_model = add_adapter(fresh_lm, TrainConfig(target_modules=("q_proj", "v_proj")))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.normal_(0, 0.3)
+    peft_model.save_pretrained(tmp_path / "a", save_embedding_layers=False)
+    (tmp_path / "a" / "flashback.json").write_text(json.dumps({"format": ADAPTER_FORMAT, "position": "append", "markers": True}))
+    engine = load_model(str(tiny_model_dir), adapter=str(tmp_path / "a"))
+    bare = load_model(str(tiny_model_dir), markers=True).model
+    reference = PeftModel.from_pretrained(load_model(str(tiny_model_dir), markers=True).model, str(tmp_path / "a"))
+    marks = engine.marker_ids
+    ids = torch.tensor([[120, 130, marks[0], 60, 61, marks[1], 70]])
+    with torch.no_grad():
+        want = {"append": reference.eval()(input_ids=ids).logits, "none": bare(input_ids=ids).logits}
+        for mode in ("append", "none", "append", "prepend", "none"):
+            engine.activate(mode)
+            got = engine.model(input_ids=ids).logits
+            torch.testing.assert_close(got, want.get(mode, want["none"]), atol=1e-5, rtol=0)
+        for adapter, mode in (("append", "append"), (None, "none")):
+            copy = merged_copy(engine.model, adapter, engine.token_rows)
+            torch.testing.assert_close(copy(input_ids=ids).logits, want[mode], atol=1e-4, rtol=0)
+
+
 def test_a_few_steps_learn_to_use_the_appended_passage(fresh_lm, tmp_path):
     lm = fresh_lm
     val = copy_task(12, 1)

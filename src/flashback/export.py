@@ -136,7 +136,7 @@ def export(
     check_output(out, EXPORT_FOLDER)  # before the merge
     position = adapter_position(adapter)
     lm = load_model(model, dtype=dtype, markers=True, adapters={position: str(adapter)})
-    merged = merged_copy(lm.model, position)
+    merged = merged_copy(lm.model, position, lm.token_rows)
     source = read_card(adapter)
     card = {
         "format": EXPORT_FORMAT,

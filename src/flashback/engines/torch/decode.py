@@ -124,8 +124,9 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
-def merged_copy(model: nn.Module, adapter: str | None) -> nn.Module:
-    """The plain model with `adapter` (a PEFT adapter name) merged in, or with adapters removed.
+def merged_copy(model: nn.Module, adapter: str | None, token_rows=None) -> nn.Module:
+    """The plain model with `adapter` (a PEFT adapter name) merged in, or with adapters removed; its embedding
+    rows from `token_rows` (adapters.TokenRows) when the adapters' trained rows were folded out of PEFT.
 
     Without PEFT adapters the copy shares every weight with `model`.
     """
@@ -135,10 +136,14 @@ def merged_copy(model: nn.Module, adapter: str | None) -> nn.Module:
         return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
     peft = copy.deepcopy(model)
     if adapter is None:
-        return peft.unload()
-    peft.base_model.enable_adapter_layers()
-    peft.set_adapter(adapter)
-    return peft.merge_and_unload(adapter_names=[adapter])
+        plain = peft.unload()
+    else:
+        peft.base_model.enable_adapter_layers()
+        peft.set_adapter(adapter)
+        plain = peft.merge_and_unload(adapter_names=[adapter])
+    if token_rows:
+        token_rows.write(plain, adapter)
+    return plain
 
 
 def swap_linears(module: nn.Module, quantize: str | None) -> None:
@@ -155,9 +160,9 @@ class Decoder:
     `compile_s` is the time of the first call(s) that compiled (paid once per process and shape).
     """
 
-    def __init__(self, model: nn.Module, adapter: str | None, quantize: str | None, compile: bool):
+    def __init__(self, model: nn.Module, adapter: str | None, quantize: str | None, compile: bool, token_rows=None):
         _register_attention()
-        self.model = merged_copy(model, adapter)
+        self.model = merged_copy(model, adapter, token_rows)
         swap_linears(self.model, quantize)
         self.model.set_attn_implementation(ATTENTION)
         self.model.eval()

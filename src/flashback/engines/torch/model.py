@@ -36,6 +36,7 @@ class TorchEngine(Engine):
         adapters: dict[str, str] | None = None,
         compile: bool = False,
         quantize: str | None = None,
+        token_rows=None,
     ):
         self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, torch.device(device)
         self.marker_ids = marker_ids
@@ -45,6 +46,9 @@ class TorchEngine(Engine):
         self.tuned = {mode: adapter_tuned(path) for mode, path in self._adapters.items()}
         self._active = next(iter(self._adapters), None)  # PeftModel activates the first adapter it loads
         self._decoders: dict = {}
+        self.token_rows = token_rows  # the adapters' marker rows, outside PEFT (adapters.TokenRows)
+        if token_rows:
+            token_rows.write(self.model, self._active)
 
     @property
     def adapters(self) -> dict[str, str]:
@@ -119,7 +123,7 @@ class TorchEngine(Engine):
         if adapter not in self._decoders:
             from flashback.engines.torch.decode import Decoder
 
-            self._decoders[adapter] = Decoder(self.model, adapter, self.quantize, self.compile)
+            self._decoders[adapter] = Decoder(self.model, adapter, self.quantize, self.compile, self.token_rows)
         return self._decoders[adapter]
 
     def activate(self, mode: str | None) -> None:
@@ -138,6 +142,8 @@ class TorchEngine(Engine):
         else:
             self.model.base_model.enable_adapter_layers()
             self.model.set_adapter(want)
+        if self.token_rows:
+            self.token_rows.write(self.model, want)
         self._active = want
 
     @contextmanager
@@ -214,10 +220,12 @@ def load_model(
         plan.setdefault(adapter_position(adapter), str(adapter))
     marker_ids = add_marker_tokens(model, tokenizer) if (markers or plan) else None
     if plan:
-        from flashback.engines.torch.adapters import attach_adapters
+        from flashback.engines.torch.adapters import TokenRows, attach_adapters
 
         model = attach_adapters(model, tokenizer, plan, base_name=name or DEFAULT_MODEL)
+        rows = TokenRows.fold(model)
     model.to(device).eval()
     return TorchEngine(
-        model, tokenizer, name or DEFAULT_MODEL, torch.device(device), marker_ids, plan, compile, quantize
+        model, tokenizer, name or DEFAULT_MODEL, torch.device(device), marker_ids, plan, compile, quantize,
+        rows if plan else None,
     )
