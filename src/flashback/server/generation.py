@@ -252,7 +252,7 @@ class CompletionService:
             workers = limits.max_active
             if retriever is not None:
                 self.retriever = LockedRetriever(retriever)
-        self.scheduler = Scheduler(workers)
+        self.scheduler = Scheduler(workers, credit=limits.prefill_chunk)
         self.admission = asyncio.Semaphore(limits.max_active)
         self.state = {"active": 0, "waiting": 0, "served": 0}
 
@@ -380,8 +380,8 @@ class CompletionService:
         self.state["active"] += 1
         gen, steps = None, None
         try:
-            clock = self.scheduler.clock
-            gen = await self.scheduler.submit(clock, lambda: self.open(req, clock, work))
+            start = self.scheduler.arrival()
+            gen = await self.scheduler.submit(start, lambda: self.open(req, start, work))
             steps = self.scheduler.stream(gen)  # the echo first, when asked
             while True:
                 step = await steps.next()

@@ -1,7 +1,9 @@
 """The model thread(s): which generation's step runs next.
 
 The lowest priority runs next: for generations, the token positions they have computed so far, so a request
-whose steps are expensive (prepend, large k, stride 1) cannot starve a cheap one.
+whose steps are expensive (prepend, large k, stride 1) cannot starve a cheap one. A new generation starts up to
+one chunk of work below the clock, so a short request runs ahead of the steps already queued instead of between
+them.
 """
 
 from __future__ import annotations
@@ -35,17 +37,27 @@ class Scheduler:
     ever has two steps running. `workers` > 1 is for engines whose work waits on another process (upstream).
     """
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, workers: int = 1, credit: float = 0.0) -> None:
         self._heap: list = []
         self._order = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
-        self.clock = 0.0  # priority of the work that ran last: where a new generation starts
+        self.clock = 0.0  # the virtual time: where the work that runs now stands
+        self.credit = credit  # how far below the clock a new generation may start
+        self.floor = -float("inf")  # where the work done on credit stands
         self._threads = [
             threading.Thread(target=self._run, name=f"flashback-model-{i}", daemon=True) for i in range(workers)
         ]
         for thread in self._threads:
             thread.start()
+
+    def arrival(self) -> float:
+        """The priority a new generation starts at: up to `credit` below the clock, ahead of the queued steps.
+
+        The credit is shared, not given to each: a new generation starts where the work done on credit stands, so
+        generations arriving back to back use the credit once, then share the model with the queued ones by work.
+        """
+        return min(self.clock, max(self.clock - self.credit, self.floor))
 
     def submit(self, priority: float, job: Callable[[], object]) -> asyncio.Future:
         """Run `job` once; its result (or exception) lands in the returned future."""
@@ -77,12 +89,14 @@ class Scheduler:
                 priority, _, item = heapq.heappop(self._heap)
             if item.cancelled:
                 continue
-            self.clock = max(self.clock, priority)
+            with self._cv:
+                self.clock = max(self.clock, priority)
             again = item.run()
-            if again is not None:
-                with self._cv:
-                    if not self._closed:
-                        heapq.heappush(self._heap, (again, next(self._order), item))
+            with self._cv:
+                if priority < self.clock:  # it ran on credit: the next new generation starts where it stands
+                    self.floor = max(self.floor, priority if again is None else again)
+                if again is not None and not self._closed:
+                    heapq.heappush(self._heap, (again, next(self._order), item))
 
     def join(self, timeout: float) -> None:
         """Wait for the model threads to finish the step they run (after close)."""
