@@ -10,7 +10,7 @@ stream is left open and the server gets SIGTERM.
 
 Printed, as JSON: every status seen (no 5xx expected), the normal request's latency idle and under load (median,
 max, and the requests that arrived behind an expensive one), /health's latency, the server's RSS before and after
-(after the load ends), and how SIGTERM ended (exit status, whether the open stream ended with [DONE]).
+(once the load has ended and the server holds no generation), and how SIGTERM ended (exit status, whether the open stream ended with [DONE]).
 Figures are medians of one run on a shared machine: compare them within the run.
 """
 
@@ -178,6 +178,18 @@ def idle_latency(base: str) -> float:
     return statistics.median(times[1:])
 
 
+def settled_rss(pid: int, base: str) -> float:
+    """The server's RSS once it holds no generation (its last one ended, so it has handed freed memory back)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        health = httpx.get(f"{base}/health", timeout=10).json()
+        if health["active"] == 0 and health["waiting"] == 0:
+            break
+        time.sleep(0.5)
+    time.sleep(2)
+    return rss_mb(pid)
+
+
 def sigterm_with_an_open_stream(proc: subprocess.Popen, base: str) -> dict:
     body = {"prompt": "A socket", "max_tokens": 512, "mode": "none", "stream": True}
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
@@ -214,8 +226,7 @@ def main() -> None:
         idle = idle_latency(base)
         rss_before = rss_mb(proc.pid)
         figures = asyncio.run(load(base, port, args.seconds))
-        time.sleep(2)
-        figures["rss_mb"] = {"before": round(rss_before), "after": round(rss_mb(proc.pid))}
+        figures["rss_mb"] = {"before": round(rss_before), "after": round(settled_rss(proc.pid, base))}
         figures["normal_idle_ms"] = round(1000 * idle, 1)
         figures["normal_over_idle"] = round(figures["normal_ms"]["median"] / figures["normal_idle_ms"], 2)
         behind = figures["normal_behind_expensive_ms"]["median"]

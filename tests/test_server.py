@@ -884,6 +884,61 @@ def test_a_cheap_request_does_not_wait_behind_prefills_that_have_not_finished(ti
     assert order[first : last + 1].count("heavy") == 0, order
 
 
+def test_long_requests_arriving_do_not_cut_into_a_running_cheap_one(tiny_lm, tiny_index_dir, monkeypatch):
+    """A 48-token request, the second of two back to back (so past its credit, at the clock), is decoding when three
+    prepend requests with long prefills arrive: they start a chunk behind the clock, so the cheap one runs to its end
+    first (starting at the clock, each would get a chunk in between)."""
+    import time
+
+    from flashback.server import CompletionRequest, CompletionService, Generation
+
+    order: list[str] = []
+    step, open_ = Generation.step, CompletionService.open
+
+    def recorded(self):
+        order.append("light" if self.req.mode == "none" else "heavy")
+        if self.req.mode == "none":
+            time.sleep(0.005)  # slow enough for the long requests to arrive while it decodes
+        return step(self)
+
+    def opened(self, req, *args):
+        order.append("open" if req.mode == "prepend" else "light open")
+        return open_(self, req, *args)
+
+    monkeypatch.setattr(Generation, "step", recorded)
+    monkeypatch.setattr(CompletionService, "open", opened)
+
+    class Connected:
+        async def is_disconnected(self):
+            return False
+
+    async def main():
+        limits = ServerLimits(prefill_chunk=64)
+        service = CompletionService(tiny_lm, IndexRetriever(Index.load(tiny_index_dir)), limits, True, 4)
+
+        async def run(body: dict, started: asyncio.Event | None = None):
+            async for _step in service.steps(CompletionRequest(**body), Connected()):
+                if started is not None:
+                    started.set()
+
+        words = "garbage collection memory program socket server port lambda function unicode hacker kludge " * 8
+        heavy = {"prompt": words, "mode": "prepend", "k": 16, "max_tokens": 1, "stream": True, "query_tokens": 512}
+        cheap = {"prompt": "A socket", "max_tokens": 48, "mode": "none", "stream": True}
+        await run(cheap)  # uses the credit: the next one runs at the clock (Scheduler.arrival)
+        order.clear()
+        decoding = asyncio.Event()
+        light = asyncio.create_task(run(cheap, decoding))
+        await decoding.wait()
+        await asyncio.gather(light, *(run(heavy) for _ in range(3)))
+        service.scheduler.close()
+
+    asyncio.run(main())
+    last = len(order) - 1 - order[::-1].index("light")
+    assert order.count("light") == 48 and order.count("heavy") > 3 * 6  # the prefills took several chunks
+    assert order[:last].count("open") == 3, order  # all three arrived while it decoded
+    assert order[:last].count("heavy") == 0, order
+
+
 def test_new_generations_go_first_but_never_starve_queued_ones():
     """A new generation starts a chunk of work below the clock, ahead of every queued step; what it computes there
     moves the clock on, so cheap requests arriving back to back still let a queued expensive one through."""

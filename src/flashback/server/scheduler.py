@@ -1,9 +1,8 @@
 """The model thread(s): which generation's step runs next.
 
 The lowest priority runs next: for generations, the token positions they have computed so far, so a request
-whose steps are expensive (prepend, large k, stride 1) cannot starve a cheap one. A new generation starts up to
-one chunk of work below the clock, so a short request runs ahead of the steps already queued instead of between
-them.
+whose steps are expensive (prepend, large k, stride 1) cannot starve a cheap one. A new short generation starts up
+to one chunk of work below the clock, so it runs ahead of the steps already queued instead of between them.
 """
 
 from __future__ import annotations
