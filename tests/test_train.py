@@ -213,7 +213,9 @@ def test_switching_modes_gives_each_mode_its_own_marker_rows(fresh_lm, tiny_mode
             if "lora_B" in name or "trainable_tokens_delta" in name:
                 p.normal_(0, 0.3)
     peft_model.save_pretrained(tmp_path / "a", save_embedding_layers=False)
-    (tmp_path / "a" / "flashback.json").write_text(json.dumps({"format": ADAPTER_FORMAT, "position": "append", "markers": True}))
+    (tmp_path / "a" / "flashback.json").write_text(
+        json.dumps({"format": ADAPTER_FORMAT, "position": "append", "markers": True})
+    )
     engine = load_model(str(tiny_model_dir), adapter=str(tmp_path / "a"))
     bare = load_model(str(tiny_model_dir), markers=True).model
     reference = PeftModel.from_pretrained(load_model(str(tiny_model_dir), markers=True).model, str(tmp_path / "a"))

@@ -117,7 +117,7 @@ class TokenRows:
         """Give `model` the rows of `adapter` (None: the base model's rows, wherever any adapter trained one)."""
         weights = {"input": model.get_input_embeddings().weight, "output": model.get_output_embeddings().weight}
         with torch.no_grad():
-            for role, (index, values) in self.rows[None].items():
-                weights[role].index_copy_(0, index, values)
-            for role, (index, values) in self.rows.get(adapter, {}).items():
-                weights[role].index_copy_(0, index, values)
+            for rows in (self.rows[None], self.rows.get(adapter, {})):
+                for role, (index, values) in rows.items():
+                    weight = weights[role]  # the model may have moved since (load_model folds, then moves)
+                    weight.index_copy_(0, index.to(weight.device), values.to(weight))

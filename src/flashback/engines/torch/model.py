@@ -226,6 +226,13 @@ def load_model(
         rows = TokenRows.fold(model)
     model.to(device).eval()
     return TorchEngine(
-        model, tokenizer, name or DEFAULT_MODEL, torch.device(device), marker_ids, plan, compile, quantize,
+        model,
+        tokenizer,
+        name or DEFAULT_MODEL,
+        torch.device(device),
+        marker_ids,
+        plan,
+        compile,
+        quantize,
         rows if plan else None,
     )
