@@ -33,6 +33,7 @@ from flashback.text.tokenize import encode
 
 END = object()  # a generation's token iterator is exhausted
 SHORT_CHUNKS = 2  # a request planned to compute at most this many prefill chunks is short: it may start early
+FIRST = -float("inf")  # housekeeping (freeing a cache, handing memory back) runs before any step, credited ones too
 
 
 def release_memory() -> None:
@@ -404,10 +405,10 @@ class CompletionService:
                 steps.cancel()
             if gen is not None:  # frees the KV cache after any step in flight (gen.busy)
                 with suppress(FlashbackError):
-                    self.scheduler.submit(-1.0, gen.close).add_done_callback(_ignore_result)
+                    self.scheduler.submit(FIRST, gen.close).add_done_callback(_ignore_result)
             self.state["active"] -= 1
             self.state["served"] += 1
             if self.state["active"] == 0:  # the last request ended: hand its peak memory back
                 with suppress(FlashbackError):
-                    self.scheduler.submit(-1.0, release_memory).add_done_callback(_ignore_result)
+                    self.scheduler.submit(FIRST, release_memory).add_done_callback(_ignore_result)
             self.admission.release()
