@@ -28,6 +28,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Connected:
+    """A client that stays connected (what `CompletionService.steps` asks of a request)."""
+
+    async def is_disconnected(self):
+        return False
+
+
+async def consume(service, body: dict, started: asyncio.Event | None = None) -> None:
+    """Run one request through the service to its end; `started` is set at its first step."""
+    from flashback.server import CompletionRequest
+
+    async for _step in service.steps(CompletionRequest(**body), Connected()):
+        if started is not None:
+            started.set()
+
+
+def record_steps(monkeypatch, light_sleep: float = 0.0) -> list[str]:
+    """The order of generation steps as they run on the model thread: "light" (mode none), else "heavy"."""
+    from flashback.server import Generation
+
+    order: list[str] = []
+    step = Generation.step
+
+    def recorded(self):
+        light = self.req.mode == "none"
+        order.append("light" if light else "heavy")
+        if light and light_sleep:
+            time.sleep(light_sleep)
+        return step(self)
+
+    monkeypatch.setattr(Generation, "step", recorded)
+    return order
+
+
 def serve_in_thread(app):
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
@@ -432,7 +466,7 @@ def test_an_expensive_request_does_not_starve_a_cheap_one(tiny_lm, tiny_index_di
     16-token request runs to completion before the expensive one gets more than the step it was already running
     (scheduled by steps, it would get one step per step of the cheap request: 17). The order is recorded on the
     model thread, as the steps execute."""
-    from flashback.server import CompletionRequest, CompletionService, Generation
+    from flashback.server import CompletionService, Generation
 
     order: list[str] = []
     heavy_work: list[int] = []
@@ -448,24 +482,14 @@ def test_an_expensive_request_does_not_starve_a_cheap_one(tiny_lm, tiny_index_di
 
     monkeypatch.setattr(Generation, "step", recorded)
 
-    class Connected:
-        async def is_disconnected(self):
-            return False
-
     async def main():
         service = CompletionService(tiny_lm, IndexRetriever(Index.load(tiny_index_dir)), ServerLimits(), True, 4)
-
-        async def run(body: dict, started: asyncio.Event | None = None):
-            async for _step in service.steps(CompletionRequest(**body), Connected()):
-                if started is not None:
-                    started.set()
-
         heavy_started = asyncio.Event()
         words = "garbage collection memory program socket server port lambda function unicode hacker kludge"
         heavy_body = {"prompt": words, "mode": "prepend", "k": 16, "stride": 1, "max_tokens": 64, "stream": True}
-        heavy = asyncio.create_task(run({**heavy_body, "query_tokens": 512}, heavy_started))
+        heavy = asyncio.create_task(consume(service, {**heavy_body, "query_tokens": 512}, heavy_started))
         await heavy_started.wait()
-        await run({"prompt": "A socket", "max_tokens": 16, "mode": "none", "stream": True})
+        await consume(service, {"prompt": "A socket", "max_tokens": 16, "mode": "none", "stream": True})
         await heavy
         service.scheduler.close()
 
@@ -845,36 +869,20 @@ def test_a_cheap_request_does_not_wait_behind_prefills_that_have_not_finished(ti
     """Three prepend requests with long prefills (16 passages), then a 16-token request: their prefills run a chunk
     at a time and a new request starts a chunk ahead of them, so the cheap request runs to its end with no chunk of
     theirs in between (behind three prefills, or a chunk of each, before)."""
-    from flashback.server import CompletionRequest, CompletionService, Generation
+    from flashback.server import CompletionService
 
-    order: list[str] = []
-    step = Generation.step
-
-    def recorded(self):
-        order.append("light" if self.req.mode == "none" else "heavy")
-        return step(self)
-
-    monkeypatch.setattr(Generation, "step", recorded)
-
-    class Connected:
-        async def is_disconnected(self):
-            return False
+    order = record_steps(monkeypatch)
 
     async def main():
         limits = ServerLimits(prefill_chunk=64)
         service = CompletionService(tiny_lm, IndexRetriever(Index.load(tiny_index_dir)), limits, True, 4)
 
-        async def run(body: dict, started: asyncio.Event | None = None):
-            async for _step in service.steps(CompletionRequest(**body), Connected()):
-                if started is not None:
-                    started.set()
-
         words = "garbage collection memory program socket server port lambda function unicode hacker kludge " * 4
         heavy = {"prompt": words, "mode": "prepend", "k": 16, "max_tokens": 1, "stream": True, "query_tokens": 512}
         started = [asyncio.Event() for _ in range(3)]
-        tasks = [asyncio.create_task(run(heavy, event)) for event in started]
+        tasks = [asyncio.create_task(consume(service, heavy, event)) for event in started]
         await asyncio.gather(*(event.wait() for event in started))  # each has computed its first chunk
-        await run({"prompt": "A socket", "max_tokens": 16, "mode": "none", "stream": True})
+        await consume(service, {"prompt": "A socket", "max_tokens": 16, "mode": "none", "stream": True})
         await asyncio.gather(*tasks)
         service.scheduler.close()
 
@@ -888,48 +896,30 @@ def test_long_requests_arriving_do_not_cut_into_a_running_cheap_one(tiny_lm, tin
     """A 48-token request, the second of two back to back (so past its credit, at the clock), is decoding when three
     prepend requests with long prefills arrive: they start a chunk behind the clock, so the cheap one runs to its end
     first (starting at the clock, each would get a chunk in between)."""
-    import time
+    from flashback.server import CompletionService
 
-    from flashback.server import CompletionRequest, CompletionService, Generation
-
-    order: list[str] = []
-    step, open_ = Generation.step, CompletionService.open
-
-    def recorded(self):
-        order.append("light" if self.req.mode == "none" else "heavy")
-        if self.req.mode == "none":
-            time.sleep(0.005)  # slow enough for the long requests to arrive while it decodes
-        return step(self)
+    order = record_steps(monkeypatch, light_sleep=0.005)  # slow enough for the long requests to arrive meanwhile
+    open_ = CompletionService.open
 
     def opened(self, req, *args):
         order.append("open" if req.mode == "prepend" else "light open")
         return open_(self, req, *args)
 
-    monkeypatch.setattr(Generation, "step", recorded)
     monkeypatch.setattr(CompletionService, "open", opened)
-
-    class Connected:
-        async def is_disconnected(self):
-            return False
 
     async def main():
         limits = ServerLimits(prefill_chunk=64)
         service = CompletionService(tiny_lm, IndexRetriever(Index.load(tiny_index_dir)), limits, True, 4)
 
-        async def run(body: dict, started: asyncio.Event | None = None):
-            async for _step in service.steps(CompletionRequest(**body), Connected()):
-                if started is not None:
-                    started.set()
-
         words = "garbage collection memory program socket server port lambda function unicode hacker kludge " * 8
         heavy = {"prompt": words, "mode": "prepend", "k": 16, "max_tokens": 1, "stream": True, "query_tokens": 512}
         cheap = {"prompt": "A socket", "max_tokens": 48, "mode": "none", "stream": True}
-        await run(cheap)  # uses the credit: the next one runs at the clock (Scheduler.arrival)
+        await consume(service, cheap)  # uses the credit: the next one runs at the clock (Scheduler.arrival)
         order.clear()
         decoding = asyncio.Event()
-        light = asyncio.create_task(run(cheap, decoding))
+        light = asyncio.create_task(consume(service, cheap, decoding))
         await decoding.wait()
-        await asyncio.gather(light, *(run(heavy) for _ in range(3)))
+        await asyncio.gather(light, *(consume(service, heavy) for _ in range(3)))
         service.scheduler.close()
 
     asyncio.run(main())

@@ -309,7 +309,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---- bench -----------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
-    from flashback.bench import PAPER_REGIME, format_comparison, format_table, plot, run_bench
+    from flashback.bench import PAPER_REGIME, format_comparison, format_table, new_tokens, plot, run_bench
     from flashback.engines.load import load_engine, runs_export, tuned_layouts
     from flashback.layout import layout_settings
 
@@ -326,7 +326,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bc = replace(bc, markers=markers, tail=tail, lora_overhead=bc.lora_overhead and not runs_export(ecfg))
     index = _load_index(args.index) if args.index else None
     step = bc.stride + bc.tail + bc.k * bc.passage_tokens + 2  # the bare forward of one step's tokens, too
-    context = max(max(bc.context_lengths) + max(bc.new_tokens, step), bc.total_length or 0) + step
+    context = max(length + max(new_tokens(bc, length), step) for length in bc.context_lengths) + step
     engine = load_engine(replace(ecfg, context=ecfg.context or context), adapters={}, markers=bc.markers)
     if args.beside_torch and engine.capabilities.adapters:
         raise FlashbackError("--beside-torch compares an engine (--engine llamacpp or --upstream) with PyTorch")

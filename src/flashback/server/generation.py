@@ -32,7 +32,6 @@ from flashback.text.retrieval import Retriever
 from flashback.text.tokenize import encode
 
 END = object()  # a generation's token iterator is exhausted
-SHORT_CHUNKS = 2  # a request planned to compute at most this many prefill chunks is short: it may start early
 FIRST = -float("inf")  # housekeeping (freeing a cache, handing memory back) runs before any step, credited ones too
 
 
@@ -315,8 +314,7 @@ class CompletionService:
             )
         trace = Trace(req.mode)
         chunk = self.limits.prefill_chunk
-        if work > SHORT_CHUNKS * chunk:  # a long request starts a chunk behind the clock, not ahead of queued steps
-            start = max(start, self.scheduler.clock + chunk)  # (Scheduler.arrival): what runs now ends first
+        start = self.scheduler.place(start, work)
         gen = Generation(self.lm, req, ids, None, trace, start, scoring=scoring, chunk=chunk)
         observe = gen.observe if req.logprobs is not None else None  # logits are kept only when asked for
         gen.tokens = stream(self.lm, ids, self.retriever, cfg, trace, observe=observe, chunk=chunk)  # validates now

@@ -19,6 +19,8 @@ from typing import Protocol
 from flashback.errors import FlashbackError
 from flashback.server.protocol import Step
 
+SHORT_CREDITS = 2  # a generation planned to compute at most this many credits of work is short: it may start early
+
 
 class Steps(Protocol):
     """What the scheduler runs again and again: a generation, one step at a time (generation.py)."""
@@ -58,6 +60,14 @@ class Scheduler:
         """
         return min(self.clock, max(self.clock - self.credit, self.floor))
 
+    def place(self, arrival: float, work: int) -> float:
+        """Where a generation that arrived at `arrival` (see `arrival`) and plans `work` token positions starts.
+
+        A short one (at most SHORT_CREDITS credits of work) keeps its place ahead of the queue. A long one starts a
+        credit behind the clock instead, so the generation running when it arrived ends first.
+        """
+        return arrival if work <= SHORT_CREDITS * self.credit else max(arrival, self.clock + self.credit)
+
     def submit(self, priority: float, job: Callable[[], object]) -> asyncio.Future:
         """Run `job` once; its result (or exception) lands in the returned future."""
         loop = asyncio.get_running_loop()
@@ -86,9 +96,8 @@ class Scheduler:
                 if self._closed:
                     return
                 priority, _, item = heapq.heappop(self._heap)
-            if item.cancelled:
-                continue
-            with self._cv:
+                if item.cancelled:
+                    continue
                 self.clock = max(self.clock, priority)
             again = item.run()
             with self._cv:

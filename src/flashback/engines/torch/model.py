@@ -219,6 +219,7 @@ def load_model(
     if adapter:
         plan.setdefault(adapter_position(adapter), str(adapter))
     marker_ids = add_marker_tokens(model, tokenizer) if (markers or plan) else None
+    rows = None
     if plan:
         from flashback.engines.torch.adapters import TokenRows, attach_adapters
 
@@ -234,5 +235,5 @@ def load_model(
         plan,
         compile,
         quantize,
-        rows if plan else None,
+        rows,
     )
