@@ -187,20 +187,20 @@ def _passage_sets(r: Retrieval, cfg: EvalConfig) -> list[list[list[int]]]:
 
 @torch.inference_mode()
 def score_slow(
-    session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook=None
+    session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook=None, head=()
 ) -> list[torch.Tensor]:
-    """Every example from scratch: one forward over context + passages + target."""
-    return list(_slow(session, markers, spec, docs, targets, retrievals, cfg, banned, hook))
+    """Every example from scratch: one forward over [head] context + passages + target (layout.layout)."""
+    return list(_slow(session, markers, spec, docs, targets, retrievals, cfg, banned, hook, head))
 
 
-def _slow(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook):
+def _slow(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook, head):
     markers = markers if spec.markers else None
     for i, (t, r) in enumerate(zip(targets, retrievals, strict=True)):
         tokens = docs[t.doc_index]
         context, target = tokens[t.segment_start : t.position], tokens[t.position : t.position + cfg.stride]
         nlls = []
         for passages in _passage_sets(r, cfg) if spec.position != "none" else [[]]:
-            ids, start = layout(context, passages, target, spec.position, markers, cfg.tail)
+            ids, start = layout(context, passages, target, spec.position, markers, cfg.tail, head)
             session.reset()
             logits = session.extend(ids, all_logits=True)
             nlls.append(target_nll(logits[start - 1 : -1], target, banned, hook, i))
@@ -208,21 +208,21 @@ def _slow(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, 
 
 
 def score_fast(
-    session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook=None
+    session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook=None, head=()
 ) -> list[torch.Tensor]:
     """Consecutive targets of a segment share its KV cache (append and none modes).
 
-    The cache holds the segment's text up to where the layout puts the passage (data.append_parts);
+    The cache holds [head] + the segment's text up to where the layout puts the passage (layout.append_parts);
     each target extends it with the passage block and the target, is scored, and is rolled back.
     """
     if spec.position == "prepend":
         raise FlashbackError("prepend has no fast path: its prefix changes with every passage")
-    return list(_fast(session, markers, spec, docs, targets, retrievals, cfg, banned, hook))
+    return list(_fast(session, markers, spec, docs, targets, retrievals, cfg, banned, hook, head))
 
 
-def _fast(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook):
+def _fast(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, hook, head):
     markers = markers if spec.markers else None
-    cache, key, cached, last = session, None, 0, None
+    cache, key, cached, last = session, None, 0, None  # cached: context tokens in the cache after the head
     for i, (t, r) in enumerate(zip(targets, retrievals, strict=True)):
         tokens = docs[t.doc_index]
         context = tokens[t.segment_start : t.position]
@@ -230,10 +230,12 @@ def _fast(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, 
         if (t.doc_index, t.segment_start) != key:  # new segment: a fresh cache
             key, cached = (t.doc_index, t.segment_start), 0
             cache.reset()
+            if head:
+                last = cache.extend(list(head))
         plain = spec.position == "none" or not r.passages  # nothing retrieved: scored like none
         keep = len(context) if plain else split_point(len(context), cfg.tail)
         if keep < cached:  # the previous target kept more (it had no passage)
-            cache.rollback(keep)
+            cache.rollback(len(head) + keep)
             cached = keep
         if keep > cached:  # the text since the previous target joins the cached context
             last = cache.extend(context[cached:keep])
@@ -241,14 +243,14 @@ def _fast(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, 
         if plain:
             logits = torch.cat([last[None], cache.extend(target, all_logits=True)[:-1]])
             yield target_nll(logits, target, banned, hook, i)
-            cache.rollback(cached)
+            cache.rollback(len(head) + cached)
             continue
         nlls = []
         for passages in _passage_sets(r, cfg):
             block = append_parts(context, passages, markers, cfg.tail)[1]
             logits = cache.extend(block + target, all_logits=True)
             nlls.append(target_nll(logits[len(block) - 1 : -1], target, banned, hook, i))
-            cache.rollback(cached)
+            cache.rollback(len(head) + cached)
         yield _mix(nlls, r.scores) if len(nlls) > 1 else nlls[0]
 
 
@@ -407,7 +409,9 @@ def _score_mode(engine: Engine, spec: ModeSpec, docs, targets, retrievals, cfg: 
     session = engine.session(spec.position if spec.adapter else None, scoring=True)
     start = time.perf_counter()
     scorer = score_fast if fast else score_slow
-    nlls = torch.cat(scorer(session, engine.marker_ids, spec, docs, targets, retrievals, cfg, banned))
+    nlls = torch.cat(
+        scorer(session, engine.marker_ids, spec, docs, targets, retrievals, cfg, banned, head=engine.head_ids)
+    )
     seconds = time.perf_counter() - start
     nll = float(nlls.mean())
     progress(f"{spec}: perplexity {math.exp(nll):.3f} over {nlls.numel()} tokens in {seconds:.1f} s")

@@ -135,6 +135,9 @@ def stream(
     cfg.validate()
     trace = trace if trace is not None else Trace(cfg.mode)
     prompt = [int(t) for t in prompt_ids]
+    head = engine.head_ids  # BOS for tokenizers that add one: the planner puts it first in every layout
+    if head and prompt[: len(head)] == head:  # token-id prompts may bring their own
+        prompt = prompt[len(head) :]
     if not prompt:
         raise FlashbackError("the prompt is empty")
     if cfg.mode != "none" and retriever is None:
@@ -144,12 +147,12 @@ def stream(
         raise FlashbackError("markers were asked for but the model has no marking tokens (load it with markers)")
     if observe is not None and engine.capabilities.logits == "none":
         raise FlashbackError("an upstream engine returns tokens, not logits (no logprobs, no echo scoring)")
-    reserve = reserved_positions(cfg, retriever.max_passage_tokens) if retriever is not None else 0
+    reserve = len(head) + (reserved_positions(cfg, retriever.max_passage_tokens) if retriever is not None else 0)
     prompt, max_new = fit_to_positions(prompt, cfg, reserve, engine.max_positions, trace)
     trace.prompt_tokens = len(prompt)
     trace.max_new_tokens = max_new
     session = engine.session(cfg.mode, positions=len(prompt) + reserve + max_new)  # the most it will hold
-    planner = Planner(cfg.mode, engine.marker_ids if use_markers else None, cfg.tail)
+    planner = Planner(cfg.mode, engine.marker_ids if use_markers else None, cfg.tail, head)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed, engine.marker_ids or (), cfg.stop_at_eos)
     return _loop(engine, session, planner, sampling, prompt, retriever, cfg, max_new, trace, observe, chunk)
 

@@ -1,9 +1,12 @@
 """The token layouts, decided once: generation, the eval fast path, packed training and upstream prompts
 all derive their tokens from this module.
 
-    append:  context[:-tail] [<MARK_L>] passages [<MARK_R>] context[-tail:] target   (FlashBack)
-    prepend: passages context target                                                (In-Context RALM)
-    none:    context target
+    append:  head context[:-tail] [<MARK_L>] passages [<MARK_R>] context[-tail:] target   (FlashBack)
+    prepend: head passages context target                                                (In-Context RALM)
+    none:    head context target
+
+`head` is what the tokenizer puts before every text (BOS for Gemma and Llama; nothing for SmolLM2): it stays
+first in every layout, so a passage never comes before it and BOS never follows a passage.
 
 `tail` puts the passage a few tokens before the end of the context, so the model resumes a sentence it
 has just seen instead of one it last saw a passage ago. `Planner` turns the layout into what each
@@ -31,15 +34,19 @@ def passage_block(passages: Sequence[Sequence[int]], markers: tuple[int, int] | 
 
 
 def append_parts(
-    context: Sequence[int], passages: Sequence[Sequence[int]], markers: tuple[int, int] | None, tail: int
+    context: Sequence[int],
+    passages: Sequence[Sequence[int]],
+    markers: tuple[int, int] | None,
+    tail: int,
+    head: Sequence[int] = (),
 ) -> tuple[list[int], list[int]]:
-    """Append layout of a context as (kept, block): `kept` stays cached across retrievals, `block` is
-    the marked passage followed by the context's last `tail` tokens, recomputed at each retrieval.
-    Without passages (nothing was retrieved) there is no block: the layout is the plain context."""
+    """Append layout of a context as (kept, block): `kept` (head + context before the split) stays cached across
+    retrievals, `block` is the marked passage followed by the context's last `tail` tokens, recomputed at each
+    retrieval. Without passages (nothing was retrieved) there is no block: the layout is head + the context."""
     if not any(len(p) for p in passages):
-        return list(context), []
+        return [*head, *context], []
     cut = split_point(len(context), tail)
-    return list(context[:cut]), passage_block(passages, markers) + list(context[cut:])
+    return [*head, *context[:cut]], passage_block(passages, markers) + list(context[cut:])
 
 
 def layout(
@@ -49,15 +56,16 @@ def layout(
     position: str,
     markers: tuple[int, int] | None,
     tail: int = 0,
+    head: Sequence[int] = (),
 ) -> tuple[list[int], int]:
     """Token ids of one example and the index where the target starts (see the module docstring)."""
     if position == "append":
-        kept, block = append_parts(context, passages, markers, tail)
+        kept, block = append_parts(context, passages, markers, tail, head)
         ids = kept + block
     elif position == "prepend":
-        ids = passage_block(passages, None) + list(context)
+        ids = [*head, *passage_block(passages, None), *context]
     elif position == "none":
-        ids = list(context)
+        ids = [*head, *context]
     else:
         raise FlashbackError(f"unknown position {position!r}")
     return ids + list(target), len(ids)
@@ -82,16 +90,16 @@ class Planner:
     prepend: the prefix changed, so nothing cached stays. none: the prompt once.
     """
 
-    def __init__(self, mode: str, markers: tuple[int, int] | None, tail: int):
-        self.mode, self.markers, self.tail = mode, markers, tail
-        self.cached = 0  # append: tokens before the passage, cached across retrievals
+    def __init__(self, mode: str, markers: tuple[int, int] | None, tail: int, head: Sequence[int] = ()):
+        self.mode, self.markers, self.tail, self.head = mode, markers, tail, list(head)
+        self.cached = 0  # append: tokens before the passage (head included), cached across retrievals
 
     def plan(self, history: list[int], passages: list[list[int]] | None, first: bool) -> StepPlan:
         if self.mode == "none":
-            return StepPlan(0, [], list(history))
+            return StepPlan(0, [], [*self.head, *history])
         if self.mode == "prepend":
-            return StepPlan(0, [], passage_block(passages or [], None) + list(history))
-        kept, block = append_parts(history, passages or [], self.markers, self.tail)
+            return StepPlan(0, [], [*self.head, *passage_block(passages or [], None), *history])
+        kept, block = append_parts(history, passages or [], self.markers, self.tail, self.head)
         if first:  # the prompt's prefill, kept for the whole generation
             self.cached = len(kept)
             return StepPlan(0, kept, block)

@@ -60,9 +60,11 @@ def collate(
     pad_id: int,
     device: torch.device,
     tail: int = 0,
+    head: Sequence[int] = (),
 ) -> Batch:
-    """One example per row, each laid out by data.layout(), left-padded so every target ends its row."""
-    rows = [layout(ex.context, ex.passages, ex.target, position, markers, tail)[0] for ex in examples]
+    """One example per row, each laid out by layout.layout() (`head`: BOS first), left-padded so every target ends
+    its row."""
+    rows = [layout(ex.context, ex.passages, ex.target, position, markers, tail, head)[0] for ex in examples]
     span = {len(ex.target) for ex in examples}
     if len(span) != 1:
         raise FlashbackError("all targets in a batch must have the same length")
@@ -78,16 +80,22 @@ def collate(
 
 
 def pack(
-    segment: Segment, markers: tuple[int, int] | None, tail: int, pad_id: int, device: torch.device, dtype=torch.float32
+    segment: Segment,
+    markers: tuple[int, int] | None,
+    tail: int,
+    pad_id: int,
+    device: torch.device,
+    dtype=torch.float32,
+    head: Sequence[int] = (),
 ) -> Batch:
     """All targets of a segment as rows over one shared prefix (append layout; see the module docstring).
 
-    Row j is data.append_parts(context_j)'s block + target_j, at positions split_j, split_j + 1, ...;
-    it sees prefix keys [0, split_j) and its own earlier tokens.
+    Row j is layout.append_parts(context_j)'s block + target_j, at positions split_j, split_j + 1, ...;
+    it sees prefix keys [0, split_j) (`head`, then the segment's text) and its own earlier tokens.
     """
     splits, rows = [], []
     for ex in segment.examples():
-        kept, block = append_parts(ex.context, ex.passages, markers, tail)
+        kept, block = append_parts(ex.context, ex.passages, markers, tail, head)
         splits.append(len(kept))
         rows.append(block + ex.target)
     n, width, prefix_len = len(rows), max(len(r) for r in rows), max(splits)
@@ -108,7 +116,7 @@ def pack(
         mask[:, None].to(device),
         positions.to(device),
         ids[:, -segment.stride :].to(device),
-        prefix=torch.tensor([segment.tokens[:prefix_len]], dtype=torch.long, device=device),
+        prefix=torch.tensor([[*head, *segment.tokens[: prefix_len - len(head)]]], dtype=torch.long, device=device),
         computed=prefix_len + ids.numel(),
     )
 
@@ -236,12 +244,12 @@ def add_adapter(lm: TorchEngine, cfg: TrainConfig):
     return get_peft_model(lm.model, config)
 
 
-def batches(units: Sequence, cfg: TrainConfig, markers, pad_id: int, device) -> list[Batch]:
+def batches(units: Sequence, cfg: TrainConfig, markers, pad_id: int, device, head: Sequence[int] = ()) -> list[Batch]:
     """Model inputs for a list of segments (packed) or examples (--no-pack), one micro-batch each."""
     if cfg.packed:
-        return [pack(seg, markers, cfg.tail, pad_id, device) for seg in units]
+        return [pack(seg, markers, cfg.tail, pad_id, device, head=head) for seg in units]
     return [
-        collate(units[i : i + cfg.batch_size], cfg.position, markers, pad_id, device, cfg.tail)
+        collate(units[i : i + cfg.batch_size], cfg.position, markers, pad_id, device, cfg.tail, head)
         for i in range(0, len(units), cfg.batch_size)
     ]
 
@@ -259,10 +267,10 @@ def spread(items: Sequence, n: int) -> list:
 
 
 @torch.no_grad()
-def evaluate_loss(model, units: Sequence, cfg: TrainConfig, markers, pad_id, banned, device) -> dict:
+def evaluate_loss(model, units: Sequence, cfg: TrainConfig, markers, pad_id, banned, device, head=()) -> dict:
     """Mean target NLL (unweighted) and its value at each target offset."""
     model.eval()
-    rows = [target_nll(model, b, banned) for b in batches(units, cfg, markers, pad_id, device)]
+    rows = [target_nll(model, b, banned) for b in batches(units, cfg, markers, pad_id, device, head)]
     model.train()
     nll = torch.cat(rows) if rows else torch.zeros(0, 1)
     return {"loss": float(nll.mean()), "by_offset": [round(float(v), 4) for v in nll.mean(dim=0)]}
@@ -328,18 +336,21 @@ class _Loop:
         self.markers = lm.marker_ids if cfg.markers else None
         self.banned = torch.tensor(lm.marker_ids, device=lm.device) if lm.marker_ids else None
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self.head = lm.head_ids  # BOS first in every row, as at inference
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = optimizer_for(model, cfg)
         warmup = min(cfg.warmup_steps, total_steps // 10 + 1)
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, total_steps)
 
     def validation(self, units: Sequence) -> dict:
-        return evaluate_loss(self.model, units, self.cfg, self.markers, self.pad_id, self.banned, self.device)
+        return evaluate_loss(
+            self.model, units, self.cfg, self.markers, self.pad_id, self.banned, self.device, self.head
+        )
 
     def step(self, units: Sequence, done: _Progress) -> float:
         """One optimizer step on `units`: the gradient of the mean over all their target tokens."""
         self.optimizer.zero_grad(set_to_none=True)
-        step_batches = batches(units, self.cfg, self.markers, self.pad_id, self.device)
+        step_batches = batches(units, self.cfg, self.markers, self.pad_id, self.device, self.head)
         step_targets = sum(b.targets.numel() for b in step_batches)
         step_loss = 0.0
         for batch in step_batches:
@@ -465,7 +476,8 @@ def throughput(lm: TorchEngine, data_dir: str | Path, cfg: TrainConfig, segments
         for layout_name in ("per_example", "packed")
         for precision in ("none", "bfloat16")
     }
-    inputs = {name: batches(training_units(chosen, c), c, markers, pad_id, lm.device) for name, c in ways.items()}
+    head = lm.head_ids
+    inputs = {name: batches(training_units(chosen, c), c, markers, pad_id, lm.device, head) for name, c in ways.items()}
 
     def run(name: str) -> float:
         t0 = time.perf_counter()

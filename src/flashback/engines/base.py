@@ -210,6 +210,13 @@ class Engine(ABC):
         with room for `positions` tokens; `scoring`: for every position's logits (evaluation)."""
 
     @property
+    def head_ids(self) -> list[int]:
+        """What the tokenizer puts before every text (BOS, or nothing): first in every layout (layout.py)."""
+        from flashback.text.tokenize import text_head
+
+        return text_head(self.tokenizer)
+
+    @property
     def adapters(self) -> dict[str, str]:
         """Mode -> adapter folder, for engines that run unmerged adapters."""
         return {}

@@ -36,6 +36,15 @@ def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
+def text_head(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before every text when asked to (BOS for Gemma and Llama 2/3,
+    nothing for SmolLM2 or GPT-2). `encode` never adds them; the layouts put them first, once."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    at = next((i for i in range(len(with_special)) if with_special[i : i + len(plain)] == plain), 0)
+    return [int(t) for t in with_special[:at]]
+
+
 def load_tokenizer(name: str | None):
     from transformers import AutoTokenizer
 

@@ -15,10 +15,12 @@ from collections.abc import Callable, Sequence
 import torch
 import transformers
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from flashback.engines.base import Forward, Session, forward_kind
 from flashback.errors import FlashbackError
+
+ROLLBACK_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)  # what new_cache replaces with its own layers
 
 
 class GrowableLayer(DynamicLayer):
@@ -137,13 +139,24 @@ class FixedLayer(GrowableLayer):
 
 
 def new_cache(config, capacity: int | None = None, device: torch.device | None = None) -> DynamicCache:
-    """A DynamicCache whose full-attention layers are GrowableLayers (FixedLayers given a capacity)."""
+    """A DynamicCache whose attention layers are GrowableLayers (FixedLayers given a capacity).
+
+    Sliding-window layers (Gemma 2/3, Mistral-style, hybrid local/global models) get the same layers: they keep
+    every key instead of the last `window`, and the window is applied by the attention mask, which transformers
+    builds from `config.layer_types`, not from the cache layer. Rollback then stays a length change and exact, at
+    the memory of a full-attention model. Layers that hold a recurrent state (linear attention, Mamba) have no
+    earlier state to go back to and are refused.
+    """
     cache = DynamicCache(config=config)
-    if any(layer.is_sliding for layer in cache.layers):
-        raise FlashbackError("sliding-window attention models are not supported: their cache cannot be rolled back")
+    unknown = {type(layer).__name__ for layer in cache.layers if type(layer) not in ROLLBACK_LAYERS}
+    if unknown:
+        raise FlashbackError(
+            f"this model's cache layers ({', '.join(sorted(unknown))}) cannot be rolled back: FlashBack needs "
+            "attention layers (full or sliding-window)"
+        )
     position = torch.zeros((), dtype=torch.long, device=device)
     make = GrowableLayer if capacity is None else (lambda: FixedLayer(capacity, position))
-    cache.layers = [make() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [make() for _ in cache.layers]
     return cache
 
 
