@@ -58,6 +58,65 @@ def _train_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
+def _train_bos_tokenizer():
+    """The tiny corpus's BPE with a tokenizer that adds <bos> before every text, as Gemma's and Llama's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>", "<bos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([r["text"] for r in corpus_records()] * 4, trainer)
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
+
+
+WINDOW = 8  # the tiny Gemma's sliding window: contexts of the tests are several windows long
+
+
+def tiny_gemma(tokenizer, layer_types=None, seed: int = 0):
+    """A tiny Gemma 3: sliding-window layers (window 8) mixed with a full-attention one, as Gemma 2/3 mix them."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=WINDOW,
+        layer_types=layer_types or ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory):
+    """A saved tiny Gemma 3 (sliding-window layers) whose tokenizer adds BOS."""
+    path = tmp_path_factory.mktemp("tiny-gemma")
+    tokenizer = _train_bos_tokenizer()
+    tiny_gemma(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_index_dir(tiny_gemma_dir, corpus_file, tmp_path_factory):
+    return build_index(tiny_gemma_dir, corpus_file, 24, tmp_path_factory.mktemp("gemma-idx") / "index")
+
+
 def _tiny_llama(vocab_size: int, eos_id: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 

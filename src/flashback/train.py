@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from flashback.atomic import FolderKind, atomic_folder, check_output, check_replaceable, resolve_output
 from flashback.cards import ADAPTER_FOLDER, ADAPTER_FORMAT, CARD
@@ -46,7 +47,7 @@ class Batch:
     """Rows that end with their target; prefix/prefix_len are set when the rows share a segment prefix."""
 
     input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T) padding mask, or (B, 1, T, P + T) additive mask when packed
+    attention_mask: torch.Tensor | dict  # (B, T) padding mask, or (B, 1, T, P + T) additive mask(s) when packed
     position_ids: torch.Tensor  # (B, T)
     targets: torch.Tensor  # (B, S): the last S tokens of every row
     prefix: torch.Tensor | None = None  # (1, P) segment tokens the rows attend to
@@ -87,11 +88,14 @@ def pack(
     device: torch.device,
     dtype=torch.float32,
     head: Sequence[int] = (),
+    window: int | None = None,
 ) -> Batch:
     """All targets of a segment as rows over one shared prefix (append layout; see the module docstring).
 
     Row j is layout.append_parts(context_j)'s block + target_j, at positions split_j, split_j + 1, ...;
-    it sees prefix keys [0, split_j) (`head`, then the segment's text) and its own earlier tokens.
+    it sees prefix keys [0, split_j) (`head`, then the segment's text) and its own earlier tokens. With a sliding
+    `window` shorter than the rows, the mask is one per layer type (transformers' mapping), the sliding layers'
+    also keeping each query within `window` positions of its keys, as at inference.
     """
     splits, rows = [], []
     for ex in segment.examples():
@@ -110,15 +114,30 @@ def pack(
         allowed[j, pad:, :split] = True
         allowed[j, pad:, prefix_len + pad :] = causal[pad:, pad:]
         allowed[j, :pad, prefix_len : prefix_len + pad] = torch.eye(pad, dtype=torch.bool)  # padding sees itself
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    def additive(keep: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, torch.finfo(dtype).min)[:, None].to(device)
+
+    mask = additive(allowed)
+    if window is not None and prefix_len + width > window:
+        key_positions = torch.cat([torch.arange(prefix_len).expand(n, -1), positions], dim=1)
+        near = positions[:, :, None] - key_positions[:, None, :] < window
+        mask = {"full_attention": mask, "sliding_attention": additive(allowed & near)}
     return Batch(
         ids.to(device),
-        mask[:, None].to(device),
+        mask,
         positions.to(device),
         ids[:, -segment.stride :].to(device),
         prefix=torch.tensor([[*head, *segment.tokens[: prefix_len - len(head)]]], dtype=torch.long, device=device),
         computed=prefix_len + ids.numel(),
     )
+
+
+def sliding_window(config) -> int | None:
+    """The window of the model's sliding-window layers, or None when every layer attends to everything."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    return window if window and (types is None or "sliding_attention" in types) else None
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -191,6 +210,7 @@ def target_nll(model, batch: Batch, banned: torch.Tensor | None) -> torch.Tensor
     cache = None
     if batch.prefix is not None and batch.prefix.shape[1]:
         cache = DynamicCache(config=model.config)
+        cache.layers = [DynamicLayer() for _ in cache.layers]  # sliding layers too: the rows' mask sets the window
         model(input_ids=batch.prefix, cache=cache, use_cache=True, logits_to_keep=1)
         for layer in cache.layers:  # every row reads the same prefix keys and values
             layer.keys = layer.keys.expand(batch.input_ids.shape[0], -1, -1, -1)
@@ -244,10 +264,12 @@ def add_adapter(lm: TorchEngine, cfg: TrainConfig):
     return get_peft_model(lm.model, config)
 
 
-def batches(units: Sequence, cfg: TrainConfig, markers, pad_id: int, device, head: Sequence[int] = ()) -> list[Batch]:
+def batches(
+    units: Sequence, cfg: TrainConfig, markers, pad_id: int, device, head: Sequence[int] = (), window: int | None = None
+) -> list[Batch]:
     """Model inputs for a list of segments (packed) or examples (--no-pack), one micro-batch each."""
     if cfg.packed:
-        return [pack(seg, markers, cfg.tail, pad_id, device, head=head) for seg in units]
+        return [pack(seg, markers, cfg.tail, pad_id, device, head=head, window=window) for seg in units]
     return [
         collate(units[i : i + cfg.batch_size], cfg.position, markers, pad_id, device, cfg.tail, head)
         for i in range(0, len(units), cfg.batch_size)
@@ -270,7 +292,8 @@ def spread(items: Sequence, n: int) -> list:
 def evaluate_loss(model, units: Sequence, cfg: TrainConfig, markers, pad_id, banned, device, head=()) -> dict:
     """Mean target NLL (unweighted) and its value at each target offset."""
     model.eval()
-    rows = [target_nll(model, b, banned) for b in batches(units, cfg, markers, pad_id, device, head)]
+    window = sliding_window(model.config)
+    rows = [target_nll(model, b, banned) for b in batches(units, cfg, markers, pad_id, device, head, window)]
     model.train()
     nll = torch.cat(rows) if rows else torch.zeros(0, 1)
     return {"loss": float(nll.mean()), "by_offset": [round(float(v), 4) for v in nll.mean(dim=0)]}
@@ -350,7 +373,8 @@ class _Loop:
     def step(self, units: Sequence, done: _Progress) -> float:
         """One optimizer step on `units`: the gradient of the mean over all their target tokens."""
         self.optimizer.zero_grad(set_to_none=True)
-        step_batches = batches(units, self.cfg, self.markers, self.pad_id, self.device, self.head)
+        window = sliding_window(self.model.config)
+        step_batches = batches(units, self.cfg, self.markers, self.pad_id, self.device, self.head, window)
         step_targets = sum(b.targets.numel() for b in step_batches)
         step_loss = 0.0
         for batch in step_batches:
@@ -476,8 +500,11 @@ def throughput(lm: TorchEngine, data_dir: str | Path, cfg: TrainConfig, segments
         for layout_name in ("per_example", "packed")
         for precision in ("none", "bfloat16")
     }
-    head = lm.head_ids
-    inputs = {name: batches(training_units(chosen, c), c, markers, pad_id, lm.device, head) for name, c in ways.items()}
+    head, window = lm.head_ids, sliding_window(lm.model.config)
+    inputs = {
+        name: batches(training_units(chosen, c), c, markers, pad_id, lm.device, head, window)
+        for name, c in ways.items()
+    }
 
     def run(name: str) -> float:
         t0 = time.perf_counter()

@@ -1,0 +1,231 @@
+"""Sliding-window and hybrid-attention models (Gemma 2/3), and tokenizers that add BOS (Gemma, Llama).
+
+A tiny Gemma 3 with a window of 8 tokens (three sliding layers, one full) and a tokenizer that adds <bos>:
+contexts and passages run several windows long, so every check crosses the window boundary.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from flashback.cli import main
+from flashback.config import EvalConfig, GenerationConfig, TrainConfig
+from flashback.engines.torch import load_model
+from flashback.engines.torch.cache import KVCache
+from flashback.engines.torch.decode import Decoder
+from flashback.evaluate import ModeSpec, plan_targets, retrieve_all, score_fast, score_slow, segment_size
+from flashback.generate import generate
+from flashback.layout import Planner, layout
+from flashback.text.corpus import read_documents
+from flashback.text.retrieval import Index, IndexRetriever
+from flashback.train import add_adapter, collate, pack, sliding_window, target_nll
+
+from .conftest import TEST_DEVICE, WINDOW
+from .test_cache import assert_same_cache, full_logits, plain_cache
+from .test_train import random_segment
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def gemma(tiny_gemma_dir):
+    return load_model(str(tiny_gemma_dir), markers=True, device=TEST_DEVICE)
+
+
+def random_ids(lm, n: int, seed: int) -> list[int]:
+    """Ordinary tokens: not <eos> (0), <bos> (1) or the markers (the last two ids)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, len(lm.tokenizer) - 2, (n,), generator=g).tolist()
+
+
+def test_the_tiny_model_has_a_live_window_and_a_bos_tokenizer(gemma):
+    """Without both, the checks below could pass on code that ignores the window or never places BOS."""
+    assert sliding_window(gemma.model.config) == WINDOW
+    assert gemma.head_ids == [gemma.tokenizer.bos_token_id]
+    assert gemma.tokenizer("a socket")["input_ids"][0] == gemma.tokenizer.bos_token_id
+    config = gemma.model.config.to_dict() | {"sliding_window": 4096}  # same layers (and rotary bases), no window
+    no_window = AutoModelForCausalLM.from_config(type(gemma.model.config).from_dict(config)).to(TEST_DEVICE).eval()
+    no_window.load_state_dict(gemma.model.state_dict())
+    ids = gemma.head_ids + random_ids(gemma, 5 * WINDOW, 1)
+    windowed, full = full_logits(gemma.model, ids), full_logits(no_window, ids)
+    torch.testing.assert_close(windowed[:WINDOW], full[:WINDOW], atol=ATOL, rtol=0)  # same weights
+    assert (windowed[-WINDOW:] - full[-WINDOW:]).abs().max() > 1e-2  # the window changes what lies past it
+
+
+def test_rollback_past_the_window_leaves_the_context_cache(gemma):
+    """A passage longer than the window, appended to a context of several windows, then rolled back."""
+    ml, mr = gemma.marker_ids
+    context = gemma.head_ids + random_ids(gemma, 4 * WINDOW + 3, 2)
+    cache = plain_cache(gemma.model, context)
+    cache.extend([ml, *random_ids(gemma, 2 * WINDOW + 1, 3), mr])
+    cache.extend(random_ids(gemma, 5, 4))
+    cache.rollback(len(context))
+    assert_same_cache(cache, plain_cache(gemma.model, context))  # bit-identical
+    new = random_ids(gemma, 2 * WINDOW, 5)
+    got = cache.extend(new, all_logits=True)
+    torch.testing.assert_close(got, full_logits(gemma.model, context + new)[len(context) :], atol=ATOL, rtol=0)
+
+
+def test_append_steps_equal_a_full_recomputation_across_the_window(gemma):
+    """Each retrieval step's block (passage straddling the window) and each decoded token after it give the logits
+    of a full forward over the same layout."""
+    ml, mr = gemma.marker_ids
+    kept = gemma.head_ids + random_ids(gemma, 3 * WINDOW + 5, 6)
+    block = [ml, *random_ids(gemma, WINDOW + 4, 7), mr, *random_ids(gemma, 4, 8)]
+    decoded = random_ids(gemma, 2 * WINDOW, 9)
+    cache = plain_cache(gemma.model, kept)
+    got_block = cache.extend(block, all_logits=True)
+    got_decoded = torch.stack([cache.extend([t]) for t in decoded])
+    want = full_logits(gemma.model, kept + block + decoded)
+    torch.testing.assert_close(got_block, want[len(kept) : len(kept) + len(block)], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_decoded, want[len(kept) + len(block) :], atol=ATOL, rtol=0)
+
+
+def test_the_decode_step_over_fixed_buffers_keeps_the_window(gemma):
+    """decode.Decoder writes into fixed-shape buffers and masks past the filled length: the sliding mask holds too."""
+    context, new = gemma.head_ids + random_ids(gemma, 3 * WINDOW, 10), random_ids(gemma, 2 * WINDOW, 11)
+    cache = KVCache(gemma.model, capacity=64, decoder=Decoder(gemma.model, None, None, compile=False))
+    cache.extend(context)
+    got = torch.stack([cache.extend([t]) for t in new])
+    want = full_logits(gemma.model, context + new)[len(context) :]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    cache.extend(random_ids(gemma, WINDOW + 2, 12))
+    cache.rollback(len(context))
+    assert_same_cache(cache, plain_cache(gemma.model, context))
+
+
+class Recorder:
+    """Records what every forward of the engine's sessions ran: (tokens cached before, the ids)."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[int, list[int]]] = []
+        extend = KVCache.extend
+
+        def recording(cache, token_ids, all_logits=False):
+            self.calls.append((len(cache), [int(t) for t in token_ids]))
+            return extend(cache, token_ids, all_logits)
+
+        monkeypatch.setattr(KVCache, "extend", recording)
+
+    def assert_bos_first_and_only_first(self, bos: int) -> None:
+        assert self.calls
+        for before, ids in self.calls:
+            if before == 0:
+                assert ids[0] == bos, ids
+                assert bos not in ids[1:], ids
+            else:
+                assert bos not in ids, ids
+
+
+@pytest.mark.parametrize("mode", ["append", "prepend", "none"])
+def test_generation_puts_bos_first_once_in_every_mode(gemma, tiny_gemma_index_dir, monkeypatch, mode):
+    retriever = IndexRetriever(Index.load(tiny_gemma_index_dir))
+    prompt = gemma.tokenizer("Garbage collection frees memory and a socket binds to a port", add_special_tokens=False)
+    cfg = GenerationConfig(mode=mode, stride=6, max_new_tokens=18, tail=3, stop_at_eos=False)
+    record = Recorder(monkeypatch)
+    result = generate(gemma, prompt["input_ids"], retriever, cfg)
+    record.assert_bos_first_and_only_first(gemma.tokenizer.bos_token_id)
+    assert len(result.token_ids) == 18
+    if mode != "none":
+        assert len(result.trace.retrievals) == 3 and all(r["passages"] for r in result.trace.retrievals)
+    # A token-id prompt that brings its own BOS gets the same generation, not a second BOS.
+    with_bos = generate(gemma, gemma.head_ids + prompt["input_ids"], retriever, cfg)
+    assert with_bos.token_ids == result.token_ids
+
+
+def test_compiled_generation_gives_the_eager_greedy_tokens(tiny_gemma_dir, tiny_gemma_index_dir):
+    """The compiled decode step (a 512-token buffer, blocked attention) over sliding-window layers."""
+    retriever = IndexRetriever(Index.load(tiny_gemma_index_dir))
+    eager = load_model(str(tiny_gemma_dir), markers=True, device=TEST_DEVICE)
+    compiled = load_model(str(tiny_gemma_dir), markers=True, compile=True, device=TEST_DEVICE)
+    prompt = eager.tokenizer("A lambda expression creates a function; a kludge is a workaround")["input_ids"]
+    for mode in ("append", "none"):
+        cfg = GenerationConfig(mode=mode, stride=6, max_new_tokens=24, tail=3, stop_at_eos=False)
+        want, got = generate(eager, prompt, retriever, cfg), generate(compiled, prompt, retriever, cfg)
+        assert got.token_ids == want.token_ids, mode
+        assert got.trace.cache_capacity == 512
+    assert compiled.compile_s > 0
+
+
+@pytest.mark.parametrize(("mode", "tail"), [("none", 0), ("append+markers", 0), ("append+markers", 6), ("append", 40)])
+def test_eval_fast_path_equals_scoring_each_example_from_scratch(
+    gemma, tiny_gemma_index_dir, corpus_file, monkeypatch, mode, tail
+):
+    """Contexts of 2 to 5 windows; tail 40 is longer than some contexts: their passage goes right after BOS."""
+    cfg = EvalConfig(stride=8, query_tokens=8, k=1, max_length=96, tail=tail)
+    index = Index.load(tiny_gemma_index_dir)
+    documents = list(read_documents([corpus_file]))[:6]
+    docs = [gemma.tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in documents]
+    targets = plan_targets(docs, cfg, segment_size(cfg, index.chunk_tokens))
+    retrievals = retrieve_all(targets, docs, documents, index, gemma.tokenizer, cfg, frozenset())
+    banned, spec, head = torch.tensor(gemma.marker_ids), ModeSpec.parse(mode), gemma.head_ids
+    args = (gemma.marker_ids, spec, docs, targets, retrievals, cfg, banned)
+    record = Recorder(monkeypatch)
+    fast = torch.cat(score_fast(gemma.session(None, scoring=True), *args, head=head))
+    slow = torch.cat(score_slow(gemma.session(None, scoring=True), *args, head=head))
+    record.assert_bos_first_and_only_first(gemma.tokenizer.bos_token_id)
+    assert fast.numel() > 100
+    torch.testing.assert_close(fast, slow, atol=ATOL, rtol=0)
+    without_bos = torch.cat(score_fast(gemma.session(None, scoring=True), *args))
+    assert (without_bos - fast).abs().max() > 1e-3  # the head is scored with, not ignored
+
+
+def test_bos_stays_first_in_every_layout():
+    head, markers, context, passages, target = [1], (90, 91), [5, 6, 7], [[8, 9]], [10, 11]
+    for position in ("append", "prepend", "none"):
+        for tail in (0, 2, 10):  # 10: the passage would go before the context's first token
+            ids, start = layout(
+                context, passages, target, position, markers if position == "append" else None, tail, head
+            )
+            assert ids[0] == 1 and ids.count(1) == 1 and ids[start:] == target, (position, tail, ids)
+    for mode in ("append", "prepend", "none"):
+        planner = Planner(mode, markers if mode == "append" else None, 10, head)
+        first = planner.plan(context, passages, first=True)
+        assert (first.prefix + first.feed)[0] == 1 and first.keep == 0
+        later = planner.plan(context + [12, 13], passages, first=False)
+        if mode == "append":  # the head stays cached; what is sent holds no second BOS
+            assert later.keep >= 1 and 1 not in later.feed, later
+        else:  # recomputed from scratch: BOS first again
+            assert later.keep == 0 and later.feed[0] == 1 and later.feed.count(1) == 1, later
+
+
+@pytest.mark.parametrize("tail", [0, 4])
+def test_packed_training_keeps_bos_and_the_window(tiny_gemma_dir, tail):
+    """Packed rows over a shared prefix (several windows long) give the loss and gradients of one row per example;
+    the window goes into the packed mask (without it the loss differs)."""
+    lm = load_model(str(tiny_gemma_dir), markers=True)
+    model = add_adapter(lm, TrainConfig(dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens" in name:
+                p.normal_(0, 0.05)
+    segment, banned, head = random_segment(1), torch.tensor(lm.marker_ids), lm.head_ids
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        nll = target_nll(model, batch, banned)
+        nll.mean().backward()
+        return nll.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    packed_batch = pack(segment, lm.marker_ids, tail, 0, lm.device, head=head, window=WINDOW)
+    one_per_row = collate(segment.examples(), "append", lm.marker_ids, 0, lm.device, tail, head)
+    assert packed_batch.prefix[0, 0] == head[0] and isinstance(packed_batch.attention_mask, dict)
+    assert all(row[row.index(head[0]) :].count(head[0]) == 1 for row in one_per_row.input_ids.tolist())
+    packed, packed_grads = loss_and_grads(packed_batch)
+    plain, plain_grads = loss_and_grads(one_per_row)
+    torch.testing.assert_close(packed, plain, atol=2e-5, rtol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    unwindowed, _ = loss_and_grads(pack(segment, lm.marker_ids, tail, 0, lm.device, head=head))
+    assert (unwindowed - plain).abs().max() > 1e-3
+
+
+def test_the_cli_generates_on_a_sliding_window_model(capsys, tiny_gemma_dir, tiny_gemma_index_dir, tmp_path):
+    for mode in ("append", "prepend", "none"):
+        main(
+            ["generate", "--model", str(tiny_gemma_dir), "--index", str(tiny_gemma_index_dir), "--mode", mode]
+            + ["--no-adapter", "--max-new-tokens", "8", "--prompt", "A socket binds to a port", "--json"]
+        )
+        assert '"token_ids"' in capsys.readouterr().out
