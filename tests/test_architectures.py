@@ -22,7 +22,7 @@ from flashback.text.corpus import read_documents
 from flashback.text.retrieval import Index, IndexRetriever
 from flashback.train import add_adapter, collate, pack, sliding_window, target_nll
 
-from .conftest import TEST_DEVICE, WINDOW
+from .conftest import TEST_DEVICE, WINDOW, corpus_records
 from .test_cache import assert_same_cache, full_logits, plain_cache
 from .test_train import random_segment
 
@@ -229,3 +229,23 @@ def test_the_cli_generates_on_a_sliding_window_model(capsys, tiny_gemma_dir, tin
             + ["--no-adapter", "--max-new-tokens", "8", "--prompt", "A socket binds to a port", "--json"]
         )
         assert '"token_ids"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["none", "append+markers", "prepend"])
+def test_scoring_a_sequence_that_starts_with_bos_is_scoring_it_as_eval_does(gemma, tiny_gemma_index_dir, mode):
+    """What the server's echo scoring runs: a client's [BOS] + tokens, BOS kept first in every segment's layout,
+    gives eval's numbers on the same text (eval places BOS itself)."""
+    from flashback.evaluate import evaluate, score_tokens
+    from flashback.text.corpus import Document
+
+    text = " ".join(r["text"] for r in corpus_records(1)[:3])
+    index, spec = Index.load(tiny_gemma_index_dir), ModeSpec.parse(mode)
+    ids = gemma.tokenizer(text, add_special_tokens=False)["input_ids"]
+    cfg = EvalConfig(stride=8, query_tokens=8, tail=4, max_length=96)
+    (want,) = evaluate(gemma, [Document("held", "held out", text)], index, [spec], cfg)
+    scores = score_tokens(gemma, gemma.head_ids + ids, IndexRetriever(index), spec, cfg)
+    assert len(scores.logprobs) == len(ids)  # one per token after BOS
+    full = range(8, len(ids) - 8 + 1, 8)  # eval's targets: whole strides; token p of the text is logprobs[p]
+    got = [-v for p in full for v in scores.logprobs[p : p + 8]]
+    assert len(got) == want.tokens and sum(got) / len(got) == pytest.approx(want.nll, abs=1e-5)
+    assert [r["position"] for r in scores.retrievals][:2] == [9, 17]  # positions in the client's tokens

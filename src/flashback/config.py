@@ -56,7 +56,8 @@ class EngineConfig:
 
     model: str = opt(
         DEFAULT_MODEL,
-        "Hugging Face model directory or hub id, or an export folder for the engines",
+        "a named model (smollm2-135m, gemma3-270m), a Hugging Face model directory or hub id, or an export folder "
+        "for the engines",
         default_help=f"{DEFAULT_MODEL}, installed offline",
     )
     device: str = opt("cpu", "cpu or cuda")

@@ -292,14 +292,17 @@ def scoring_steps(
     A generator: it yields the token positions computed so far every `chunk` of them (0: never), so that a
     scheduler can run other work within a long scoring, and returns the TokenScores."""
     cfg.validate()
+    # A sequence that starts with the tokenizer's BOS keeps it first in every segment's layout, as eval does.
+    lead = engine.head_ids if engine.head_ids and tokens[: len(engine.head_ids)] == engine.head_ids else []
+    body = tokens[len(lead) :]
     passage_tokens = retriever.max_passage_tokens if retriever is not None else 0
-    targets = plan_targets([tokens], cfg, segment_size(cfg, passage_tokens), partial=True)
+    targets = plan_targets([body], cfg, segment_size(cfg, passage_tokens), partial=True)
     if spec.position == "none":
         retrievals = [Retrieval([], []) for _ in targets]
     else:
         source = getattr(retriever, "index", retriever)  # an index retrieves all targets in one batch
         nobody = Document("\0request", "\0request", "")  # excludes nothing from the index
-        retrievals = retrieve_all(targets, [tokens], [nobody], source, engine.tokenizer, cfg, frozenset())
+        retrievals = retrieve_all(targets, [body], [nobody], source, engine.tokenizer, cfg, frozenset())
     banned = torch.tensor(engine.marker_ids, device=engine.device) if engine.marker_ids else None
     session = engine.session(spec.position if spec.adapter else None, scoring=True)
     logprobs, best = [0.0] * (len(tokens) - 1), [[] for _ in tokens[1:]]
@@ -312,14 +315,14 @@ def scoring_steps(
             best[first + j - 1] = list(zip(ids[j].tolist(), values[j].tolist(), strict=True))
 
     # No inference_mode around the yields: it would stay on in the scheduler's thread (the forwards set their own).
-    head = tokens[: min(cfg.query_tokens, len(tokens))]
-    if len(head) > 1:
+    start = tokens[: len(lead) + min(cfg.query_tokens, len(body))]  # before the first target: no query yet
+    if len(start) > 1:
         session.reset()
-        keep(1, target_logp(session.extend(head, all_logits=True)[:-1], banned))
-    hook = lambda i, logp: keep(targets[i].position, logp)  # noqa: E731
+        keep(1, target_logp(session.extend(start, all_logits=True)[:-1], banned))
+    hook = lambda i, logp: keep(len(lead) + targets[i].position, logp)  # noqa: E731
     scorer = _fast if spec.position != "prepend" else _slow
     reported = 0
-    for _ in scorer(session, engine.marker_ids, spec, [tokens], targets, retrievals, cfg, banned, hook):
+    for _ in scorer(session, engine.marker_ids, spec, [body], targets, retrievals, cfg, banned, hook, lead):
         work = sum(f.tokens for f in session.forwards)
         if chunk and work - reported >= chunk:
             reported = work
@@ -327,8 +330,8 @@ def scoring_steps(
     decode = engine.tokenizer.decode
     records = [
         {
-            "position": t.position,
-            "query": decode(tokens[t.position - cfg.query_tokens : t.position]),
+            "position": len(lead) + t.position,
+            "query": decode(body[t.position - cfg.query_tokens : t.position]),
             "passages": r.hits,
         }
         for t, r in zip(targets, retrievals, strict=True)
