@@ -125,8 +125,11 @@ def stream(
     trace: Trace | None = None,
     observe: Observer | None = None,
     chunk: int | None = None,
+    first_query: str | None = None,
 ) -> Iterator[int]:
     """Check the request, then return an iterator of generated token ids that fills `trace`.
+
+    `first_query` replaces the first retrieval's query (a chat: the last user message, not the template's tail).
 
     Validation happens here, before the first token is asked for, so callers can reject bad input
     before they start streaming. With `chunk`, long prefills run `chunk` tokens at a time and the iterator yields
@@ -154,7 +157,10 @@ def stream(
     session = engine.session(cfg.mode, positions=len(prompt) + reserve + max_new)  # the most it will hold
     planner = Planner(cfg.mode, engine.marker_ids if use_markers else None, cfg.tail, head)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed, engine.marker_ids or (), cfg.stop_at_eos)
-    return _loop(engine, session, planner, sampling, prompt, retriever, cfg, max_new, trace, observe, chunk)
+    loop = _loop(
+        engine, session, planner, sampling, prompt, retriever, cfg, max_new, trace, observe, chunk, first_query
+    )
+    return loop
 
 
 def _loop(
@@ -169,6 +175,7 @@ def _loop(
     trace: Trace,
     observe: Observer | None,
     chunk: int | None,
+    first_query: str | None = None,
 ) -> Iterator[int]:
     trace.cache_capacity = session.capacity
     trace.forwards = session.forwards
@@ -179,7 +186,8 @@ def _loop(
         while len(generated) < max_new:
             step = len(generated)
             history = prompt + generated
-            passages = _retrieve(engine, retriever, history, cfg, step, trace) if retrieving else None
+            query = first_query if step == 0 and first_query else engine.tokenizer.decode(history[-cfg.query_tokens :])
+            passages = _retrieve(retriever, query, cfg, step, trace) if retrieving else None
             plan = planner.plan(history, passages, first=step == 0)
             n = min(cfg.stride, max_new - step) if retrieving else max_new - step
             trace.stretch_starts.append(len(session.forwards))
@@ -214,11 +222,8 @@ def _note(record: dict | None, stretch) -> None:
             record["engine_cached_tokens"] = stretch.cached_tokens
 
 
-def _retrieve(
-    engine: Engine, retriever: Retriever, history: list[int], cfg: GenerationConfig, step: int, trace: Trace
-) -> list[list[int]]:
+def _retrieve(retriever: Retriever, query: str, cfg: GenerationConfig, step: int, trace: Trace) -> list[list[int]]:
     t0 = time.perf_counter()
-    query = engine.tokenizer.decode(history[-cfg.query_tokens :])
     found = retriever(query, cfg.k)
     trace.retrieval_s += time.perf_counter() - t0
     record = {"step": step, "query": query, "passages": [r.hit.to_json() for r in found]}

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flashback.config import DEFAULT_TAIL, MODES, ServerLimits
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
+from flashback.server.chat import ChatRequest, chat_events, chat_response
 from flashback.server.generation import CompletionService
 from flashback.server.protocol import (
     GENERATION,
@@ -140,6 +141,14 @@ def create_app(
     async def completions(req: CompletionRequest, request: Request):
         return await _complete(service, req, request, limits.max_batch, name)
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        try:
+            completion = req.completion(limits.max_tokens)
+        except FlashbackError as exc:
+            return error_response(400, str(exc))
+        return await _complete(service, completion, request, limits.max_batch, name, chat=True)
+
     return app
 
 
@@ -171,12 +180,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal error", "server_error")
 
 
-async def _complete(service: CompletionService, req: CompletionRequest, request: Request, max_batch: int, name: str):
+async def _complete(
+    service: CompletionService, req: CompletionRequest, request: Request, max_batch: int, name: str, chat=False
+):
     """One completions request: each prompt runs as its own generation, a batch within one work budget; the
-    response waits for every prompt's first step, so that a bad request gets a status code, not a broken stream."""
+    response waits for every prompt's first step, so that a bad request gets a status code, not a broken stream.
+    `chat`: a chat request's answer, reshaped as a chat completion."""
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     try:
-        prompts = split_prompts(req, max_batch)
+        prompts = [req] if chat else split_prompts(req, max_batch)
     except FlashbackError as exc:
         return error_response(400, str(exc), param="prompt")
     share = service.limits.max_request_work // len(prompts)
@@ -192,12 +204,14 @@ async def _complete(service: CompletionService, req: CompletionRequest, request:
             return error_response(400, str(failed))
         raise failed
     if req.stream:
+        sse = events(choices, req, cid, created, name, service.drainer)
         return StreamingResponse(
-            events(choices, req, cid, created, name, service.drainer),
+            chat_events(sse) if chat else sse,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return await whole(choices, req, cid, created, name)
+    done = await whole(choices, req, cid, created, name)
+    return chat_response(done) if chat else done
 
 
 def server_config(app: FastAPI, host: str, port: int, limits: ServerLimits, log_level: str = "info"):

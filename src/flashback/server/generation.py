@@ -26,6 +26,7 @@ from flashback.errors import FlashbackError
 from flashback.evaluate import ModeSpec, scoring_steps, scoring_work
 from flashback.generate import TextStreamer, Trace, stream
 from flashback.layout import planned_work
+from flashback.server.chat import render
 from flashback.server.protocol import DRAIN, GENERATION, CompletionRequest, Drain, Step
 from flashback.server.scheduler import Scheduler, _ignore_result
 from flashback.text.retrieval import Retriever
@@ -285,7 +286,15 @@ class CompletionService:
         return ids
 
     def open(self, req: CompletionRequest, start: float, budget: int | None = None) -> Generation:
-        ids = self.prompt_ids(req.prompt)
+        first_query = None
+        if req._messages is not None:  # a chat: the conversation through the chat template
+            ids, first_query = render(self.lm.tokenizer, req._messages, req.query_tokens)
+            if len(ids) > self.limits.max_prompt_tokens:
+                raise FlashbackError(
+                    f"the conversation has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}"
+                )
+        else:
+            ids = self.prompt_ids(req.prompt)
         if req.mode != "none" and self.retriever is None:
             raise FlashbackError("this server has no index; use mode 'none'")
         cfg = GenerationConfig(
@@ -317,7 +326,9 @@ class CompletionService:
         start = self.scheduler.place(start, work)
         gen = Generation(self.lm, req, ids, None, trace, start, scoring=scoring, chunk=chunk)
         observe = gen.observe if req.logprobs is not None else None  # logits are kept only when asked for
-        gen.tokens = stream(self.lm, ids, self.retriever, cfg, trace, observe=observe, chunk=chunk)  # validates now
+        gen.tokens = stream(  # validates now
+            self.lm, ids, self.retriever, cfg, trace, observe=observe, chunk=chunk, first_query=first_query
+        )
         return gen
 
     def _scoring(self, req: CompletionRequest, cfg: GenerationConfig) -> tuple:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictInt, StrictStr
 
 from flashback.config import GenerationConfig, defaults
 from flashback.errors import FlashbackError
@@ -76,6 +76,7 @@ class CompletionRequest(BaseModel):
     query_tokens: int = Field(GENERATION["query_tokens"], ge=1, le=512, strict=True)
     tail: int | None = Field(None, ge=0, le=512, strict=True)  # None: the server's tail (the adapter's own)
     max_length: int | None = Field(None, ge=1, strict=True)  # echo scoring: eval's example length (None: eval's)
+    _messages: list[dict] | None = PrivateAttr(None)  # a chat request's conversation (server/chat.py), not `prompt`
 
     def unsupported(self) -> str | None:
         """The first parameter set to a value FlashBack cannot honour, as an error message."""

@@ -1,0 +1,206 @@
+"""OpenAI chat completions over the completions machinery.
+
+A conversation becomes one prompt through the tokenizer's chat template, and its answer is generated like a
+completion: retrieval before the first token (the query: the last user message) and every `stride` tokens, in the
+request's mode. In append mode the passages go `tail` tokens before the end of the rendered conversation, so the
+conversation stays a stable prefix from turn to turn. Responses are the completions responses reshaped.
+
+Message contents are tokenized as plain text, never as special tokens: the template is rendered around stand-ins,
+its own text tokenized with its special tokens, each content with `encode`. A message cannot forge a turn or a
+marker.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from flashback.errors import FlashbackError
+from flashback.server.protocol import GENERATION, CompletionRequest, StreamOptions
+from flashback.text.tokenize import encode
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI chat completions request, plus FlashBack's retrieval options; strict as CompletionRequest is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[Message] = Field(min_length=1)
+    model: StrictStr | None = None
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, strict=True, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=2**64, strict=True)
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: bool = Field(False, strict=True)
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = Field(None, strict=True)
+    top_logprobs: int | None = Field(None, ge=0, le=5, strict=True)
+    n: Literal[1] = 1
+    presence_penalty: float | None = Field(None, strict=True, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, strict=True, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: Literal["none"] | None = None
+    user: StrictStr | None = None
+    # FlashBack options
+    mode: Literal["append", "prepend", "none"] | None = None
+    stride: int = Field(GENERATION["stride"], ge=1, strict=True)
+    k: int = Field(GENERATION["k"], ge=1, le=16, strict=True)
+    query_tokens: int = Field(GENERATION["query_tokens"], ge=1, le=512, strict=True)
+    tail: int | None = Field(None, ge=0, le=512, strict=True)
+
+    def completion(self, default_max_tokens: int) -> CompletionRequest:
+        """The completions request that generates the answer; the conversation rides along (rendered on the model
+        thread, which owns the tokenizer)."""
+        if self.tools:
+            raise FlashbackError("tools are not supported (only none)")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FlashbackError("top_logprobs needs logprobs: true")
+        req = CompletionRequest(
+            prompt="",
+            model=self.model,
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=self.stop,
+            stream=self.stream,
+            stream_options=self.stream_options,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=self.logit_bias,
+            user=self.user,
+            mode=self.mode,
+            stride=self.stride,
+            k=self.k,
+            query_tokens=self.query_tokens,
+            tail=self.tail,
+        )
+        req._messages = [{"role": m.role, "content": m.text()} for m in self.messages]
+        return req
+
+
+def render(tokenizer, messages: list[dict], query_tokens: int) -> tuple[list[int], str]:
+    """(token ids of the conversation with the assistant's turn opened, the first retrieval's query: the last
+    `query_tokens` tokens of the last user message, or of the last message when no user spoke)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise FlashbackError("this model's tokenizer has no chat template: use /v1/completions")
+    nonce = uuid.uuid4().hex
+    stand_ins = [f"\ue000{nonce}{i}\ue001" for i in range(len(messages))]
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": s} for m, s in zip(messages, stand_ins, strict=True)],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+    except Exception as exc:  # templates raise their own errors (roles out of order, a missing user turn)
+        raise FlashbackError(f"the chat template refused the messages: {exc}") from None
+    ids, rest, contents = [], text, []
+    for message, stand_in in zip(messages, stand_ins, strict=True):
+        before, found, rest = rest.partition(stand_in)
+        if not found:
+            raise FlashbackError(f"this model's chat template does not keep {message['role']} messages")
+        content = encode(tokenizer, message["content"])
+        ids += _template_ids(tokenizer, before) + content
+        contents.append(content)
+    ids += _template_ids(tokenizer, rest)
+    asked = [c for m, c in zip(messages, contents, strict=True) if m["role"] == "user"] or contents
+    return ids, tokenizer.decode(asked[-1][-query_tokens:])
+
+
+def _template_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _chat_logprobs(block: dict | None) -> dict | None:
+    if block is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(token, logprob), "top_logprobs": [entry(t, v) for t, v in (top or {}).items()]}
+            for token, logprob, top in zip(block["tokens"], block["token_logprobs"], block["top_logprobs"], strict=True)
+        ]
+    }
+
+
+def chat_response(done: dict) -> dict:
+    """A whole completions response as a chat completion."""
+    choices = [
+        {
+            "index": c["index"],
+            "message": {"role": "assistant", "content": c["text"]},
+            "logprobs": _chat_logprobs(c["logprobs"]),
+            "finish_reason": c["finish_reason"],
+            **({"retrievals": c["retrievals"]} if "retrievals" in c else {}),
+        }
+        for c in done["choices"]
+    ]
+    return {**done, "id": "chat" + done["id"], "object": "chat.completion", "choices": choices}
+
+
+async def chat_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Completions server-sent events as chat chunks: the assistant's role in each choice's first delta, its text
+    as `content`, the finish reason in a last, empty delta. Errors and [DONE] pass as they are."""
+    started: set[int] = set()
+    async for event in events:
+        out = []
+        for line in event.split("\n\n"):
+            if not line.startswith("data: {"):
+                out.append(line)
+                continue
+            data = json.loads(line[len("data: ") :])
+            if "choices" in data:
+                data = {
+                    **data,
+                    "id": "chat" + data["id"],
+                    "object": "chat.completion.chunk",
+                    "choices": [_chunk_choice(c, started) for c in data["choices"]],
+                }
+            out.append("data: " + json.dumps(data))
+        yield "\n\n".join(out)
+
+
+def _chunk_choice(c: dict, started: set[int]) -> dict:
+    delta = {} if c["index"] in started else {"role": "assistant"}
+    started.add(c["index"])
+    if c["text"]:
+        delta["content"] = c["text"]
+    return {
+        "index": c["index"],
+        "delta": delta,
+        "logprobs": _chat_logprobs(c["logprobs"]),
+        "finish_reason": c["finish_reason"],
+    }
