@@ -10,7 +10,7 @@ from flashback.server import create_app
 from flashback.server.chat import render
 from flashback.text.retrieval import Index, IndexRetriever
 
-from .conftest import TEST_DEVICE
+from .conftest import TEST_DEVICE, build_index
 from .test_server import LIMITS, serve_in_thread, sse_events
 
 CHATML = (
@@ -133,3 +133,24 @@ def test_langchain_chat_openai(chat_server, chat_lm):
     message = llm.invoke([("system", SYSTEM["content"]), ("human", QUESTION["content"])])
     streamed = "".join(chunk.content for chunk in llm.stream([("human", QUESTION["content"])]))
     assert isinstance(message.content, str) and message.content and streamed
+
+
+def test_chat_command_answers_each_line_of_a_pipe(chat_lm, corpus_file, tmp_path, monkeypatch, capsys):
+    """`flashback chat` from a pipe: one turn per line, the conversation carried over, one JSON object per turn."""
+    import io
+    import json
+
+    from flashback.cli import main
+
+    folder = tmp_path / "chat-model"
+    chat_lm.model.save_pretrained(folder)
+    chat_lm.tokenizer.save_pretrained(folder)
+    index = build_index(folder, corpus_file, 24, tmp_path / "index")  # the turn tokens are this vocabulary's own
+    monkeypatch.setattr("sys.stdin", io.StringIO(QUESTION["content"] + "\n\nAnd a socket?\n"))
+    argv = ["chat", "--model", str(folder), "--index", str(index), "--max-new-tokens", "6", "--stride", "3"]
+    assert main([*argv, "--json", "--system", "Be brief."]) == 0
+    turns = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [t["turn"] for t in turns] == [1, 2]  # the empty line is no turn
+    assert turns[0]["retrievals"][0]["query"] in QUESTION["content"]
+    assert turns[1]["retrievals"][0]["query"] == "And a socket?"
+    assert turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"] + 6  # the first answer is in the second prompt

@@ -203,6 +203,51 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A conversation in the terminal: each user line is one turn, answered with retrieval and streamed. From a pipe,
+    each line of standard input is a turn; --json prints one object per turn."""
+    from flashback.engines.load import load_engine, plan_adapters, tuned_layouts
+    from flashback.generate import TextStreamer, Trace, stream
+    from flashback.layout import layout_settings
+    from flashback.server.chat import render
+
+    ecfg, cfg = config(EngineConfig, args), config(GenerationConfig, args)
+    adapters = plan_adapters(ecfg, [cfg.mode])
+    markers, tail = layout_settings(
+        tuned_layouts(ecfg, adapters), cfg.mode, given(args, "markers"), given(args, "tail")
+    )
+    cfg = replace(cfg, markers=markers, tail=tail)
+    index = _load_index(args.index) if cfg.mode != "none" else None
+    engine = load_engine(ecfg, adapters=adapters, markers=markers and cfg.mode == "append")
+    retriever = _checked_retriever(engine, index)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty() and not args.json
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        ids, query = render(engine.tokenizer, messages, cfg.query_tokens)
+        trace, streamer, tokens = Trace(cfg.mode), TextStreamer(engine.tokenizer), []
+        for token in stream(engine, ids, retriever, cfg, trace, first_query=query):
+            tokens.append(token)
+            if not args.json:
+                sys.stdout.write(streamer.push(token))
+                sys.stdout.flush()
+        answer = engine.tokenizer.decode(tokens, skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": answer})
+        if args.json:
+            turn = {"turn": len(messages) // 2, "text": answer, "prompt_tokens": len(ids), **trace.to_json()}
+            print(json.dumps(turn, ensure_ascii=False), flush=True)
+        else:
+            sys.stdout.write(streamer.flush() + "\n")
+
+
 # ---- prepare / train -------------------------------------------------------------------------------
 def _read_titles(path: str | None) -> frozenset[str]:
     if not path:
@@ -417,6 +462,10 @@ COMMANDS = {
     "generate": (cmd_generate, "generate with retrieval (append / prepend / none)", [
         ENGINE, ADAPTERS, INDEX, Fields(GenerationConfig),
         Arg("--json", action="store_true", help="print one JSON object: text, retrievals, forward passes, timings")]),
+    "chat": (cmd_chat, "a conversation in the terminal, each answer retrieved for and streamed", [
+        ENGINE, ADAPTERS, INDEX, Fields(GenerationConfig),
+        Arg("--system", default=None, help="a system message to open the conversation"),
+        Arg("--json", action="store_true", help="one JSON object per turn (text, retrievals, timings)")]),
     "prepare": (cmd_prepare, "turn running text into (context, passages, target) training examples", [
         TEXT, Arg("--index", required=True, help="index to retrieve passages from"),
         Arg("--out", required=True, help="data folder to write (train.jsonl, val.jsonl, manifest.json)"),

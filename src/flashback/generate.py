@@ -186,7 +186,10 @@ def _loop(
         while len(generated) < max_new:
             step = len(generated)
             history = prompt + generated
-            query = first_query if step == 0 and first_query else engine.tokenizer.decode(history[-cfg.query_tokens :])
+            recent = history[-cfg.query_tokens :]  # as text, without special tokens (a chat's turn tokens)
+            query = (
+                first_query if step == 0 and first_query else engine.tokenizer.decode(recent, skip_special_tokens=True)
+            )
             passages = _retrieve(retriever, query, cfg, step, trace) if retrieving else None
             plan = planner.plan(history, passages, first=step == 0)
             n = min(cfg.stride, max_new - step) if retrieving else max_new - step
