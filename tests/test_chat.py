@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import torch
 
 from flashback.engines.torch import load_model
 from flashback.server import create_app
@@ -154,3 +155,60 @@ def test_chat_command_answers_each_line_of_a_pipe(chat_lm, corpus_file, tmp_path
     assert turns[0]["retrievals"][0]["query"] in QUESTION["content"]
     assert turns[1]["retrievals"][0]["query"] == "And a socket?"
     assert turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"] + 6  # the first answer is in the second prompt
+
+
+@pytest.mark.parametrize("mode", ["append", "none"])
+def test_a_reused_prefix_gives_the_logits_of_a_fresh_computation(tiny_model_dir, tiny_index_dir, mode):
+    """A second sequence that starts with the first one's tokens starts from its cache (without its passages):
+    every step's logits and tokens equal a cold engine's, and the cached tokens are not computed again."""
+    from flashback.config import GenerationConfig
+    from flashback.generate import Trace, generate, stream
+
+    warm = load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
+    cold = load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
+    warm.keep_prefixes(64)
+    retriever = IndexRetriever(Index.load(tiny_index_dir))
+    cfg = GenerationConfig(mode=mode, stride=5, max_new_tokens=15, tail=4, stop_at_eos=False)
+    first = warm.tokenizer(QUESTION["content"], add_special_tokens=False)["input_ids"]
+    one = generate(warm, first, retriever, cfg)
+    assert one.trace.cached_tokens == 0 and warm.prefixes.stats()["entries"] == 1
+    second = first + one.token_ids + warm.tokenizer(" Then a socket", add_special_tokens=False)["input_ids"]
+    runs = {}
+    for name, engine in (("warm", warm), ("cold", cold)):
+        seen, trace = {}, Trace(mode)
+        observe = lambda s, lg, seen=seen: seen.__setitem__(s, lg.clone())  # noqa: E731
+        tokens = list(stream(engine, second, retriever, cfg, trace, observe=observe))
+        runs[name] = tokens, seen, trace
+    (warm_tokens, warm_logits, warm_trace), (cold_tokens, cold_logits, cold_trace) = runs["warm"], runs["cold"]
+    assert warm_tokens == cold_tokens
+    for step, logits in cold_logits.items():
+        torch.testing.assert_close(warm_logits[step], logits, atol=1e-5, rtol=0)
+    kept = len(first) + (10 - 4 if mode == "append" else 14)  # append: before the last passage; none: all but one
+    assert warm_trace.cached_tokens == kept and cold_trace.cached_tokens == 0
+    warm_work = sum(f.tokens for f in warm_trace.forwards)
+    assert warm_work == sum(f.tokens for f in cold_trace.forwards) - kept
+
+
+def test_a_conversations_next_turn_reuses_its_cache_through_the_server(chat_lm, tiny_index_dir):
+    """Turn 2 computes only what is new since turn 1's passage (its answer, the new question, the tail, the
+    passages), says so in usage.prompt_tokens_details.cached_tokens, and answers as a server that keeps nothing."""
+    openai = pytest.importorskip("openai")
+    import dataclasses
+
+    answers = {}
+    for budget in (0, 64):
+        limits = dataclasses.replace(LIMITS, cache_mb=budget)
+        for url in serve_in_thread(create_app(chat_lm, IndexRetriever(Index.load(tiny_index_dir)), limits, True, 4)):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+            common = dict(model=chat_lm.name, max_tokens=10, temperature=0, extra_body={"stride": 4, "tail": 4})
+            one = client.chat.completions.create(messages=[SYSTEM, QUESTION], **common)
+            turn = [SYSTEM, QUESTION, {"role": "assistant", "content": one.choices[0].message.content}]
+            two = client.chat.completions.create(messages=[*turn, {"role": "user", "content": "And then?"}], **common)
+            answers[budget] = one, two
+    cold_two, (one, two) = answers[0][1], answers[64]
+    assert two.choices[0].message.content == cold_two.choices[0].message.content
+    assert one.usage.prompt_tokens_details.cached_tokens == 0 == cold_two.usage.prompt_tokens_details.cached_tokens
+    cached, new = two.usage.prompt_tokens_details.cached_tokens, two.usage.prompt_tokens - one.usage.prompt_tokens
+    assert cached >= one.usage.prompt_tokens - 4  # turn 1's conversation, up to its tail
+    assert two.usage.prompt_tokens - cached <= new + 4  # the new turn and the tail, nothing older
+    chat_lm.forget()

@@ -351,6 +351,11 @@ class ServerLimits:
     prefill_chunk: int = opt(
         256, "long prefills and echo scoring run this many token positions at a time, other requests between them"
     )
+    cache_mb: float = opt(
+        256.0,
+        "MiB of finished requests' KV caches kept (without their passages) for requests that start with the same "
+        "tokens, such as a conversation's next turn (PyTorch engine; 0: off)",
+    )
     read_timeout_s: float = opt(
         10.0, "seconds a client has to send its request headers, and each part of its body", flag="read-timeout"
     )
@@ -366,6 +371,8 @@ class ServerLimits:
         _at_least(self, names)
         if self.shutdown_grace_s < 0:
             raise FlashbackError("--shutdown-grace must be >= 0")
+        if not self.cache_mb >= 0:
+            raise FlashbackError("--cache-mb must be >= 0")
         if not self.read_timeout_s > 0:
             raise FlashbackError("--read-timeout must be > 0")
 

@@ -32,6 +32,7 @@ class Trace:
 
     mode: str
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the first step reused from a finished sequence's cache
     dropped_prompt_tokens: int = 0
     max_new_tokens: int = 0  # after fitting the model's positions (may be lower than asked)
     cache_capacity: int | None = None  # fixed KV buffer size when decoding through decode.Decoder
@@ -56,6 +57,7 @@ class Trace:
         return {
             "mode": self.mode,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "dropped_prompt_tokens": self.dropped_prompt_tokens,
             "max_new_tokens": self.max_new_tokens,
             "cache_capacity": self.cache_capacity,
@@ -195,6 +197,8 @@ def _loop(
             n = min(cfg.stride, max_new - step) if retrieving else max_new - step
             trace.stretch_starts.append(len(session.forwards))
             stretch = session.begin(plan, n, sampling, observe, step, chunk)
+            if step == 0:
+                trace.cached_tokens = stretch.cached_tokens or 0
             record = trace.retrievals[-1] if retrieving else None
             got = 0
             for token in stretch:
@@ -215,6 +219,7 @@ def _loop(
                 return
     finally:
         trace.total_s = time.perf_counter() - start
+        session.release(planner.reusable(len(session)))
 
 
 def _note(record: dict | None, stretch) -> None:

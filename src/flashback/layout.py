@@ -109,6 +109,11 @@ class Planner:
         self.cached = len(kept)
         return StepPlan(keep, [], kept[keep:] + block)
 
+    def reusable(self, held: int) -> int:
+        """Of the `held` cached tokens at the end of a generation, how many a later sequence may start from: in
+        append mode those before the last passage, in mode none all of them, in prepend none (a passage is first)."""
+        return {"append": min(self.cached, held), "none": held}.get(self.mode, 0)
+
 
 def reserved_positions(cfg: GenerationConfig, passage_tokens: int) -> int:
     """Positions a retrieval step's passages (and markers) take beside the prompt and the new tokens."""

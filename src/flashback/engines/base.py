@@ -155,12 +155,14 @@ class Session(ABC):
         """Apply `plan` to the cache, then decode up to `n` tokens one at a time (lazily: a stretch that is
         not read further computes nothing more). With `chunk`, the plan's forwards run lazily too, `chunk` tokens at
         a time with a None between them, so that a scheduler can run other work within a long prefill."""
+        reused = 0
         if plan.keep == 0:
-            self.reset()
+            reused = self.start_from(plan.prefix + plan.feed)
+            plan = StepPlan(reused, plan.prefix[reused:], plan.feed[max(0, reused - len(plan.prefix)) :])
         else:
             self.rollback(plan.keep)
         if chunk is not None:
-            stretch = Stretch(iter(()), 0)
+            stretch = Stretch(iter(()), 0, reused or None)
             stretch.tokens = self._chunked(plan, n, sampling, observe, step, chunk, stretch)
             return stretch
         logits = self.extend(plan.prefix) if plan.prefix else None
@@ -168,7 +170,17 @@ class Session(ABC):
         if plan.feed:
             logits = self.extend(plan.feed)
         computed = sum(f.tokens for f in self.forwards[before:])
-        return Stretch(self._tokens(logits, n, sampling, observe, step), computed)
+        return Stretch(self._tokens(logits, n, sampling, observe, step), computed, reused or None)
+
+    def start_from(self, tokens: Sequence[int]) -> int:
+        """Empty the cache for a sequence that begins with `tokens`; an engine that keeps finished sequences may
+        instead start from one sharing a prefix with them. Returns how many of `tokens` are cached already."""
+        self.reset()
+        return 0
+
+    def release(self, keep: int) -> None:  # noqa: B027 - most sessions keep nothing after their sequence ends
+        """The sequence is done; its first `keep` cached tokens stay valid for a later one (engines that keep
+        finished sequences, engines/torch/prefixes.py)."""
 
     def _chunked(self, plan: StepPlan, n: int, sampling, observe, step: int, chunk: int, stretch: Stretch):
         logits = None
@@ -220,6 +232,9 @@ class Engine(ABC):
     def adapters(self) -> dict[str, str]:
         """Mode -> adapter folder, for engines that run unmerged adapters."""
         return {}
+
+    def keep_prefixes(self, budget_mb: float) -> None:  # noqa: B027 - servers upstream keep their own
+        """Keep finished sequences' caches (up to `budget_mb`) so that requests that start alike skip their prefix."""
 
     def forget(self) -> None:  # noqa: B027 - most engines cache nothing beyond a session
         """Drop whatever the engine cached beyond a session (a prefix cache), so the next prompt starts cold."""

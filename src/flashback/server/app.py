@@ -104,6 +104,7 @@ def create_app(
         yield
         service.scheduler.close()
         service.scheduler.join(limits.shutdown_grace_s + 30)  # no model thread may outlive the interpreter
+        lm.keep_prefixes(0)  # the engine may outlive the app (tests, the Python API)
 
     app = FastAPI(
         title="FlashBack",

@@ -166,7 +166,9 @@ class Generation:
 
     def step(self) -> Step:
         with self.busy:
-            return self._step()
+            step = self._step()
+            step.cached_tokens = self.trace.cached_tokens
+            return step
 
     def _step(self) -> Step:
         if self.req.echo and not self.echoed:
@@ -260,6 +262,7 @@ class CompletionService:
             workers = limits.max_active
             if retriever is not None:
                 self.retriever = LockedRetriever(retriever)
+        lm.keep_prefixes(limits.cache_mb)  # a conversation's next turn starts from the cache of the last
         self.scheduler = Scheduler(workers, credit=limits.prefill_chunk)
         self.admission = asyncio.Semaphore(limits.max_active)
         self.state = {"active": 0, "waiting": 0, "served": 0}

@@ -33,6 +33,7 @@ class Step:
     finish: str | None  # None while generating
     prompt_tokens: int = 0
     echo: bool = False  # this step is the echoed prompt, not generated text
+    cached_tokens: int = 0  # prompt tokens reused from an earlier request's cache
 
 
 class StreamOptions(BaseModel):
@@ -187,30 +188,32 @@ def _choice(index: int, text: str, finish: str | None, logprobs=None) -> dict:
     return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
 async def _collect(choice: Choice, req: CompletionRequest) -> tuple[dict, dict, list[dict]]:
     """A choice's whole text, log-probabilities and retrievals: (choice, usage, retrievals)."""
-    text, probs, retrievals, finish, completion, prompt_tokens = "", [], [], "length", 0, 0
+    text, probs, retrievals, finish, completion, prompt_tokens, cached = "", [], [], "length", 0, 0, 0
     async for step in choice.steps():
         completion += 0 if step.echo else len(step.tokens)
-        prompt_tokens = step.prompt_tokens
+        prompt_tokens, cached = step.prompt_tokens, step.cached_tokens
         text += step.text
         probs += step.logprobs
         retrievals += step.retrievals
         finish = step.finish or finish
     logprobs = logprobs_block(probs, 0) if req.logprobs is not None else None
-    return _choice(choice.index, text, finish, logprobs), _usage(prompt_tokens, completion), retrievals
+    return _choice(choice.index, text, finish, logprobs), _usage(prompt_tokens, completion, cached), retrievals
 
 
 def _total(usages: list[dict]) -> dict:
-    return _usage(sum(u["prompt_tokens"] for u in usages), sum(u["completion_tokens"] for u in usages))
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+    return _usage(sum(u["prompt_tokens"] for u in usages), sum(u["completion_tokens"] for u in usages), cached)
 
 
 async def whole(choices: list[Choice], req: CompletionRequest, cid: str, created: int, model: str) -> dict:
@@ -251,7 +254,7 @@ async def events(
             await merged.put((choice.index, None))
 
     tasks = [asyncio.create_task(forward(c)) for c in choices]
-    state = {c.index: {"completion": 0, "offset": 0, "prompt_tokens": 0} for c in choices}
+    state = {c.index: {"completion": 0, "offset": 0, "prompt_tokens": 0, "cached": 0} for c in choices}
     try:
         for _ in range(len(choices)):
             while (item := await merged.get())[1] is not None:
@@ -267,7 +270,7 @@ async def events(
                     continue  # a step that computed without producing (a chunk of a prefill)
                 yield f"data: {json.dumps(_chunk(step, index, state[index], req, cid, created, model))}\n\n"
         if req.stream_options and req.stream_options.include_usage:
-            usage = _total([_usage(s["prompt_tokens"], s["completion"]) for s in state.values()])
+            usage = _total([_usage(s["prompt_tokens"], s["completion"], s["cached"]) for s in state.values()])
             yield f"data: {json.dumps({**_envelope(cid, created, model, []), 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:  # nothing awaited here: a hung-up client cancels this generator, and its generations must still stop
@@ -280,12 +283,12 @@ async def events(
 
 def _chunk(step: Step, index: int, state: dict, req: CompletionRequest, cid: str, created: int, model: str) -> dict:
     state["completion"] += 0 if step.echo else len(step.tokens)
-    state["prompt_tokens"] = step.prompt_tokens
+    state["prompt_tokens"], state["cached"] = step.prompt_tokens, step.cached_tokens
     logprobs = logprobs_block(step.logprobs, state["offset"]) if req.logprobs is not None else None
     state["offset"] += len(step.text)
     chunk = _envelope(cid, created, model, [_choice(index, step.text, step.finish, logprobs)])
     if step.retrievals:
         chunk["retrievals"] = step.retrievals
     if step.finish:  # FlashBack's own habit: the last chunk of a choice carries its usage too
-        chunk["usage"] = _usage(step.prompt_tokens, state["completion"])
+        chunk["usage"] = _usage(step.prompt_tokens, state["completion"], state["cached"])
     return chunk

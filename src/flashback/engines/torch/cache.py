@@ -175,6 +175,8 @@ class KVCache(Session):
         capacity: int | None = None,
         decoder=None,
         before_forward: Callable[[], None] | None = None,
+        prefixes=None,
+        weights_key=None,
     ):
         if decoder is not None and capacity is None:
             raise ValueError("a decoder needs a fixed cache capacity")
@@ -185,6 +187,9 @@ class KVCache(Session):
         self.decoder = decoder
         self.cache = new_cache(model.config, capacity, self.device)
         self.forwards: list[Forward] = []
+        self.ids: list[int] = []  # the tokens cached, in order
+        self.prefixes = prefixes  # a prefixes.PrefixStore of finished sequences, or None
+        self.key = (weights_key, capacity)  # what an entry of the store must match to be reused here
 
     def __len__(self) -> int:
         return self.cache.get_seq_length()
@@ -209,6 +214,7 @@ class KVCache(Session):
         n = ids.shape[1]
         if len(self) != before + n:  # a transformers without the `cache` argument would ignore it silently
             raise FlashbackError(f"the model did not fill the KV cache (transformers {transformers.__version__})")
+        self.ids += ids[0].tolist()
         self.forwards.append(Forward(forward_kind(before, n), n, len(self), time.perf_counter() - start))
         return logits if all_logits else logits[-1]
 
@@ -233,9 +239,34 @@ class KVCache(Session):
             raise ValueError(f"cannot roll back to {length}: only {len(self)} tokens are cached")
         if drop:  # crop(0) is a no-op, and a positive argument means "keep", so pass -drop
             self.cache.crop(-drop)
+            del self.ids[length:]
 
     def reset(self) -> None:
         self.cache = new_cache(self.model.config, self.capacity, self.device)
+        self.ids = []
+
+    def start_from(self, tokens: Sequence[int]) -> int:
+        """A fresh cache, or the store's finished sequence sharing the longest prefix with `tokens`, rolled back to
+        that prefix (whose keys and values are exactly what a fresh forward would compute)."""
+        if self.prefixes is None or len(self):
+            self.reset()
+            return 0
+        entry, length = self.prefixes.take(self.key, tokens)
+        if entry is None:
+            return 0
+        self.cache, self.ids = entry.cache, entry.tokens
+        self.rollback(length)
+        return length
+
+    def release(self, keep: int) -> None:
+        """Give the first `keep` cached tokens to the store (this session's cache goes with them)."""
+        if self.prefixes is None or keep <= 0 or keep > len(self):
+            return
+        self.rollback(keep)
+        layers = [layer for layer in self.cache.layers if getattr(layer, "_k", None) is not None]
+        nbytes = sum(2 * layer._k.numel() * layer._k.element_size() for layer in layers)
+        self.prefixes.put(self.key, self.ids, self.cache, nbytes)
+        self.cache, self.ids = new_cache(self.model.config, self.capacity, self.device), []
 
     def key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (keys, values), each (B, heads, T, head_dim); for checks and tests."""

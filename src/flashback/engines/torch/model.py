@@ -47,6 +47,7 @@ class TorchEngine(Engine):
         self._active = next(iter(self._adapters), None)  # PeftModel activates the first adapter it loads
         self._decoders: dict = {}
         self.token_rows = token_rows  # the adapters' marker rows, outside PEFT (adapters.TokenRows)
+        self.prefixes = None  # a prefixes.PrefixStore: finished sequences kept for later requests (serve --cache-mb)
         if token_rows:
             token_rows.write(self.model, self._active)
 
@@ -103,7 +104,19 @@ class TorchEngine(Engine):
             return KVCache(self.decoder(mode).model, self.device)
         decoder = self.decoder(mode) if positions is not None else None
         capacity = -(-positions // CAPACITY_STEP) * CAPACITY_STEP if decoder is not None else None
-        return KVCache(self.model, self.device, capacity, decoder, before_forward=lambda: self.activate(mode))
+        adapter = mode if mode in self._adapters else None  # the keys and values depend on it
+        prefixes = None if scoring else self.prefixes
+        return KVCache(self.model, self.device, capacity, decoder, lambda: self.activate(mode), prefixes, adapter)
+
+    def keep_prefixes(self, budget_mb: float) -> None:
+        """Keep finished sequences' caches, up to `budget_mb` of buffers, for requests that start alike."""
+        from flashback.engines.torch.prefixes import PrefixStore
+
+        self.prefixes = PrefixStore(int(budget_mb * 2**20)) if budget_mb > 0 else None
+
+    def forget(self) -> None:
+        if self.prefixes is not None:
+            self.prefixes.clear()
 
     def decode_weight_bytes(self, mode: str | None) -> int:
         """Weight bytes one decode step reads: every linear layer (the decode step's own, int8 with --quantize)
