@@ -42,7 +42,7 @@ def random_ids(lm, n: int, seed: int) -> list[int]:
 
 def test_the_tiny_model_has_a_live_window_and_a_bos_tokenizer(gemma):
     """Without both, the checks below could pass on code that ignores the window or never places BOS."""
-    assert sliding_window(gemma.model.config) == WINDOW
+    assert sliding_window(gemma.model.config) == (WINDOW, True)
     assert gemma.head_ids == [gemma.tokenizer.bos_token_id]
     assert gemma.tokenizer("a socket")["input_ids"][0] == gemma.tokenizer.bos_token_id
     config = gemma.model.config.to_dict() | {"sliding_window": 4096}  # same layers (and rotary bases), no window
@@ -249,3 +249,26 @@ def test_scoring_a_sequence_that_starts_with_bos_is_scoring_it_as_eval_does(gemm
     got = [-v for p in full for v in scores.logprobs[p : p + 8]]
     assert len(got) == want.tokens and sum(got) / len(got) == pytest.approx(want.nll, abs=1e-5)
     assert [r["position"] for r in scores.retrievals][:2] == [9, 17]  # positions in the client's tokens
+
+
+def test_packed_training_on_a_model_whose_every_layer_slides(tmp_path):
+    """Mistral-style: no layer types, one window for every layer; the packed mask is then one tensor with the
+    window in it, and packed rows give the loss of one row per example."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=WINDOW, max_position_embeddings=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    assert sliding_window(model.config) == (WINDOW, False)
+    segment = random_segment(1)
+    packed_batch = pack(segment, (300, 301), 4, 0, torch.device("cpu"), window=WINDOW, mixed=False)
+    assert isinstance(packed_batch.attention_mask, torch.Tensor)
+    with torch.no_grad():
+        packed = target_nll(model, packed_batch, None)
+        plain = target_nll(model, collate(segment.examples(), "append", (300, 301), 0, torch.device("cpu"), 4), None)
+        unwindowed = target_nll(model, pack(segment, (300, 301), 4, 0, torch.device("cpu")), None)
+    torch.testing.assert_close(packed, plain, atol=2e-5, rtol=0)
+    assert (unwindowed - plain).abs().max() > 1e-3

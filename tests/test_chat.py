@@ -98,6 +98,7 @@ def test_streamed_chat_ends_with_done_and_a_finish_reason(chat_server, chat_lm):
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert all(c["object"] == "chat.completion.chunk" and c["id"].startswith("chatcmpl-") for c in chunks)
+    assert not any("usage" in c for c in chunks)  # usage only in a final chunk, with include_usage
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert any("retrievals" in c for c in chunks)
 
@@ -212,3 +213,58 @@ def test_a_conversations_next_turn_reuses_its_cache_through_the_server(chat_lm, 
     assert cached >= one.usage.prompt_tokens - 4  # turn 1's conversation, up to its tail
     assert two.usage.prompt_tokens - cached <= new + 4  # the new turn and the tail, nothing older
     chat_lm.forget()
+
+
+def test_the_prefix_store_gives_an_entry_only_to_a_sequence_that_repeats_most_of_it():
+    """A request that shares only a system prompt (or BOS) must not take, and overwrite, another conversation."""
+    from flashback.engines.torch.prefixes import PrefixStore
+
+    store = PrefixStore(1000)
+    conversation = list(range(100))
+    store.put(("a", None), conversation, object(), 10)
+    assert store.take(("a", None), conversation[:10] + [999] * 50) == (None, 0)  # 10% of it: not taken
+    assert store.take(("b", None), conversation + [5]) == (None, 0)  # other weights or salt
+    entry, length = store.take(("a", None), conversation[:60] + [7])
+    assert entry.tokens == conversation and length == 60 and store.stats()["entries"] == 0
+    for i in range(5):  # over budget: the least recently used go first
+        store.put(("a", None), [1000 + i], object(), 300)
+    assert [e.tokens for e in store.entries.values()] == [[1002], [1003], [1004]]
+
+
+def test_only_eagerly_computed_and_whole_caches_are_kept(tiny_lm):
+    """Decode-step keys (compiled, int8) are not a prefill's, and a forward that failed halfway leaves layers of
+    different lengths: neither may start a later sequence."""
+    from flashback.engines.torch.cache import KVCache
+    from flashback.engines.torch.decode import Decoder
+    from flashback.engines.torch.prefixes import PrefixStore
+
+    store = PrefixStore(1 << 30)
+    context = list(range(5, 25))
+    cache = KVCache(tiny_lm.model, capacity=64, decoder=Decoder(tiny_lm.model, None, None, False), prefixes=store)
+    cache.extend(context)
+    for token in (30, 31, 32):
+        cache.extend([token])  # through the decode step
+    cache.release(len(cache))
+    assert [e.tokens for e in store.entries.values()] == [context]
+    ragged = KVCache(tiny_lm.model, prefixes=store)
+    ragged.extend(list(range(40, 60)))
+    ragged.cache.layers[1]._set_length(10)
+    ragged.release(20)
+    assert len(store.entries) == 1
+
+
+def test_requests_with_different_users_never_share_a_cache(tiny_model_dir, tiny_index_dir):
+    from flashback.config import GenerationConfig
+    from flashback.generate import Trace, stream
+
+    lm = load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
+    lm.keep_prefixes(64)
+    retriever = IndexRetriever(Index.load(tiny_index_dir))
+    cfg = GenerationConfig(mode="none", max_new_tokens=4, stop_at_eos=False)
+    prompt = lm.tokenizer(QUESTION["content"], add_special_tokens=False)["input_ids"]
+    cached = []
+    for user in ("alice", "bob", "alice"):
+        trace = Trace("none")
+        list(stream(lm, prompt, retriever, cfg, trace, cache_salt=user))
+        cached.append(trace.cached_tokens)
+    assert cached[:2] == [0, 0] and cached[2] == len(prompt) - 1

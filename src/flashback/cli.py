@@ -220,6 +220,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     index = _load_index(args.index) if cfg.mode != "none" else None
     engine = load_engine(ecfg, adapters=adapters, markers=markers and cfg.mode == "append")
     retriever = _checked_retriever(engine, index)
+    engine.keep_prefixes(256)  # each turn starts from the last one's cache (PyTorch engine)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty() and not args.json
     while True:
@@ -242,7 +243,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         answer = engine.tokenizer.decode(tokens, skip_special_tokens=True)
         messages.append({"role": "assistant", "content": answer})
         if args.json:
-            turn = {"turn": len(messages) // 2, "text": answer, "prompt_tokens": len(ids), **trace.to_json()}
+            turn = {"turn": len(messages) // 2, "text": answer, **trace.to_json()}
             print(json.dumps(turn, ensure_ascii=False), flush=True)
         else:
             sys.stdout.write(streamer.flush() + "\n")

@@ -128,10 +128,12 @@ def stream(
     observe: Observer | None = None,
     chunk: int | None = None,
     first_query: str | None = None,
+    cache_salt: str | None = None,
 ) -> Iterator[int]:
     """Check the request, then return an iterator of generated token ids that fills `trace`.
 
     `first_query` replaces the first retrieval's query (a chat: the last user message, not the template's tail).
+    `cache_salt` keeps the sequence from starting from the kept caches of sequences with another salt.
 
     Validation happens here, before the first token is asked for, so callers can reject bad input
     before they start streaming. With `chunk`, long prefills run `chunk` tokens at a time and the iterator yields
@@ -156,7 +158,7 @@ def stream(
     prompt, max_new = fit_to_positions(prompt, cfg, reserve, engine.max_positions, trace)
     trace.prompt_tokens = len(prompt)
     trace.max_new_tokens = max_new
-    session = engine.session(cfg.mode, positions=len(prompt) + reserve + max_new)  # the most it will hold
+    session = engine.session(cfg.mode, positions=len(prompt) + reserve + max_new, salt=cache_salt)  # the most it holds
     planner = Planner(cfg.mode, engine.marker_ids if use_markers else None, cfg.tail, head)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed, engine.marker_ids or (), cfg.stop_at_eos)
     loop = _loop(

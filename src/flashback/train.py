@@ -89,13 +89,15 @@ def pack(
     dtype=torch.float32,
     head: Sequence[int] = (),
     window: int | None = None,
+    mixed: bool = True,
 ) -> Batch:
     """All targets of a segment as rows over one shared prefix (append layout; see the module docstring).
 
     Row j is layout.append_parts(context_j)'s block + target_j, at positions split_j, split_j + 1, ...;
     it sees prefix keys [0, split_j) (`head`, then the segment's text) and its own earlier tokens. With a sliding
-    `window` shorter than the rows, the mask is one per layer type (transformers' mapping), the sliding layers'
-    also keeping each query within `window` positions of its keys, as at inference.
+    `window` shorter than the rows, the sliding layers' mask also keeps each query within `window` positions of its
+    keys, as at inference: one mask per layer type (transformers' mapping) when full and sliding layers are `mixed`
+    (Gemma 2/3), else that one mask (every layer sliding, as in Mistral).
     """
     splits, rows = [], []
     for ex in segment.examples():
@@ -122,7 +124,8 @@ def pack(
     if window is not None and prefix_len + width > window:
         key_positions = torch.cat([torch.arange(prefix_len).expand(n, -1), positions], dim=1)
         near = positions[:, :, None] - key_positions[:, None, :] < window
-        mask = {"full_attention": mask, "sliding_attention": additive(allowed & near)}
+        sliding = additive(allowed & near)
+        mask = {"full_attention": mask, "sliding_attention": sliding} if mixed else sliding
     return Batch(
         ids.to(device),
         mask,
@@ -133,11 +136,13 @@ def pack(
     )
 
 
-def sliding_window(config) -> int | None:
-    """The window of the model's sliding-window layers, or None when every layer attends to everything."""
+def sliding_window(config) -> tuple[int, bool] | None:
+    """(window, whether full-attention layers are mixed in) of a model with sliding-window layers, else None."""
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
-    return window if window and (types is None or "sliding_attention" in types) else None
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return window, types is not None and "full_attention" in types
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -265,11 +270,13 @@ def add_adapter(lm: TorchEngine, cfg: TrainConfig):
 
 
 def batches(
-    units: Sequence, cfg: TrainConfig, markers, pad_id: int, device, head: Sequence[int] = (), window: int | None = None
+    units: Sequence, cfg: TrainConfig, markers, pad_id: int, device, head: Sequence[int] = (), window=None
 ) -> list[Batch]:
-    """Model inputs for a list of segments (packed) or examples (--no-pack), one micro-batch each."""
+    """Model inputs for a list of segments (packed) or examples (--no-pack), one micro-batch each; `window`:
+    sliding_window()'s (size, mixed) or None."""
     if cfg.packed:
-        return [pack(seg, markers, cfg.tail, pad_id, device, head=head, window=window) for seg in units]
+        size, mixed = window or (None, True)
+        return [pack(seg, markers, cfg.tail, pad_id, device, head=head, window=size, mixed=mixed) for seg in units]
     return [
         collate(units[i : i + cfg.batch_size], cfg.position, markers, pad_id, device, cfg.tail, head)
         for i in range(0, len(units), cfg.batch_size)

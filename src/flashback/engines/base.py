@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -217,11 +218,14 @@ class Engine(ABC):
     kind: str  # for reports ("torch", "llama.cpp", "upstream"); code asks `capabilities`, never this
 
     @abstractmethod
-    def session(self, mode: str | None = None, positions: int | None = None, scoring: bool = False) -> Session:
+    def session(
+        self, mode: str | None = None, positions: int | None = None, scoring: bool = False, salt: str | None = None
+    ) -> Session:
         """A new cache for one sequence generated in `mode` (its adapter, where the engine switches them),
-        with room for `positions` tokens; `scoring`: for every position's logits (evaluation)."""
+        with room for `positions` tokens; `scoring`: for every position's logits (evaluation). Sequences with
+        different `salt`s (a client's `user`) never start from each other's caches."""
 
-    @property
+    @cached_property
     def head_ids(self) -> list[int]:
         """What the tokenizer puts before every text (BOS, or nothing): first in every layout (layout.py)."""
         from flashback.text.tokenize import text_head

@@ -74,7 +74,9 @@ class LlamaCppEngine(ExportedEngine):
         super().__init__(**parts)
         self.llm = llm
 
-    def session(self, mode: str | None = None, positions: int | None = None, scoring: bool = False) -> LlamaCppSession:
+    def session(
+        self, mode: str | None = None, positions: int | None = None, scoring: bool = False, salt: str | None = None
+    ) -> LlamaCppSession:
         return LlamaCppSession(self.llm)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
@@ -105,7 +106,10 @@ class ChatRequest(BaseModel):
             query_tokens=self.query_tokens,
             tail=self.tail,
         )
-        req._messages = [{"role": m.role, "content": m.text()} for m in self.messages]
+        # OpenAI's "developer" is its newer name for "system"; chat templates know "system"
+        req._messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
+        ]
         return req
 
 
@@ -173,24 +177,30 @@ def chat_response(done: dict) -> dict:
 
 async def chat_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
     """Completions server-sent events as chat chunks: the assistant's role in each choice's first delta, its text
-    as `content`, the finish reason in a last, empty delta. Errors and [DONE] pass as they are."""
+    as `content`, the finish reason in a last, empty delta; usage only in the final chunk (with include_usage), as
+    OpenAI sends it. Errors and [DONE] pass as they are."""
     started: set[int] = set()
-    async for event in events:
-        out = []
-        for line in event.split("\n\n"):
-            if not line.startswith("data: {"):
-                out.append(line)
-                continue
+    async with aclosing(events):  # closing this stream closes the completions one, which stops the generation
+        async for event in events:
+            yield _chat_event(event, started)
+
+
+def _chat_event(event: str, started: set[int]) -> str:
+    """One completions event (or several, an error and [DONE]) in chat's shape."""
+    out = []
+    for line in event.split("\n\n"):
+        if line.startswith("data: {"):
             data = json.loads(line[len("data: ") :])
             if "choices" in data:
                 data = {
-                    **data,
+                    **{k: v for k, v in data.items() if k != "usage" or not data["choices"]},
                     "id": "chat" + data["id"],
                     "object": "chat.completion.chunk",
                     "choices": [_chunk_choice(c, started) for c in data["choices"]],
                 }
-            out.append("data: " + json.dumps(data))
-        yield "\n\n".join(out)
+            line = "data: " + json.dumps(data)
+        out.append(line)
+    return "\n\n".join(out)
 
 
 def _chunk_choice(c: dict, started: set[int]) -> dict:

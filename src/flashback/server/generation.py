@@ -330,7 +330,7 @@ class CompletionService:
         gen = Generation(self.lm, req, ids, None, trace, start, scoring=scoring, chunk=chunk)
         observe = gen.observe if req.logprobs is not None else None  # logits are kept only when asked for
         gen.tokens = stream(  # validates now
-            self.lm, ids, self.retriever, cfg, trace, observe=observe, chunk=chunk, first_query=first_query
+            self.lm, ids, self.retriever, cfg, trace, observe, chunk, first_query, cache_salt=req.user
         )
         return gen
 

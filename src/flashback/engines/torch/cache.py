@@ -188,6 +188,7 @@ class KVCache(Session):
         self.cache = new_cache(model.config, capacity, self.device)
         self.forwards: list[Forward] = []
         self.ids: list[int] = []  # the tokens cached, in order
+        self.eager = 0  # leading cached tokens whose keys and values came from eager forwards (not the decode step)
         self.prefixes = prefixes  # a prefixes.PrefixStore of finished sequences, or None
         self.key = (weights_key, capacity)  # what an entry of the store must match to be reused here
 
@@ -214,6 +215,8 @@ class KVCache(Session):
         n = ids.shape[1]
         if len(self) != before + n:  # a transformers without the `cache` argument would ignore it silently
             raise FlashbackError(f"the model did not fill the KV cache (transformers {transformers.__version__})")
+        if self.eager == before and not (self.decoder is not None and n == 1 and before > 0):
+            self.eager = before + n
         self.ids += ids[0].tolist()
         self.forwards.append(Forward(forward_kind(before, n), n, len(self), time.perf_counter() - start))
         return logits if all_logits else logits[-1]
@@ -240,10 +243,11 @@ class KVCache(Session):
         if drop:  # crop(0) is a no-op, and a positive argument means "keep", so pass -drop
             self.cache.crop(-drop)
             del self.ids[length:]
+            self.eager = min(self.eager, length)
 
     def reset(self) -> None:
         self.cache = new_cache(self.model.config, self.capacity, self.device)
-        self.ids = []
+        self.ids, self.eager = [], 0
 
     def start_from(self, tokens: Sequence[int]) -> int:
         """A fresh cache, or the store's finished sequence sharing the longest prefix with `tokens`, rolled back to
@@ -251,19 +255,26 @@ class KVCache(Session):
         if self.prefixes is None or len(self):
             self.reset()
             return 0
-        entry, length = self.prefixes.take(self.key, tokens)
+        fed = 2 if self.decoder is not None else 1  # one token left would go through the decode step: keep it eager
+        entry, length = self.prefixes.take(self.key, tokens, fed)
         if entry is None:
             return 0
-        self.cache, self.ids = entry.cache, entry.tokens
+        self.cache, self.ids, self.eager = entry.cache, entry.tokens, len(entry.tokens)
         self.rollback(length)
         return length
 
     def release(self, keep: int) -> None:
-        """Give the first `keep` cached tokens to the store (this session's cache goes with them)."""
-        if self.prefixes is None or keep <= 0 or keep > len(self):
+        """Give the first `keep` cached tokens to the store (this session's cache goes with them); only tokens an
+        eager forward computed, since the decode step's keys and values (compiled, int8) are not bit-identical to
+        a fresh prefill's, and only from a cache every layer of which holds its `ids` (a forward that failed
+        halfway leaves it ragged)."""
+        if self.prefixes is None:
+            return
+        layers = [layer for layer in self.cache.layers if getattr(layer, "_k", None) is not None]
+        keep = min(keep, self.eager)
+        if keep <= 0 or not layers or any(getattr(layer, "_len", 0) != len(self.ids) for layer in self.cache.layers):
             return
         self.rollback(keep)
-        layers = [layer for layer in self.cache.layers if getattr(layer, "_k", None) is not None]
         nbytes = sum(2 * layer._k.numel() * layer._k.element_size() for layer in layers)
         self.prefixes.put(self.key, self.ids, self.cache, nbytes)
         self.cache, self.ids = new_cache(self.model.config, self.capacity, self.device), []

@@ -93,7 +93,9 @@ class TorchEngine(Engine):
             "compile_s": self.compile_s,
         }
 
-    def session(self, mode: str | None = None, positions: int | None = None, scoring: bool = False):
+    def session(
+        self, mode: str | None = None, positions: int | None = None, scoring: bool = False, salt: str | None = None
+    ):
         """A KV cache whose forwards run with `mode`'s adapter. Given `positions` (a generation's most), single
         tokens go through the decode step when one is asked for (--compile / --quantize), over a buffer of that
         many positions rounded up. `scoring` with --quantize runs every forward on the decode weights: what the
@@ -106,7 +108,9 @@ class TorchEngine(Engine):
         capacity = -(-positions // CAPACITY_STEP) * CAPACITY_STEP if decoder is not None else None
         adapter = mode if mode in self._adapters else None  # the keys and values depend on it
         prefixes = None if scoring else self.prefixes
-        return KVCache(self.model, self.device, capacity, decoder, lambda: self.activate(mode), prefixes, adapter)
+        return KVCache(
+            self.model, self.device, capacity, decoder, lambda: self.activate(mode), prefixes, (adapter, salt)
+        )
 
     def keep_prefixes(self, budget_mb: float) -> None:
         """Keep finished sequences' caches, up to `budget_mb` of buffers, for requests that start alike."""

@@ -14,6 +14,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+SIMILARITY = 0.5  # the share of an entry's tokens a new sequence must repeat to take it
+
 
 @dataclass
 class Entry:
@@ -41,15 +43,16 @@ class PrefixStore:
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self.entries.values())
 
-    def take(self, key: tuple, tokens: Sequence[int]) -> tuple[Entry | None, int]:
-        """The entry sharing the longest prefix with `tokens` (at most all but the last token, so that a forward
-        still gives the next logits), removed from the store, and that prefix's length; (None, 0) if none shares
-        one."""
+    def take(self, key: tuple, tokens: Sequence[int], fed: int = 1) -> tuple[Entry | None, int]:
+        """The entry sharing the longest prefix with `tokens`, removed from the store, and that prefix's length (at
+        most all but the last `fed` tokens, so that a forward still gives the next logits); (None, 0) if none shares
+        at least half of its tokens. The threshold keeps a request that shares only a system prompt or BOS from
+        taking (and overwriting) another conversation's cache, as llama-server's slot similarity does."""
         best, length = None, 0
         for ident, entry in self.entries.items():
             if entry.key == key:
-                n = min(common_prefix(entry.tokens, tokens), len(tokens) - 1)
-                if n > length:
+                n = min(common_prefix(entry.tokens, tokens), len(tokens) - fed)
+                if n > length and n >= SIMILARITY * len(entry.tokens):
                     best, length = ident, n
         if best is None:
             return None, 0

@@ -92,7 +92,9 @@ class UpstreamEngine(ExportedEngine):
             counts_cached_tokens=getattr(self.client, "reports_cached_tokens", False),
         )
 
-    def session(self, mode: str | None = None, positions: int | None = None, scoring: bool = False) -> UpstreamSession:
+    def session(
+        self, mode: str | None = None, positions: int | None = None, scoring: bool = False, salt: str | None = None
+    ) -> UpstreamSession:
         return UpstreamSession(self.client)
 
     def forget(self) -> None:
