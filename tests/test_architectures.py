@@ -103,9 +103,9 @@ class Recorder:
         self.calls: list[tuple[int, list[int]]] = []
         extend = KVCache.extend
 
-        def recording(cache, token_ids, all_logits=False):
+        def recording(cache, token_ids, *args, **kwargs):
             self.calls.append((len(cache), [int(t) for t in token_ids]))
-            return extend(cache, token_ids, all_logits)
+            return extend(cache, token_ids, *args, **kwargs)
 
         monkeypatch.setattr(KVCache, "extend", recording)
 

@@ -202,8 +202,8 @@ def _slow(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, 
         for passages in _passage_sets(r, cfg) if spec.position != "none" else [[]]:
             ids, start = layout(context, passages, target, spec.position, markers, cfg.tail, head)
             session.reset()
-            logits = session.extend(ids, all_logits=True)
-            nlls.append(target_nll(logits[start - 1 : -1], target, banned, hook, i))
+            logits = session.extend(ids, last_logits=len(ids) - start + 1)  # the target's predictors only
+            nlls.append(target_nll(logits[:-1], target, banned, hook, i))
         yield _mix(nlls, r.scores) if len(nlls) > 1 else nlls[0]
 
 
@@ -248,8 +248,8 @@ def _fast(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, 
         nlls = []
         for passages in _passage_sets(r, cfg):
             block = append_parts(context, passages, markers, cfg.tail)[1]
-            logits = cache.extend(block + target, all_logits=True)
-            nlls.append(target_nll(logits[len(block) - 1 : -1], target, banned, hook, i))
+            logits = cache.extend(block + target, last_logits=len(target) + 1)
+            nlls.append(target_nll(logits[:-1], target, banned, hook, i))
             cache.rollback(len(head) + cached)
         yield _mix(nlls, r.scores) if len(nlls) > 1 else nlls[0]
 

@@ -196,8 +196,12 @@ class KVCache(Session):
         return self.cache.get_seq_length()
 
     @torch.inference_mode()
-    def extend(self, token_ids: Sequence[int] | torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """Run `token_ids` after what is cached; return last-position logits (V,) or all (T, V)."""
+    def extend(
+        self, token_ids: Sequence[int] | torch.Tensor, all_logits: bool = False, last_logits: int = 0
+    ) -> torch.Tensor:
+        """Run `token_ids` after what is cached; return last-position logits (V,), all (T, V), or the last
+        `last_logits` positions' (N, V): scoring needs only the target's, and with a large vocabulary the output
+        layer is most of a forward's cost."""
         ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(1, -1)
         if ids.shape[1] == 0:
             raise ValueError("extend() needs at least one token")
@@ -208,7 +212,8 @@ class KVCache(Session):
         else:
             if self.before_forward is not None:
                 self.before_forward()
-            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+            keep = 0 if all_logits else max(1, last_logits)
+            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=keep)
             logits = out.logits[0].float()  # (T, V) or (1, V)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -219,7 +224,7 @@ class KVCache(Session):
             self.eager = before + n
         self.ids += ids[0].tolist()
         self.forwards.append(Forward(forward_kind(before, n), n, len(self), time.perf_counter() - start))
-        return logits if all_logits else logits[-1]
+        return logits if all_logits or last_logits else logits[-1]
 
     def _decode(self, token: int, length: int) -> torch.Tensor:
         layers = self.cache.layers
