@@ -8,6 +8,9 @@
 #   train      an append adapter (markers + LoRA on all linear layers, tail 32); checkpoints every 10 steps and
 #              resumes when re-run (TRAIN_STEPS, default 120)
 #   eval       the adapter against the untuned baselines on the same tokens
+#   bench      append vs prepend speed at L=2048 and 4096 on the PyTorch engine (real passages from the index)
+#   llamacpp   the adapter merged and exported to f16 GGUF, then the same bench on the llama.cpp engine
+#              (needs scripts/setup_engines.sh)
 # The adapter is derived from Gemma's weights, so the Gemma Terms of Use apply to it; it is not shipped in the
 # repository: this script recreates it.
 # Usage: bash scripts/reproduce_gemma.sh [STEP|all]
@@ -48,4 +51,14 @@ if run eval; then
   MODES=(--model "$MODEL" --modes none,prepend,append+markers,append+markers+adapter --adapter "$WORK/adapter-append")
   flashback eval "${EVAL_PY[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-python.json"
   flashback eval "${EVAL_JARGON[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-jargon.json"
+fi
+if run bench; then
+  flashback bench --model "$MODEL" --index "$WORK/index" --context-lengths 2048,4096 --repeats "${REPEATS:-1}" \
+    --no-lora --json "$RUNS/gemma-bench.json"
+fi
+if run llamacpp; then
+  [[ -f $WORK/export-f16/flashback.json ]] || flashback export --model "$MODEL" \
+    --adapter "$WORK/adapter-append" --out "$WORK/export-f16" --gguf f16
+  flashback bench --engine llamacpp --model "$WORK/export-f16" --index "$WORK/index" --context-lengths 2048,4096 \
+    --repeats "${REPEATS:-1}" --json "$RUNS/gemma-bench-llamacpp.json"
 fi
