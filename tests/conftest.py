@@ -229,22 +229,27 @@ def shipped_gguf(tmp_path_factory):
 @pytest.fixture(scope="session")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
     """A tiny append adapter with random (non-zero) weights and its card."""
+    return random_adapter(str(tiny_model_dir), tmp_path_factory.mktemp("adapter") / "append", 0.3, tail=3)
+
+
+def random_adapter(model: str, path, std: float, **card) -> object:
+    """An append adapter (LoRA on q/v) on `model` whose LoRA B weights are drawn with `std`, saved to `path` with its
+    card (`card` adds to it); the returned path."""
     from flashback.cards import ADAPTER_FORMAT, CARD
     from flashback.config import TrainConfig
     from flashback.engines.torch import load_model
     from flashback.text.tokenize import tokenizer_fingerprint
     from flashback.train import add_adapter
 
-    lm = load_model(str(tiny_model_dir), markers=True)
-    model = add_adapter(lm, TrainConfig(target_modules=("q_proj", "v_proj")))
+    lm = load_model(model, markers=True)
+    peft_model = add_adapter(lm, TrainConfig(target_modules=("q_proj", "v_proj")))
     torch.manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.3)
-    path = tmp_path_factory.mktemp("adapter") / "append"
-    model.save_pretrained(path, save_embedding_layers=False)
-    card = {"format": ADAPTER_FORMAT, "position": "append", "markers": True, "tail": 3}
+                p.normal_(0, std)
+    peft_model.save_pretrained(path, save_embedding_layers=False)
+    card = {"format": ADAPTER_FORMAT, "position": "append", "markers": True, **card}
     (path / CARD).write_text(json.dumps({**card, "tokenizer_fingerprint": tokenizer_fingerprint(lm.tokenizer)}))
     return path
 

@@ -7,17 +7,16 @@ skipping). The first use converts the GGUF into the cache (about a minute).
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from flashback.config import GenerationConfig, TrainConfig
+from flashback.config import GenerationConfig
 from flashback.generate import Trace, generate, stream
 from flashback.text.retrieval import Hit, Retrieved
 from flashback.text.tokenize import encode
-from tests.conftest import TOPICS, engine_or_skip
+from tests.conftest import TOPICS, engine_or_skip, random_adapter
 
 pytestmark = pytest.mark.slow
 MODEL = "gemma3-270m"
@@ -92,24 +91,10 @@ def test_gemma_compiled_decode_gives_the_eager_tokens(gemma):
 @pytest.fixture(scope="module")
 def gemma_export(gemma, tmp_path_factory):
     """An append adapter with random LoRA weights on Gemma, merged and exported to f16 GGUF by llama.cpp's converter."""
-    from flashback.cards import ADAPTER_FORMAT, CARD
-    from flashback.engines.torch import load_model
     from flashback.export import export
-    from flashback.text.tokenize import tokenizer_fingerprint
-    from flashback.train import add_adapter
 
     engine_or_skip(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python")
-    lm = load_model(MODEL, markers=True)
-    model = add_adapter(lm, TrainConfig(target_modules=("q_proj", "v_proj")))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.01)
-    adapter = tmp_path_factory.mktemp("gemma-adapter") / "append"
-    model.save_pretrained(adapter, save_embedding_layers=False)
-    card = {"format": ADAPTER_FORMAT, "position": "append", "markers": True, "tail": 8, "base": MODEL}
-    (adapter / CARD).write_text(json.dumps({**card, "tokenizer_fingerprint": tokenizer_fingerprint(lm.tokenizer)}))
+    adapter = random_adapter(MODEL, tmp_path_factory.mktemp("gemma-adapter") / "append", 0.01, tail=8, base=MODEL)
     out = tmp_path_factory.mktemp("gemma-export") / "m"
     return out, export(adapter, out, model=MODEL, gguf="f16")
 

@@ -174,15 +174,12 @@ def _checked_retriever(engine, index):
     return IndexRetriever(index)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _generation_setup(args: argparse.Namespace):
+    """(engine, retriever, generation config) of `generate` and `chat`: the mode's adapter, its layout settings
+    unless the flags say otherwise, the index when the mode retrieves."""
     from flashback.engines.load import load_engine, plan_adapters, tuned_layouts
-    from flashback.generate import TextStreamer, generate, stream
     from flashback.layout import layout_settings
-    from flashback.text.tokenize import encode
 
-    prompt = _read_prompt(args)
-    if not prompt.strip():
-        raise FlashbackError("the prompt is empty")
     ecfg, cfg = config(EngineConfig, args), config(GenerationConfig, args)
     adapters = plan_adapters(ecfg, [cfg.mode])
     tuned = tuned_layouts(ecfg, adapters)
@@ -190,7 +187,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = replace(cfg, markers=markers, tail=tail)
     index = _load_index(args.index) if cfg.mode != "none" else None
     engine = load_engine(ecfg, adapters=adapters, markers=markers and cfg.mode == "append")
-    retriever = _checked_retriever(engine, index)
+    return engine, _checked_retriever(engine, index), cfg
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from flashback.generate import TextStreamer, generate, stream
+    from flashback.text.tokenize import encode
+
+    prompt = _read_prompt(args)
+    if not prompt.strip():
+        raise FlashbackError("the prompt is empty")
+    engine, retriever, cfg = _generation_setup(args)
     prompt_ids = encode(engine.tokenizer, prompt)
     if args.json:
         print(json.dumps(generate(engine, prompt_ids, retriever, cfg).to_json(), ensure_ascii=False))
@@ -206,20 +213,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """A conversation in the terminal: each user line is one turn, answered with retrieval and streamed. From a pipe,
     each line of standard input is a turn; --json prints one object per turn."""
-    from flashback.engines.load import load_engine, plan_adapters, tuned_layouts
     from flashback.generate import TextStreamer, Trace, stream
-    from flashback.layout import layout_settings
     from flashback.server.chat import render
 
-    ecfg, cfg = config(EngineConfig, args), config(GenerationConfig, args)
-    adapters = plan_adapters(ecfg, [cfg.mode])
-    markers, tail = layout_settings(
-        tuned_layouts(ecfg, adapters), cfg.mode, given(args, "markers"), given(args, "tail")
-    )
-    cfg = replace(cfg, markers=markers, tail=tail)
-    index = _load_index(args.index) if cfg.mode != "none" else None
-    engine = load_engine(ecfg, adapters=adapters, markers=markers and cfg.mode == "append")
-    retriever = _checked_retriever(engine, index)
+    engine, retriever, cfg = _generation_setup(args)
     engine.keep_prefixes(256)  # each turn starts from the last one's cache (PyTorch engine)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty() and not args.json

@@ -161,10 +161,9 @@ def stream(
     session = engine.session(cfg.mode, positions=len(prompt) + reserve + max_new, salt=cache_salt)  # the most it holds
     planner = Planner(cfg.mode, engine.marker_ids if use_markers else None, cfg.tail, head)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed, engine.marker_ids or (), cfg.stop_at_eos)
-    loop = _loop(
+    return _loop(
         engine, session, planner, sampling, prompt, retriever, cfg, max_new, trace, observe, chunk, first_query
     )
-    return loop
 
 
 def _loop(

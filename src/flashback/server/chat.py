@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from flashback.errors import FlashbackError
-from flashback.server.protocol import GENERATION, CompletionRequest, StreamOptions
+from flashback.server.protocol import CompletionRequest, RequestOptions
 from flashback.text.tokenize import encode
 
 
@@ -46,37 +46,17 @@ class ResponseFormat(BaseModel):
     type: Literal["text"]
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(RequestOptions):
     """The OpenAI chat completions request, plus FlashBack's retrieval options; strict as CompletionRequest is."""
 
-    model_config = ConfigDict(extra="forbid")
-
     messages: list[Message] = Field(min_length=1)
-    model: StrictStr | None = None
     max_tokens: int | None = Field(None, ge=1, strict=True)
     max_completion_tokens: int | None = Field(None, ge=1, strict=True)
-    temperature: float | None = Field(None, ge=0.0, le=2.0, strict=True, allow_inf_nan=False)
-    top_p: float | None = Field(None, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, lt=2**64, strict=True)
-    stop: StrictStr | list[StrictStr] | None = None
-    stream: bool = Field(False, strict=True)
-    stream_options: StreamOptions | None = None
     logprobs: bool | None = Field(None, strict=True)
     top_logprobs: int | None = Field(None, ge=0, le=5, strict=True)
-    n: Literal[1] = 1
-    presence_penalty: float | None = Field(None, strict=True, allow_inf_nan=False)
-    frequency_penalty: float | None = Field(None, strict=True, allow_inf_nan=False)
-    logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     tools: list[dict] | None = None
     tool_choice: Literal["none"] | None = None
-    user: StrictStr | None = None
-    # FlashBack options
-    mode: Literal["append", "prepend", "none"] | None = None
-    stride: int = Field(GENERATION["stride"], ge=1, strict=True)
-    k: int = Field(GENERATION["k"], ge=1, le=16, strict=True)
-    query_tokens: int = Field(GENERATION["query_tokens"], ge=1, le=512, strict=True)
-    tail: int | None = Field(None, ge=0, le=512, strict=True)
 
     def completion(self, default_max_tokens: int) -> CompletionRequest:
         """The completions request that generates the answer; the conversation rides along (rendered on the model
@@ -87,24 +67,9 @@ class ChatRequest(BaseModel):
             raise FlashbackError("top_logprobs needs logprobs: true")
         req = CompletionRequest(
             prompt="",
-            model=self.model,
             max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            stop=self.stop,
-            stream=self.stream,
-            stream_options=self.stream_options,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            logit_bias=self.logit_bias,
-            user=self.user,
-            mode=self.mode,
-            stride=self.stride,
-            k=self.k,
-            query_tokens=self.query_tokens,
-            tail=self.tail,
+            **self.options(),
         )
         # OpenAI's "developer" is its newer name for "system"; chat templates know "system"
         req._messages = [

@@ -42,32 +42,23 @@ class StreamOptions(BaseModel):
 
 
 # Types are strict, as OpenAI's are: "16" is no integer, true no number, 3.0 no token id, NaN no temperature.
-class CompletionRequest(BaseModel):
-    """The OpenAI completions request, plus FlashBack's retrieval options.
-
-    Parameters FlashBack cannot honour are accepted at their neutral values (what clients send by
-    default) and refused otherwise.
-    """
+class RequestOptions(BaseModel):
+    """What completions and chat requests share: sampling, streaming, OpenAI's parameters FlashBack accepts only at
+    their neutral values, and FlashBack's retrieval options."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     model: StrictStr | None = None
-    max_tokens: int | None = Field(16, ge=1, strict=True)  # OpenAI's own default
     temperature: float | None = Field(0.0, ge=0.0, le=2.0, strict=True, allow_inf_nan=False)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0, strict=True, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**64, strict=True)
     stop: StrictStr | list[StrictStr] | None = None
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=5, strict=True)
-    echo: bool = Field(False, strict=True)
     n: Literal[1] = 1
-    best_of: Literal[1] | None = None
     presence_penalty: float | None = Field(None, strict=True, allow_inf_nan=False)
     frequency_penalty: float | None = Field(None, strict=True, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
-    suffix: StrictStr | None = None
     user: StrictStr | None = None
     # FlashBack options
     # None: the mode the model name picks (NAME:prepend), else the server's (serve --mode)
@@ -76,6 +67,25 @@ class CompletionRequest(BaseModel):
     k: int = Field(GENERATION["k"], ge=1, le=16, strict=True)
     query_tokens: int = Field(GENERATION["query_tokens"], ge=1, le=512, strict=True)
     tail: int | None = Field(None, ge=0, le=512, strict=True)  # None: the server's tail (the adapter's own)
+
+    def options(self) -> dict:
+        """The shared fields' values, to carry into another request shape."""
+        return {name: getattr(self, name) for name in RequestOptions.model_fields}
+
+
+class CompletionRequest(RequestOptions):
+    """The OpenAI completions request, plus FlashBack's retrieval options.
+
+    Parameters FlashBack cannot honour are accepted at their neutral values (what clients send by
+    default) and refused otherwise.
+    """
+
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: int | None = Field(16, ge=1, strict=True)  # OpenAI's own default
+    logprobs: int | None = Field(None, ge=0, le=5, strict=True)
+    echo: bool = Field(False, strict=True)
+    best_of: Literal[1] | None = None
+    suffix: StrictStr | None = None
     max_length: int | None = Field(None, ge=1, strict=True)  # echo scoring: eval's example length (None: eval's)
     _messages: list[dict] | None = PrivateAttr(None)  # a chat request's conversation (server/chat.py), not `prompt`
 
