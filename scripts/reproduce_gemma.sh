@@ -6,7 +6,7 @@
 #   eval-base  the untuned baselines (none, prepend, append, append+markers) on the held-out Python pages and the
 #              Jargon File, ~4,000 tokens each with the leakage filter
 #   train      an append adapter (markers + LoRA on all linear layers, tail 32); checkpoints every 10 steps and
-#              resumes when re-run (TRAIN_STEPS, default 120)
+#              resumes when re-run (TRAIN_STEPS, default 400: about 4 h)
 #   eval       the adapter against the untuned baselines on the same tokens
 #   bench      append vs prepend speed at L=2048 and 4096 on the PyTorch engine (real passages from the index)
 #   llamacpp   the adapter merged and exported to f16 GGUF, then the same bench on the llama.cpp engine
@@ -44,7 +44,7 @@ fi
 if run train; then
   resume=(); [[ -f $WORK/adapter-append.checkpoint/state.pt ]] && resume=(--resume)
   flashback train --model "$MODEL" --data "$WORK/data" --out "$WORK/adapter-append" --tail "${TAIL:-32}" \
-    --target-modules "$ALL" --marker-lr 5e-3 --max-steps "${TRAIN_STEPS:-120}" --batch-size 1 --lr 5e-4 \
+    --target-modules "$ALL" --marker-lr 5e-3 --max-steps "${TRAIN_STEPS:-400}" --batch-size 1 --lr 5e-4 \
     --warmup-steps 20 --eval-every 50 --save-every 10 --max-val-segments 8 "${resume[@]}"
 fi
 if run eval; then

@@ -8,7 +8,7 @@ import torch
 
 from flashback.engines.torch import load_model
 from flashback.server import create_app
-from flashback.server.chat import render
+from flashback.text.chat_template import render
 from flashback.text.retrieval import Index, IndexRetriever
 
 from .conftest import TEST_DEVICE, build_index

@@ -214,7 +214,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """A conversation in the terminal: each user line is one turn, answered with retrieval and streamed. From a pipe,
     each line of standard input is a turn; --json prints one object per turn."""
     from flashback.generate import TextStreamer, Trace, stream
-    from flashback.server.chat import render
+    from flashback.text.chat_template import render
 
     engine, retriever, cfg = _generation_setup(args)
     engine.keep_prefixes(256)  # each turn starts from the last one's cache (PyTorch engine)
@@ -393,6 +393,95 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_engine(args: argparse.Namespace):
+    """(engine, index, generation config) for the chat bench and the QA evaluation: FlashBack's layout with the
+    append adapter (the shipped one, --adapter, or an export's), the other layouts on the bare model."""
+    from flashback.engines.load import load_engine, plan_adapters, tuned_layouts
+    from flashback.layout import layout_settings
+
+    ecfg, cfg = config(EngineConfig, args), config(GenerationConfig, args, mode="append")
+    adapters = plan_adapters(ecfg, ["append"])
+    markers, tail = layout_settings(
+        tuned_layouts(ecfg, adapters), "append", given(args, "markers"), given(args, "tail")
+    )
+    cfg = replace(cfg, markers=markers, tail=tail)
+    index = _load_index(args.index)
+    engine = load_engine(ecfg, adapters=adapters, markers=markers)
+    _checked_retriever(engine, index)
+    return engine, index, cfg
+
+
+def _questions(n: int):
+    from flashback.qa import sample, stdlib_questions
+
+    if n < 1:
+        raise FlashbackError("--questions must be at least 1")
+    return sample(stdlib_questions(), n)
+
+
+def cmd_bench_chat(args: argparse.Namespace) -> int:
+    from flashback.conversation import LAYOUTS, ratios, run_conversation, summary
+    from flashback.text.retrieval import IndexRetriever
+
+    layouts = [v.strip() for v in args.layouts.split(",") if v.strip()]
+    if not layouts or any(v not in LAYOUTS for v in layouts):
+        raise FlashbackError(f"--layouts takes a comma-separated list of {', '.join(LAYOUTS)}")
+    if args.json:
+        check_file(args.json)
+    questions = [q.question for q in _questions(args.turns)]
+    engine, index, cfg = _chat_engine(args)
+    engine.keep_prefixes(args.cache_mb)  # a server's prefix cache: each turn may start from the last one's
+    retriever = IndexRetriever(index)
+    progress = lambda msg: print(f"[bench-chat] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    turns = run_conversation(
+        engine,
+        lambda q: retriever(q, cfg.k),
+        questions,
+        layouts,
+        cfg,
+        index.chunk_tokens,
+        system=args.system,
+        progress=progress,
+    )
+    last = len(questions)
+    print(summary(turns, {1, (last + 1) // 2, last}))
+    compared = ratios(turns, last)
+    for name, r in compared.items():
+        if name != "system":
+            print(f"turn {last}, {name} / system: computed {r['computed']:.2f}x, first token {r['ttft']:.2f}x")
+    if args.json:
+        out = {
+            "engine": engine.describe(),
+            "config": {**vars(cfg), "turns": last, "system": args.system, "layouts": layouts},
+            "turns": [vars(t) for t in turns],
+            "ratios_at_last_turn": compared,
+        }
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return 0
+
+
+def cmd_qa(args: argparse.Namespace) -> int:
+    from flashback.qa import PASSAGE_SOURCES, QALayout, evaluate_qa, format_table
+
+    layouts = [QALayout.parse(v) for v in args.layouts.split(",") if v.strip()]
+    sources = [v.strip() for v in args.passages.split(",") if v.strip()]
+    if not sources or any(s not in PASSAGE_SOURCES for s in sources):
+        raise FlashbackError(f"--passages takes a comma-separated list of {', '.join(PASSAGE_SOURCES)}")
+    if args.json:
+        check_file(args.json)
+    questions = _questions(args.questions)
+    engine, index, cfg = _chat_engine(args)
+    progress = lambda msg: print(f"[qa] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    results = evaluate_qa(
+        engine, index, questions, layouts, cfg, sources, args.system, args.generate_tokens, progress=progress
+    )
+    print(format_table(results))
+    if args.json:
+        results["config"] = {**vars(cfg), "system": args.system, "engine": engine.describe()}
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
 # ---- export / serve --------------------------------------------------------------------------------
 def cmd_export(args: argparse.Namespace) -> int:
     from flashback.atomic import check_output
@@ -449,6 +538,7 @@ QUIET = Arg("--quiet", action="store_true", help="no progress bar")
 TEXT = Arg("text", nargs="*", help=".txt/.md/.rst files, folders, .jsonl(.gz) with id/title/text (or --dataset)")
 SELECT = Fields(Selection)
 DATASET = Fields(DatasetSource)
+SYSTEM = "You are a helpful assistant."
 COMMANDS = {
     "index": (cmd_index, "split a corpus into passages and build a BM25 index", [
         Arg("corpus", nargs="*", help=".txt/.md/.rst files, folders, .jsonl(.gz) with id/title/text"),
@@ -490,6 +580,25 @@ COMMANDS = {
             help="with --engine llamacpp or --upstream: then time the same export on the PyTorch engine, in this run"),
         Arg("--json", help="write every row to this JSON file"),
         Arg("--plot", help="draw time vs context length to this PNG")]),
+    "bench-chat": (cmd_bench_chat, "a conversation answered from the index in four layouts: cost per turn", [
+        ENGINE, ADAPTERS, INDEX, Fields(GenerationConfig, ("k", "tail", "markers", "query_tokens", "max_new_tokens")),
+        Arg("--turns", type=int, default=10, help="questions in the conversation (default: 10)"),
+        Arg("--layouts", default="flashback,system,user,none",
+            help="comma-separated: flashback, system (passages in the system message), user (before the question), "
+                 "none (default: all four)"),
+        Arg("--system", default=SYSTEM, help=f"the system message (default: {SYSTEM!r})"),
+        Arg("--cache-mb", type=float, default=256, help="the PyTorch engine's prefix cache (default: 256)"),
+        Arg("--json", help="write every turn to this JSON file")]),
+    "qa": (cmd_qa, "grounded QA from the standard library's docstrings: answer perplexity and F1 per chat layout", [
+        Fields(EngineConfig, ("model", "device", "dtype", "adapters", "shipped_adapters")), INDEX,
+        Fields(GenerationConfig, ("k", "tail", "markers", "query_tokens")),
+        Arg("--questions", type=int, default=100, help="questions to ask (default: 100)"),
+        Arg("--layouts", default="none,system,user,flashback,flashback+adapter",
+            help="comma-separated: none, system, user, flashback, flashback+adapter (default: all)"),
+        Arg("--passages", default="bm25,gold", help="bm25 (retrieved), gold (the one holding the answer), or both"),
+        Arg("--generate-tokens", type=int, default=32, help="greedy answer length for F1; 0: perplexity only"),
+        Arg("--system", default=SYSTEM, help=f"the system message (default: {SYSTEM!r})"),
+        Arg("--json", help="write the table and every question's scores to this JSON file")]),
     "export": (cmd_export, "a plain model folder with the adapter and markers merged, for engines", [
         Fields(EngineConfig, ("model", "device", "dtype", "adapters")),
         Arg("--out", required=True, help="folder to write (replaced only if it is an earlier export)"),

@@ -3,17 +3,13 @@
 A conversation becomes one prompt through the tokenizer's chat template, and its answer is generated like a
 completion: retrieval before the first token (the query: the last user message) and every `stride` tokens, in the
 request's mode. In append mode the passages go `tail` tokens before the end of the rendered conversation, so the
-conversation stays a stable prefix from turn to turn. Responses are the completions responses reshaped.
-
-Message contents are tokenized as plain text, never as special tokens: the template is rendered around stand-ins,
-its own text tokenized with its special tokens, each content with `encode`. A message cannot forge a turn or a
-marker.
+conversation stays a stable prefix from turn to turn. Responses are the completions responses reshaped. The
+conversation is rendered by text.chat_template, which keeps message contents from forging turns or markers.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Literal
@@ -22,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from flashback.errors import FlashbackError
 from flashback.server.protocol import CompletionRequest, RequestOptions
-from flashback.text.tokenize import encode
 
 
 class TextPart(BaseModel):
@@ -76,38 +71,6 @@ class ChatRequest(RequestOptions):
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
         ]
         return req
-
-
-def render(tokenizer, messages: list[dict], query_tokens: int) -> tuple[list[int], str]:
-    """(token ids of the conversation with the assistant's turn opened, the first retrieval's query: the last
-    `query_tokens` tokens of the last user message, or of the last message when no user spoke)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise FlashbackError("this model's tokenizer has no chat template: use /v1/completions")
-    nonce = uuid.uuid4().hex
-    stand_ins = [f"\ue000{nonce}{i}\ue001" for i in range(len(messages))]
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": s} for m, s in zip(messages, stand_ins, strict=True)],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-    except Exception as exc:  # templates raise their own errors (roles out of order, a missing user turn)
-        raise FlashbackError(f"the chat template refused the messages: {exc}") from None
-    ids, rest, contents = [], text, []
-    for message, stand_in in zip(messages, stand_ins, strict=True):
-        before, found, rest = rest.partition(stand_in)
-        if not found:
-            raise FlashbackError(f"this model's chat template does not keep {message['role']} messages")
-        content = encode(tokenizer, message["content"])
-        ids += _template_ids(tokenizer, before) + content
-        contents.append(content)
-    ids += _template_ids(tokenizer, rest)
-    asked = [c for m, c in zip(messages, contents, strict=True) if m["role"] == "user"] or contents
-    return ids, tokenizer.decode(asked[-1][-query_tokens:])
-
-
-def _template_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
 def _chat_logprobs(block: dict | None) -> dict | None:

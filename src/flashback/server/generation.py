@@ -26,9 +26,9 @@ from flashback.errors import FlashbackError
 from flashback.evaluate import ModeSpec, scoring_steps, scoring_work
 from flashback.generate import TextStreamer, Trace, stream
 from flashback.layout import planned_work
-from flashback.server.chat import render
 from flashback.server.protocol import DRAIN, GENERATION, CompletionRequest, Drain, Step
 from flashback.server.scheduler import Scheduler, _ignore_result
+from flashback.text.chat_template import render
 from flashback.text.retrieval import Retriever
 from flashback.text.tokenize import encode
 

@@ -6,10 +6,16 @@ costs exactly `chunk_tokens` positions, as in the paper. Retrieval lives in retr
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import gzip
 import hashlib
+import importlib
+import io
 import json
+import pydoc
+import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,9 +123,44 @@ def select(
 
 
 # Modules whose import has side effects (a browser, a window, a printed poem) or that only exist elsewhere.
-_SKIP_MODULES = frozenset(
+SKIP_MODULES = frozenset(
     {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "lib2to3", "test", "ensurepip"}
 )
+
+
+def stdlib_modules() -> list[str]:
+    """The public standard-library modules the built-in corpus renders (imported or not)."""
+    return sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in SKIP_MODULES)
+
+
+@contextlib.contextmanager
+def _silenced():
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def quiet_import(name: str):
+    """The module, imported with its output and warnings silenced; None if it does not import here."""
+    try:
+        with _silenced():
+            return importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - platform-specific modules (winreg, ...) and broken imports
+        return None
+
+
+def module_document(name: str) -> Document | None:
+    """A standard-library module's documentation as pydoc renders it in plain text, or None."""
+    module = quiet_import(name)
+    if module is None:
+        return None
+    try:
+        with _silenced():
+            text = pydoc.render_doc(module, renderer=pydoc.plaintext)
+    except Exception:  # noqa: BLE001 - a module pydoc cannot render
+        return None
+    return Document(id=f"pydoc:module/{name}", title=name, text=_strip_gutters(text))
 
 
 def python_docs(progress: bool = True) -> Iterator[Document]:
@@ -129,26 +170,14 @@ def python_docs(progress: bool = True) -> Iterator[Document]:
     Nothing is downloaded; the text depends on the running Python version. Module imports run with
     their output and warnings silenced; a module that fails to import is skipped.
     """
-    import contextlib
-    import importlib
-    import io
-    import pydoc
-    import sys
-    import warnings
     from pydoc_data.topics import topics
 
     for name in sorted(topics):
         yield Document(id=f"pydoc:topic/{name}", title=name, text=topics[name])
-    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in _SKIP_MODULES)
-    for name in tqdm(names, desc="rendering module docs", unit="module", disable=not progress):
-        sink = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
-        except Exception:  # noqa: BLE001 - platform-specific modules (winreg, ...) and broken imports
-            continue
-        yield Document(id=f"pydoc:module/{name}", title=name, text=_strip_gutters(text))
+    for name in tqdm(stdlib_modules(), desc="rendering module docs", unit="module", disable=not progress):
+        doc = module_document(name)
+        if doc is not None:
+            yield doc
 
 
 def _strip_gutters(text: str) -> str:

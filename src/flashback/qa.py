@@ -1,0 +1,236 @@
+"""Grounded question answering for chat layouts, built from the Python standard library rather than written.
+
+Every public function of an importable standard-library module that has a docstring gives one question, "What does
+module.function() do?", whose reference answer is the docstring's first sentence. The default index renders the same
+modules' documentation (pydoc), so the answer lies in one of the index's passages: the question's gold passage,
+the first of its module's passages that holds the whole sentence. Questions without one are dropped. None of it
+was trained on: the adapters learn from the Python documentation's running text (tutorial, howto, ...), never from
+docstrings or the index.
+
+Each question is asked as a one-turn chat in every layout of conversation.LAYOUTS, with the passage BM25 retrieves
+for it and with its gold passage, and scored two ways: the reference answer's perplexity as the assistant's reply
+(its tokens only), and the token F1 of a greedy answer against the reference (SQuAD's metric).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import string
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from flashback.config import GenerationConfig
+from flashback.conversation import answer_turn, messages_for
+from flashback.engines.base import Engine
+from flashback.errors import FlashbackError
+from flashback.evaluate import target_nll
+from flashback.layout import layout
+from flashback.text.chat_template import render
+from flashback.text.corpus import quiet_import, stdlib_modules
+from flashback.text.retrieval import Hit, Index, IndexRetriever, Retrieved
+from flashback.text.tokenize import encode
+
+SENTENCE = re.compile(r"(.+?[.!?])(?:\s|$)")
+PASSAGE_SOURCES = ("bm25", "gold")
+
+
+@dataclass(frozen=True)
+class Question:
+    module: str
+    function: str
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class QALayout:
+    """A chat layout to score; FlashBack's with or without its append adapter."""
+
+    layout: str
+    adapter: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> QALayout:
+        name, _, extra = text.strip().partition("+")
+        if name not in ("flashback", "system", "user", "none") or extra not in ("", "adapter"):
+            raise FlashbackError(f"bad QA layout {text!r}: use flashback[+adapter], system, user or none")
+        if extra and name != "flashback":
+            raise FlashbackError(f"bad QA layout {text!r}: only flashback takes +adapter")
+        return cls(name, bool(extra))
+
+    def __str__(self) -> str:
+        return self.layout + ("+adapter" if self.adapter else "")
+
+
+def first_sentence(doc: str) -> str | None:
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    found = SENTENCE.match(paragraph)
+    return found.group(1) if found else None
+
+
+def stdlib_questions() -> list[Question]:
+    """One question per documented public function of the importable standard-library modules (those the default
+    index renders), whose docstring opens with a sentence of 5 to 30 words; in module and name order."""
+    out = []
+    for name in stdlib_modules():
+        module = quiet_import(name)
+        if module is None:
+            continue
+        for attr, obj in sorted(vars(module).items()):
+            if attr.startswith("_") or not inspect.isfunction(obj) or obj.__module__ != name:
+                continue
+            answer = first_sentence(inspect.getdoc(obj) or "")
+            if answer and 5 <= len(answer.split()) <= 30:
+                out.append(Question(name, attr, f"What does {name}.{attr}() do?", answer))
+    return out
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def gold_passages(index: Index, questions: Sequence[Question]) -> list[int | None]:
+    """For each question, the first passage of its module's rendered documentation that holds the whole answer."""
+    by_title: dict[str, list[int]] = {}
+    for i, meta in enumerate(index.meta):
+        by_title.setdefault(meta["title"], []).append(i)
+    texts: dict[int, str] = {}
+    gold = []
+    for q in questions:
+        found = None
+        for i in by_title.get(q.module, []):
+            if i not in texts:
+                texts[i] = _flat(index.passage_text(i))
+            if _flat(q.answer) in texts[i]:
+                found = i
+                break
+        gold.append(found)
+    return gold
+
+
+def sample(questions: Sequence[Question], n: int, seed: int = 0) -> list[Question]:
+    """A deterministic spread of n questions (by a hash of the name and the seed), at most one per function."""
+    keyed = sorted(questions, key=lambda q: zlib.crc32(f"{seed}:{q.module}.{q.function}".encode()))
+    return keyed[:n]
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's F1: lowercased words without punctuation, as bags."""
+
+    def words(text: str) -> list[str]:
+        return text.lower().translate(str.maketrans("", "", string.punctuation)).split()
+
+    pred, ref = words(prediction), words(reference)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref or not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _retrieved(index: Index, i: int) -> Retrieved:
+    m = index.meta[i]
+    return Retrieved(Hit(i, m["id"], m["doc_id"], m["title"], 0.0), index.passage_tokens(i))
+
+
+@torch.inference_mode()
+def evaluate_qa(
+    engine: Engine,
+    index: Index,
+    questions: Sequence[Question],
+    layouts: Sequence[QALayout],
+    cfg: GenerationConfig,
+    sources: Sequence[str] = PASSAGE_SOURCES,
+    system: str | None = None,
+    generate_tokens: int = 32,
+    progress: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Perplexity of the reference answers and F1 of greedy answers, per passage source and layout."""
+    if engine.capabilities.logits != "all":
+        raise FlashbackError(f"{engine.name} does not return logits: run the QA evaluation on the PyTorch engine")
+    for spec in layouts:
+        if spec.adapter and "append" not in engine.adapters:
+            raise FlashbackError("layout flashback+adapter needs an append adapter (the shipped one, or --adapter)")
+    if any(s not in PASSAGE_SOURCES for s in sources):
+        raise FlashbackError(f"passage sources are {', '.join(PASSAGE_SOURCES)}")
+    gold = gold_passages(index, questions)
+    kept = [(q, g) for q, g in zip(questions, gold, strict=True) if g is not None]
+    if not kept:
+        raise FlashbackError("no question has its answer in a passage of this index (use the default index)")
+    retriever = IndexRetriever(index)
+    banned = torch.tensor(engine.marker_ids, device=engine.device) if engine.marker_ids else None
+    head = engine.head_ids
+    results: dict = {"questions": len(kept), "dropped_without_gold": len(questions) - len(kept), "sources": {}}
+    records = [{"question": q.question, "answer": q.answer, "gold": index.meta[g]["id"]} for q, g in kept]
+    for source in sources:
+        found = [
+            retriever(q.question, cfg.k) if source == "bm25" else [_retrieved(index, g)] for q, g in kept
+        ]  # the same passages for every layout
+        has_answer = [
+            any(_flat(q.answer) in _flat(engine.tokenizer.decode(r.token_ids)) for r in f)
+            for (q, _), f in zip(kept, found, strict=True)
+        ]
+        for record, has in zip(records, has_answer, strict=True):
+            record[source] = {"has_answer": has}
+        rows = {}
+        for spec in layouts:
+            if spec.layout == "none" and results["sources"]:  # no passage: the same as for the first source
+                rows[str(spec)] = next(iter(results["sources"].values()))["layouts"][str(spec)]
+                for record in records:
+                    record[source][str(spec)] = record[sources[0]][str(spec)]
+                continue
+            progress(f"{source} passages, {spec}: scoring {len(kept)} answers")
+            session = engine.session("append" if spec.adapter else None, scoring=True)
+            nlls, f1s = [], []
+            for n, ((q, _), passages) in enumerate(zip(kept, found, strict=True)):
+                text = "\n\n".join(engine.tokenizer.decode(r.token_ids) for r in passages)
+                messages = messages_for(spec.layout, system, [], q.question, text)
+                ids, _ = render(engine.tokenizer, messages, cfg.query_tokens)
+                if head and ids[: len(head)] == head:
+                    ids = ids[len(head) :]
+                answer = encode(engine.tokenizer, q.answer)
+                if spec.layout == "flashback":
+                    markers = engine.marker_ids if cfg.markers else None
+                    seq, _ = layout(ids, [r.token_ids for r in passages], answer, "append", markers, cfg.tail, head)
+                else:
+                    seq, _ = layout(ids, [], answer, "none", None, 0, head)
+                session.reset()
+                logits = session.extend(seq, last_logits=len(answer) + 1)
+                nll = target_nll(logits[:-1], answer, banned)
+                nlls.append(nll)
+                record = records[n][source]
+                record[str(spec)] = {"nll": round(float(nll.sum()), 4)}
+                if generate_tokens and (spec.adapter or spec.layout != "flashback" or "append" not in engine.adapters):
+                    gen = replace(cfg, max_new_tokens=generate_tokens, temperature=0.0)
+                    tokens, *_ = answer_turn(
+                        engine, spec.layout, messages, q.question, passages, index.chunk_tokens, gen
+                    )
+                    said = engine.tokenizer.decode(tokens, skip_special_tokens=True)
+                    f1s.append(token_f1(said, q.answer))
+                    record[str(spec)].update(text=said, f1=round(f1s[-1], 4))
+            all_nll = torch.cat(nlls)
+            rows[str(spec)] = {
+                "perplexity": math.exp(float(all_nll.mean())),
+                "nll_per_question": float(all_nll.sum()) / len(kept),
+                "answer_tokens": all_nll.numel(),
+                "f1": sum(f1s) / len(f1s) if f1s else None,
+            }
+            progress(f"{source} passages, {spec}: perplexity {rows[str(spec)]['perplexity']:.3f}")
+        results["sources"][source] = {"answer_in_passage": sum(has_answer) / len(kept), "layouts": rows}
+    results["records"] = records
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = ["| passages | layout | answer perplexity | F1 | answer in passage |", "|---|---|---|---|---|"]
+    for source, got in results["sources"].items():
+        for name, row in got["layouts"].items():
+            f1 = "-" if row["f1"] is None else f"{row['f1']:.3f}"
+            lines.append(f"| {source} | {name} | {row['perplexity']:.3f} | {f1} | {got['answer_in_passage']:.0%} |")
+    return "\n".join(lines)

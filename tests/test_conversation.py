@@ -1,0 +1,147 @@
+"""The chat bench (conversation.py) and the grounded QA evaluation (qa.py) on the tiny chat model."""
+
+from __future__ import annotations
+
+import json
+import pydoc
+
+import pytest
+import torch
+
+from flashback.config import GenerationConfig
+from flashback.conversation import messages_for, run_conversation
+from flashback.errors import FlashbackError
+from flashback.evaluate import target_nll
+from flashback.qa import QALayout, Question, evaluate_qa, first_sentence, gold_passages, stdlib_questions, token_f1
+from flashback.text.chat_template import render
+from flashback.text.corpus import module_document
+from flashback.text.retrieval import Index, IndexRetriever
+from flashback.text.tokenize import encode
+
+from .conftest import build_index
+from .test_chat import chat_lm  # noqa: F401 - the fixture
+
+QUESTIONS = [
+    "What does a garbage collector do with memory?",
+    "Which port does a server socket listen on?",
+    "How does UTF-8 encode a code point?",
+]
+
+
+def test_layouts_put_the_passages_where_front_ends_put_them():
+    history = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    plain = messages_for("flashback", "Be brief.", history, "q2", "PASSAGE")
+    assert plain == messages_for("none", "Be brief.", history, "q2", "PASSAGE")
+    assert "PASSAGE" not in json.dumps(plain) and plain[-1] == {"role": "user", "content": "q2"}
+    system = messages_for("system", "Be brief.", history, "q2", "PASSAGE")
+    assert system[0]["content"].startswith("Be brief.") and "PASSAGE" in system[0]["content"]
+    assert system[1:] == plain[1:]
+    user = messages_for("user", "Be brief.", history, "q2", "PASSAGE")
+    assert user[:-1] == plain[:-1] and user[-1]["content"].index("PASSAGE") < user[-1]["content"].index("q2")
+    with pytest.raises(FlashbackError, match="unknown chat layout"):
+        messages_for("middle", None, [], "q", "p")
+
+
+def test_each_layout_computes_what_its_prefix_cache_allows(chat_lm, tiny_index_dir):  # noqa: F811
+    """The system layout recomputes the whole conversation every turn; FlashBack's turn computes what its cache
+    lacks plus the marked passage; mode none reuses the previous turn. Reuse changes no answer."""
+    retriever = IndexRetriever(Index.load(tiny_index_dir))
+    cfg = GenerationConfig(mode="append", k=1, tail=4, max_new_tokens=6, stop_at_eos=False)
+    chat_lm.keep_prefixes(64)
+    try:
+        turns = run_conversation(
+            chat_lm, lambda q: retriever(q, 1), QUESTIONS, ["flashback", "system", "none"], cfg, 32, "Answer."
+        )
+        by = {(t.layout, t.turn): t for t in turns}
+        for i in (1, 2, 3):
+            system = by["system", i]
+            assert system.cached_tokens == 0 and system.computed_tokens == system.prompt_tokens
+            fb = by["flashback", i]
+            passage = len(retriever(QUESTIONS[i - 1], 1)[0].token_ids)
+            assert fb.computed_tokens == fb.prompt_tokens - fb.cached_tokens + passage + 2  # the markers
+            assert fb.passages == system.passages  # the same passages in every layout
+        for i in (2, 3):  # the conversation before the previous turn's passage, and the whole previous turn
+            assert by["flashback", i].cached_tokens == by["flashback", i - 1].prompt_tokens - cfg.tail
+            assert by["none", i].cached_tokens >= by["none", i - 1].prompt_tokens
+        chat_lm.keep_prefixes(0)
+        cold = run_conversation(
+            chat_lm, lambda q: retriever(q, 1), QUESTIONS, ["flashback", "none"], cfg, 32, "Answer."
+        )
+        assert all(c.cached_tokens == 0 for c in cold)
+        assert [c.answer for c in cold] == [by[c.layout, c.turn].answer for c in cold]
+    finally:
+        chat_lm.keep_prefixes(0)
+
+
+def test_first_sentence_and_f1():
+    assert first_sentence("Return the sum.\n\nMore text.") == "Return the sum."
+    assert first_sentence("Split the\npathname path. Then more.") == "Split the pathname path."
+    assert first_sentence("no end mark") is None
+    assert token_f1("Return the SUM!", "return the sum.") == 1.0
+    assert token_f1("", "x") == 0.0 and token_f1("a b", "c d") == 0.0
+    assert token_f1("the sum of values", "return the sum") == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+
+
+def test_stdlib_questions_come_from_docstrings():
+    questions = stdlib_questions()
+    assert len(questions) > 300 and questions == sorted(questions, key=lambda q: (q.module, q.function))
+    dedent = next(q for q in questions if (q.module, q.function) == ("textwrap", "dedent"))
+    assert dedent.question == "What does textwrap.dedent() do?"
+    assert dedent.answer == first_sentence(pydoc.getdoc(__import__("textwrap").dedent))
+    assert all(5 <= len(q.answer.split()) <= 30 for q in questions)
+
+
+@pytest.fixture(scope="module")
+def docs_index(tiny_model_dir, tmp_path_factory):
+    """An index of the rendered documentation of three standard-library modules, as the default index has it."""
+    docs = [module_document(name) for name in ("textwrap", "fnmatch", "glob")]
+    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"id": d.id, "title": d.title, "text": d.text}) + "\n" for d in docs))
+    return Index.load(build_index(tiny_model_dir, path, 256, tmp_path_factory.mktemp("docs-index") / "idx"))
+
+
+def test_qa_scores_the_reference_answer_in_each_layout(chat_lm, docs_index):  # noqa: F811
+    """Each layout's answer NLL is the model's NLL of the answer after that layout's tokens, computed here by a plain
+    forward; the gold passage holds the answer; a question whose module is not indexed is dropped."""
+    questions = [q for q in stdlib_questions() if q.module in ("textwrap", "fnmatch")][:3]
+    questions.append(Question("json", "dumps", "What does json.dumps() do?", "Serialize obj to a JSON string."))
+    gold = gold_passages(docs_index, questions)
+    assert gold[-1] is None and all(g is not None for g in gold[:-1])
+    assert all(q.answer.split()[0] in docs_index.passage_text(g) for q, g in zip(questions, gold[:-1], strict=False))
+    cfg = GenerationConfig(mode="append", k=1, tail=6, markers=True)
+    layouts = [QALayout.parse(v) for v in ("none", "system", "user", "flashback")]
+    got = evaluate_qa(chat_lm, docs_index, questions, layouts, cfg, ["gold", "bm25"], "Answer.", generate_tokens=4)
+    assert got["questions"] == 3 and got["dropped_without_gold"] == 1
+    assert got["sources"]["gold"]["answer_in_passage"] == 1.0
+    tok, model = chat_lm.tokenizer, chat_lm.model
+    banned = torch.tensor(chat_lm.marker_ids)
+    for q, record in zip(questions, got["records"], strict=False):
+        passage = docs_index.passage_tokens(gold_passages(docs_index, [q])[0]).tolist()
+        answer = encode(tok, q.answer)
+        for name in ("none", "system", "user", "flashback"):
+            text = tok.decode(passage)
+            ids, _ = render(tok, messages_for(name, "Answer.", [], q.question, text), 32)
+            if name == "flashback":
+                cut = len(ids) - 6
+                ids = ids[:cut] + [chat_lm.marker_ids[0], *passage, chat_lm.marker_ids[1]] + ids[cut:]
+            with torch.inference_mode():
+                logits = model(torch.tensor([ids + answer])).logits[0, len(ids) - 1 : -1]
+            want = float(target_nll(logits, answer, banned).sum())
+            assert record["gold"][name]["nll"] == pytest.approx(want, abs=2e-3)
+            assert 0.0 <= record["gold"][name]["f1"] <= 1.0
+        assert record["bm25"]["none"] == record["gold"]["none"]  # no passage: scored once
+    with pytest.raises(FlashbackError, match="append adapter"):
+        evaluate_qa(chat_lm, docs_index, questions, [QALayout.parse("flashback+adapter")], cfg)
+    with pytest.raises(FlashbackError, match="bad QA layout"):
+        QALayout.parse("system+adapter")
+
+
+def test_cli_refuses_bad_layouts_before_loading_anything(capsys, tmp_path):
+    from flashback.cli import main
+
+    assert main(["bench-chat", "--layouts", "flashback,middle", "--model", str(tmp_path / "none")]) == 2
+    assert "--layouts takes" in capsys.readouterr().err
+    assert main(["qa", "--layouts", "user+adapter", "--model", str(tmp_path / "none")]) == 2
+    assert "only flashback takes +adapter" in capsys.readouterr().err
+    assert main(["qa", "--passages", "oracle", "--model", str(tmp_path / "none")]) == 2
+    assert "--passages takes" in capsys.readouterr().err
