@@ -22,6 +22,14 @@
 #   harness    lm-evaluation-harness (local-completions) against `flashback serve` with the shipped adapter on the
 #              recipe index: rolling perplexity of three held-out Python pages in modes none, prepend, append (~10 min;
 #              needs the index step)
+#   chat       the chat bench: a 10-turn conversation (questions from the standard library's docstrings, answered
+#              from the default index) in four layouts, on PyTorch, then llama-server and vLLM on the f16 export,
+#              one after the other (~40 min; the engines need the llamacpp step's export and setup_engines.sh --vllm)
+#   qa         the grounded QA evaluation: 100 held-out questions, answer perplexity and F1 per layout, BM25 and gold
+#              passages (~30 min)
+#   chat-adapter  an append adapter for chat: the prepare step's running text mixed with one-turn questions from the
+#              modules the QA evaluation does not hold out (`flashback qa --prepare`), then the QA evaluation and the
+#              perplexity evaluations with it (~70 min; needs the index and prepare steps)
 # Usage: bash scripts/reproduce.sh [STEP|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -165,4 +173,46 @@ PY
       --include_path "$WORK/harness-tasks" --output_path "$RUNS/harness-$mode" | tee "$RUNS/harness-$mode.txt"
   done
   kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT
+fi
+if run chat; then
+  CHAT=(--turns 10 --max-new-tokens "${CHAT_TOKENS:-64}")
+  flashback bench-chat "${CHAT[@]}" --json "$RUNS/bench-chat-torch.json"
+  [[ -f $WORK/export-f16/flashback.json ]] || flashback export --gguf f16 --out "$WORK/export-f16"
+  SERVER=$(python3 -c "from flashback.engines.upstream import llama_server_path; print(llama_server_path() or '')")
+  [[ -n $SERVER ]] || { echo "no llama-server: run scripts/setup_engines.sh" >&2; exit 1; }
+  PORT=${UPSTREAM_PORT:-8181}
+  "$SERVER" -m "$WORK/export-f16/model-f16.gguf" -c 8192 -np 1 -t 2 -tb 2 --cache-ram 0 --host 127.0.0.1 --port "$PORT" \
+    >"$RUNS/llama-server-chat.log" 2>&1 &
+  server_pid=$!
+  trap 'kill $server_pid 2>/dev/null' EXIT
+  until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 1; done
+  flashback bench-chat --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" "${CHAT[@]}" \
+    --json "$RUNS/bench-chat-llama-server.json"
+  kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT
+  PORT=${VLLM_PORT:-8182}
+  bash scripts/vllm_server.sh "$WORK/export-f16" "$PORT" >"$RUNS/vllm-server-chat.log" 2>&1 &
+  server_pid=$!
+  trap 'kill $server_pid 2>/dev/null' EXIT
+  until curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null; do
+    kill -0 $server_pid 2>/dev/null || { tail -20 "$RUNS/vllm-server-chat.log" >&2; exit 1; }
+    sleep 2
+  done
+  flashback bench-chat --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" "${CHAT[@]}" \
+    --json "$RUNS/bench-chat-vllm.json"
+  kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT
+fi
+if run qa; then
+  flashback qa --questions 100 --json "$RUNS/qa-smollm2.json"
+fi
+if run chat-adapter; then
+  [[ -f $WORK/qa-data/manifest.json ]] || flashback qa --prepare "$WORK/qa-data"
+  resume=(); [[ -f $WORK/adapter-chat.checkpoint/state.pt ]] && resume=(--resume)
+  flashback train --data "$WORK/data" --data "$WORK/qa-data" --out "$WORK/adapter-chat" --tail 32 \
+    --target-modules "$ALL" --marker-lr 5e-3 --max-steps "${CHAT_STEPS:-200}" --batch-size 1 --lr 5e-4 \
+    --warmup-steps 20 --eval-every 100 --save-every 25 --max-val-segments 16 "${resume[@]}"
+  flashback qa --questions 100 --adapter "$WORK/adapter-chat" --layouts flashback+adapter \
+    --json "$RUNS/qa-smollm2-chat-adapter.json"
+  MODES=(--modes append+markers+adapter --adapter "$WORK/adapter-chat")
+  flashback eval "${EVAL_PY[@]}" "${MODES[@]}" --json "$RUNS/eval-python-chat-adapter.json"
+  flashback eval "${EVAL_JARGON[@]}" "${MODES[@]}" --json "$RUNS/eval-jargon-chat-adapter.json"
 fi

@@ -22,14 +22,18 @@ SYSTEM = {"role": "system", "content": "Answer from the passages."}
 QUESTION = {"role": "user", "content": "What does a garbage collector do with memory that a program no longer reaches?"}
 
 
-@pytest.fixture(scope="module")
-def chat_lm(tiny_model_dir):
+def make_chat_lm(model_dir):
     """The tiny model with a ChatML template whose turn tokens are special tokens of the vocabulary."""
-    lm = load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
+    lm = load_model(str(model_dir), markers=True, device=TEST_DEVICE)
     lm.tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     lm.model.resize_token_embeddings(len(lm.tokenizer), mean_resizing=False)
     lm.tokenizer.chat_template = CHATML
     return lm
+
+
+@pytest.fixture(scope="module")
+def chat_lm(tiny_model_dir):
+    return make_chat_lm(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from flashback.qa import QALayout, Question, evaluate_qa, first_sentence, gold_p
 from flashback.text.chat_template import render
 from flashback.text.corpus import module_document
 from flashback.text.retrieval import Index, IndexRetriever
-from flashback.text.tokenize import encode
+from flashback.text.tokenize import encode, tokenizer_fingerprint
 
 from .conftest import build_index
-from .test_chat import chat_lm  # noqa: F401 - the fixture
+from .test_chat import chat_lm, make_chat_lm  # noqa: F401 - the fixture
 
 QUESTIONS = [
     "What does a garbage collector do with memory?",
@@ -97,7 +97,16 @@ def docs_index(tiny_model_dir, tmp_path_factory):
     docs = [module_document(name) for name in ("textwrap", "fnmatch", "glob")]
     path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
     path.write_text("".join(json.dumps({"id": d.id, "title": d.title, "text": d.text}) + "\n" for d in docs))
-    return Index.load(build_index(tiny_model_dir, path, 256, tmp_path_factory.mktemp("docs-index") / "idx"))
+    index = Index.load(build_index(tiny_model_dir, path, 256, tmp_path_factory.mktemp("docs-index") / "idx"))
+    # the chat model's tokenizer only adds special tokens, so plain text gets the same ids: stamp it as the index's
+    fingerprint = tokenizer_fingerprint(make_chat_lm(tiny_model_dir).tokenizer)
+    return Index(
+        {**index.manifest, "tokenizer": {"name": "chat", "fingerprint": fingerprint}},
+        index.meta,
+        index.token_ids,
+        index.offsets,
+        index.bm25,
+    )
 
 
 def test_qa_scores_the_reference_answer_in_each_layout(chat_lm, docs_index):  # noqa: F811
@@ -145,3 +154,48 @@ def test_cli_refuses_bad_layouts_before_loading_anything(capsys, tmp_path):
     assert "only flashback takes +adapter" in capsys.readouterr().err
     assert main(["qa", "--passages", "oracle", "--model", str(tmp_path / "none")]) == 2
     assert "--passages takes" in capsys.readouterr().err
+
+
+def test_qa_training_data_leaves_the_heldout_modules_out(tiny_model_dir, docs_index, tmp_path):
+    """One-turn chats whose target is the docstring's first tokens, with the gold and the BM25 passage, in prepare's
+    format; the held-out module (glob) gives none; train mixes it with another folder."""
+    from flashback.config import TrainConfig
+    from flashback.data import load_segments
+    from flashback.qa import prepare_qa
+    from flashback.train import train
+
+    from .test_train import TOY_CFG, copy_task, write_data
+
+    lm = make_chat_lm(tiny_model_dir)  # trained below: not the module's shared one
+    questions = [q for q in stdlib_questions() if q.module in ("textwrap", "fnmatch", "glob")]
+    assert {q.module for q in questions if q.heldout} == {"glob"}
+    manifest = prepare_qa(lm, docs_index, questions, tmp_path / "qa", "Answer.", stride=6, val_fraction=0.5)
+    segments = load_segments(tmp_path / "qa", "train")[0] + load_segments(tmp_path / "qa", "val")[0]
+    assert manifest["counts"]["train"] + manifest["counts"]["val"] == len(segments) > 0
+    by_name = {f"qa:{q.module}.{q.function}": q for q in questions}
+    names = [f"qa:{q.module}.{q.function}" for q in questions]
+    gold = dict(zip(names, gold_passages(docs_index, questions), strict=True))
+    seen = set()
+    for seg in segments:
+        q = by_name[seg.doc_id]
+        assert not q.heldout and seg.stride == 6 and len(seg.targets) == 1
+        ids, _ = render(lm.tokenizer, messages_for("flashback", "Answer.", [], q.question, ""), 32)
+        assert seg.tokens == ids + encode(lm.tokenizer, q.docstring)[:6] and seg.targets == [len(ids)]
+        if seg.doc_id not in seen:  # the first of a question's segments has its gold passage
+            assert seg.passages[0][0] == docs_index.passage_tokens(gold[seg.doc_id]).tolist()
+        seen.add(seg.doc_id)
+    prepare_qa(lm, docs_index, questions, tmp_path / "qa8", "Answer.", stride=8)
+    text = write_data(tmp_path / "text", lm, copy_task(4, 0), copy_task(2, 1))
+    with pytest.raises(FlashbackError, match=r"mixes target lengths \[6, 8\]"):
+        train(lm, [text, tmp_path / "qa8"], tmp_path / "a8", TrainConfig(max_steps=1, **TOY_CFG), progress=False)
+    result = train(
+        lm,
+        [text, tmp_path / "qa"],
+        tmp_path / "adapter",
+        TrainConfig(max_steps=2, **TOY_CFG),
+        progress=False,
+        log=lambda m: None,
+    )
+    assert result.steps == 2
+    card = json.loads((tmp_path / "adapter" / "flashback.json").read_text())
+    assert card["data"] == [str(text), str(tmp_path / "qa")] and len(card["data_manifest"]["mixed"]) == 2

@@ -19,7 +19,7 @@ import warnings
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
-from flashback.atomic import check_file
+from flashback.atomic import check_file, check_output
 from flashback.config import (
     DEFAULT_INDEX_HELP,
     GGUF_TYPES,
@@ -298,10 +298,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_outputs(args.out, args.resume)  # before the model loads
     engine = load_engine(ecfg, adapters={}, markers=cfg.markers)
     if args.throughput:
-        print(json.dumps(throughput(engine, args.data, cfg, args.throughput)))
+        print(json.dumps(throughput(engine, args.data[0], cfg, args.throughput)))
         return 0
     log = lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    result = train(engine, args.data, args.out, cfg, resume=args.resume, log=log, progress=not args.quiet)
+    data = args.data[0] if len(args.data) == 1 else args.data
+    result = train(engine, data, args.out, cfg, resume=args.resume, log=log, progress=not args.quiet)
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
     summary["target_tokens_per_s"] = round(result.target_tokens_per_s, 2)
     print(json.dumps({"out": str(args.out), **summary}))
@@ -469,9 +470,18 @@ def cmd_qa(args: argparse.Namespace) -> int:
         raise FlashbackError(f"--passages takes a comma-separated list of {', '.join(PASSAGE_SOURCES)}")
     if args.json:
         check_file(args.json)
+    progress = lambda msg: print(f"[qa] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.prepare:
+        from flashback.data import DATA_FOLDER
+        from flashback.qa import prepare_qa, stdlib_questions
+
+        check_output(args.prepare, DATA_FOLDER)
+        engine, index, _ = _chat_engine(args)
+        manifest = prepare_qa(engine, index, stdlib_questions(), args.prepare, args.system, progress=progress)
+        print(json.dumps({"out": args.prepare, "counts": manifest["counts"]}))
+        return 0
     questions = _questions(args.questions)
     engine, index, cfg = _chat_engine(args)
-    progress = lambda msg: print(f"[qa] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     results = evaluate_qa(
         engine, index, questions, layouts, cfg, sources, args.system, args.generate_tokens, progress=progress
     )
@@ -560,7 +570,8 @@ COMMANDS = {
         MODEL_ONLY, Fields(PrepareConfig), DATASET, SELECT, QUIET]),
     "train": (cmd_train, "fine-tune a LoRA adapter + marker embeddings (base model frozen)", [
         Fields(EngineConfig, ("model", "device", "dtype", "threads")), Fields(TrainConfig),
-        Arg("--data", required=True, help="folder written by `flashback prepare`"),
+        Arg("--data", required=True, action="append",
+            help="folder written by `flashback prepare` (or `flashback qa --prepare`); repeat to mix several"),
         Arg("--out", required=True, help="adapter folder to write"),
         Arg("--resume", action="store_true", help="continue from OUT.checkpoint"),
         Arg("--throughput", type=int, default=0, metavar="N",
@@ -598,7 +609,9 @@ COMMANDS = {
         Arg("--passages", default="bm25,gold", help="bm25 (retrieved), gold (the one holding the answer), or both"),
         Arg("--generate-tokens", type=int, default=32, help="greedy answer length for F1; 0: perplexity only"),
         Arg("--system", default=SYSTEM, help=f"the system message (default: {SYSTEM!r})"),
-        Arg("--json", help="write the table and every question's scores to this JSON file")]),
+        Arg("--json", help="write the table and every question's scores to this JSON file"),
+        Arg("--prepare", metavar="OUT", default=None,
+            help="instead: write training data (`flashback prepare`'s format) from the modules not held out")]),
     "export": (cmd_export, "a plain model folder with the adapter and markers merged, for engines", [
         Fields(EngineConfig, ("model", "device", "dtype", "adapters")),
         Arg("--out", required=True, help="folder to write (replaced only if it is an earlier export)"),

@@ -121,12 +121,15 @@ def run_conversation(
     system: str | None = None,
     progress: Callable[[str], None] = lambda s: None,
 ) -> list[Turn]:
-    """The same questions as one conversation per layout, each layout from a cold prefix cache."""
+    """The same questions as one conversation per layout, each layout from a cold prefix cache after one warm-up
+    turn."""
     found = [retrieve(q) for q in questions]  # once: every layout gets the same passages
     texts = [[engine.tokenizer.decode(r.token_ids) for r in f] for f in found]
     turns = []
     for layout in layouts:
-        engine.forget()
+        first = messages_for(layout, system, [], questions[0], "\n\n".join(texts[0]))
+        answer_turn(engine, layout, first, questions[0], found[0], passage_tokens, replace(cfg, max_new_tokens=2))
+        engine.forget()  # after a warm-up turn (first-call allocations), from a cold prefix cache
         history: list[dict] = []
         for i, question in enumerate(questions):
             messages = messages_for(layout, system, history, question, "\n\n".join(texts[i]))

@@ -15,6 +15,7 @@ for it and with its gold passage, and scored two ways: the reference answer's pe
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import re
 import string
@@ -22,9 +23,11 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
+from flashback.atomic import atomic_folder, check_output
 from flashback.config import GenerationConfig
 from flashback.conversation import answer_turn, messages_for
 from flashback.engines.base import Engine
@@ -36,6 +39,7 @@ from flashback.text.corpus import quiet_import, stdlib_modules
 from flashback.text.retrieval import Hit, Index, IndexRetriever, Retrieved
 from flashback.text.tokenize import encode
 
+HELDOUT_MODULES = 5  # one module in five is held out
 SENTENCE = re.compile(r"(.+?[.!?])(?:\s|$)")
 PASSAGE_SOURCES = ("bm25", "gold")
 
@@ -46,6 +50,12 @@ class Question:
     function: str
     question: str
     answer: str
+    docstring: str = ""  # the whole docstring, its first sentence being the answer (training targets)
+
+    @property
+    def heldout(self) -> bool:
+        """A fifth of the modules, by a hash of the name: evaluated on, never trained on (qa --prepare)."""
+        return zlib.crc32(self.module.encode()) % HELDOUT_MODULES == 0
 
 
 @dataclass(frozen=True)
@@ -85,9 +95,10 @@ def stdlib_questions() -> list[Question]:
         for attr, obj in sorted(vars(module).items()):
             if attr.startswith("_") or not inspect.isfunction(obj) or obj.__module__ != name:
                 continue
-            answer = first_sentence(inspect.getdoc(obj) or "")
+            doc = inspect.getdoc(obj) or ""
+            answer = first_sentence(doc)
             if answer and 5 <= len(answer.split()) <= 30:
-                out.append(Question(name, attr, f"What does {name}.{attr}() do?", answer))
+                out.append(Question(name, attr, f"What does {name}.{attr}() do?", answer, doc))
     return out
 
 
@@ -115,8 +126,10 @@ def gold_passages(index: Index, questions: Sequence[Question]) -> list[int | Non
 
 
 def sample(questions: Sequence[Question], n: int, seed: int = 0) -> list[Question]:
-    """A deterministic spread of n questions (by a hash of the name and the seed), at most one per function."""
-    keyed = sorted(questions, key=lambda q: zlib.crc32(f"{seed}:{q.module}.{q.function}".encode()))
+    """A deterministic spread of n held-out questions (by a hash of the name and the seed)."""
+    keyed = sorted(
+        (q for q in questions if q.heldout), key=lambda q: zlib.crc32(f"{seed}:{q.module}.{q.function}".encode())
+    )
     return keyed[:n]
 
 
@@ -234,3 +247,72 @@ def format_table(results: dict) -> str:
             f1 = "-" if row["f1"] is None else f"{row['f1']:.3f}"
             lines.append(f"| {source} | {name} | {row['perplexity']:.3f} | {f1} | {got['answer_in_passage']:.0%} |")
     return "\n".join(lines)
+
+
+def prepare_qa(
+    engine: Engine,
+    index: Index,
+    questions: Sequence[Question],
+    out: str | Path,
+    system: str | None,
+    stride: int = 16,
+    val_fraction: float = 0.1,
+    progress: Callable[[str], None] = lambda s: None,
+) -> dict:
+    """Training data in `flashback prepare`'s format from the questions of the modules that are not held out: each
+    question as a one-turn chat whose target is its docstring's first `stride` tokens, once with its gold passage and
+    once with its BM25 passage (when that is another one). Mixed with running text by `flashback train --data A
+    --data B`."""
+    from flashback.data import DATA_FOLDER, FORMAT, Segment
+    from flashback.text.tokenize import tokenizer_fingerprint
+
+    check_output(out, DATA_FOLDER)
+    fingerprint = tokenizer_fingerprint(engine.tokenizer)
+    index.check_tokenizer(fingerprint)
+    usable = [q for q in questions if not q.heldout]
+    gold = gold_passages(index, usable)
+    head = engine.head_ids
+    splits: dict[str, list] = {"train": [], "val": []}
+    for q, g in zip(usable, gold, strict=True):
+        target = encode(engine.tokenizer, q.docstring)[:stride]
+        if g is None or len(target) < stride:
+            continue
+        ids, _ = render(engine.tokenizer, messages_for("flashback", system, [], q.question, ""), 32)
+        ids = ids[len(head) :] if head and ids[: len(head)] == head else ids
+        hits = [g] + [h.index for h in index.search([q.question], 1)[0] if h.index != g]
+        split = "val" if zlib.crc32(f"val:{q.module}.{q.function}".encode()) % round(1 / val_fraction) == 0 else "train"
+        for i in hits:
+            splits[split].append(
+                Segment(
+                    f"qa:{q.module}.{q.function}",
+                    0,
+                    stride,
+                    ids + target,
+                    [len(ids)],
+                    [[index.passage_tokens(i).tolist()]],
+                    [[index.meta[i]["id"]]],
+                )
+            )
+    if not splits["train"]:
+        raise FlashbackError("no training question has a gold passage in this index (use the default index)")
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": {"name": engine.name, "fingerprint": fingerprint},
+        "index": {
+            "chunk_tokens": index.chunk_tokens,
+            "num_passages": len(index),
+            "created": index.manifest.get("created"),
+        },
+        "settings": {"source": "qa", "stride": stride, "system": system, "heldout_modules": f"1 in {HELDOUT_MODULES}"},
+        "counts": {name: len(rows) for name, rows in splits.items()},
+        "targets": {name: len(rows) for name, rows in splits.items()},
+        "documents": len({seg.doc_id for rows in splits.values() for seg in rows}),
+    }
+    with atomic_folder(out, DATA_FOLDER) as tmp:
+        for name, rows in splits.items():
+            with open(tmp / f"{name}.jsonl", "w") as fh:
+                for seg in rows:
+                    fh.write(json.dumps(seg.to_json(), separators=(",", ":")) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    progress(f"{manifest['counts']['train']} training and {manifest['counts']['val']} validation examples")
+    return manifest

@@ -401,7 +401,7 @@ class _Loop:
 
 def train(
     lm: TorchEngine,
-    data_dir: str | Path,
+    data_dir: str | Path | Sequence[str | Path],
     out: str | Path,
     cfg: TrainConfig,
     resume: bool = False,
@@ -411,10 +411,7 @@ def train(
     cfg.validate()
     check_outputs(out, resume)
     fingerprint = tokenizer_fingerprint(lm.tokenizer)
-    train_segments, manifest = load_segments(data_dir, "train", fingerprint)
-    val_segments, _ = load_segments(data_dir, "val", fingerprint)
-    if not train_segments:
-        raise FlashbackError(f"{data_dir}/train.jsonl holds no examples")
+    train_segments, val_segments, manifest = _load_data(data_dir, fingerprint)
     train_set = training_units(train_segments, cfg)
     val_set = training_units(spread(val_segments, cfg.max_val_segments), cfg)
     out = resolve_output(out)
@@ -452,6 +449,23 @@ def train(
     _remove_checkpoint(ckpt, log)
     lm.model = model
     return result
+
+
+def _load_data(data_dir, fingerprint: str) -> tuple[list, list, dict]:
+    """The train and val segments of one prepared data folder, or of several mixed (their manifests listed)."""
+    folders = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
+    train_segments, val_segments, manifests = [], [], []
+    for folder in folders:
+        train_part, manifest = load_segments(folder, "train", fingerprint)
+        if not train_part:
+            raise FlashbackError(f"{folder}/train.jsonl holds no examples")
+        train_segments += train_part
+        val_segments += load_segments(folder, "val", fingerprint)[0]
+        manifests.append(manifest)
+    strides = sorted({seg.stride for seg in train_segments + val_segments})
+    if len(strides) > 1:  # a batch and the loss by offset need one target length
+        raise FlashbackError(f"the data mixes target lengths {strides}: prepare every folder with the same --stride")
+    return train_segments, val_segments, manifests[0] if len(manifests) == 1 else {"mixed": manifests}
 
 
 def check_outputs(out: str | Path, resume: bool) -> None:
@@ -582,7 +596,7 @@ def _card(lm: TorchEngine, cfg: TrainConfig, fingerprint: str, data_dir, manifes
         "tail": cfg.tail if cfg.position == "append" else 0,
         "marker_ids": list(lm.marker_ids) if cfg.markers else None,
         "settings": {**asdict(cfg), "target_modules": list(cfg.target_modules)},
-        "data": str(data_dir),
+        "data": str(data_dir) if isinstance(data_dir, (str, Path)) else [str(d) for d in data_dir],
         "data_manifest": manifest,
         "steps": result.steps,
         "tokens_seen": result.tokens_seen,
