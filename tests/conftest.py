@@ -241,9 +241,9 @@ def random_adapter(model: str, path, std: float, **card) -> object:
     from flashback.text.tokenize import tokenizer_fingerprint
     from flashback.train import add_adapter
 
-    torch.manual_seed(0)  # LoRA A's initialization too: the same adapter whichever tests ran before
     lm = load_model(model, markers=True)
     peft_model = add_adapter(lm, TrainConfig(target_modules=("q_proj", "v_proj")))
+    torch.manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
