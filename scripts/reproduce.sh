@@ -42,6 +42,31 @@ NOT_LIB=(--exclude 'python:library/*' --exclude 'python:reference/*' --exclude '
 SHIPPED=src/flashback/adapters/smollm2-135m-append
 step=${1:-all}
 run() { [[ $step == "$1" || $step == all ]]; }
+# A server in the background for one step: started, waited for until PROBE answers (its log's tail if it dies first),
+# stopped before the next step so that nothing else runs during the next timing.
+start_server() {  # LOG PROBE_URL COMMAND...
+  local log=$1 probe=$2
+  shift 2
+  "$@" >"$log" 2>&1 &
+  server_pid=$!
+  trap 'kill $server_pid 2>/dev/null' EXIT
+  until curl -sf "$probe" >/dev/null; do
+    kill -0 $server_pid 2>/dev/null || { tail -20 "$log" >&2; exit 1; }
+    sleep 1
+  done
+}
+stop_server() { kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT; }
+# llama-server on the f16 export: one slot, 2 threads, no host-memory prompt cache (each bench run starts cold)
+start_llama_server() {  # LOG PORT
+  local server
+  server=$(python3 -c "from flashback.engines.upstream import llama_server_path; print(llama_server_path() or '')")
+  [[ -n $server ]] || { echo "no llama-server: run scripts/setup_engines.sh" >&2; exit 1; }
+  start_server "$1" "http://127.0.0.1:$2/health" "$server" -m "$WORK/export-f16/model-f16.gguf" -c 8192 -np 1 -t 2 \
+    -tb 2 --cache-ram 0 --host 127.0.0.1 --port "$2"
+}
+start_vllm() {  # LOG PORT
+  start_server "$1" "http://127.0.0.1:$2/v1/models" bash scripts/vllm_server.sh "$WORK/export-f16" "$2"
+}
 
 if run index; then
   flashback index "$DATA/foldoc.jsonl.gz" "$DATA/python-docs.jsonl.gz" "${LIB[@]}" --out "$WORK/index"
@@ -117,32 +142,19 @@ if run llamacpp; then
 fi
 if run upstream; then
   INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
-  SERVER=$(python3 -c "from flashback.engines.upstream import llama_server_path; print(llama_server_path() or '')")
-  [[ -n $SERVER ]] || { echo "no llama-server: run scripts/setup_engines.sh" >&2; exit 1; }
   PORT=${UPSTREAM_PORT:-8181}
-  # one slot and no host-memory prompt cache: each bench run starts cold (the bench replaces the slot's prompt first)
-  "$SERVER" -m "$WORK/export-f16/model-f16.gguf" -c 8192 -np 1 -t 2 -tb 2 --cache-ram 0 --host 127.0.0.1 --port "$PORT" \
-    >"$RUNS/llama-server.log" 2>&1 &
-  server_pid=$!
-  trap 'kill $server_pid 2>/dev/null' EXIT
-  until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 1; done
+  start_llama_server "$RUNS/llama-server.log" "$PORT"  # the bench replaces the slot's prompt before each run
   flashback bench --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" --index "$INDEX" \
     --context-lengths 2048 --repeats 3 --beside-torch --json "$RUNS/bench-upstream.json"
-  kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT  # nothing else runs during the next step
+  stop_server
 fi
 if run vllm; then
   INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
   PORT=${VLLM_PORT:-8182}
-  bash scripts/vllm_server.sh "$WORK/export-f16" "$PORT" >"$RUNS/vllm-server.log" 2>&1 &
-  server_pid=$!
-  trap 'kill $server_pid 2>/dev/null' EXIT
-  until curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null; do
-    kill -0 $server_pid 2>/dev/null || { tail -20 "$RUNS/vllm-server.log" >&2; exit 1; }
-    sleep 2
-  done
+  start_vllm "$RUNS/vllm-server.log" "$PORT"
   flashback bench --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" --index "$INDEX" \
     --context-lengths 2048 --repeats 3 --beside-torch --json "$RUNS/bench-vllm.json"
-  kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT
+  stop_server
 fi
 if run harness; then  # an evaluation tool researchers already use, pointed at the server: one model name per mode
   PORT=${HARNESS_PORT:-8183}
@@ -158,13 +170,8 @@ with open(sys.argv[2], "w") as out:
 PY
   mkdir -p "$WORK/harness-tasks"
   sed "s|\${HARNESS_DOCS}|$HARNESS_DOCS|" scripts/harness/heldout.yaml > "$WORK/harness-tasks/heldout.yaml"
-  flashback serve --index "$WORK/index" --port "$PORT" >"$RUNS/harness-serve.log" 2>&1 &
-  server_pid=$!
-  trap 'kill $server_pid 2>/dev/null' EXIT
-  until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
-    kill -0 $server_pid 2>/dev/null || { tail -20 "$RUNS/harness-serve.log" >&2; exit 1; }
-    sleep 2
-  done
+  start_server "$RUNS/harness-serve.log" "http://127.0.0.1:$PORT/health" \
+    flashback serve --index "$WORK/index" --port "$PORT"
   MODEL=$(curl -sf "http://127.0.0.1:$PORT/v1/models" | python3 -c "import json,sys; print(json.load(sys.stdin)['data'][0]['id'])")
   TOKENIZER=$(python3 -c "from flashback.registry import default_model_dir; print(default_model_dir())")
   for mode in none prepend append; do
@@ -172,34 +179,22 @@ PY
       --model_args "model=$MODEL:$mode,base_url=http://127.0.0.1:$PORT/v1/completions,tokenizer=$TOKENIZER,tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1" \
       --include_path "$WORK/harness-tasks" --output_path "$RUNS/harness-$mode" | tee "$RUNS/harness-$mode.txt"
   done
-  kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT
+  stop_server
 fi
 if run chat; then
   CHAT=(--turns 10 --max-new-tokens "${CHAT_TOKENS:-64}")
   flashback bench-chat "${CHAT[@]}" --json "$RUNS/bench-chat-torch.json"
   [[ -f $WORK/export-f16/flashback.json ]] || flashback export --gguf f16 --out "$WORK/export-f16"
-  SERVER=$(python3 -c "from flashback.engines.upstream import llama_server_path; print(llama_server_path() or '')")
-  [[ -n $SERVER ]] || { echo "no llama-server: run scripts/setup_engines.sh" >&2; exit 1; }
   PORT=${UPSTREAM_PORT:-8181}
-  "$SERVER" -m "$WORK/export-f16/model-f16.gguf" -c 8192 -np 1 -t 2 -tb 2 --cache-ram 0 --host 127.0.0.1 --port "$PORT" \
-    >"$RUNS/llama-server-chat.log" 2>&1 &
-  server_pid=$!
-  trap 'kill $server_pid 2>/dev/null' EXIT
-  until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 1; done
+  start_llama_server "$RUNS/llama-server-chat.log" "$PORT"
   flashback bench-chat --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" "${CHAT[@]}" \
     --json "$RUNS/bench-chat-llama-server.json"
-  kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT
+  stop_server
   PORT=${VLLM_PORT:-8182}
-  bash scripts/vllm_server.sh "$WORK/export-f16" "$PORT" >"$RUNS/vllm-server-chat.log" 2>&1 &
-  server_pid=$!
-  trap 'kill $server_pid 2>/dev/null' EXIT
-  until curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null; do
-    kill -0 $server_pid 2>/dev/null || { tail -20 "$RUNS/vllm-server-chat.log" >&2; exit 1; }
-    sleep 2
-  done
+  start_vllm "$RUNS/vllm-server-chat.log" "$PORT"
   flashback bench-chat --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" "${CHAT[@]}" \
     --json "$RUNS/bench-chat-vllm.json"
-  kill $server_pid; wait $server_pid 2>/dev/null || true; trap - EXIT
+  stop_server
 fi
 if run qa; then
   flashback qa --questions 100 --json "$RUNS/qa-smollm2.json"

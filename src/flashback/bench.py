@@ -70,9 +70,7 @@ class FullRetriever:
     def __call__(self, query: str, k: int) -> list[Retrieved]:
         got = self.search(query, k)
         while len(got) < k:
-            i = int(self.rng.choice(self.full))
-            m = self.index.meta[i]
-            got.append(Retrieved(Hit(i, m["id"], m["doc_id"], m["title"], 0.0), self.index.passage_tokens(i)))
+            got.append(self.search.passage(int(self.rng.choice(self.full))))
             self.filled += 1
         return got
 

@@ -465,6 +465,8 @@ def cmd_qa(args: argparse.Namespace) -> int:
     from flashback.qa import PASSAGE_SOURCES, QALayout, evaluate_qa, format_table
 
     layouts = [QALayout.parse(v) for v in args.layouts.split(",") if v.strip()]
+    if not layouts:
+        raise FlashbackError("--layouts names no layout: none, system, user, flashback, flashback+adapter")
     sources = [v.strip() for v in args.passages.split(",") if v.strip()]
     if not sources or any(s not in PASSAGE_SOURCES for s in sources):
         raise FlashbackError(f"--passages takes a comma-separated list of {', '.join(PASSAGE_SOURCES)}")

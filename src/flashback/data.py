@@ -231,13 +231,18 @@ def prepare(
         "targets": {name: sum(len(s.targets) for s in rows) for name, rows in splits.items()},
         "documents": len({s.doc_id for s in segments}),
     }
+    write_data_folder(out, splits, manifest)
+    return manifest
+
+
+def write_data_folder(out: str | Path, splits: dict[str, list[Segment]], manifest: dict) -> None:
+    """train.jsonl, val.jsonl (one segment a line) and manifest.json, written whole or not at all."""
     with atomic_folder(out, DATA_FOLDER) as tmp:
         for name, rows in splits.items():
             with open(tmp / f"{name}.jsonl", "w") as fh:
                 for seg in rows:
                     fh.write(json.dumps(seg.to_json(), separators=(",", ":")) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
 def load_segments(data_dir: str | Path, split: str, fingerprint: str | None = None) -> tuple[list[Segment], dict]:

@@ -15,7 +15,6 @@ for it and with its gold passage, and scored two ways: the reference answer's pe
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import re
 import string
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from flashback.atomic import atomic_folder, check_output
+from flashback.atomic import check_output
 from flashback.config import GenerationConfig
 from flashback.conversation import answer_turn, messages_for
 from flashback.engines.base import Engine
@@ -36,7 +35,7 @@ from flashback.evaluate import target_nll
 from flashback.layout import layout
 from flashback.text.chat_template import render
 from flashback.text.corpus import quiet_import, stdlib_modules
-from flashback.text.retrieval import Hit, Index, IndexRetriever, Retrieved
+from flashback.text.retrieval import Index, IndexRetriever
 from flashback.text.tokenize import encode
 
 HELDOUT_MODULES = 5  # one module in five is held out
@@ -147,11 +146,6 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _retrieved(index: Index, i: int) -> Retrieved:
-    m = index.meta[i]
-    return Retrieved(Hit(i, m["id"], m["doc_id"], m["title"], 0.0), index.passage_tokens(i))
-
-
 @torch.inference_mode()
 def evaluate_qa(
     engine: Engine,
@@ -183,7 +177,7 @@ def evaluate_qa(
     records = [{"question": q.question, "answer": q.answer, "gold": index.meta[g]["id"]} for q, g in kept]
     for source in sources:
         found = [
-            retriever(q.question, cfg.k) if source == "bm25" else [_retrieved(index, g)] for q, g in kept
+            retriever(q.question, cfg.k) if source == "bm25" else [retriever.passage(g)] for q, g in kept
         ]  # the same passages for every layout
         has_answer = [
             any(_flat(q.answer) in _flat(engine.tokenizer.decode(r.token_ids)) for r in f)
@@ -263,7 +257,7 @@ def prepare_qa(
     question as a one-turn chat whose target is its docstring's first `stride` tokens, once with its gold passage and
     once with its BM25 passage (when that is another one). Mixed with running text by `flashback train --data A
     --data B`."""
-    from flashback.data import DATA_FOLDER, FORMAT, Segment
+    from flashback.data import DATA_FOLDER, FORMAT, Segment, write_data_folder
     from flashback.text.tokenize import tokenizer_fingerprint
 
     check_output(out, DATA_FOLDER)
@@ -308,11 +302,6 @@ def prepare_qa(
         "targets": {name: len(rows) for name, rows in splits.items()},
         "documents": len({seg.doc_id for rows in splits.values() for seg in rows}),
     }
-    with atomic_folder(out, DATA_FOLDER) as tmp:
-        for name, rows in splits.items():
-            with open(tmp / f"{name}.jsonl", "w") as fh:
-                for seg in rows:
-                    fh.write(json.dumps(seg.to_json(), separators=(",", ":")) + "\n")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_data_folder(out, splits, manifest)
     progress(f"{manifest['counts']['train']} training and {manifest['counts']['val']} validation examples")
     return manifest

@@ -250,3 +250,8 @@ class IndexRetriever:
     def __call__(self, query: str, k: int) -> list[Retrieved]:
         hits = self.index.search([query], k)[0]
         return [Retrieved(h, self.index.passage_tokens(h.index)) for h in hits]
+
+    def passage(self, i: int) -> Retrieved:
+        """Passage i as a hit that no search scored (a chosen passage: the bench's filler, QA's gold passage)."""
+        m = self.index.meta[i]
+        return Retrieved(Hit(i, m["id"], m["doc_id"], m["title"], 0.0), self.index.passage_tokens(i))
