@@ -146,6 +146,50 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def answer_nll(engine: Engine, session, name: str, messages: list[dict], passages, answer: str, cfg, banned):
+    """Per-token NLL of `answer` as the assistant's reply to `messages`: FlashBack's layout appends the passages
+    `cfg.tail` tokens before the end of the conversation (with the markers if `cfg.markers`), the text layouts
+    carry them in their messages already."""
+    head = engine.head_ids
+    ids, _ = render(engine.tokenizer, messages, cfg.query_tokens)
+    if head and ids[: len(head)] == head:
+        ids = ids[len(head) :]
+    target = encode(engine.tokenizer, answer)
+    if name == "flashback":
+        markers = engine.marker_ids if cfg.markers else None
+        seq, _ = layout(ids, [r.token_ids for r in passages], target, "append", markers, cfg.tail, head)
+    else:
+        seq, _ = layout(ids, [], target, "none", None, 0, head)
+    session.reset()
+    logits = session.extend(seq, last_logits=len(target) + 1)
+    return target_nll(logits[:-1], target, banned)
+
+
+def _score_layout(engine, index, spec, kept, found, cfg, system, generate_tokens, banned, marks) -> dict:
+    """One layout over every question with the given passages: its row, each question's scores added to `marks`."""
+    session = engine.session("append" if spec.adapter else None, scoring=True)
+    nlls, f1s = [], []
+    for mark, (q, _), passages in zip(marks, kept, found, strict=True):
+        text = "\n\n".join(engine.tokenizer.decode(r.token_ids) for r in passages)
+        messages = messages_for(spec.layout, system, [], q.question, text)
+        nll = answer_nll(engine, session, spec.layout, messages, passages, q.answer, cfg, banned)
+        nlls.append(nll)
+        mark[str(spec)] = {"nll": round(float(nll.sum()), 4)}
+        if generate_tokens and (spec.adapter or spec.layout != "flashback" or "append" not in engine.adapters):
+            gen = replace(cfg, max_new_tokens=generate_tokens, temperature=0.0)
+            tokens, *_ = answer_turn(engine, spec.layout, messages, q.question, passages, index.chunk_tokens, gen)
+            said = engine.tokenizer.decode(tokens, skip_special_tokens=True)
+            f1s.append(token_f1(said, q.answer))
+            mark[str(spec)].update(text=said, f1=round(f1s[-1], 4))
+    all_nll = torch.cat(nlls)
+    return {
+        "perplexity": math.exp(float(all_nll.mean())),
+        "nll_per_question": float(all_nll.sum()) / len(kept),
+        "answer_tokens": all_nll.numel(),
+        "f1": sum(f1s) / len(f1s) if f1s else None,
+    }
+
+
 @torch.inference_mode()
 def evaluate_qa(
     engine: Engine,
@@ -172,7 +216,6 @@ def evaluate_qa(
         raise FlashbackError("no question has its answer in a passage of this index (use the default index)")
     retriever = IndexRetriever(index)
     banned = torch.tensor(engine.marker_ids, device=engine.device) if engine.marker_ids else None
-    head = engine.head_ids
     results: dict = {"questions": len(kept), "dropped_without_gold": len(questions) - len(kept), "sources": {}}
     records = [{"question": q.question, "answer": q.answer, "gold": index.meta[g]["id"]} for q, g in kept]
     for source in sources:
@@ -193,41 +236,10 @@ def evaluate_qa(
                     record[source][str(spec)] = record[sources[0]][str(spec)]
                 continue
             progress(f"{source} passages, {spec}: scoring {len(kept)} answers")
-            session = engine.session("append" if spec.adapter else None, scoring=True)
-            nlls, f1s = [], []
-            for n, ((q, _), passages) in enumerate(zip(kept, found, strict=True)):
-                text = "\n\n".join(engine.tokenizer.decode(r.token_ids) for r in passages)
-                messages = messages_for(spec.layout, system, [], q.question, text)
-                ids, _ = render(engine.tokenizer, messages, cfg.query_tokens)
-                if head and ids[: len(head)] == head:
-                    ids = ids[len(head) :]
-                answer = encode(engine.tokenizer, q.answer)
-                if spec.layout == "flashback":
-                    markers = engine.marker_ids if cfg.markers else None
-                    seq, _ = layout(ids, [r.token_ids for r in passages], answer, "append", markers, cfg.tail, head)
-                else:
-                    seq, _ = layout(ids, [], answer, "none", None, 0, head)
-                session.reset()
-                logits = session.extend(seq, last_logits=len(answer) + 1)
-                nll = target_nll(logits[:-1], answer, banned)
-                nlls.append(nll)
-                record = records[n][source]
-                record[str(spec)] = {"nll": round(float(nll.sum()), 4)}
-                if generate_tokens and (spec.adapter or spec.layout != "flashback" or "append" not in engine.adapters):
-                    gen = replace(cfg, max_new_tokens=generate_tokens, temperature=0.0)
-                    tokens, *_ = answer_turn(
-                        engine, spec.layout, messages, q.question, passages, index.chunk_tokens, gen
-                    )
-                    said = engine.tokenizer.decode(tokens, skip_special_tokens=True)
-                    f1s.append(token_f1(said, q.answer))
-                    record[str(spec)].update(text=said, f1=round(f1s[-1], 4))
-            all_nll = torch.cat(nlls)
-            rows[str(spec)] = {
-                "perplexity": math.exp(float(all_nll.mean())),
-                "nll_per_question": float(all_nll.sum()) / len(kept),
-                "answer_tokens": all_nll.numel(),
-                "f1": sum(f1s) / len(f1s) if f1s else None,
-            }
+            marks = [record[source] for record in records]
+            rows[str(spec)] = _score_layout(
+                engine, index, spec, kept, found, cfg, system, generate_tokens, banned, marks
+            )
             progress(f"{source} passages, {spec}: perplexity {rows[str(spec)]['perplexity']:.3f}")
         results["sources"][source] = {"answer_in_passage": sum(has_answer) / len(kept), "layouts": rows}
     results["records"] = records
