@@ -10,7 +10,8 @@ stream is left open and the server gets SIGTERM.
 
 Printed, as JSON: every status seen (no 5xx expected), the normal request's latency idle and under load (median,
 max, and the requests that arrived behind an expensive one), /health's latency, the server's RSS before and after
-(once the load has ended and the server holds no generation), and how SIGTERM ended (exit status, whether the open stream ended with [DONE]).
+(once the load has ended and the server holds no generation), and how SIGTERM ended (exit status, whether the
+open stream ended with [DONE]).
 Figures are medians of one run on a shared machine: compare them within the run.
 """
 

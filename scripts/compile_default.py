@@ -1,8 +1,15 @@
-"""Which decode default is faster for one 128-token generation, compile time included?
+"""Is --compile auto's choice right? Fresh processes, compile time included.
 
-Runs `flashback generate` (the quickstart prompt, append mode, default index) in fresh processes: eager, compiled
-with an empty Inductor cache (what a first run pays), compiled again with that cache warm, eager again. Reports each
-process's wall time and the generation's own time from its trace, as JSON.
+For each generation length (default: 48 tokens, the quickstart's size, and 1,536, the paper's runtime test) it runs
+the quickstart prompt in append mode on the default model and index, each in a new Python process:
+
+- `off`: eager decode (the default before --compile auto);
+- `auto-cold`: --compile auto with an empty compile cache (no records, no Inductor graphs): what a first run pays;
+- `auto-warm`: --compile auto again, with the cache the cold run left;
+- `on-warm` (long runs only): --compile on with that cache.
+
+Generations ignore end-of-sequence tokens so every run decodes the same number. Reports each process's wall time,
+the generation's own time, what auto chose and why, and whether every run gave the same tokens; JSON on stdout.
 """
 
 from __future__ import annotations
@@ -16,43 +23,50 @@ import tempfile
 import time
 
 PROMPT = "A garbage collector reclaims memory that a program no longer uses. In Python, the"
+CHILD = """
+import json, sys, time
+from flashback import FlashBack
+compile, tokens = sys.argv[1], int(sys.argv[2])
+fb = FlashBack.load(compile=compile)
+start = time.perf_counter()
+result = fb.generate(sys.argv[3], max_new_tokens=tokens, stop_at_eos=False)
+json.dump({"generation_s": time.perf_counter() - start, "timings": result.trace.timings(),
+           "compile": result.trace.compile, "token_ids": result.token_ids}, sys.stdout)
+"""
 
 
-def run(compile: bool, cache_dir: str, tokens: int) -> dict:
-    cmd = ["flashback", "generate", "--mode", "append", "--max-new-tokens", str(tokens), "--prompt", PROMPT, "--json"]
-    if compile:
-        cmd.append("--compile")
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+def run(compile: str, tokens: int, cache: str) -> dict:
+    env = {**os.environ, "FLASHBACK_COMPILE_CACHE": cache}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)  # Inductor's graphs go under the compile cache
     start = time.perf_counter()
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    wall = time.perf_counter() - start
-    trace = json.loads(out)
-    return {
-        "compile": compile,
-        "process_s": round(wall, 2),
-        "generation_s": trace["timings"]["total_s"],
-        "decode_s": trace["timings"]["decode_s"],
-        "tokens": len(trace["token_ids"]),
-        "token_ids": trace["token_ids"],
-    }
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, compile, str(tokens), PROMPT], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    child = json.loads(out)
+    return {"process_s": round(time.perf_counter() - start, 2), **child}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--tokens", type=int, default=128)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", default="48,1536", help="comma-separated generation lengths")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as cache_dir:
-        runs = {
-            "eager": run(False, cache_dir, args.tokens),
-            "compiled_cold_cache": run(True, cache_dir, args.tokens),
-            "compiled_warm_cache": run(True, cache_dir, args.tokens),
-            "eager_again": run(False, cache_dir, args.tokens),
-        }
-    same = len({tuple(r.pop("token_ids")) for r in runs.values()}) == 1
-    result = {"runs": runs, "same_tokens": same}
-    for name, r in runs.items():
-        print(f"{name}: process {r['process_s']:.1f} s, generation {r['generation_s']:.1f} s", file=sys.stderr)
+    result = {}
+    for tokens in (int(t) for t in args.tokens.split(",")):
+        with tempfile.TemporaryDirectory() as cache:
+            names = ["off", "auto-cold", "auto-warm"] + (["on-warm"] if tokens > 512 else [])
+            runs = {}
+            for name in names:
+                runs[name] = run(name.split("-")[0], tokens, cache)
+                r = runs[name]
+                chose = r["compile"]["reason"] if r["compile"] else "-"
+                print(
+                    f"{tokens} tokens, {name}: process {r['process_s']:.1f} s, generation {r['generation_s']:.1f} s;"
+                    f" {chose}",
+                    file=sys.stderr,
+                )
+        same = len({tuple(r.pop("token_ids")) for r in runs.values()}) == 1
+        result[str(tokens)] = {"runs": runs, "same_tokens": same}
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -139,10 +139,80 @@ def test_quantize_is_checked_and_reaches_eval(capsys, tiny_model_dir, tiny_index
 def test_bench_reports_decode_against_its_bandwidth_bound(tiny_lm):
     bc = BenchConfig(context_lengths=(64,), new_tokens=16, stride=8, passage_tokens=16, repeats=1, lora_overhead=False)
     result = run_bench(tiny_lm, bc)
-    assert result["copy_bandwidth_gb_s"] > 0.1 and result["compile"] is False
+    assert result["copy_bandwidth_gb_s"] > 0.1 and result["compile"] == "off"
     row = result["rows"][0]
     for mode in ("append", "prepend"):
         x = row[mode]
         assert x["bound_ms"] > x["weights_bound_ms"] > 0 and x["kv_mb"] > 0
         assert x["decode_over_bound"] == pytest.approx(x["decode_ms_per_token"] / x["bound_ms"])
         assert 0 < x["decode_share"] < 1
+        assert x["decode"] == "eager" and x["compile_choice"] is None
+
+
+def test_compile_auto_compiles_only_when_the_tokens_left_repay_it(tmp_path, monkeypatch):
+    """The rule: remaining tokens x eager step x saved share against the expected compile time."""
+    from flashback.engines.torch.autocompile import EAGER_STEPS, AutoCompile, Records
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # not there yet: compiles are cold
+    records = Records(tmp_path / "records.json")
+    records.update("g", cold_s=10.0, ratio=0.5)
+    built = []
+
+    def choose(decode_tokens: int) -> AutoCompile:
+        auto = AutoCompile("g", 512, decode_tokens, lambda: built.append(1) or "decoder", False, records)
+        for i in range(EAGER_STEPS):
+            got = auto.observe_eager(0.1)
+            assert got is None or i == EAGER_STEPS - 1
+        return auto, got
+
+    # 0.1 s eager, half saved: 0.05 s a token, so compiling (10 s cold) pays from 200 tokens left
+    short, got = choose(EAGER_STEPS + 150)
+    assert got is None and short.choice["compiled"] is False and "<= 10.0 s" in short.choice["reason"]
+    long, got = choose(EAGER_STEPS + 400)
+    assert got == "decoder" and long.choice["compiled"] is True and long.choice["remaining_tokens"] == 400
+    assert built == [1] and long.observe_eager(0.1) is None  # chosen once
+    long.compiled_step(0.5, compile_s=7.0)  # the step that compiled: its time is the cold compile's
+    for _ in range(EAGER_STEPS):
+        long.compiled_step(0.04, compile_s=0.0)
+    long.finish()
+    assert records.get("g") == {"cold_s": 7.0, "ratio": 0.4}
+    assert long.choice["compiled_ms"] == 40.0 and long.choice["compile_s"] == 7.0
+    # once Inductor's cache has seen the graph, the warm figure counts
+    (tmp_path / "inductor").mkdir()
+    records.update("g", warm_s=1.0)
+    warm, got = choose(EAGER_STEPS + 50)  # 50 x 0.1 x 0.6 = 3 s > 1 s warm
+    assert got == "decoder" and warm.choice["warm"] and "warm" in warm.choice["reason"]
+
+
+@pytest.mark.parametrize("pays", [False, True])
+def test_compile_auto_switches_mid_generation_to_the_same_tokens(
+    tiny_model_dir, tiny_index_dir, tmp_path, monkeypatch, pays
+):
+    """A generation that starts eager and moves its cache into fixed buffers for the compiled step gives the eager
+    greedy tokens; one whose tokens do not repay the compile stays eager. Either way the trace says why."""
+    from flashback.engines.torch.autocompile import Records, graph_key
+
+    monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path))
+    index = IndexRetriever(Index.load(tiny_index_dir))
+    eager = load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
+    auto = load_model(str(tiny_model_dir), markers=True, compile="auto", device=TEST_DEVICE)
+    prompt = eager.tokenizer(PROMPT)["input_ids"]
+    cfg = GenerationConfig(mode="append", stride=12, max_new_tokens=36, tail=3, stop_at_eos=False)
+    key = graph_key(auto.name, None, 512, auto.device, auto.dtype_name)
+    cost = 0.0 if pays else 1e9  # cold and warm: whether a test before compiled into this Inductor cache or not
+    Records().update(key, cold_s=cost, warm_s=cost)
+    want, got = generate(eager, prompt, index, cfg), generate(auto, prompt, index, cfg)
+    assert got.token_ids == want.token_ids
+    choice = got.trace.compile
+    assert choice["compiled"] is pays, choice
+    assert choice["remaining_tokens"] == 36 - 3 - 4
+    assert got.to_json()["compile"] == choice
+    decodes = [f for f in got.trace.forwards if f.kind == "decode"]
+    assert len(decodes) == 33
+    if pays:
+        assert got.trace.cache_capacity == 512 and auto.compile_s > 0 and choice["compile_s"] > 0
+        assert Records().get(key)["cold_s" if "cold" in choice["reason"] else "warm_s"] > 0
+        again = generate(auto, prompt, index, cfg)  # compiled in this process now: it costs nothing
+        assert again.token_ids == want.token_ids and "earlier in this process" in again.trace.compile["reason"]
+    else:
+        assert got.trace.cache_capacity is None and auto.compile_s == 0 and not auto._decoders

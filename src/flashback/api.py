@@ -167,7 +167,7 @@ class FlashBack:
         dtype: str = "float32",
         tail: int | None = None,
         max_passage_tokens: int = PASSAGE_TOKENS,
-        compile: bool = False,
+        compile: str | bool = "auto",
         quantize: str | None = None,
         flash_attn: bool = False,
     ) -> FlashBack:
@@ -175,8 +175,8 @@ class FlashBack:
         (one per mode, never applied to another mode), None none, a folder (or several) exactly those.
         `engine="llamacpp"` runs an export's GGUF (model=EXPORT) in llama.cpp; `upstream=URL` decodes on an
         inference server that serves the export (model=EXPORT). `retriever` replaces the BM25 index with your
-        own search function (see TextRetriever). `compile` / `quantize="int8"` choose the decode step, as the
-        CLI's --compile / --quantize."""
+        own search function (see TextRetriever). `compile` ("auto", "on", "off") / `quantize="int8"` choose the
+        decode step, as the CLI's --compile / --quantize."""
         from flashback.config import EngineConfig
         from flashback.engines.load import load_engine, plan_adapters
         from flashback.text.retrieval import IndexRetriever

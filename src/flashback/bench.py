@@ -163,6 +163,8 @@ def _run(engine: Engine, context, retriever, cfg: GenerationConfig) -> dict:
         "flops": trace_flops(arch, trace.forwards),
         "after_first_s": wall - first_s,
         "after_first_flops": trace_flops(arch, trace.forwards) - trace_flops(arch, first),
+        "compile_choice": trace.compile,
+        "compiled": bool(trace.cache_capacity),  # decoded through the fixed-buffer decode step
     }
 
 
@@ -317,11 +319,22 @@ def _mode_summary(engine: Engine, new: int, mode: str, rs: list[dict], bandwidth
         "flops": rs[0]["flops"],
         "after_first_s": statistics.median(x["after_first_s"] for x in rs),
         "after_first_flops": rs[0]["after_first_flops"],
+        "decode": _decode_kind(engine, rs),
+        "compile_choice": rs[0]["compile_choice"],
     }
     if engine.capabilities.remote:
         out["engine_prompt_tokens"] = rs[0]["engine_prompt_tokens"]
         out["engine_cached_tokens"] = rs[0]["engine_cached_tokens"]
     return out
+
+
+def _decode_kind(engine: Engine, rs: list[dict]) -> str:
+    """How the timed runs decoded: "compiled", "eager", "int8", or "mixed" when runs differed."""
+    if not engine.capabilities.adapters:  # not the PyTorch engine: its own decode
+        return engine.kind
+    kinds = {"compiled" if r["compiled"] and engine.describe()["compile"] != "off" else "eager" for r in rs}
+    kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    return f"{kind}, int8 weights" if engine.describe()["quantize"] else kind
 
 
 def lora_overhead(engine: Engine, bc: BenchConfig, retriever, progress) -> dict:
@@ -428,14 +441,14 @@ def _summary_line(result: dict) -> str:
         if "filled_passages" in result
         else ""
     )
-    decode = "compiled" if result.get("compile") else "eager"
-    if result.get("quantize"):
-        decode += f", {result['quantize']} weights"
+    kinds = {r[m].get("decode", "eager") for r in result["rows"] for m in ("append", "prepend")}
+    decode = " / ".join(sorted(kinds))
     return (
         f"peak RSS {result['peak_rss_mb']:.0f} MB; passages: {result['passages']}{filled}; "
         f"{result['threads']} threads; {result.get('engine', 'torch')} engine, {result['device']} {result['dtype']}; "
-        f"decode {decode}"
-        + (f" (compiling took {result['compile_s']:.1f} s, not in the times above)" if result.get("compile") else "")
+        + (f"--compile {result['compile']}: " if result.get("compile") else "")
+        + f"decode {decode}"
+        + (f" (compiling took {result['compile_s']:.1f} s, in the warm-up)" if result.get("compile_s") else "")
         + f"; memory copy {result.get('copy_bandwidth_gb_s', float('nan')):.1f} GB/s"
     )
 

@@ -56,6 +56,7 @@ def _flag_kwargs(f) -> dict:
     meta, kind = f.metadata, str(f.type)
     shown = meta.get("default_help", "on" if f.default is True else "off" if f.default is False else f.default)
     more = {"choices": meta["choices"]} if "choices" in meta else {}
+    more.update({k: meta[k] for k in ("nargs", "const") if k in meta})
     if "choices" not in meta:  # named after the flag, not after the field
         more["metavar"] = meta.get("metavar", meta.get("flag", f.name).upper().replace("-", "_"))
     help_text = meta["help"] + ("" if shown in (None, ()) or meta.get("negate") else f" (default: {shown})")

@@ -18,6 +18,7 @@ from flashback.registry import DEFAULT_MODEL, default_index_dir
 MODES = ("append", "prepend", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("int8",)
+COMPILE = ("auto", "on", "off")
 ENGINES = ("torch", "llamacpp")
 GGUF_TYPES = ("f16", "q8_0", "q4_1")
 # Context tokens placed after the passage when neither the user nor an adapter's card says otherwise.
@@ -31,9 +32,15 @@ PASSAGE_TOKENS = 128
 MAX_LENGTH = 512
 
 
+def compile_setting(value) -> str:
+    """--compile as one of COMPILE; True and False (the older boolean setting) read as on and off."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 def opt(default, help: str, **cli):
     """A config field with its CLI help. `cli` may set: flag (another flag name), negate (a store_false flag
-    such as --no-adapter), choices, metavar, hidden (no flag), default_help (what the help calls the default)."""
+    such as --no-adapter), choices, metavar, hidden (no flag), default_help (what the help calls the default),
+    nargs and const (a flag that may stand alone)."""
     return field(default=default, metadata={"help": help, **cli})
 
 
@@ -62,10 +69,14 @@ class EngineConfig:
     )
     device: str = opt("cpu", "cpu or cuda")
     dtype: str = opt("float32", "weights' dtype (PyTorch engine)", choices=DTYPES)
-    compile: bool = opt(
-        False,
-        "decode through a torch.compile'd step (about 2x faster per token on CPU once "
-        "compiled; compiling takes 40-60 s per process, so off by default)",
+    compile: str = opt(
+        "auto",
+        "the decode step: on = torch.compile'd (2-3x faster per token on CPU once compiled, which takes 40-60 s "
+        "the first time), off = eager, auto = compile when the tokens left to decode repay it, as measured "
+        "(--compile alone: on)",
+        choices=COMPILE,
+        nargs="?",
+        const="on",
     )
     quantize: str | None = opt(
         None,
@@ -95,11 +106,15 @@ class EngineConfig:
     threads: int | None = opt(None, "CPU threads", default_help="torch's choice")
     context: int | None = opt(None, "llama.cpp context size in tokens", hidden=True, default_help="the model's")
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "compile", compile_setting(self.compile))
+
     def validate(self) -> None:
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise FlashbackError(f"unknown --device {self.device!r}; choose cpu, cuda, cuda:N or mps")
         _one_of(self.dtype, DTYPES, "dtype")
         _one_of(self.quantize, QUANTIZE, "--quantize")
+        _one_of(self.compile, COMPILE, "--compile")
         _one_of(self.engine, ENGINES, "--engine")
         _at_least(self, ("threads", "context"))
         if self.flash_attn and self.engine != "llamacpp":

@@ -36,6 +36,7 @@ class Trace:
     dropped_prompt_tokens: int = 0
     max_new_tokens: int = 0  # after fitting the model's positions (may be lower than asked)
     cache_capacity: int | None = None  # fixed KV buffer size when decoding through decode.Decoder
+    compile: dict | None = None  # --compile auto: what was chosen for the decode step, and why
     retrievals: list[dict] = field(default_factory=list)
     forwards: list = field(default_factory=list)
     retrieval_s: float = 0.0
@@ -61,6 +62,7 @@ class Trace:
             "dropped_prompt_tokens": self.dropped_prompt_tokens,
             "max_new_tokens": self.max_new_tokens,
             "cache_capacity": self.cache_capacity,
+            "compile": self.compile,
             "retrievals": self.retrievals,
             "forwards": [f.to_json() for f in self.forwards],
             "timings": {k: round(v, 6) for k, v in self.timings().items()},
@@ -158,7 +160,9 @@ def stream(
     prompt, max_new = fit_to_positions(prompt, cfg, reserve, engine.max_positions, trace)
     trace.prompt_tokens = len(prompt)
     trace.max_new_tokens = max_new
-    session = engine.session(cfg.mode, positions=len(prompt) + reserve + max_new, salt=cache_salt)  # the most it holds
+    session = engine.session(  # room for the most it holds
+        cfg.mode, positions=len(prompt) + reserve + max_new, salt=cache_salt, decode_tokens=decode_steps(cfg, max_new)
+    )
     planner = Planner(cfg.mode, engine.marker_ids if use_markers else None, cfg.tail, head)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed, engine.marker_ids or (), cfg.stop_at_eos)
     return _loop(
@@ -221,6 +225,15 @@ def _loop(
     finally:
         trace.total_s = time.perf_counter() - start
         session.release(planner.reusable(len(session)))
+        trace.cache_capacity = session.capacity  # --compile auto may have moved the cache into a fixed buffer
+        trace.compile = session.compile_choice
+
+
+def decode_steps(cfg: GenerationConfig, max_new: int) -> int:
+    """Single-token steps a generation of `max_new` tokens runs: every token but each stretch's first, which the
+    retrieval step's (or the prompt's) forward gives."""
+    stretches = -(-max_new // cfg.stride) if cfg.mode != "none" else 1
+    return max_new - stretches
 
 
 def _note(record: dict | None, stretch) -> None:

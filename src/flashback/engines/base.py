@@ -134,6 +134,7 @@ class Session(ABC):
 
     forwards: list[Forward]
     capacity: int | None = None  # a fixed buffer size in tokens, where the engine preallocates one
+    compile_choice: dict | None = None  # how the decode step was chosen, where the engine chooses (--compile auto)
 
     @abstractmethod
     def __len__(self) -> int: ...
@@ -219,11 +220,17 @@ class Engine(ABC):
 
     @abstractmethod
     def session(
-        self, mode: str | None = None, positions: int | None = None, scoring: bool = False, salt: str | None = None
+        self,
+        mode: str | None = None,
+        positions: int | None = None,
+        scoring: bool = False,
+        salt: str | None = None,
+        decode_tokens: int | None = None,
     ) -> Session:
         """A new cache for one sequence generated in `mode` (its adapter, where the engine switches them),
         with room for `positions` tokens; `scoring`: for every position's logits (evaluation). Sequences with
-        different `salt`s (a client's `user`) never start from each other's caches."""
+        different `salt`s (a client's `user`) never start from each other's caches. `decode_tokens`: how many
+        single-token steps the generation expects (an engine may choose its decode step by it)."""
 
     @cached_property
     def head_ids(self) -> list[int]:
@@ -249,7 +256,7 @@ class Engine(ABC):
             "engine": self.kind,
             "device": str(self.device),
             "dtype": self.dtype_name,
-            "compile": False,
+            "compile": None,  # the PyTorch engine's --compile setting; other engines decode their own way
             "quantize": None,
             "compile_s": 0.0,
         }

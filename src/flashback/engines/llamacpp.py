@@ -75,7 +75,12 @@ class LlamaCppEngine(ExportedEngine):
         self.llm = llm
 
     def session(
-        self, mode: str | None = None, positions: int | None = None, scoring: bool = False, salt: str | None = None
+        self,
+        mode: str | None = None,
+        positions: int | None = None,
+        scoring: bool = False,
+        salt: str | None = None,
+        decode_tokens: int | None = None,
     ) -> LlamaCppSession:
         return LlamaCppSession(self.llm)
 

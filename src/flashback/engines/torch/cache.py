@@ -164,8 +164,10 @@ class KVCache(Session):
     """Extend, rollback, reset over one sequence's cache.
 
     With a `decoder` (decode.Decoder), single tokens go through it instead of the eager model; its
-    fixed-shape step needs the cache preallocated, so `capacity` (tokens) is then required. `before_forward`
-    runs before every eager forward (the engine switches the model to this sequence's adapter there).
+    fixed-shape step needs the cache preallocated, so `capacity` (tokens) is then required. With `auto`
+    (autocompile.AutoCompile) the cache starts eager and growable, and moves into fixed buffers if the choice is
+    to compile. `before_forward` runs before every eager forward (the engine switches the model to this
+    sequence's adapter there).
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class KVCache(Session):
         before_forward: Callable[[], None] | None = None,
         prefixes=None,
         weights_key=None,
+        auto=None,
     ):
         if decoder is not None and capacity is None:
             raise ValueError("a decoder needs a fixed cache capacity")
@@ -190,7 +193,13 @@ class KVCache(Session):
         self.ids: list[int] = []  # the tokens cached, in order
         self.eager = 0  # leading cached tokens whose keys and values came from eager forwards (not the decode step)
         self.prefixes = prefixes  # a prefixes.PrefixStore of finished sequences, or None
+        self.weights_key = weights_key
         self.key = (weights_key, capacity)  # what an entry of the store must match to be reused here
+        self.auto = auto
+
+    @property
+    def compile_choice(self) -> dict | None:
+        return self.auto.choice if self.auto is not None else None
 
     def __len__(self) -> int:
         return self.cache.get_seq_length()
@@ -208,7 +217,10 @@ class KVCache(Session):
         before = len(self)
         start = time.perf_counter()
         if self.decoder is not None and ids.shape[1] == 1 and before > 0:
+            compiled_before = self.decoder.compile_s
             logits = self._decode(int(ids[0, 0]), before)[None]
+            if self.auto is not None:
+                self.auto.compiled_step(time.perf_counter() - start, self.decoder.compile_s - compiled_before)
         else:
             if self.before_forward is not None:
                 self.before_forward()
@@ -223,8 +235,23 @@ class KVCache(Session):
         if self.eager == before and not (self.decoder is not None and n == 1 and before > 0):
             self.eager = before + n
         self.ids += ids[0].tolist()
-        self.forwards.append(Forward(forward_kind(before, n), n, len(self), time.perf_counter() - start))
+        seconds = time.perf_counter() - start
+        self.forwards.append(Forward(forward_kind(before, n), n, len(self), seconds))
+        if self.auto is not None and self.decoder is None and n == 1 and before > 0:
+            decoder = self.auto.observe_eager(seconds)
+            if decoder is not None:
+                self._move_to_fixed(decoder, self.auto.capacity)
         return logits if all_logits or last_logits else logits[-1]
+
+    def _move_to_fixed(self, decoder, capacity: int) -> None:
+        """From here on, single tokens go through `decoder`: copy the cached keys and values into fixed buffers."""
+        old = self.cache
+        self.cache = new_cache(self.model.config, capacity, self.device)
+        for layer, before in zip(self.cache.layers, old.layers, strict=True):
+            if before.is_initialized and before.keys.shape[-2]:
+                layer.update(before.keys, before.values)
+        self.decoder, self.capacity = decoder, capacity
+        self.key = (self.weights_key, capacity)
 
     def _decode(self, token: int, length: int) -> torch.Tensor:
         layers = self.cache.layers
@@ -273,6 +300,8 @@ class KVCache(Session):
         eager forward computed, since the decode step's keys and values (compiled, int8) are not bit-identical to
         a fresh prefill's, and only from a cache every layer of which holds its `ids` (a forward that failed
         halfway leaves it ragged)."""
+        if self.auto is not None:
+            self.auto.finish()
         if self.prefixes is None:
             return
         layers = [layer for layer in self.cache.layers if getattr(layer, "_k", None) is not None]

@@ -169,6 +169,11 @@ class Decoder:
         self.quantize = quantize
         self.compiled = compile
         self.compile_s = 0.0
+        self.capacities: set[int] = set()  # cache capacities whose graph this process has compiled
+        if compile:
+            from flashback.engines.torch.autocompile import use_inductor_cache
+
+            use_inductor_cache()
         # On CUDA a step of a small model is mostly kernel launches: replay it as one CUDA graph. Set
         # FLASHBACK_CUDA_GRAPHS=0 to compile without graphs (to compare, or if a driver misbehaves).
         device = next(self.model.parameters()).device
@@ -206,6 +211,8 @@ class Decoder:
         logits = self._step(ids, pos, cache)
         if _graphs_compiled() != graphs:  # this call compiled (first call, or a new cache shape)
             self.compile_s += time.perf_counter() - start
+        if self.compiled:
+            self.capacities.add(cache.layers[0]._k.shape[-2])
         logits = logits[0, -1].float()
         return logits.clone() if self.cuda_graphs else logits  # a graph's output is overwritten by its next replay
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from flashback.cards import adapter_position, adapter_tuned
-from flashback.config import DTYPES, QUANTIZE, TrainConfig, defaults
+from flashback.config import DTYPES, QUANTIZE, TrainConfig, compile_setting, defaults
 from flashback.engines.base import Architecture, Capabilities, Engine
 from flashback.errors import FlashbackError, first_line
 from flashback.registry import DEFAULT_MODEL, resolve_model_path
@@ -34,14 +34,14 @@ class TorchEngine(Engine):
         device: torch.device,
         marker_ids: tuple[int, int] | None = None,
         adapters: dict[str, str] | None = None,
-        compile: bool = False,
+        compile: str | bool = "off",
         quantize: str | None = None,
         token_rows=None,
     ):
         self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, torch.device(device)
         self.marker_ids = marker_ids
         self._adapters = dict(adapters or {})  # mode -> adapter folder (peft adapter name = mode)
-        self.compile = compile  # decode steps through a torch.compile'd step (decode.py)
+        self.compile = compile_setting(compile)  # on, off, or auto (autocompile.py): the decode step (decode.py)
         self.quantize = quantize  # decode weights: None (as loaded) or "int8"
         self.tuned = {mode: adapter_tuned(path) for mode, path in self._adapters.items()}
         self._active = next(iter(self._adapters), None)  # PeftModel activates the first adapter it loads
@@ -94,22 +94,52 @@ class TorchEngine(Engine):
         }
 
     def session(
-        self, mode: str | None = None, positions: int | None = None, scoring: bool = False, salt: str | None = None
+        self,
+        mode: str | None = None,
+        positions: int | None = None,
+        scoring: bool = False,
+        salt: str | None = None,
+        decode_tokens: int | None = None,
     ):
         """A KV cache whose forwards run with `mode`'s adapter. Given `positions` (a generation's most), single
-        tokens go through the decode step when one is asked for (--compile / --quantize), over a buffer of that
-        many positions rounded up. `scoring` with --quantize runs every forward on the decode weights: what the
+        tokens go through the decode step when one is asked for (--compile on / --quantize), over a buffer of that
+        many positions rounded up; with --compile auto, when the `decode_tokens` the generation expects repay the
+        compile (autocompile.py). `scoring` with --quantize runs every forward on the decode weights: what the
         quantization costs in perplexity."""
         from flashback.engines.torch.cache import KVCache
 
         if scoring and self.quantize:
             return KVCache(self.decoder(mode).model, self.device)
+        capacity = -(-positions // CAPACITY_STEP) * CAPACITY_STEP if positions is not None else None
         decoder = self.decoder(mode) if positions is not None else None
-        capacity = -(-positions // CAPACITY_STEP) * CAPACITY_STEP if decoder is not None else None
         adapter = mode if mode in self._adapters else None  # the keys and values depend on it
+        auto = None
+        if decoder is None and capacity is not None and self.compile == "auto" and decode_tokens:
+            auto = self._auto(adapter, capacity, decode_tokens)
         prefixes = None if scoring else self.prefixes
         return KVCache(
-            self.model, self.device, capacity, decoder, lambda: self.activate(mode), prefixes, (adapter, salt)
+            self.model,
+            self.device,
+            capacity if decoder is not None else None,
+            decoder,
+            lambda: self.activate(mode),
+            prefixes,
+            (adapter, salt),
+            auto,
+        )
+
+    def _auto(self, adapter: str | None, capacity: int, decode_tokens: int):
+        from flashback.engines.torch.autocompile import AutoCompile, Records, graph_key, use_inductor_cache
+
+        use_inductor_cache()
+        built = self._decoders.get(adapter)
+        return AutoCompile(
+            graph_key(self.name, adapter, capacity, self.device, self.dtype_name),
+            capacity,
+            decode_tokens,
+            lambda: self.decoder(adapter, build=True),
+            built is not None and capacity in built.capacities,
+            Records(),
         )
 
     def keep_prefixes(self, budget_mb: float) -> None:
@@ -132,15 +162,17 @@ class TorchEngine(Engine):
         emb = self.model.get_input_embeddings().weight
         return sum(w.numel() * w.element_size() for w in linears.values()) + emb.shape[1] * emb.element_size()
 
-    def decoder(self, mode: str | None):
-        """The decode step for `mode` (its adapter merged), or None when decoding stays on the eager model."""
-        if not (self.compile or self.quantize):
+    def decoder(self, mode: str | None, build: bool = False):
+        """The decode step for `mode` (its adapter merged), or None when decoding stays on the eager model
+        (--compile off or auto, without --quantize, unless `build`: auto chose to compile)."""
+        if not (self.compile == "on" or self.quantize or build):
             return None
         adapter = mode if mode in self._adapters else None
         if adapter not in self._decoders:
             from flashback.engines.torch.decode import Decoder
 
-            self._decoders[adapter] = Decoder(self.model, adapter, self.quantize, self.compile, self.token_rows)
+            compile = self.compile != "off" or build
+            self._decoders[adapter] = Decoder(self.model, adapter, self.quantize, compile, self.token_rows)
         return self._decoders[adapter]
 
     def activate(self, mode: str | None) -> None:
@@ -206,7 +238,7 @@ def load_model(
     markers: bool = False,
     adapter: str | None = None,
     adapters: dict[str, str] | None = None,
-    compile: bool = False,
+    compile: str | bool = "off",
     quantize: str | None = None,
 ) -> TorchEngine:
     """Load model + tokenizer; add marking tokens when asked or when an adapter needs them.

@@ -93,7 +93,12 @@ class UpstreamEngine(ExportedEngine):
         )
 
     def session(
-        self, mode: str | None = None, positions: int | None = None, scoring: bool = False, salt: str | None = None
+        self,
+        mode: str | None = None,
+        positions: int | None = None,
+        scoring: bool = False,
+        salt: str | None = None,
+        decode_tokens: int | None = None,
     ) -> UpstreamSession:
         return UpstreamSession(self.client)
 
