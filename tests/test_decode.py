@@ -158,19 +158,24 @@ def test_compile_auto_compiles_only_when_the_tokens_left_repay_it(tmp_path, monk
     records.update("g", cold_s=10.0, ratio=0.5)
     built = []
 
-    def choose(decode_tokens: int) -> AutoCompile:
-        auto = AutoCompile("g", 512, decode_tokens, lambda: built.append(1) or "decoder", False, records)
+    def choose(decode_tokens: int, later: int = 0) -> AutoCompile:
+        auto = AutoCompile("g", 512, decode_tokens, lambda: built.append(1) or "decoder", False, records, later)
         for i in range(EAGER_STEPS):
             got = auto.observe_eager(0.1)
             assert got is None or i == EAGER_STEPS - 1
         return auto, got
 
-    # 0.1 s eager, half saved: 0.05 s a token, so compiling (10 s cold) pays from 200 tokens left
+    # 0.1 s eager, half saved (the record says): 0.05 s a token, so compiling (10 s cold) pays from 200 tokens left
     short, got = choose(EAGER_STEPS + 150)
     assert got is None and short.choice["compiled"] is False and "<= 10.0 s" in short.choice["reason"]
     long, got = choose(EAGER_STEPS + 400)
     assert got == "decoder" and long.choice["compiled"] is True and long.choice["remaining_tokens"] == 400
     assert built == [1] and long.observe_eager(0.1) is None  # chosen once
+    bench, got = choose(EAGER_STEPS + 150, later=100)  # a bench's later runs decode on the same graph
+    assert (
+        got == "decoder" and bench.choice["remaining_tokens"] == 250 and "100 in later runs" in bench.choice["reason"]
+    )
+    built.clear()
     long.compiled_step(0.5, compile_s=7.0)  # the step that compiled: its time is the cold compile's
     for _ in range(EAGER_STEPS):
         long.compiled_step(0.04, compile_s=0.0)
@@ -216,3 +221,23 @@ def test_compile_auto_switches_mid_generation_to_the_same_tokens(
         assert again.token_ids == want.token_ids and "earlier in this process" in again.trace.compile["reason"]
     else:
         assert got.trace.cache_capacity is None and auto.compile_s == 0 and not auto._decoders
+
+
+def test_compile_flag_reads_auto_on_off(capsys):
+    """auto by default, --compile alone is on (as before it took a value), anything else is refused."""
+    from flashback.cli import build_parser, config
+    from flashback.config import EngineConfig
+
+    parser = build_parser()
+    for argv, want in (
+        (["bench"], "auto"),
+        (["bench", "--compile"], "on"),
+        (["bench", "--compile", "off"], "off"),
+    ):
+        assert config(EngineConfig, parser.parse_args(argv)).compile == want
+    assert EngineConfig(compile=True).compile == "on" and EngineConfig(compile=False).compile == "off"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--compile", "sometimes"])
+    assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+    with pytest.raises(FlashbackError, match="unknown --compile 'sometimes'"):
+        EngineConfig(compile="sometimes").validate()

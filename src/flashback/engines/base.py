@@ -247,6 +247,8 @@ class Engine(ABC):
     def keep_prefixes(self, budget_mb: float) -> None:  # noqa: B027 - servers upstream keep their own
         """Keep finished sequences' caches (up to `budget_mb`) so that requests that start alike skip their prefix."""
 
+    later_decode_tokens: int = 0  # tokens later generations in this process will decode (a bench announces its runs)
+
     def forget(self) -> None:  # noqa: B027 - most engines cache nothing beyond a session
         """Drop whatever the engine cached beyond a session (a prefix cache), so the next prompt starts cold."""
 

@@ -26,10 +26,10 @@ import torch
 from flashback.registry import cache_root
 
 EAGER_STEPS = 4  # eager decode steps timed before choosing (the median: the first can carry one-time costs)
-# Until this machine has compiled the graph once: SmolLM2-135M, 2 CPU cores, fp32 (docs/results.md#decode-step):
-# compiled 28.7 ms/token against 81.8 eager at a 2,048-token cache; compiling cold 40-60 s, warm (Inductor's
-# on-disk cache holding the graph) about a fifth of that.
-DEFAULT_RATIO = 0.45
+# Until this machine has compiled the graph once: SmolLM2-135M on this project's 2-core CPU, fp32, a 2,048-token
+# buffer (scripts/compile_default.py, docs/results.md#compile-auto): compiled 37.9 ms/token against 58.8 eager,
+# compiling 60.2 s cold and 14.4 s with Inductor's on-disk cache warm.
+DEFAULT_RATIO = 0.65
 DEFAULT_COLD_S = 60.0
 DEFAULT_WARM_S = 15.0
 _lock = threading.Lock()
@@ -86,8 +86,11 @@ class AutoCompile:
     process already compiled the graph for `capacity`.
     """
 
-    def __init__(self, key: str, capacity: int, decode_tokens: int, decoder, compiled: bool, records: Records):
+    def __init__(
+        self, key: str, capacity: int, decode_tokens: int, decoder, compiled: bool, records: Records, later: int = 0
+    ):
         self.key, self.capacity, self.decode_tokens = key, capacity, decode_tokens
+        self.later = later  # tokens that later generations of this process will decode on the same graph (bench)
         self._decoder, self.in_process = decoder, compiled
         self.records = records
         self.eager_s: list[float] = []
@@ -109,19 +112,21 @@ class AutoCompile:
             cost, source = float(past.get("warm_s", DEFAULT_WARM_S)), "warm: Inductor's cache has seen this graph"
         else:
             cost, source = float(past.get("cold_s", DEFAULT_COLD_S)), "cold: first compile of this graph here"
-        remaining = max(0, self.decode_tokens - len(self.eager_s))
+        remaining = max(0, self.decode_tokens - len(self.eager_s)) + self.later
         saving = remaining * eager * (1 - ratio)
         compile = saving > cost
+        later = f" ({self.later} in later runs)" if self.later else ""
         self.choice = {
             "compiled": compile,
             "reason": (
-                f"{remaining} tokens to decode x {1000 * eager:.1f} ms eager x {1 - ratio:.0%} saved = {saving:.1f} s "
-                f"{'>' if compile else '<='} {cost:.1f} s to compile ({source})"
+                f"{remaining} tokens to decode{later} x {1000 * eager:.1f} ms eager x {1 - ratio:.0%} saved = "
+                f"{saving:.1f} s {'>' if compile else '<='} {cost:.1f} s to compile ({source})"
             ),
             "eager_ms": round(1000 * eager, 3),
             "expected_ratio": ratio,
             "expected_compile_s": cost,
             "remaining_tokens": remaining,
+            "later_tokens": self.later,
             "warm": source.startswith("warm") or self.in_process,
         }
         return self._decoder() if compile else None

@@ -48,6 +48,7 @@ class TorchEngine(Engine):
         self._decoders: dict = {}
         self.token_rows = token_rows  # the adapters' marker rows, outside PEFT (adapters.TokenRows)
         self.prefixes = None  # a prefixes.PrefixStore: finished sequences kept for later requests (serve --cache-mb)
+        self.later_decode_tokens = 0  # --compile auto: what later generations in this process will decode (bench)
         if token_rows:
             token_rows.write(self.model, self._active)
 
@@ -140,6 +141,7 @@ class TorchEngine(Engine):
             lambda: self.decoder(adapter, build=True),
             built is not None and capacity in built.capacities,
             Records(),
+            self.later_decode_tokens,
         )
 
     def keep_prefixes(self, budget_mb: float) -> None:
