@@ -38,7 +38,7 @@ for step in "$@"; do
     smol | smol-q)
         [ -d /tmp/random-like ] || python scripts/random_model.py --like "$like" --out /tmp/random-like --device cuda
         if [ "$step" = smol ]; then
-            bench smol-eager /tmp/random-like --no-compile
+            bench smol-eager /tmp/random-like --compile off
             bench smol-compile /tmp/random-like --compile
             FLASHBACK_CUDA_GRAPHS=0 bench smol-compile-nographs /tmp/random-like --compile
         else
@@ -51,7 +51,7 @@ for step in "$@"; do
             --dtype bfloat16 --device cuda
         case $step in
         7b)
-            bench 7b-eager /tmp/random-7b --no-compile --dtype bfloat16
+            bench 7b-eager /tmp/random-7b --compile off --dtype bfloat16
             bench 7b-compile /tmp/random-7b --compile --dtype bfloat16
             ;;
         7b-compiled) bench 7b-compile /tmp/random-7b --compile --dtype bfloat16 ;;

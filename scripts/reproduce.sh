@@ -110,7 +110,7 @@ fi
 if run bench; then  # the default index (built on first use): real text for contexts and passages
   INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
   flashback bench --index "$INDEX" --context-lengths "${BENCH_LENGTHS:-512,1024,2048,4096}" --repeats 3 \
-    --json "$RUNS/bench.json" --plot docs/bench.png
+    --compile off --json "$RUNS/bench.json" --plot docs/bench.png  # eager decode, as the figures it gives are
 fi
 if run decode; then
   INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
@@ -118,7 +118,8 @@ if run decode; then
     --json "$RUNS/bench-compile.json"
   flashback bench --index "$INDEX" --context-lengths 2048,4096 --repeats 3 --no-lora --compile --quantize int8 \
     --json "$RUNS/bench-compile-int8.json"
-  flashback bench --index "$INDEX" --context-lengths 2048 --repeats 3 --no-lora --json "$RUNS/bench-eager.json"
+  flashback bench --index "$INDEX" --context-lengths 2048 --repeats 3 --no-lora --compile off \
+    --json "$RUNS/bench-eager.json"
   python3 scripts/compile_default.py --json "$RUNS/compile-default.json"
 fi
 if run eval-int8; then

@@ -54,7 +54,7 @@ if run eval; then
 fi
 if run bench; then
   flashback bench --model "$MODEL" --index "$WORK/index" --context-lengths 2048,4096 --repeats "${REPEATS:-1}" \
-    --no-lora --json "$RUNS/gemma-bench.json"
+    --no-lora --compile off --json "$RUNS/gemma-bench.json"
 fi
 if run llamacpp; then
   [[ -f $WORK/export-f16/flashback.json ]] || flashback export --model "$MODEL" \

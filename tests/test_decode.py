@@ -159,7 +159,7 @@ def test_compile_auto_compiles_only_when_the_tokens_left_repay_it(tmp_path, monk
     built = []
 
     def choose(decode_tokens: int, later: int = 0) -> AutoCompile:
-        auto = AutoCompile("g", 512, decode_tokens, lambda: built.append(1) or "decoder", False, records, later)
+        auto = AutoCompile("g", 512, decode_tokens, lambda: built.append(1) or "decoder", lambda: False, records, later)
         for i in range(EAGER_STEPS):
             got = auto.observe_eager(0.1)
             assert got is None or i == EAGER_STEPS - 1
@@ -206,6 +206,7 @@ def test_compile_auto_switches_mid_generation_to_the_same_tokens(
     key = graph_key(auto.name, None, 512, auto.device, auto.dtype_name)
     cost = 0.0 if pays else 1e9  # cold and warm: whether a test before compiled into this Inductor cache or not
     Records().update(key, cold_s=cost, warm_s=cost)
+    auto.keep_prefixes(64)
     want, got = generate(eager, prompt, index, cfg), generate(auto, prompt, index, cfg)
     assert got.token_ids == want.token_ids
     choice = got.trace.compile
@@ -219,6 +220,8 @@ def test_compile_auto_switches_mid_generation_to_the_same_tokens(
         assert Records().get(key)["cold_s" if "cold" in choice["reason"] else "warm_s"] > 0
         again = generate(auto, prompt, index, cfg)  # compiled in this process now: it costs nothing
         assert again.token_ids == want.token_ids and "earlier in this process" in again.trace.compile["reason"]
+        # the first generation's cache went back to the store as an auto session starts: the second reused it
+        assert again.trace.cached_tokens > 0
     else:
         assert got.trace.cache_capacity is None and auto.compile_s == 0 and not auto._decoders
 
@@ -241,3 +244,31 @@ def test_compile_flag_reads_auto_on_off(capsys):
     assert "invalid choice: 'sometimes'" in capsys.readouterr().err
     with pytest.raises(FlashbackError, match="unknown --compile 'sometimes'"):
         EngineConfig(compile="sometimes").validate()
+
+
+def test_compile_auto_goes_on_eager_when_compiling_fails(tiny_model_dir, tiny_index_dir, tmp_path, monkeypatch):
+    """No C++ compiler, an Inductor error: the generation finishes eager with the same tokens, says why, and the
+    process does not try that graph again."""
+    from flashback.engines.torch import autocompile
+    from flashback.engines.torch.autocompile import Records, graph_key
+
+    monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path))
+    monkeypatch.setattr(autocompile, "FAILED", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(Decoder, "__call__", broken)
+    index = IndexRetriever(Index.load(tiny_index_dir))
+    eager = load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
+    auto = load_model(str(tiny_model_dir), markers=True, compile="auto", device=TEST_DEVICE)
+    prompt = eager.tokenizer(PROMPT)["input_ids"]
+    cfg = GenerationConfig(mode="append", stride=12, max_new_tokens=36, tail=3, stop_at_eos=False)
+    key = graph_key(auto.name, None, 512, auto.device, auto.dtype_name)
+    Records().update(key, cold_s=0.0, warm_s=0.0)
+    want = generate(eager, prompt, index, cfg)
+    got = generate(auto, prompt, index, cfg)
+    assert got.token_ids == want.token_ids
+    assert got.trace.compile["compiled"] is False and "no C++ compiler" in got.trace.compile["failed"]
+    again = generate(auto, prompt, index, cfg)
+    assert again.token_ids == want.token_ids and "failed earlier" in again.trace.compile["reason"]

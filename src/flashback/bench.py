@@ -274,12 +274,13 @@ def _bench_length(engine: Engine, bc: BenchConfig, index, retriever, length: int
     cfgs = _bench_configs(engine, bc, new)
     progress(f"L={length}: warm-up")
     runs_left = len(cfgs) * (bc.repeats + 1)
+    warm_up = {}
     try:
         for mode in cfgs:
             runs_left -= 1
             # the timed runs decode on the warm-up's graphs: --compile auto weighs their tokens too
             engine.later_decode_tokens = runs_left * decode_steps(cfgs[mode], new)
-            _run(engine, context, retriever, cfgs[mode])
+            warm_up[mode] = _run(engine, context, retriever, cfgs[mode])
     finally:
         engine.later_decode_tokens = 0
     runs: dict[str, list[dict]] = {"append": [], "prepend": []}
@@ -292,6 +293,7 @@ def _bench_length(engine: Engine, bc: BenchConfig, index, retriever, length: int
     row = {"context_length": length, "new_tokens": new}
     for mode, rs in runs.items():
         row[mode] = _mode_summary(engine, new, mode, rs, bandwidth)
+        row[mode]["warm_up_compile_choice"] = warm_up[mode]["compile_choice"]  # the choice that paid the compile
     a, p = row["append"], row["prepend"]
     arch = engine.arch
     row["speedup"] = p["wall_s"]["median"] / a["wall_s"]["median"]

@@ -33,6 +33,12 @@ DEFAULT_RATIO = 0.65
 DEFAULT_COLD_S = 60.0
 DEFAULT_WARM_S = 15.0
 _lock = threading.Lock()
+FAILED: dict[str, str] = {}  # graph key -> why compiling it failed in this process (not tried again)
+
+
+def _number(value, default: float) -> float:
+    """A recorded figure, or the default when the record holds something else."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else default
 
 
 def compile_folder() -> Path:
@@ -41,8 +47,17 @@ def compile_folder() -> Path:
 
 
 def use_inductor_cache() -> None:
-    """Keep Inductor's compiled graphs under FlashBack's cache folder unless the user chose a place."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_folder() / "inductor"))
+    """Keep Inductor's compiled graphs under FlashBack's cache folder, unless the user chose a place or that folder
+    cannot be written (then Inductor keeps its own default)."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    folder = compile_folder() / "inductor"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    if os.access(folder, os.W_OK):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
 
 
 def inductor_folder() -> Path:
@@ -82,16 +97,17 @@ class Records:
 class AutoCompile:
     """The choice for one session: watch its first eager decode steps, then compile or not, once.
 
-    `decoder` builds (or returns) the compiled step for the session's adapter; `compiled` says whether this
-    process already compiled the graph for `capacity`.
+    `decoder` builds (or returns) the compiled step for the session's adapter; `compiled()` says whether this
+    process has compiled the graph for `capacity` by now.
     """
 
     def __init__(
-        self, key: str, capacity: int, decode_tokens: int, decoder, compiled: bool, records: Records, later: int = 0
+        self, key: str, capacity: int, decode_tokens: int, decoder, compiled, records: Records, later: int = 0
     ):
         self.key, self.capacity, self.decode_tokens = key, capacity, decode_tokens
         self.later = later  # tokens that later generations of this process will decode on the same graph (bench)
-        self._decoder, self.in_process = decoder, compiled
+        self._decoder, self._compiled = decoder, compiled
+        self.in_process = False
         self.records = records
         self.eager_s: list[float] = []
         self.compiled_s: list[float] = []
@@ -104,14 +120,18 @@ class AutoCompile:
         if self.choice is not None or len(self.eager_s) < EAGER_STEPS:
             return None
         eager = statistics.median(self.eager_s)
+        if self.key in FAILED:
+            self.choice = {"compiled": False, "reason": f"compiling this graph failed earlier: {FAILED[self.key]}"}
+            return None
         past = self.records.get(self.key)
-        ratio = float(past.get("ratio", DEFAULT_RATIO))
+        ratio = min(1.0, _number(past.get("ratio"), DEFAULT_RATIO))
+        self.in_process = self._compiled()
         if self.in_process:
             cost, source = 0.0, "compiled earlier in this process"
         elif past.get("cold_s") is not None and inductor_folder().is_dir():
-            cost, source = float(past.get("warm_s", DEFAULT_WARM_S)), "warm: Inductor's cache has seen this graph"
+            cost, source = _number(past.get("warm_s"), DEFAULT_WARM_S), "warm: Inductor's cache has seen this graph"
         else:
-            cost, source = float(past.get("cold_s", DEFAULT_COLD_S)), "cold: first compile of this graph here"
+            cost, source = _number(past.get("cold_s"), DEFAULT_COLD_S), "cold: first compile of this graph here"
         remaining = max(0, self.decode_tokens - len(self.eager_s)) + self.later
         saving = remaining * eager * (1 - ratio)
         compile = saving > cost
@@ -129,7 +149,19 @@ class AutoCompile:
             "later_tokens": self.later,
             "warm": source.startswith("warm") or self.in_process,
         }
-        return self._decoder() if compile else None
+        if not compile:
+            return None
+        try:
+            return self._decoder()
+        except Exception as exc:  # noqa: BLE001 - building the step failed: stay eager
+            self.failed(exc)
+            return None
+
+    def failed(self, exc: Exception) -> None:
+        """The compiled step raised: the session goes on eager, and this process does not try the graph again."""
+        FAILED[self.key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        if self.choice is not None:
+            self.choice.update(compiled=False, failed=FAILED[self.key])
 
     def compiled_step(self, seconds: float, compile_s: float) -> None:
         """One step through the compiled decoder; `compile_s` > 0 on the step that compiled."""

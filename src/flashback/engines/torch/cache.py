@@ -193,7 +193,6 @@ class KVCache(Session):
         self.ids: list[int] = []  # the tokens cached, in order
         self.eager = 0  # leading cached tokens whose keys and values came from eager forwards (not the decode step)
         self.prefixes = prefixes  # a prefixes.PrefixStore of finished sequences, or None
-        self.weights_key = weights_key
         self.key = (weights_key, capacity)  # what an entry of the store must match to be reused here
         self.auto = auto
 
@@ -216,12 +215,11 @@ class KVCache(Session):
             raise ValueError("extend() needs at least one token")
         before = len(self)
         start = time.perf_counter()
-        if self.decoder is not None and ids.shape[1] == 1 and before > 0:
-            compiled_before = self.decoder.compile_s
-            logits = self._decode(int(ids[0, 0]), before)[None]
-            if self.auto is not None:
-                self.auto.compiled_step(time.perf_counter() - start, self.decoder.compile_s - compiled_before)
-        else:
+        stepped = self.decoder is not None and ids.shape[1] == 1 and before > 0  # through the decode step
+        compiled_before = self.decoder.compile_s if stepped else 0.0
+        logits = self._step(int(ids[0, 0]), before) if stepped else None
+        if logits is None:
+            stepped = False
             if self.before_forward is not None:
                 self.before_forward()
             keep = 0 if all_logits else max(1, last_logits)
@@ -232,26 +230,39 @@ class KVCache(Session):
         n = ids.shape[1]
         if len(self) != before + n:  # a transformers without the `cache` argument would ignore it silently
             raise FlashbackError(f"the model did not fill the KV cache (transformers {transformers.__version__})")
-        if self.eager == before and not (self.decoder is not None and n == 1 and before > 0):
+        if self.eager == before and not stepped:
             self.eager = before + n
         self.ids += ids[0].tolist()
         seconds = time.perf_counter() - start
         self.forwards.append(Forward(forward_kind(before, n), n, len(self), seconds))
-        if self.auto is not None and self.decoder is None and n == 1 and before > 0:
-            decoder = self.auto.observe_eager(seconds)
-            if decoder is not None:
-                self._move_to_fixed(decoder, self.auto.capacity)
+        if self.auto is not None and n == 1 and before > 0:
+            if stepped:
+                self.auto.compiled_step(seconds, self.decoder.compile_s - compiled_before)
+            elif self.decoder is None and (decoder := self.auto.observe_eager(seconds)) is not None:
+                self._recast(self.auto.capacity)
+                self.decoder, self.capacity = decoder, self.auto.capacity
         return logits if all_logits or last_logits else logits[-1]
 
-    def _move_to_fixed(self, decoder, capacity: int) -> None:
-        """From here on, single tokens go through `decoder`: copy the cached keys and values into fixed buffers."""
+    def _step(self, token: int, length: int) -> torch.Tensor | None:
+        """One token through the decode step. Under --compile auto a step that fails (no C++ compiler, an Inductor
+        error) leaves the cache as it was and returns None: the session goes on eager, and the process does not
+        try that graph again."""
+        if self.auto is None:
+            return self._decode(token, length)[None]
+        try:
+            return self._decode(token, length)[None]
+        except Exception as exc:  # noqa: BLE001 - any compile failure: the eager path still works
+            self.auto.failed(exc)
+            self.decoder = None
+            return None
+
+    def _recast(self, capacity: int | None) -> None:
+        """The same keys and values in new buffers: fixed ones of `capacity` (for the decode step), or growable."""
         old = self.cache
         self.cache = new_cache(self.model.config, capacity, self.device)
         for layer, before in zip(self.cache.layers, old.layers, strict=True):
             if before.is_initialized and before.keys.shape[-2]:
                 layer.update(before.keys, before.values)
-        self.decoder, self.capacity = decoder, capacity
-        self.key = (self.weights_key, capacity)
 
     def _decode(self, token: int, length: int) -> torch.Tensor:
         layers = self.cache.layers
@@ -309,6 +320,9 @@ class KVCache(Session):
         if keep <= 0 or not layers or any(getattr(layer, "_len", 0) != len(self.ids) for layer in self.cache.layers):
             return
         self.rollback(keep)
+        if self.auto is not None and self.capacity is not None:  # moved for the decode step: back to what an auto
+            self._recast(None)  # session starts from, so that the store's entry serves the next one
+            layers = [layer for layer in self.cache.layers if getattr(layer, "_k", None) is not None]
         nbytes = sum(2 * layer._k.numel() * layer._k.element_size() for layer in layers)
         self.prefixes.put(self.key, self.ids, self.cache, nbytes)
         self.cache, self.ids = new_cache(self.model.config, self.capacity, self.device), []

@@ -133,13 +133,12 @@ class TorchEngine(Engine):
         from flashback.engines.torch.autocompile import AutoCompile, Records, graph_key, use_inductor_cache
 
         use_inductor_cache()
-        built = self._decoders.get(adapter)
         return AutoCompile(
             graph_key(self.name, adapter, capacity, self.device, self.dtype_name),
             capacity,
             decode_tokens,
             lambda: self.decoder(adapter, build=True),
-            built is not None and capacity in built.capacities,
+            lambda: adapter in self._decoders and capacity in self._decoders[adapter].capacities,
             Records(),
             self.later_decode_tokens,
         )
