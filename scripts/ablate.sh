@@ -2,7 +2,9 @@
 # Recipe ablations for the append adapter (README "Choosing the recipe"): short packed runs on the
 # prepared data, compared by validation loss. Each run resumes if a checkpoint exists and is skipped
 # if its adapter is already there, so the script can be re-run after an interruption.
-# Usage: bash scripts/ablate.sh [RUN...]   (default: every run below; needs `reproduce.sh index prepare`)
+# Usage: bash scripts/ablate.sh [RUN...]   (default: every run below but the tail-* ones; needs `reproduce.sh index
+# prepare`). The tail-* runs are the tail choice in the recipe of the second model (all linear layers, marker lr
+# 5e-3): `reproduce_gemma.sh tails` runs them with ABLATE_MODEL=gemma3-270m on its own data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${FLASHBACK_WORK:-$HOME/.cache/flashback/recipe}
@@ -12,6 +14,7 @@ TAIL=${ABLATE_TAIL:-32}  # the tail used for the runs that vary something else
 mkdir -p "$OUT"
 COMMON=(--data "$WORK/data" --max-steps "$STEPS" --batch-size 1 --lr 5e-4 --warmup-steps 4 --eval-every 30
   --save-every 10 --max-val-segments 8 --quiet)
+[[ -n ${ABLATE_MODEL:-} ]] && COMMON+=(--model "$ABLATE_MODEL")
 QV=q_proj,v_proj
 QKVO=q_proj,k_proj,v_proj,o_proj
 ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
@@ -24,6 +27,10 @@ declare -A RUNS=(
   [all]="--tail $TAIL --target-modules $ALL"
   [markerlr]="--tail $TAIL --target-modules $QV --marker-lr 5e-3"
   [early]="--tail $TAIL --target-modules $QV --early-weight 3 --early-tokens 2"
+  [tail-0]="--tail 0 --target-modules $ALL --marker-lr 5e-3"
+  [tail-16]="--tail 16 --target-modules $ALL --marker-lr 5e-3"
+  [tail-32]="--tail 32 --target-modules $ALL --marker-lr 5e-3"
+  [tail-64]="--tail 64 --target-modules $ALL --marker-lr 5e-3"
 )
 ORDER=(tail0 tail32 tail16 tail8 qkvo all markerlr early)
 for name in "${@:-${ORDER[@]}}"; do
@@ -34,7 +41,7 @@ for name in "${@:-${ORDER[@]}}"; do
   # shellcheck disable=SC2086
   flashback train "${COMMON[@]}" ${RUNS[$name]} --out "$OUT/$name" "${resume[@]}" > "$OUT/$name.json" 2> "$OUT/$name.log"
 done
-python3 - "$OUT" "${ORDER[@]}" <<'EOF'
+python3 - "$OUT" "${@:-${ORDER[@]}}" <<'EOF'
 import json, math, sys
 from pathlib import Path
 out = Path(sys.argv[1])

@@ -5,6 +5,7 @@
 #   prepare    training segments from the other Python pages, a tenth held out (~3 min)
 #   eval-base  the untuned baselines (none, prepend, append, append+markers) on the held-out Python pages and the
 #              Jargon File, ~4,000 tokens each with the leakage filter
+#   tails      the tail choice by validation loss: 30-step runs with tails 0, 16, 32, 64 (scripts/ablate.sh; ~45 min)
 #   train      an append adapter (markers + LoRA on all linear layers, tail 32); checkpoints every 10 steps and
 #              resumes when re-run (TRAIN_STEPS, default 400: about 4 h)
 #   eval       the adapter against the untuned baselines on the same tokens
@@ -40,6 +41,10 @@ if run eval-base; then
   MODES=(--model "$MODEL" --modes none,prepend,append,append+markers)
   flashback eval "${EVAL_PY[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-python-base.json"
   flashback eval "${EVAL_JARGON[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-jargon-base.json"
+fi
+if run tails; then
+  FLASHBACK_WORK=$WORK ABLATE_MODEL=$MODEL ABLATE_STEPS=${ABLATE_STEPS:-30} bash scripts/ablate.sh tail-0 tail-16 tail-32 \
+    tail-64 | tee "$RUNS/gemma-tails.md"
 fi
 if run train; then
   resume=(); [[ -f $WORK/adapter-append.checkpoint/state.pt ]] && resume=(--resume)
