@@ -44,7 +44,8 @@ def rss_mb(pid: int) -> float:
 
 
 def start_server(args, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "flashback.cli", "serve", "--port", str(port), "--read-timeout", "5"]
+    # no background compile at start-up: the latencies measured are the request path's, as in the quoted runs
+    cmd = [sys.executable, "-m", "flashback.cli", "serve", "--port", str(port), "--read-timeout", "5", "--no-warm-up"]
     cmd += ["--max-prompt-tokens", "4096"] + (["--model", args.model] if args.model else [])
     cmd += ["--index", args.index] if args.index else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -267,7 +267,7 @@ def serve_app(monkeypatch, *argv) -> object:
 
     apps = []
     monkeypatch.setattr(flashback.server, "run", lambda app, *args: apps.append(app))
-    assert main(["serve", *map(str, argv)]) == 0
+    assert main(["serve", "--no-warm-up", *map(str, argv)]) == 0  # no compile thread outliving the test
     return apps[0]
 
 

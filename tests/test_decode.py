@@ -272,3 +272,32 @@ def test_compile_auto_goes_on_eager_when_compiling_fails(tiny_model_dir, tiny_in
     assert got.trace.compile["compiled"] is False and "no C++ compiler" in got.trace.compile["failed"]
     again = generate(auto, prompt, index, cfg)
     assert again.token_ids == want.token_ids and "failed earlier" in again.trace.compile["reason"]
+
+
+def test_warm_up_compiles_in_the_background_while_sessions_stay_eager(
+    tiny_model_dir, tiny_index_dir, tmp_path, monkeypatch
+):
+    """A server's start-up: the graph compiles in another thread; a generation meanwhile stays eager (only that
+    thread compiles it); once it is built, auto switches to it at no cost, with the eager tokens."""
+    from flashback.engines.torch import autocompile
+
+    monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path))
+    monkeypatch.setattr(autocompile, "FAILED", {})
+    index = IndexRetriever(Index.load(tiny_index_dir))
+    eager = load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
+    auto = load_model(str(tiny_model_dir), markers=True, compile="auto", device=TEST_DEVICE)
+    assert eager.warm_up("append", (300,)) is None  # --compile off: nothing to warm
+    prompt = eager.tokenizer(PROMPT)["input_ids"]
+    cfg = GenerationConfig(mode="append", stride=12, max_new_tokens=36, tail=3, stop_at_eos=False)
+    want = generate(eager, prompt, index, cfg)
+    auto.warming.add((None, 512))  # as if the thread were still compiling: sessions wait eager
+    assert auto.warming_up() == [512]
+    waiting = generate(auto, prompt, index, cfg)
+    assert waiting.token_ids == want.token_ids and "background" in waiting.trace.compile["reason"]
+    auto.warming.clear()
+    thread = auto.warm_up("append", (300,))  # no adapter for append here: the base model's graph, 512 tokens
+    thread.join(timeout=600)
+    assert not thread.is_alive() and not auto.warming and 512 in auto.decoder(None, build=True).capacities
+    got = generate(auto, prompt, index, cfg)
+    assert got.token_ids == want.token_ids
+    assert got.trace.compile["compiled"] and "earlier in this process" in got.trace.compile["reason"]

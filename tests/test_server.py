@@ -594,7 +594,17 @@ def test_sigterm_ends_open_streams_within_the_grace_period(tiny_model_dir, tiny_
     tok.save_pretrained(endless)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flashback.cli", "serve", "--model", str(endless), "--index", str(tiny_index_dir)]
+        [
+            sys.executable,
+            "-m",
+            "flashback.cli",
+            "serve",
+            "--no-warm-up",
+            "--model",
+            str(endless),
+            "--index",
+            str(tiny_index_dir),
+        ]
         + ["--port", str(port), "--max-tokens", "8000", "--shutdown-grace", "1", "--no-adapter"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -515,6 +515,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+WARM_CAPACITIES = (512, 1024)  # the cache sizes most requests need: a prompt, a passage and up to ~800 new tokens
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from flashback.server import create_app, run
@@ -538,6 +541,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(
         engine, retriever, limits, markers=markers, tail=tail, docs=serve.docs, mode=mode, name=name, alias=ecfg.model
     )
+    if serve.warm_up and engine.warm_up(mode, WARM_CAPACITIES) is not None:
+        sizes = ", ".join(map(str, WARM_CAPACITIES))
+        print(f"flashback: compiling the decode step for {sizes}-token caches in the background", file=sys.stderr)
     run(app, serve.host, serve.port, limits)
     return 0
 

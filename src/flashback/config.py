@@ -400,6 +400,10 @@ class ServeConfig:
     served_model_name: str | None = opt(
         None, "the model's name in requests and answers", default_help="the model folder's name"
     )
+    warm_up: bool = opt(
+        True,
+        "with --compile auto: compile the decode step for 512- and 1,024-token caches in the background at start-up",
+    )
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -249,6 +249,15 @@ class Engine(ABC):
 
     later_decode_tokens: int = 0  # tokens later generations in this process will decode (a bench announces its runs)
 
+    def warm_up(self, mode: str | None, capacities: Sequence[int]):  # noqa: B027 - most engines have nothing to warm
+        """Prepare `mode`'s decode step for these cache sizes in the background (a server at start-up); returns the
+        thread doing it, or None."""
+        return None
+
+    def warming_up(self) -> list[int]:
+        """Cache sizes whose decode step `warm_up` is still preparing (the server's /health says them)."""
+        return []
+
     def forget(self) -> None:  # noqa: B027 - most engines cache nothing beyond a session
         """Drop whatever the engine cached beyond a session (a prefix cache), so the next prompt starts cold."""
 

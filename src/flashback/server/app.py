@@ -127,6 +127,7 @@ def create_app(
             "tail": tail,
             "mode": mode,
             "index_passages": len(retriever.index) if hasattr(retriever, "index") else None,
+            "warming_up": lm.warming_up(),  # cache sizes whose decode step still compiles in the background
             **(service.state if service else {}),
         }
 

@@ -102,11 +102,20 @@ class AutoCompile:
     """
 
     def __init__(
-        self, key: str, capacity: int, decode_tokens: int, decoder, compiled, records: Records, later: int = 0
+        self,
+        key: str,
+        capacity: int,
+        decode_tokens: int,
+        decoder,
+        compiled,
+        records: Records,
+        later: int = 0,
+        busy=lambda: False,
     ):
         self.key, self.capacity, self.decode_tokens = key, capacity, decode_tokens
         self.later = later  # tokens that later generations of this process will decode on the same graph (bench)
         self._decoder, self._compiled = decoder, compiled
+        self._busy = busy  # the engine's warm-up thread is compiling: wait for it eager (one compile at a time)
         self.in_process = False
         self.records = records
         self.eager_s: list[float] = []
@@ -122,6 +131,9 @@ class AutoCompile:
         eager = statistics.median(self.eager_s)
         if self.key in FAILED:
             self.choice = {"compiled": False, "reason": f"compiling this graph failed earlier: {FAILED[self.key]}"}
+            return None
+        if self._busy():
+            self.choice = {"compiled": False, "reason": "the server is compiling this graph in the background"}
             return None
         past = self.records.get(self.key)
         ratio = min(1.0, _number(past.get("ratio"), DEFAULT_RATIO))

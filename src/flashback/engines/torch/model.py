@@ -49,6 +49,7 @@ class TorchEngine(Engine):
         self.token_rows = token_rows  # the adapters' marker rows, outside PEFT (adapters.TokenRows)
         self.prefixes = None  # a prefixes.PrefixStore: finished sequences kept for later requests (serve --cache-mb)
         self.later_decode_tokens = 0  # --compile auto: what later generations in this process will decode (bench)
+        self.warming: set[tuple[str | None, int]] = set()  # (adapter, capacity) graphs compiling in the background
         if token_rows:
             token_rows.write(self.model, self._active)
 
@@ -141,7 +142,45 @@ class TorchEngine(Engine):
             lambda: adapter in self._decoders and capacity in self._decoders[adapter].capacities,
             Records(),
             self.later_decode_tokens,
+            busy=lambda: bool(self.warming),  # one thread compiles at a time: the warm-up's
         )
+
+    def warming_up(self) -> list[int]:
+        return sorted(capacity for _, capacity in set(self.warming))
+
+    def warm_up(self, mode: str | None, capacities: Sequence[int]):
+        """Compile `mode`'s decode step for each capacity in a background thread, so that requests find the graphs
+        built (--compile auto then switches to them at no cost). Meanwhile auto sessions stay eager, so that only
+        this thread compiles. Only with --compile auto (on compiles in the request, as asked; off never)."""
+        import threading
+
+        if self.compile != "auto" or self.quantize:
+            return None
+        from flashback.engines.torch.autocompile import FAILED, graph_key, use_inductor_cache
+
+        use_inductor_cache()
+        adapter = mode if mode in self._adapters else None
+        sizes = sorted({-(-c // CAPACITY_STEP) * CAPACITY_STEP for c in capacities})
+        self.warming.update((adapter, c) for c in sizes)
+
+        def work() -> None:
+            from flashback.engines.torch.cache import KVCache
+
+            for capacity in sizes:
+                try:
+                    decoder = self.decoder(adapter, build=True)
+                    cache = KVCache(decoder.model, self.device, capacity, decoder)
+                    cache.extend(self.head_ids or [0])  # eager, on the decode step's own merged weights
+                    cache.extend([0])  # the step: compiles this capacity's graph
+                except Exception as exc:  # noqa: BLE001 - a failed compile leaves requests eager, as in auto
+                    key = graph_key(self.name, adapter, capacity, self.device, self.dtype_name)
+                    FAILED[key] = f"{type(exc).__name__}: {exc}"[:300]
+                finally:
+                    self.warming.discard((adapter, capacity))
+
+        thread = threading.Thread(target=work, name="flashback-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     def keep_prefixes(self, budget_mb: float) -> None:
         """Keep finished sequences' caches, up to `budget_mb` of buffers, for requests that start alike."""
