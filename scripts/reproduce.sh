@@ -132,7 +132,7 @@ if run llamacpp; then
   INDEX=$(python3 -c "from flashback.api import DEFAULT_INDEX, load_index; load_index(); print(DEFAULT_INDEX)")
   flashback export --gguf f16 --out "$WORK/export-f16"
   flashback bench --engine llamacpp --model "$WORK/export-f16" --index "$INDEX" --context-lengths 2048 --repeats 3 \
-    --beside-torch --json "$RUNS/bench-llamacpp.json"
+    --beside-torch --compile off --json "$RUNS/bench-llamacpp.json"
   flashback bench --engine llamacpp --flash-attn --model "$WORK/export-f16" --index "$INDEX" --context-lengths 2048 \
     --repeats 3 --json "$RUNS/bench-llamacpp-flash-attn.json"
   flashback export --gguf q4_1 --out "$WORK/export-q4_1"
@@ -146,7 +146,7 @@ if run upstream; then
   PORT=${UPSTREAM_PORT:-8181}
   start_llama_server "$RUNS/llama-server.log" "$PORT"  # the bench replaces the slot's prompt before each run
   flashback bench --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" --index "$INDEX" \
-    --context-lengths 2048 --repeats 3 --beside-torch --json "$RUNS/bench-upstream.json"
+    --context-lengths 2048 --repeats 3 --beside-torch --compile off --json "$RUNS/bench-upstream.json"
   stop_server
 fi
 if run vllm; then
@@ -154,7 +154,7 @@ if run vllm; then
   PORT=${VLLM_PORT:-8182}
   start_vllm "$RUNS/vllm-server.log" "$PORT"
   flashback bench --upstream "http://127.0.0.1:$PORT" --model "$WORK/export-f16" --index "$INDEX" \
-    --context-lengths 2048 --repeats 3 --beside-torch --json "$RUNS/bench-vllm.json"
+    --context-lengths 2048 --repeats 3 --beside-torch --compile off --json "$RUNS/bench-vllm.json"
   stop_server
 fi
 if run harness; then  # an evaluation tool researchers already use, pointed at the server: one model name per mode

@@ -244,9 +244,6 @@ def test_compile_flag_reads_auto_on_off(capsys):
     assert "invalid choice: 'sometimes'" in capsys.readouterr().err
     with pytest.raises(FlashbackError, match="unknown --compile 'sometimes'"):
         EngineConfig(compile="sometimes").validate()
-    with pytest.raises(FlashbackError, match="--compile on applies to the PyTorch engine"):
-        EngineConfig(compile="on", engine="llamacpp").validate()
-    EngineConfig(engine="llamacpp").validate()  # auto, the default, is no request to compile
 
 
 def test_compile_auto_goes_on_eager_when_compiling_fails(tiny_model_dir, tiny_index_dir, tmp_path, monkeypatch):

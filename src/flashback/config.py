@@ -71,9 +71,9 @@ class EngineConfig:
     dtype: str = opt("float32", "weights' dtype (PyTorch engine)", choices=DTYPES)
     compile: str = opt(
         "auto",
-        "the decode step: on = torch.compile'd (2-3x faster per token on CPU once compiled, which takes 40-60 s "
-        "the first time), off = eager, auto = compile when the tokens left to decode repay it, as measured "
-        "(--compile alone: on)",
+        "the PyTorch engine's decode step: on = torch.compile'd (faster per token once compiled, which takes about "
+        "a minute the first time on 2 cores), off = eager, auto = compile when the tokens left to decode repay it, "
+        "as measured (--compile alone: on)",
         choices=COMPILE,
         nargs="?",
         const="on",
