@@ -301,22 +301,3 @@ def test_warm_up_compiles_in_the_background_while_sessions_stay_eager(
     got = generate(auto, prompt, index, cfg)
     assert got.token_ids == want.token_ids
     assert got.trace.compile["compiled"] and "earlier in this process" in got.trace.compile["reason"]
-
-
-def test_one_compiled_graph_serves_every_layer(tiny_lm):
-    """Regional compilation on the CPU: one graph for the decoder layers (whatever their number) and one for the
-    output layer, per cache capacity; the step's logits stay the eager step's."""
-    from torch._dynamo.utils import counters
-
-    decoder = Decoder(tiny_lm.model, None, None, compile=True)
-    assert decoder.regional and tiny_lm.model.config.num_hidden_layers > 1
-    eager = KVCache(tiny_lm.model, capacity=1024, decoder=Decoder(tiny_lm.model, None, None, compile=False))
-    compiled = KVCache(tiny_lm.model, capacity=1024, decoder=decoder)
-    ids = random_ids(tiny_lm, 12, seed=3)
-    eager.extend(ids)
-    compiled.extend(ids)
-    before = counters["stats"]["unique_graphs"]
-    for token in random_ids(tiny_lm, 4, seed=4):
-        want, got = eager.extend([token]), compiled.extend([token])
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert counters["stats"]["unique_graphs"] - before == 2 and decoder.compile_s > 0

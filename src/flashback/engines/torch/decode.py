@@ -154,34 +154,6 @@ def swap_linears(module: nn.Module, quantize: str | None) -> None:
             swap_linears(child, quantize)
 
 
-class LayerCache:
-    """One layer of a cache, as a decoder layer's attention sees the whole cache: `update` ignores the layer index.
-
-    Handing each compiled layer its own layer this way keeps the index out of the graph, so one graph serves every
-    layer (indexing the cache's list of layers by it would compile one graph per layer)."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return self.layer.update(key_states, value_states)
-
-
-class CompiledLayer(nn.Module):
-    """A decoder layer whose single-token decode steps run compiled; every other call runs it as it is."""
-
-    def __init__(self, layer: nn.Module, index: int, options: dict | None):
-        super().__init__()
-        self.layer, self.index = layer, index
-        self.compiled = torch.compile(layer, dynamic=False, options=options)
-
-    def forward(self, hidden_states, *args, cache=None, **kwargs):
-        own = cache.layers[self.index] if cache is not None else None
-        if hidden_states.shape[1] == 1 and getattr(own, "static", False):  # a decode step on the fixed buffers
-            return self.compiled(hidden_states, *args, cache=LayerCache(own), **kwargs)
-        return self.layer(hidden_states, *args, cache=cache, **kwargs)
-
-
 class Decoder:
     """One token onto a KV cache of FixedLayers: eager or compiled, fp32 or int8 weights.
 
@@ -212,26 +184,8 @@ class Decoder:
         # On the CPU, Inductor would inline the query's rotary embedding (its sin and cos) into the attention's
         # score loop and recompute it for every key; this threshold makes it store the rotated query first.
         options = {"realize_opcount_threshold": 8} if device.type == "cpu" else None
-        # On the CPU each decoder layer is compiled once and the graph serves every layer of its kind (regional
-        # compilation): compiling the whole 30-layer step took 60 s cold, one layer a quarter of that. On CUDA the
-        # whole step stays one graph, so that it replays as one CUDA graph. FLASHBACK_COMPILE_REGIONAL=0: whole.
-        layers = getattr(getattr(self.model, "model", None), "layers", None)
-        self.regional = (
-            compile
-            and not self.cuda_graphs
-            and isinstance(layers, nn.ModuleList)
-            and os.environ.get("FLASHBACK_COMPILE_REGIONAL", "1") != "0"
-        )
-        if self.regional:
-            for i, layer in enumerate(layers):
-                layers[i] = CompiledLayer(layer, i, options)
-            head = self.model.get_output_embeddings()
-            if isinstance(head, DecodeLinear):
-                self.model.set_output_embeddings(torch.compile(head, dynamic=False, options=options))
         self._step = (
-            torch.compile(self._forward, dynamic=False, mode=mode, options=options)
-            if compile and not self.regional
-            else self._forward
+            torch.compile(self._forward, dynamic=False, mode=mode, options=options) if compile else self._forward
         )
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
