@@ -298,6 +298,10 @@ def test_warm_up_compiles_in_the_background_while_sessions_stay_eager(
     thread = auto.warm_up("append", (300,))  # no adapter for append here: the base model's graph, 512 tokens
     thread.join(timeout=600)
     assert not thread.is_alive() and not auto.warming and 512 in auto.decoder(None, build=True).capacities
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     got = generate(auto, prompt, index, cfg)
     assert got.token_ids == want.token_ids
     assert got.trace.compile["compiled"] and "earlier in this process" in got.trace.compile["reason"]
+    assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's graph, not a recompiled one

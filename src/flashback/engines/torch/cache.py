@@ -154,7 +154,10 @@ def new_cache(config, capacity: int | None = None, device: torch.device | None =
             f"this model's cache layers ({', '.join(sorted(unknown))}) cannot be rolled back: FlashBack needs "
             "attention layers (full or sliding-window)"
         )
-    position = torch.zeros((), dtype=torch.long, device=device)
+    # A normal tensor even when made inside inference mode (a cache moved into fixed buffers mid-generation): the
+    # compiled step's guards tell the two kinds apart, and a mismatch would compile the graph again.
+    with torch.inference_mode(False):
+        position = torch.zeros((), dtype=torch.long, device=device)
     make = GrowableLayer if capacity is None else (lambda: FixedLayer(capacity, position))
     cache.layers = [make() for _ in cache.layers]
     return cache
