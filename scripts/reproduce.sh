@@ -9,8 +9,8 @@
 #   eval       perplexity on the held-out Python pages and the Jargon File (~25 min)
 #   eval-prepend  the prepend adapter on the same tokens (~6 min)
 #   bench      append vs prepend speed on the default index (~25 min; BENCH_LENGTHS=2048 for one length)
-#   decode     the compiled decode step at L=2048,4096 (fp32, then int8), the eager one at 2048, then one
-#              128-token generation with and without --compile, compile time included (~45 min)
+#   decode     the compiled decode step at L=2048,4096 (fp32, then int8), the eager one at 2048, then --compile
+#              auto's choice for 48 and 1,536 tokens in fresh processes, compile time included (~55 min)
 #   eval-int8  the perplexity cost of --quantize int8 on the held-out Python pages (~10 min)
 #   llamacpp   the shipped adapter exported to f16 GGUF, then the bench on llama.cpp at L=2048, and the same
 #              export on PyTorch in the same run, then llama.cpp with flash attention, then a q4_1 export's
