@@ -189,6 +189,21 @@ def test_compile_auto_compiles_only_when_the_tokens_left_repay_it(tmp_path, monk
     assert got == "decoder" and warm.choice["warm"] and "warm" in warm.choice["reason"]
 
 
+def auto_and_eager(tiny_model_dir, tiny_index_dir, tmp_path, monkeypatch):
+    """(retriever, eager engine, --compile auto engine, prompt ids, config) with the compile records in tmp_path and
+    no failure remembered from another test."""
+    from flashback.engines.torch import autocompile
+
+    monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path))
+    monkeypatch.setattr(autocompile, "FAILED", {})
+    index = IndexRetriever(Index.load(tiny_index_dir))
+    eager = load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
+    auto = load_model(str(tiny_model_dir), markers=True, compile="auto", device=TEST_DEVICE)
+    prompt = eager.tokenizer(PROMPT)["input_ids"]
+    cfg = GenerationConfig(mode="append", stride=12, max_new_tokens=36, tail=3, stop_at_eos=False)
+    return index, eager, auto, prompt, cfg
+
+
 @pytest.mark.parametrize("pays", [False, True])
 def test_compile_auto_switches_mid_generation_to_the_same_tokens(
     tiny_model_dir, tiny_index_dir, tmp_path, monkeypatch, pays
@@ -197,12 +212,7 @@ def test_compile_auto_switches_mid_generation_to_the_same_tokens(
     greedy tokens; one whose tokens do not repay the compile stays eager. Either way the trace says why."""
     from flashback.engines.torch.autocompile import Records, graph_key
 
-    monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path))
-    index = IndexRetriever(Index.load(tiny_index_dir))
-    eager = load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
-    auto = load_model(str(tiny_model_dir), markers=True, compile="auto", device=TEST_DEVICE)
-    prompt = eager.tokenizer(PROMPT)["input_ids"]
-    cfg = GenerationConfig(mode="append", stride=12, max_new_tokens=36, tail=3, stop_at_eos=False)
+    index, eager, auto, prompt, cfg = auto_and_eager(tiny_model_dir, tiny_index_dir, tmp_path, monkeypatch)
     key = graph_key(auto.name, None, 512, auto.device, auto.dtype_name)
     cost = 0.0 if pays else 1e9  # cold and warm: whether a test before compiled into this Inductor cache or not
     Records().update(key, cold_s=cost, warm_s=cost)
@@ -249,21 +259,13 @@ def test_compile_flag_reads_auto_on_off(capsys):
 def test_compile_auto_goes_on_eager_when_compiling_fails(tiny_model_dir, tiny_index_dir, tmp_path, monkeypatch):
     """No C++ compiler, an Inductor error: the generation finishes eager with the same tokens, says why, and the
     process does not try that graph again."""
-    from flashback.engines.torch import autocompile
     from flashback.engines.torch.autocompile import Records, graph_key
-
-    monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path))
-    monkeypatch.setattr(autocompile, "FAILED", {})
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(Decoder, "__call__", broken)
-    index = IndexRetriever(Index.load(tiny_index_dir))
-    eager = load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
-    auto = load_model(str(tiny_model_dir), markers=True, compile="auto", device=TEST_DEVICE)
-    prompt = eager.tokenizer(PROMPT)["input_ids"]
-    cfg = GenerationConfig(mode="append", stride=12, max_new_tokens=36, tail=3, stop_at_eos=False)
+    index, eager, auto, prompt, cfg = auto_and_eager(tiny_model_dir, tiny_index_dir, tmp_path, monkeypatch)
     key = graph_key(auto.name, None, 512, auto.device, auto.dtype_name)
     Records().update(key, cold_s=0.0, warm_s=0.0)
     want = generate(eager, prompt, index, cfg)
@@ -279,16 +281,10 @@ def test_warm_up_compiles_in_the_background_while_sessions_stay_eager(
 ):
     """A server's start-up: the graph compiles in another thread; a generation meanwhile stays eager (only that
     thread compiles it); once it is built, auto switches to it at no cost, with the eager tokens."""
-    from flashback.engines.torch import autocompile
+    from torch._dynamo.utils import counters
 
-    monkeypatch.setenv("FLASHBACK_CACHE", str(tmp_path))
-    monkeypatch.setattr(autocompile, "FAILED", {})
-    index = IndexRetriever(Index.load(tiny_index_dir))
-    eager = load_model(str(tiny_model_dir), markers=True, device=TEST_DEVICE)
-    auto = load_model(str(tiny_model_dir), markers=True, compile="auto", device=TEST_DEVICE)
+    index, eager, auto, prompt, cfg = auto_and_eager(tiny_model_dir, tiny_index_dir, tmp_path, monkeypatch)
     assert eager.warm_up("append", (300,)) is None  # --compile off: nothing to warm
-    prompt = eager.tokenizer(PROMPT)["input_ids"]
-    cfg = GenerationConfig(mode="append", stride=12, max_new_tokens=36, tail=3, stop_at_eos=False)
     want = generate(eager, prompt, index, cfg)
     auto.warming.add((None, 512))  # as if the thread were still compiling: sessions wait eager
     assert auto.warming_up() == [512]
@@ -298,8 +294,6 @@ def test_warm_up_compiles_in_the_background_while_sessions_stay_eager(
     thread = auto.warm_up("append", (300,))  # no adapter for append here: the base model's graph, 512 tokens
     thread.join(timeout=600)
     assert not thread.is_alive() and not auto.warming and 512 in auto.decoder(None, build=True).capacities
-    from torch._dynamo.utils import counters
-
     graphs = counters["stats"]["unique_graphs"]
     got = generate(auto, prompt, index, cfg)
     assert got.token_ids == want.token_ids

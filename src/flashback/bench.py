@@ -341,9 +341,10 @@ def _decode_kind(engine: Engine, rs: list[dict]) -> str:
     """How the timed runs decoded: "compiled", "eager", "int8", or "mixed" when runs differed."""
     if not engine.capabilities.adapters:  # not the PyTorch engine: its own decode
         return engine.kind
-    kinds = {"compiled" if r["compiled"] and engine.describe()["compile"] != "off" else "eager" for r in rs}
+    info = engine.describe()
+    kinds = {"compiled" if r["compiled"] and info["compile"] != "off" else "eager" for r in rs}
     kind = kinds.pop() if len(kinds) == 1 else "mixed"
-    return f"{kind}, int8 weights" if engine.describe()["quantize"] else kind
+    return f"{kind}, int8 weights" if info["quantize"] else kind
 
 
 def lora_overhead(engine: Engine, bc: BenchConfig, retriever, progress) -> dict:

@@ -121,10 +121,6 @@ class EngineConfig:
             raise FlashbackError("--flash-attn applies to --engine llamacpp only")
         if self.upstream and self.engine != "torch":
             raise FlashbackError("choose one of --engine llamacpp and --upstream")
-        if self.compile == "on" and (self.upstream or self.engine != "torch"):
-            raise FlashbackError(
-                "--compile on applies to the PyTorch engine (llama.cpp and servers decode their own way)"
-            )
 
 
 @dataclass(frozen=True)

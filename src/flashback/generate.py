@@ -184,7 +184,6 @@ def _loop(
     chunk: int | None,
     first_query: str | None = None,
 ) -> Iterator[int]:
-    trace.cache_capacity = session.capacity
     trace.forwards = session.forwards
     retrieving = cfg.mode != "none"
     generated: list[int] = []

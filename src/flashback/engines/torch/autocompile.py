@@ -36,6 +36,12 @@ _lock = threading.Lock()
 FAILED: dict[str, str] = {}  # graph key -> why compiling it failed in this process (not tried again)
 
 
+def remember_failure(key: str, exc: Exception) -> str:
+    """Compiling graph `key` failed: this process does not try it again. Returns the reason as reported."""
+    FAILED[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    return FAILED[key]
+
+
 def _number(value, default: float) -> float:
     """A recorded figure, or the default when the record holds something else."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else default
@@ -171,9 +177,9 @@ class AutoCompile:
 
     def failed(self, exc: Exception) -> None:
         """The compiled step raised: the session goes on eager, and this process does not try the graph again."""
-        FAILED[self.key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        reason = remember_failure(self.key, exc)
         if self.choice is not None:
-            self.choice.update(compiled=False, failed=FAILED[self.key])
+            self.choice.update(compiled=False, failed=reason)
 
     def compiled_step(self, seconds: float, compile_s: float) -> None:
         """One step through the compiled decoder; `compile_s` > 0 on the step that compiled."""

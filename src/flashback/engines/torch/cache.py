@@ -250,11 +250,11 @@ class KVCache(Session):
         """One token through the decode step. Under --compile auto a step that fails (no C++ compiler, an Inductor
         error) leaves the cache as it was and returns None: the session goes on eager, and the process does not
         try that graph again."""
-        if self.auto is None:
-            return self._decode(token, length)[None]
         try:
             return self._decode(token, length)[None]
         except Exception as exc:  # noqa: BLE001 - any compile failure: the eager path still works
+            if self.auto is None:
+                raise
             self.auto.failed(exc)
             self.decoder = None
             return None
@@ -325,8 +325,8 @@ class KVCache(Session):
         self.rollback(keep)
         if self.auto is not None and self.capacity is not None:  # moved for the decode step: back to what an auto
             self._recast(None)  # session starts from, so that the store's entry serves the next one
-            layers = [layer for layer in self.cache.layers if getattr(layer, "_k", None) is not None]
-        nbytes = sum(2 * layer._k.numel() * layer._k.element_size() for layer in layers)
+        held = [layer._k for layer in self.cache.layers if getattr(layer, "_k", None) is not None]
+        nbytes = sum(2 * k.numel() * k.element_size() for k in held)
         self.prefixes.put(self.key, self.ids, self.cache, nbytes)
         self.cache, self.ids = new_cache(self.model.config, self.capacity, self.device), []
 

@@ -22,6 +22,11 @@ LORA = defaults(TrainConfig)  # an untrained adapter of the shipped recipe's sha
 CAPACITY_STEP = 512  # compiled decode steps have one graph per cache capacity: capacities are rounded to this
 
 
+def _capacity(positions: int) -> int:
+    """A fixed buffer's size for `positions` tokens: rounded up, so that few compiled graphs serve all lengths."""
+    return -(-positions // CAPACITY_STEP) * CAPACITY_STEP
+
+
 class TorchEngine(Engine):
     capabilities = Capabilities(logits="all", adapters=True)
     kind = "torch"
@@ -112,7 +117,7 @@ class TorchEngine(Engine):
 
         if scoring and self.quantize:
             return KVCache(self.decoder(mode).model, self.device)
-        capacity = -(-positions // CAPACITY_STEP) * CAPACITY_STEP if positions is not None else None
+        capacity = _capacity(positions) if positions is not None else None
         decoder = self.decoder(mode) if positions is not None else None
         adapter = mode if mode in self._adapters else None  # the keys and values depend on it
         auto = None
@@ -131,11 +136,11 @@ class TorchEngine(Engine):
         )
 
     def _auto(self, adapter: str | None, capacity: int, decode_tokens: int):
-        from flashback.engines.torch.autocompile import AutoCompile, Records, graph_key, use_inductor_cache
+        from flashback.engines.torch.autocompile import AutoCompile, Records, use_inductor_cache
 
         use_inductor_cache()
         return AutoCompile(
-            graph_key(self.name, adapter, capacity, self.device, self.dtype_name),
+            self._graph_key(adapter, capacity),
             capacity,
             decode_tokens,
             lambda: self.decoder(adapter, build=True),
@@ -144,6 +149,11 @@ class TorchEngine(Engine):
             self.later_decode_tokens,
             busy=lambda: bool(self.warming),  # one thread compiles at a time: the warm-up's
         )
+
+    def _graph_key(self, adapter: str | None, capacity: int) -> str:
+        from flashback.engines.torch.autocompile import graph_key
+
+        return graph_key(self.name, adapter, capacity, self.device, self.dtype_name)
 
     def warming_up(self) -> list[int]:
         return sorted(capacity for _, capacity in set(self.warming))
@@ -156,11 +166,11 @@ class TorchEngine(Engine):
 
         if self.compile != "auto" or self.quantize:
             return None
-        from flashback.engines.torch.autocompile import FAILED, graph_key, use_inductor_cache
+        from flashback.engines.torch.autocompile import remember_failure, use_inductor_cache
 
         use_inductor_cache()
         adapter = mode if mode in self._adapters else None
-        sizes = sorted({-(-c // CAPACITY_STEP) * CAPACITY_STEP for c in capacities})
+        sizes = sorted({_capacity(c) for c in capacities})
         self.warming.update((adapter, c) for c in sizes)
 
         def work() -> None:
@@ -173,8 +183,7 @@ class TorchEngine(Engine):
                     cache.extend(self.head_ids or [0])  # eager, on the decode step's own merged weights
                     cache.extend([0])  # the step: compiles this capacity's graph
                 except Exception as exc:  # noqa: BLE001 - a failed compile leaves requests eager, as in auto
-                    key = graph_key(self.name, adapter, capacity, self.device, self.dtype_name)
-                    FAILED[key] = f"{type(exc).__name__}: {exc}"[:300]
+                    remember_failure(self._graph_key(adapter, capacity), exc)
                 finally:
                     self.warming.discard((adapter, capacity))
 
