@@ -62,7 +62,8 @@ if run bench; then
     --no-lora --compile off --json "$RUNS/gemma-bench.json"
 fi
 if run llamacpp; then
-  [[ -f $WORK/export-f16/flashback.json ]] || flashback export --model "$MODEL" \
+  # export again when the adapter is newer than the export (a longer training run replaced it)
+  [[ $WORK/export-f16/flashback.json -nt $WORK/adapter-append/flashback.json ]] || flashback export --model "$MODEL" \
     --adapter "$WORK/adapter-append" --out "$WORK/export-f16" --gguf f16
   flashback bench --engine llamacpp --model "$WORK/export-f16" --index "$WORK/index" --context-lengths 2048,4096 \
     --repeats "${REPEATS:-1}" --json "$RUNS/gemma-bench-llamacpp.json"
