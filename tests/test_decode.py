@@ -236,6 +236,19 @@ def test_compile_auto_switches_mid_generation_to_the_same_tokens(
         assert got.trace.cache_capacity is None and auto.compile_s == 0 and not auto._decoders
 
 
+def test_compile_on_tells_auto_what_it_compiled(tiny_model_dir, tiny_index_dir, tmp_path, monkeypatch):
+    """A --compile on run records its compile time for the graph, as cold the first time, so that a later auto run
+    knows Inductor's cache has seen the graph and counts the warm cost."""
+    from flashback.engines.torch.autocompile import Records, graph_key
+
+    index, _, _, prompt, cfg = auto_and_eager(tiny_model_dir, tiny_index_dir, tmp_path, monkeypatch)
+    on = load_model(str(tiny_model_dir), markers=True, compile="on", device=TEST_DEVICE)
+    key = graph_key(on.name, None, 512, on.device, on.dtype_name)
+    assert Records().get(key) == {}
+    generate(on, prompt, index, cfg)
+    assert Records().get(key)["cold_s"] > 0 and "warm_s" not in Records().get(key)
+
+
 def test_compile_flag_reads_auto_on_off(capsys):
     """auto by default, --compile alone is on (as before it took a value), anything else is refused."""
     from flashback.cli import build_parser, config

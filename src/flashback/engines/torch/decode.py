@@ -170,6 +170,7 @@ class Decoder:
         self.compiled = compile
         self.compile_s = 0.0
         self.capacities: set[int] = set()  # cache capacities whose graph this process has compiled
+        self.on_compile = None  # called with (capacity, seconds) after a call that compiled (--compile on: records)
         if compile:
             from flashback.engines.torch.autocompile import use_inductor_cache
 
@@ -209,10 +210,14 @@ class Decoder:
         graphs = _graphs_compiled()
         start = time.perf_counter()
         logits = self._step(ids, pos, cache)
+        capacity = cache.layers[0]._k.shape[-2]
         if _graphs_compiled() != graphs:  # this call compiled (first call, or a new cache shape)
-            self.compile_s += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.compile_s += seconds
+            if self.on_compile is not None:
+                self.on_compile(capacity, seconds)
         if self.compiled:
-            self.capacities.add(cache.layers[0]._k.shape[-2])
+            self.capacities.add(capacity)
         logits = logits[0, -1].float()
         return logits.clone() if self.cuda_graphs else logits  # a graph's output is overwritten by its next replay
 

@@ -221,7 +221,12 @@ class TorchEngine(Engine):
             from flashback.engines.torch.decode import Decoder
 
             compile = self.compile != "off" or build
-            self._decoders[adapter] = Decoder(self.model, adapter, self.quantize, compile, self.token_rows)
+            decoder = Decoder(self.model, adapter, self.quantize, compile, self.token_rows)
+            if self.compile == "on" and not self.quantize:  # auto records its own compiles, in its own terms
+                from flashback.engines.torch.autocompile import remember_compile
+
+                decoder.on_compile = lambda capacity, s: remember_compile(self._graph_key(adapter, capacity), s)
+            self._decoders[adapter] = decoder
         return self._decoders[adapter]
 
     def activate(self, mode: str | None) -> None:
