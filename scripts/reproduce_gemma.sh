@@ -6,7 +6,8 @@
 #   eval-base  the untuned baselines (none, prepend, append, append+markers) on the held-out Python pages and the
 #              Jargon File, ~4,000 tokens each with the leakage filter
 #   tails      the tail choice by validation loss: 30-step runs with tails 0, 16, 32, 64 (scripts/ablate.sh; ~45 min)
-#   train      an append adapter (markers + LoRA on all linear layers, tail 32); checkpoints every 10 steps and
+#   train      an append adapter (markers + LoRA on all linear layers, tail 32, or TAIL=N: `tails` chose 64);
+#              checkpoints every 10 steps and
 #              resumes when re-run (TRAIN_STEPS, default 400: about 4 h)
 #   eval       the adapter against the untuned baselines on the same tokens
 #   bench      append vs prepend speed at L=2048 and 4096 on the PyTorch engine (real passages from the index)
@@ -25,6 +26,9 @@ mkdir -p "$WORK" "$RUNS"
 LIB=(--include 'foldoc:*' --include 'python:library/*' --include 'python:reference/*' --include 'python:c-api/*')
 NOT_LIB=(--exclude 'python:library/*' --exclude 'python:reference/*' --exclude 'python:c-api/*')
 ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+# the adapter of train, eval and llamacpp: tail 32 in adapter-append, another TAIL in its own folder (no resume across)
+ADAPTER=${ADAPTER:-$WORK/adapter-append${TAIL:+-tail$TAIL}}
+[[ ${TAIL:-32} == 32 ]] && ADAPTER=${ADAPTER%-tail32}
 step=${1:-all}
 run() { [[ $step == "$1" || $step == all ]]; }
 
@@ -47,13 +51,13 @@ if run tails; then
     tail-64 | tee "$RUNS/gemma-tails.md"
 fi
 if run train; then
-  resume=(); [[ -f $WORK/adapter-append.checkpoint/state.pt ]] && resume=(--resume)
-  flashback train --model "$MODEL" --data "$WORK/data" --out "$WORK/adapter-append" --tail "${TAIL:-32}" \
+  resume=(); [[ -f $ADAPTER.checkpoint/state.pt ]] && resume=(--resume)
+  flashback train --model "$MODEL" --data "$WORK/data" --out "$ADAPTER" --tail "${TAIL:-32}" \
     --target-modules "$ALL" --marker-lr 5e-3 --max-steps "${TRAIN_STEPS:-400}" --batch-size 1 --lr 5e-4 \
     --warmup-steps 20 --eval-every 50 --save-every 10 --max-val-segments 8 "${resume[@]}"
 fi
 if run eval; then
-  MODES=(--model "$MODEL" --modes none,prepend,append+markers,append+markers+adapter --adapter "$WORK/adapter-append")
+  MODES=(--model "$MODEL" --modes none,prepend,append+markers,append+markers+adapter --adapter "$ADAPTER")
   flashback eval "${EVAL_PY[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-python.json"
   flashback eval "${EVAL_JARGON[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-jargon.json"
 fi
@@ -63,8 +67,8 @@ if run bench; then
 fi
 if run llamacpp; then
   # export again when the adapter is newer than the export (a longer training run replaced it)
-  [[ $WORK/export-f16/flashback.json -nt $WORK/adapter-append/flashback.json ]] || flashback export --model "$MODEL" \
-    --adapter "$WORK/adapter-append" --out "$WORK/export-f16" --gguf f16
+  [[ $WORK/export-f16/flashback.json -nt $ADAPTER/flashback.json ]] || flashback export --model "$MODEL" \
+    --adapter "$ADAPTER" --out "$WORK/export-f16" --gguf f16
   flashback bench --engine llamacpp --model "$WORK/export-f16" --index "$WORK/index" --context-lengths 2048,4096 \
     --repeats "${REPEATS:-1}" --json "$RUNS/gemma-bench-llamacpp.json"
 fi
