@@ -202,11 +202,11 @@ class AutoCompile:
             self.records.update(self.key, ratio=round(compiled / statistics.median(self.eager_s), 4))
 
 
-def remember_compile(key: str, seconds: float, records: Records | None = None) -> None:
+def remember_compile(key: str, seconds: float) -> None:
     """A compile that auto did not choose (--compile on): record its time, so that auto knows Inductor's cache has
     seen this graph. The first one recorded counts as cold, later ones as warm; a first compile here that found the
     graph in Inductor's cache already is thus recorded as cold, which errs towards compiling."""
-    records = records or Records()
+    records = Records()
     field = "warm_s" if records.get(key).get("cold_s") is not None else "cold_s"
     records.update(key, **{field: round(seconds, 2)})
 
