@@ -242,8 +242,8 @@ def random_adapter(model: str, path, std: float, **card) -> object:
     from flashback.train import add_adapter
 
     lm = load_model(model, markers=True)
+    torch.manual_seed(0)  # LoRA A's initialisation too: the same adapter whatever ran before in the session
     peft_model = add_adapter(lm, TrainConfig(target_modules=("q_proj", "v_proj")))
-    torch.manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -289,3 +289,27 @@ def check_served_text(app, prompt: str, want_text: str, refused: dict, refusal: 
         assert r.status_code == 400 and refusal in r.json()["error"]["message"]
     finally:
         next(running, None)
+
+
+def assert_same_greedy_path(got_engine, want_engine, prompt, retriever, cfg, tokens: int, tol: float) -> None:
+    """Two engines on the same weights (f16 GGUF against fp32 PyTorch) take the same greedy path for `tokens` tokens:
+    each step's logits agree within `tol`, and where the paths part, it is at a near tie (the reference's top two
+    within `tol`) that the weights' rounding may break either way."""
+    from flashback.generate import Trace, stream
+
+    def run(engine):
+        logits = {}
+
+        def keep(step, row):
+            logits[step] = row.float().clone()
+
+        return list(stream(engine, prompt, retriever, cfg, Trace(cfg.mode), observe=keep))[:tokens], logits
+
+    (got, got_logits), (want, want_logits) = run(got_engine), run(want_engine)
+    assert len(got) == len(want) == tokens, cfg.mode
+    same = next((i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w), tokens)
+    for step in range(min(same + 1, tokens)):
+        assert (got_logits[step] - want_logits[step]).abs().max() < tol, (cfg.mode, step)
+    if same < tokens:
+        gap = want_logits[same][want[same]] - want_logits[same][got[same]]
+        assert gap < tol, (cfg.mode, same, float(gap))

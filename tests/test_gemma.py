@@ -16,7 +16,7 @@ from flashback.config import GenerationConfig
 from flashback.generate import Trace, generate, stream
 from flashback.text.retrieval import Hit, Retrieved
 from flashback.text.tokenize import encode
-from tests.conftest import TOPICS, engine_or_skip, random_adapter
+from tests.conftest import TOPICS, assert_same_greedy_path, engine_or_skip, random_adapter
 
 pytestmark = pytest.mark.slow
 MODEL = "gemma3-270m"
@@ -100,7 +100,7 @@ def gemma_export(gemma, tmp_path_factory):
 
 
 def test_gemma_export_generates_the_same_tokens_in_llama_cpp(gemma_export):
-    """The export's folder on PyTorch and its GGUF on llama.cpp: same layouts (BOS first), same greedy tokens."""
+    """The export's folder on PyTorch and its GGUF on llama.cpp: same layouts (BOS first), same greedy path."""
     from flashback.engines.llamacpp import load_llamacpp
     from flashback.engines.torch import load_model
 
@@ -113,5 +113,4 @@ def test_gemma_export_generates_the_same_tokens_in_llama_cpp(gemma_export):
     prompt = encode(torch_lm.tokenizer, "A garbage collector reclaims memory that a program no longer uses. In Python,")
     for mode in ("append", "prepend", "none"):
         cfg = GenerationConfig(mode=mode, stride=8, max_new_tokens=16, tail=8, stop_at_eos=False)
-        got, want = generate(engine, prompt, retriever, cfg), generate(torch_lm, prompt, retriever, cfg)
-        assert got.token_ids[:12] == want.token_ids[:12], mode
+        assert_same_greedy_path(engine, torch_lm, prompt, retriever, cfg, tokens=16, tol=0.1)
