@@ -29,6 +29,7 @@ ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 # the adapter of train, eval and llamacpp: tail 32 in adapter-append, another TAIL in its own folder (no resume across)
 ADAPTER=${ADAPTER:-$WORK/adapter-append${TAIL:+-tail$TAIL}}
 [[ ${TAIL:-32} == 32 ]] && ADAPTER=${ADAPTER%-tail32}
+TAG=; [[ ${TAIL:-32} == 32 ]] || TAG=-tail$TAIL  # eval's JSON names, so each tail's figures stay side by side
 step=${1:-all}
 run() { [[ $step == "$1" || $step == all ]]; }
 
@@ -58,8 +59,8 @@ if run train; then
 fi
 if run eval; then
   MODES=(--model "$MODEL" --modes none,prepend,append+markers,append+markers+adapter --adapter "$ADAPTER")
-  flashback eval "${EVAL_PY[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-python.json"
-  flashback eval "${EVAL_JARGON[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-jargon.json"
+  flashback eval "${EVAL_PY[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-python$TAG.json"
+  flashback eval "${EVAL_JARGON[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-jargon$TAG.json"
 fi
 if run bench; then
   flashback bench --model "$MODEL" --index "$WORK/index" --context-lengths 2048,4096 --repeats "${REPEATS:-1}" \
