@@ -7,8 +7,7 @@
 #              Jargon File, ~4,000 tokens each with the leakage filter
 #   tails      the tail choice by validation loss: 30-step runs with tails 0, 16, 32, 64 (scripts/ablate.sh; ~45 min)
 #   train      an append adapter (markers + LoRA on all linear layers, tail 32, or TAIL=N: `tails` chose 64);
-#              checkpoints every 10 steps and
-#              resumes when re-run (TRAIN_STEPS, default 400: about 4 h)
+#              checkpoints every 10 steps and resumes when re-run (TRAIN_STEPS, default 400: about 2.5-4 h)
 #   eval       the adapter against the untuned baselines on the same tokens
 #   bench      append vs prepend speed at L=2048 and 4096 on the PyTorch engine (real passages from the index)
 #   llamacpp   the adapter merged and exported to f16 GGUF, then the same bench on the llama.cpp engine
@@ -26,10 +25,10 @@ mkdir -p "$WORK" "$RUNS"
 LIB=(--include 'foldoc:*' --include 'python:library/*' --include 'python:reference/*' --include 'python:c-api/*')
 NOT_LIB=(--exclude 'python:library/*' --exclude 'python:reference/*' --exclude 'python:c-api/*')
 ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
-# the adapter of train, eval and llamacpp: tail 32 in adapter-append, another TAIL in its own folder (no resume across)
-ADAPTER=${ADAPTER:-$WORK/adapter-append${TAIL:+-tail$TAIL}}
-[[ ${TAIL:-32} == 32 ]] && ADAPTER=${ADAPTER%-tail32}
-TAG=; [[ ${TAIL:-32} == 32 ]] || TAG=-tail$TAIL  # eval's JSON names, so each tail's figures stay side by side
+# tail 32 names adapter-append and the plain eval JSON files; another TAIL gets its own adapter folder (no resume
+# across tails) and its own eval JSON files, so each tail's figures stay side by side
+TAG=; [[ ${TAIL:-32} == 32 ]] || TAG=-tail$TAIL
+ADAPTER=${ADAPTER:-$WORK/adapter-append$TAG}
 step=${1:-all}
 run() { [[ $step == "$1" || $step == all ]]; }
 
