@@ -3,11 +3,14 @@
 # recipe as scripts/reproduce.sh for the default model, on the second named model, gemma3-270m:
 #   index      retrieval corpus: FOLDOC + the Python library reference, in Gemma's tokens (~1 min)
 #   prepare    training segments from the other Python pages, a tenth held out (~3 min)
+#   prepare-foldoc  training segments from FOLDOC entries, less those that overlap the Jargon File (same title,
+#              "Jargon File" named, or over 2% of their word 8-grams in it; scripts/overlapping_ids.py), for MIX=foldoc
 #   eval-base  the untuned baselines (none, prepend, append, append+markers) on the held-out Python pages and the
 #              Jargon File, ~4,000 tokens each with the leakage filter
 #   tails      the tail choice by validation loss: 30-step runs with tails 0, 16, 32, 64 (scripts/ablate.sh; ~45 min)
 #   train      an append adapter (markers + LoRA on all linear layers, tail 32, or TAIL=N: `tails` chose 64);
-#              checkpoints every 10 steps and resumes when re-run (TRAIN_STEPS, default 400: about 2.5-4 h)
+#              checkpoints every 10 steps and resumes when re-run (TRAIN_STEPS, default 400: about 2.5-4 h).
+#              MIX=foldoc trains on the Python segments and prepare-foldoc's segments together
 #   eval       the adapter against the untuned baselines on the same tokens
 #   bench      append vs prepend speed at L=2048 and 4096 on the PyTorch engine (real passages from the index)
 #   llamacpp   the adapter merged and exported to f16 GGUF, then the same bench on the llama.cpp engine
@@ -25,9 +28,15 @@ mkdir -p "$WORK" "$RUNS"
 LIB=(--include 'foldoc:*' --include 'python:library/*' --include 'python:reference/*' --include 'python:c-api/*')
 NOT_LIB=(--exclude 'python:library/*' --exclude 'python:reference/*' --exclude 'python:c-api/*')
 ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
-# tail 32 names adapter-append and the plain eval JSON files; another TAIL gets its own adapter folder (no resume
-# across tails) and its own eval JSON files, so each tail's figures stay side by side
+# tail 32 names adapter-append and the plain eval JSON files; another TAIL or a MIX gets its own adapter folder (no
+# resume across them) and its own eval JSON files, so each adapter's figures stay side by side
 TAG=; [[ ${TAIL:-32} == 32 ]] || TAG=-tail$TAIL
+DATA_DIRS=(--data "$WORK/data")
+if [[ -n ${MIX:-} ]]; then
+  [[ $MIX == foldoc ]] || { echo "MIX must be foldoc (or unset)" >&2; exit 2; }
+  TAG=$TAG-$MIX
+  DATA_DIRS+=(--data "$WORK/data-foldoc")
+fi
 ADAPTER=${ADAPTER:-$WORK/adapter-append$TAG}
 step=${1:-all}
 run() { [[ $step == "$1" || $step == all ]]; }
@@ -50,9 +59,15 @@ if run tails; then
   FLASHBACK_WORK=$WORK ABLATE_MODEL=$MODEL ABLATE_STEPS=${ABLATE_STEPS:-30} bash scripts/ablate.sh tail-0 tail-16 tail-32 \
     tail-64 | tee "$RUNS/gemma-tails.md"
 fi
+if run prepare-foldoc; then
+  python3 scripts/overlapping_ids.py "$DATA/foldoc.jsonl.gz" --against "$DATA/jargon.jsonl.gz" --mention "Jargon File" \
+    >"$WORK/foldoc-jargon-ids.txt"
+  flashback prepare --model "$MODEL" "$DATA/foldoc.jsonl.gz" --exclude-from "$WORK/foldoc-jargon-ids.txt" \
+    --index "$WORK/index" --max-segments "${FOLDOC_SEGMENTS:-1200}" --out "$WORK/data-foldoc"
+fi
 if run train; then
   resume=(); [[ -f $ADAPTER.checkpoint/state.pt ]] && resume=(--resume)
-  flashback train --model "$MODEL" --data "$WORK/data" --out "$ADAPTER" --tail "${TAIL:-32}" \
+  flashback train --model "$MODEL" "${DATA_DIRS[@]}" --out "$ADAPTER" --tail "${TAIL:-32}" \
     --target-modules "$ALL" --marker-lr 5e-3 --max-steps "${TRAIN_STEPS:-400}" --batch-size 1 --lr 5e-4 \
     --warmup-steps 20 --eval-every 50 --save-every 10 --max-val-segments 8 "${resume[@]}"
 fi

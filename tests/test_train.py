@@ -328,6 +328,26 @@ def test_prepare_writes_examples_with_leakage_filter(capsys, tiny_model_dir, tin
     assert manifest["settings"]["stride"] == 8
 
 
+def test_prepare_drops_the_documents_of_an_exclude_from_file(
+    capsys, tiny_model_dir, tiny_index_dir, corpus_file, tmp_path
+):
+    """--exclude-from FILE leaves those documents out of training (and a missing FILE is a clean error)."""
+    ids = [json.loads(line)["id"] for line in corpus_file.read_text().splitlines()]
+    dropped = set(ids[::2])
+    listing = tmp_path / "drop.txt"
+    listing.write_text("\n".join(sorted(dropped)) + "\n\n")
+    args = [str(corpus_file), "--index", str(tiny_index_dir), "--model", str(tiny_model_dir), "--quiet"]
+    args += ["--max-length", "128", "--stride", "8", "--query-tokens", "8", "--val-fraction", "0.3"]
+    code = main(["prepare", *args, "--exclude-from", str(listing), "--out", str(tmp_path / "data")])
+    assert code == 0, capsys.readouterr().err
+    kept = {s.doc_id for split in ("train", "val") for s in load_segments(tmp_path / "data", split)[0]}
+    assert kept and kept.isdisjoint(dropped) and kept <= set(ids) - dropped
+
+    code = main(["prepare", *args, "--exclude-from", str(tmp_path / "absent.txt"), "--out", str(tmp_path / "d")])
+    assert code == 2 and "cannot read --exclude-from file" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
 def test_bad_training_input(
     capsys, tiny_model_dir, other_tokenizer_model_dir, tiny_index_dir, corpus_file, tmp_path, fresh_lm
 ):

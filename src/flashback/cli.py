@@ -248,13 +248,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 # ---- prepare / train -------------------------------------------------------------------------------
-def _read_titles(path: str | None) -> frozenset[str]:
+def _read_lines(path: str | None, flag: str) -> frozenset[str]:
+    """The non-blank lines of a list file (titles, document ids), stripped."""
     if not path:
         return frozenset()
     try:
         return frozenset(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
     except (OSError, UnicodeDecodeError) as exc:
-        raise FlashbackError(f"cannot read --forbid-titles file {path}: {exc}") from None
+        raise FlashbackError(f"cannot read {flag} file {path}: {exc}") from None
 
 
 def _documents(args: argparse.Namespace, sel: Selection, split: str):
@@ -265,12 +266,13 @@ def _documents(args: argparse.Namespace, sel: Selection, split: str):
     if not args.text and source.dataset is None:
         raise FlashbackError("no text: give TEXT files or --dataset")
     expand_paths(args.text)  # fail on a bad path before the slow part
+    dropped = _read_lines(sel.exclude_from, "--exclude-from")
     documents = read_documents(args.text)
     if source.dataset is not None:
         default = "train" if split == "train" else "test"  # prepare trains on train, eval scores test
         rows = list(dataset_documents(source.dataset, source.text_field, source.split, source.title_field, default))
         documents = itertools.chain(documents, rows)
-    return select(documents, sel.include, sel.exclude, sel.heldout, split if sel.heldout else "all")
+    return select(documents, sel.include, sel.exclude, sel.heldout, split if sel.heldout else "all", dropped)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -279,7 +281,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg, sel, model = config(PrepareConfig, args), config(Selection, args), config(EngineConfig, args).model
     docs = _documents(args, sel, "train")
-    forbid = _read_titles(sel.forbid_titles)
+    forbid = _read_lines(sel.forbid_titles, "--forbid-titles")
     index = _load_index(args.index)
     tokenizer = load_tokenizer(model)
     fingerprint = tokenizer_fingerprint(tokenizer)
@@ -329,7 +331,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     plan = plan_adapters(ecfg)
     tail = layout_settings(tuned_layouts(ecfg, plan), "append", None, given(args, "tail"))[1]
     cfg = config(EvalConfig, args, tail=tail)
-    forbid = _read_titles(sel.forbid_titles)
+    forbid = _read_lines(sel.forbid_titles, "--forbid-titles")
     index = _load_index(args.index)
     engine = load_engine(ecfg, adapters=plan, markers=any(s.markers or s.adapter for s in specs))
     _checked_retriever(engine, index)
@@ -344,6 +346,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "dataset": given(args, "dataset"),
             "include": list(sel.include),
             "exclude": list(sel.exclude),
+            "exclude_from": sel.exclude_from,
             "heldout": sel.heldout,
             "quantize": ecfg.quantize,
             "results": [r.to_json() for r in results],

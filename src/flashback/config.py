@@ -169,6 +169,9 @@ class Selection:
         (), "keep only documents whose id matches (repeatable), e.g. 'python:library/*'", metavar="GLOB"
     )
     exclude: tuple[str, ...] = opt((), "drop documents whose id matches (repeatable)", metavar="GLOB")
+    exclude_from: str | None = opt(
+        None, "file of document ids to drop, one a line (e.g. copies of an evaluation corpus)", metavar="FILE"
+    )
     heldout: float = opt(
         0.0,
         "hashed fraction of documents held out of training: prepare leaves it out, eval "

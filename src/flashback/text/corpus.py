@@ -16,7 +16,7 @@ import json
 import pydoc
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,12 +107,15 @@ def select(
     exclude: Sequence[str] = (),
     heldout: float = 0.0,
     split: str = "all",
+    exclude_ids: Collection[str] = frozenset(),
 ) -> Iterator[Document]:
-    """Filter documents by id globs (e.g. 'python:library/*') and by the held-out split.
+    """Filter documents by id globs (e.g. 'python:library/*'), by exact ids and by the held-out split.
 
     split: "all", "train" (drop the held-out fraction) or "heldout" (keep only it).
     """
     for doc in documents:
+        if doc.id in exclude_ids:
+            continue
         if include and not any(fnmatch.fnmatchcase(doc.id, g) for g in include):
             continue
         if any(fnmatch.fnmatchcase(doc.id, g) for g in exclude):
