@@ -12,9 +12,10 @@
 #              checkpoints every 10 steps and resumes when re-run (TRAIN_STEPS, default 400: about 2.5-4 h).
 #              MIX=foldoc trains on the Python segments and prepare-foldoc's segments together
 #   eval       the adapter against the untuned baselines on the same tokens
-#   bench      append vs prepend speed at L=2048 and 4096 on the PyTorch engine (real passages from the index)
+#   bench      append vs prepend speed at L=2048 and 4096 on the PyTorch engine (real passages, TAIL's layout)
 #   llamacpp   the adapter merged and exported to f16 GGUF, then the same bench on the llama.cpp engine
 #              (needs scripts/setup_engines.sh)
+# The adapter of the README's Gemma rows: prepare-foldoc, then `TAIL=64 MIX=foldoc TRAIN_STEPS=300` train and eval.
 # The adapter is derived from Gemma's weights, so the Gemma Terms of Use apply to it; it is not shipped in the
 # repository: this script recreates it.
 # Usage: bash scripts/reproduce_gemma.sh [STEP|all]
@@ -78,7 +79,7 @@ if run eval; then
 fi
 if run bench; then
   flashback bench --model "$MODEL" --index "$WORK/index" --context-lengths 2048,4096 --repeats "${REPEATS:-1}" \
-    --no-lora --compile off --json "$RUNS/gemma-bench.json"
+    --no-lora --compile off --tail "${TAIL:-32}" --json "$RUNS/gemma-bench$TAG.json"
 fi
 if run llamacpp; then
   # export again when the adapter is newer than the export (a longer training run replaced it)
