@@ -29,8 +29,8 @@ mkdir -p "$WORK" "$RUNS"
 LIB=(--include 'foldoc:*' --include 'python:library/*' --include 'python:reference/*' --include 'python:c-api/*')
 NOT_LIB=(--exclude 'python:library/*' --exclude 'python:reference/*' --exclude 'python:c-api/*')
 ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
-# tail 32 names adapter-append and the plain eval JSON files; another TAIL or a MIX gets its own adapter folder (no
-# resume across them) and its own eval JSON files, so each adapter's figures stay side by side
+# tail 32 names adapter-append, export-f16 and the plain JSON files; another TAIL or a MIX gets its own adapter folder
+# (no resume across them), export and JSON files, so each adapter's figures stay side by side
 TAG=; [[ ${TAIL:-32} == 32 ]] || TAG=-tail$TAIL
 DATA_DIRS=(--data "$WORK/data")
 if [[ -n ${MIX:-} ]]; then
@@ -82,9 +82,10 @@ if run bench; then
     --no-lora --compile off --tail "${TAIL:-32}" --json "$RUNS/gemma-bench$TAG.json"
 fi
 if run llamacpp; then
-  # export again when the adapter is newer than the export (a longer training run replaced it)
-  [[ $WORK/export-f16/flashback.json -nt $ADAPTER/flashback.json ]] || flashback export --model "$MODEL" \
-    --adapter "$ADAPTER" --out "$WORK/export-f16" --gguf f16
-  flashback bench --engine llamacpp --model "$WORK/export-f16" --index "$WORK/index" --context-lengths 2048,4096 \
-    --repeats "${REPEATS:-1}" --json "$RUNS/gemma-bench-llamacpp.json"
+  # each adapter has its own export (TAG), made again when the adapter is newer (a longer training run replaced it)
+  EXPORT=$WORK/export-f16$TAG
+  [[ $EXPORT/flashback.json -nt $ADAPTER/flashback.json ]] || flashback export --model "$MODEL" \
+    --adapter "$ADAPTER" --out "$EXPORT" --gguf f16
+  flashback bench --engine llamacpp --model "$EXPORT" --index "$WORK/index" --context-lengths 2048,4096 \
+    --repeats "${REPEATS:-1}" --json "$RUNS/gemma-bench-llamacpp$TAG.json"
 fi
