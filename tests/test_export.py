@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -18,7 +17,7 @@ from flashback.export import export
 from flashback.generate import generate
 from flashback.text.retrieval import Hit, Index, IndexRetriever, Retrieved
 from flashback.text.tokenize import MARKERS, encode
-from tests.conftest import engine_or_skip, needs_default_model
+from tests.conftest import llama_cpp_or_skip, needs_default_model
 
 from .test_cache import full_logits
 
@@ -71,7 +70,7 @@ def test_export_cli_replaces_only_an_earlier_export(capsys, tiny_model_dir, adap
 @pytest.fixture(scope="module")
 def gguf_export(shipped_gguf):
     """The shipped adapter's f16 GGUF export, for the in-process llama.cpp engine."""
-    engine_or_skip(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python")
+    llama_cpp_or_skip()
     return shipped_gguf
 
 

@@ -16,7 +16,7 @@ from flashback.config import GenerationConfig
 from flashback.generate import Trace, generate, stream
 from flashback.text.retrieval import Hit, Retrieved
 from flashback.text.tokenize import encode
-from tests.conftest import TOPICS, assert_same_greedy_path, engine_or_skip, random_adapter
+from tests.conftest import TOPICS, assert_same_greedy_path, engine_or_skip, llama_cpp_or_skip, random_adapter
 
 pytestmark = pytest.mark.slow
 MODEL = "gemma3-270m"
@@ -93,7 +93,7 @@ def gemma_export(gemma, tmp_path_factory):
     """An append adapter with random LoRA weights on Gemma, merged and exported to f16 GGUF by llama.cpp's converter."""
     from flashback.export import export
 
-    engine_or_skip(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python")
+    llama_cpp_or_skip()
     adapter = random_adapter(MODEL, tmp_path_factory.mktemp("gemma-adapter") / "append", 0.01, tail=8, base=MODEL)
     out = tmp_path_factory.mktemp("gemma-export") / "m"
     return out, export(adapter, out, model=MODEL, gguf="f16")

@@ -6,7 +6,6 @@ the server decodes and reuses its prefix cache. Needs llama-server (scripts/setu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import subprocess
@@ -22,13 +21,13 @@ from flashback.bench import run_bench
 from flashback.cli import main
 from flashback.config import BenchConfig, GenerationConfig
 from flashback.engines.torch import load_model
-from flashback.engines.upstream import OpenAIClient, llama_server_path, load_upstream, vllm_python
+from flashback.engines.upstream import OpenAIClient, load_upstream, vllm_python
 from flashback.errors import FlashbackError
 from flashback.export import export
 from flashback.generate import generate
 from flashback.text.retrieval import Hit, Retrieved
 from flashback.text.tokenize import encode
-from tests.conftest import engine_or_skip
+from tests.conftest import engine_or_skip, llama_cpp_or_skip, llama_server_or_skip
 
 from .test_cli import assert_clean_error, run_cli
 
@@ -87,8 +86,7 @@ def server(request, shipped_gguf, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp(request.param) / "log.txt"
     if request.param == "llama-server":
-        binary = llama_server_path()
-        engine_or_skip(binary is not None, "llama-server")
+        binary = llama_server_or_skip()
         # Flash attention off, as in the in-process engine: with it on (llama-server's default on this CPU) the two
         # part ways at a near-tie on this test's append layout (the 7th token).
         # No host-memory prompt cache (--cache-ram 0): the slot's own prefix cache is what FlashBack relies on.
@@ -141,7 +139,7 @@ def test_upstream_generates_the_local_engines_tokens(server):
     torch_lm = load_model(str(server.folder), markers=True)
     local = torch_lm
     if server.block == 1:  # llama-server
-        engine_or_skip(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python")
+        llama_cpp_or_skip()
         from flashback.engines.llamacpp import load_llamacpp
 
         local = load_llamacpp(server.folder, n_ctx=1024)

@@ -97,11 +97,15 @@ def load_llamacpp(
     folder: str | Path, n_ctx: int | None = None, threads: int | None = None, flash_attn: bool = False
 ) -> LlamaCppEngine:
     """Load `flashback export --gguf` output: the GGUF its card names, the tokenizer beside it."""
+    from flashback.engines.native import ensure_llama_cpp_runs
+    from flashback.registry import cache_root
+
     card = gguf_export_card(folder)
     try:
         from llama_cpp import Llama
     except ImportError:
         raise FlashbackError("--engine llamacpp needs llama-cpp-python: bash scripts/setup_engines.sh") from None
+    ensure_llama_cpp_runs(cache_root())  # a build for another CPU would kill this process at the first decode
     folder = Path(folder).expanduser()
     parts = exported_parts(folder, card)
     threads = threads or torch.get_num_threads()
