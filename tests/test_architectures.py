@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM
 from flashback.cli import main
 from flashback.config import EvalConfig, GenerationConfig, TrainConfig
 from flashback.engines.torch import load_model
-from flashback.engines.torch.cache import KVCache
+from flashback.engines.torch.cache import KVCache, WindowLayer
 from flashback.engines.torch.decode import Decoder
+from flashback.errors import FlashbackError
 from flashback.evaluate import ModeSpec, plan_targets, retrieve_all, score_fast, score_slow, segment_size
-from flashback.generate import generate
+from flashback.generate import Trace, generate, stream
 from flashback.layout import Planner, layout
 from flashback.text.corpus import read_documents
 from flashback.text.retrieval import Index, IndexRetriever
@@ -272,3 +273,91 @@ def test_packed_training_on_a_model_whose_every_layer_slides(tmp_path):
         unwindowed = target_nll(model, pack(segment, (300, 301), 4, 0, torch.device("cpu")), None)
     torch.testing.assert_close(packed, plain, atol=2e-5, rtol=0)
     assert (unwindowed - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("mode", "tail"), [("append", 3), ("append", 12), ("prepend", 0), ("none", 0)])
+def test_sliding_layers_hold_their_window_and_stay_exact(gemma, tiny_gemma_index_dir, monkeypatch, mode, tail):
+    """A context of 40 windows, a passage every 4 tokens: at every step the logits equal a full forward over the
+    layout (naive_layout), while each sliding layer holds at most the window plus one step's rollback distance
+    (passage block, tail, stride), not the sequence. Chunked prefill (chunks of 16) runs the long prompt."""
+    from flashback.engines.torch import cache as cache_module
+
+    from .test_generate import naive_layout, passages_by_step
+
+    monkeypatch.setattr(cache_module, "PREFILL_CHUNK", 16)
+    index = Index.load(tiny_gemma_index_dir)
+    retriever = IndexRetriever(index)
+    stride, max_new = 4, 24
+    cfg = GenerationConfig(mode=mode, stride=stride, max_new_tokens=max_new, tail=tail, stop_at_eos=False)
+    text = " ".join(r["text"] for r in corpus_records())
+    prompt = gemma.tokenizer(text, add_special_tokens=False)["input_ids"][: 40 * WINDOW]
+    held: list[int] = []
+    seen: dict[int, torch.Tensor] = {}
+    sessions = []
+    session = gemma.session
+    monkeypatch.setattr(gemma, "session", lambda *a, **kw: sessions.append(session(*a, **kw)) or sessions[-1])
+
+    def observe(step, logits):
+        seen[step] = logits.clone()
+        layers = [la for la in sessions[-1].cache.layers if isinstance(la, WindowLayer)]
+        held.append(max(la._k.shape[-2] for la in layers))
+
+    trace = Trace(mode)
+    tokens = list(stream(gemma, prompt, retriever, cfg, trace, observe=observe))
+    assert len(tokens) == max_new
+    passages = passages_by_step(index, trace) if mode != "none" else {}
+    assert mode == "none" or all(passages.values()), "every step should have retrieved a passage"
+    markers = gemma.marker_ids if mode == "append" else None
+    for step, logits in seen.items():
+        ids = gemma.head_ids + naive_layout(mode, prompt, tokens, step, passages, markers, tail)
+        torch.testing.assert_close(logits, full_logits(gemma.model, ids)[-1], atol=ATOL, rtol=0)
+    longest = max(len(p) for p in passages.values()) if passages else 0
+    horizon = {"append": longest + 2 + tail + stride, "prepend": stride, "none": max_new}[mode]
+    assert len(gemma.head_ids + prompt) > 4 * (WINDOW + horizon + 16)  # the bound below is far from the length
+    assert max(held) <= 2 * (WINDOW + horizon + 16), held  # window + rollback + one chunk, with room to compact
+    assert any(la.start > 0 for la in sessions[-1].cache.layers if isinstance(la, WindowLayer))
+
+
+def test_a_rollback_below_the_floor_is_refused_and_one_above_is_exact(gemma):
+    """Keys dropped are gone: a rollback that needs them is an error, not a silently wrong cache. A rollback to
+    the floor, across the window's edge, equals a plain forward."""
+    ml, mr = gemma.marker_ids
+    context = gemma.head_ids + random_ids(gemma, 20 * WINDOW, 20)
+    cache = KVCache(gemma.model)
+    cache.extend(context)
+    cache.keep_from(len(context))
+    block = [ml, *random_ids(gemma, 3 * WINDOW, 21), mr]
+    for _ in range(3):  # append, decode past several windows, roll back: each time the same as a fresh forward
+        cache.extend(block)
+        after = [cache.extend([t]) for t in random_ids(gemma, WINDOW + 3, 22)]
+        assert len(after) == WINDOW + 3
+        cache.rollback(len(context))
+        new = random_ids(gemma, 5, 23)
+        got = cache.extend(new, all_logits=True)
+        torch.testing.assert_close(got, full_logits(gemma.model, context + new)[len(context) :], atol=ATOL, rtol=0)
+        cache.rollback(len(context))
+    sliding = [la for la in cache.cache.layers if isinstance(la, WindowLayer)]
+    assert sliding and all(la.start > 0 for la in sliding)
+    assert max(la._k.shape[-2] for la in sliding) < len(context)
+    with pytest.raises(FlashbackError, match="sliding-window"):
+        cache.rollback(len(context) - 2 * WINDOW)
+
+
+def test_chunked_prefill_equals_one_forward(tiny_lm, gemma, monkeypatch):
+    """A long extend runs in chunks: same logits (all, last, last N) and the same cache as one forward."""
+    from flashback.engines.torch import cache as cache_module
+
+    for lm in (tiny_lm, gemma):
+        ids = lm.head_ids + random_ids(lm, 150, 30)
+        one = KVCache(lm.model)
+        want = one.extend(ids, all_logits=True)
+        monkeypatch.setattr(cache_module, "PREFILL_CHUNK", 32)
+        chunked = KVCache(lm.model)
+        got = chunked.extend(ids, all_logits=True)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+        assert len(chunked.forwards) == 1 and len(chunked) == len(ids)
+        last = KVCache(lm.model).extend(ids, last_logits=40)  # spans two chunks
+        torch.testing.assert_close(last, want[-40:], atol=ATOL, rtol=0)
+        torch.testing.assert_close(KVCache(lm.model).extend(ids), want[-1], atol=ATOL, rtol=0)
+        assert_same_cache(chunked, one, atol=ATOL)
+        monkeypatch.setattr(cache_module, "PREFILL_CHUNK", 1024)

@@ -240,6 +240,7 @@ def _fast(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, 
         if keep > cached:  # the text since the previous target joins the cached context
             last = cache.extend(context[cached:keep])
             cached = keep
+        cache.keep_from(len(head) + max(0, cached - cfg.tail))  # later targets split at or after this
         if plain:
             logits = torch.cat([last[None], cache.extend(target, all_logits=True)[:-1]])
             yield target_nll(logits, target, banned, hook, i)

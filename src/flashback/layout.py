@@ -74,11 +74,14 @@ def layout(
 @dataclass(frozen=True)
 class StepPlan:
     """What one retrieval step asks of a sequence's cache: keep its first `keep` tokens, then run `prefix`
-    (cached for the rest of the generation: not counted as the step's work) and `feed` after them."""
+    (cached for the rest of the generation: not counted as the step's work) and `feed` after them. No later
+    step rolls the cache back below `floor` (None: below the end of `feed`), so a sliding-window cache may drop
+    what only earlier queries could see."""
 
     keep: int
     prefix: list[int]
     feed: list[int]
+    floor: int | None = None
 
 
 class Planner:
@@ -100,14 +103,16 @@ class Planner:
         if self.mode == "prepend":
             return StepPlan(0, [], [*self.head, *passage_block(passages or [], None), *history])
         kept, block = append_parts(history, passages or [], self.markers, self.tail, self.head)
+        # Later split points lie at or after this history's (it only grows), whether or not this step has passages.
+        floor = len(self.head) + split_point(len(history), self.tail)
         if first:  # the prompt's prefill, kept for the whole generation
             self.cached = len(kept)
-            return StepPlan(0, kept, block)
+            return StepPlan(0, kept, block, floor)
         # A step without passages cached its whole history; with a tail longer than the stride the new split
         # point then lies before what is cached, so the cache goes back to it.
         keep = min(self.cached, len(kept))
         self.cached = len(kept)
-        return StepPlan(keep, [], kept[keep:] + block)
+        return StepPlan(keep, [], kept[keep:] + block, floor)
 
     def reusable(self, held: int) -> int:
         """Of the `held` cached tokens at the end of a generation, how many a later sequence may start from: in

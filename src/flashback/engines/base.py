@@ -160,9 +160,10 @@ class Session(ABC):
         reused = 0
         if plan.keep == 0:
             reused = self.start_from(plan.prefix + plan.feed)
-            plan = StepPlan(reused, plan.prefix[reused:], plan.feed[max(0, reused - len(plan.prefix)) :])
+            plan = StepPlan(reused, plan.prefix[reused:], plan.feed[max(0, reused - len(plan.prefix)) :], plan.floor)
         else:
             self.rollback(plan.keep)
+        self.keep_from(plan.floor if plan.floor is not None else len(self) + len(plan.prefix) + len(plan.feed))
         if chunk is not None:
             stretch = Stretch(iter(()), 0, reused or None)
             stretch.tokens = self._chunked(plan, n, sampling, observe, step, chunk, stretch)
@@ -173,6 +174,9 @@ class Session(ABC):
             logits = self.extend(plan.feed)
         computed = sum(f.tokens for f in self.forwards[before:])
         return Stretch(self._tokens(logits, n, sampling, observe, step), computed, reused or None)
+
+    def keep_from(self, floor: int) -> None:  # noqa: B027 - only caches that drop keys need to know
+        """No later rollback goes below `floor` (sliding-window caches may drop keys only earlier queries see)."""
 
     def start_from(self, tokens: Sequence[int]) -> int:
         """Empty the cache for a sequence that begins with `tokens`; an engine that keeps finished sequences may

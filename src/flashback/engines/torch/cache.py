@@ -32,6 +32,8 @@ class GrowableLayer(DynamicLayer):
     just a shorter view.
     """
 
+    min_capacity = 256
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._k = self._v = None
@@ -41,7 +43,7 @@ class GrowableLayer(DynamicLayer):
         capacity = 0 if self._k is None else self._k.shape[-2]
         if needed <= capacity:
             return
-        size = max(needed, 2 * capacity, 256)
+        size = max(needed, 2 * capacity, self.min_capacity)
         k = like_k.new_empty((*like_k.shape[:-2], size, like_k.shape[-1]))
         v = like_v.new_empty((*like_v.shape[:-2], size, like_v.shape[-1]))
         if self._len:
@@ -75,6 +77,88 @@ class GrowableLayer(DynamicLayer):
         self._k = self._v = None
         self._len = 0
         super().reset()
+
+
+class WindowLayer(GrowableLayer):
+    """A sliding-window layer that holds its window plus what a rollback may still need, not every key.
+
+    A query at position q sees keys q - window + 1 .. q. The session says how far back a later rollback can go
+    (`floor`); every later query then sits at or after min(floor, length), so keys before that minus
+    `window - 1` are never read again and are dropped. The layer holds at most `window - 1` keys plus the
+    distance from the floor to the end (for FlashBack: one retrieval step's block and the tokens generated
+    since), whatever the sequence's length. Positions stay absolute: `get_seq_length` counts the dropped keys,
+    and `get_mask_sizes` tells transformers' mask builder that the held keys start at `start`, where it
+    applies the window as it does for its own sliding layer.
+    """
+
+    is_sliding = True
+    min_capacity = 16  # grows to twice what it must hold at most
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+        self.floor = 0  # no later rollback goes below this position
+        self.start = 0  # absolute position of the first held key
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.start = 0
+
+    def get_seq_length(self) -> int:
+        return self.start + self._len if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return (self._len if self.is_initialized else 0) + query_length, self.start
+
+    def droppable(self) -> int:
+        """Held keys that no later query can see."""
+        first_query = min(self.floor, self.get_seq_length())
+        return max(0, first_query - self.window + 1 - self.start)
+
+    def compact(self, incoming: int) -> None:
+        """Move the keys still needed to the front of the buffer, before a forward of `incoming` tokens (not
+        inside `update`: the forward's mask is sized from the held keys before it runs). Done when the move does
+        not overlap (half or more is droppable) or when the new keys would not fit, so it costs O(1) per token
+        amortized."""
+        drop = self.droppable() if self.is_initialized else 0
+        if drop == 0:
+            return
+        capacity = 0 if self._k is None else self._k.shape[-2]
+        kept = self._len - drop
+        if drop < kept and self._len + incoming <= capacity:
+            return
+        if capacity > 4 * max(kept + incoming, self.min_capacity):  # held far more once (a long prefill): shrink
+            size = 2 * max(kept + incoming, self.min_capacity)
+            self._k, self._v = (b.new_empty((*b.shape[:-2], size, b.shape[-1])) for b in (self._k, self._v))
+            self._k[..., :kept, :], self._v[..., :kept, :] = self.keys[..., drop:, :], self.values[..., drop:, :]
+        else:
+            for buffer in (self._k, self._v):
+                source = buffer[..., drop : self._len, :]
+                buffer[..., :kept, :] = source if drop >= kept else source.clone()
+        self.start += drop
+        self._set_length(kept)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of tokens to drop")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        length = max(0, self.get_seq_length() + tokens_to_remove)
+        if not self.reaches(length):
+            raise FlashbackError(
+                f"cannot roll back to {length} tokens: this sliding-window layer dropped the keys before position "
+                f"{self.start} (a rollback may not go below the session's floor, {self.floor})"
+            )
+        self._set_length(length - self.start)
+        self.floor = min(self.floor, length)
+
+    def reaches(self, length: int) -> bool:
+        """Whether the held keys serve queries from `length` on (a rollback to `length` stays exact)."""
+        return self.start == 0 or self.start <= length - self.window + 1
+
+    def reset(self) -> None:
+        super().reset()
+        self.start = self.floor = 0
 
 
 class FixedLayer(GrowableLayer):
@@ -141,11 +225,11 @@ class FixedLayer(GrowableLayer):
 def new_cache(config, capacity: int | None = None, device: torch.device | None = None) -> DynamicCache:
     """A DynamicCache whose attention layers are GrowableLayers (FixedLayers given a capacity).
 
-    Sliding-window layers (Gemma 2/3, Mistral-style, hybrid local/global models) get the same layers: they keep
-    every key instead of the last `window`, and the window is applied by the attention mask, which transformers
-    builds from `config.layer_types`, not from the cache layer. Rollback then stays a length change and exact, at
-    the memory of a full-attention model. Layers that hold a recurrent state (linear attention, Mamba) have no
-    earlier state to go back to and are refused.
+    Sliding-window layers (Gemma 2/3, Mistral-style, hybrid local/global models) become WindowLayers, which hold
+    the window plus what a rollback may need (the session's floor). In fixed buffers (the decode step) they are
+    FixedLayers that keep every key, the window applied by the attention mask, which transformers builds from
+    `config.layer_types`: exact, at the memory of a full-attention model. Layers that hold a recurrent state
+    (linear attention, Mamba) have no earlier state to go back to and are refused.
     """
     cache = DynamicCache(config=config)
     unknown = {type(layer).__name__ for layer in cache.layers if type(layer) not in ROLLBACK_LAYERS}
@@ -158,9 +242,17 @@ def new_cache(config, capacity: int | None = None, device: torch.device | None =
     # compiled step's guards tell the two kinds apart, and a mismatch would compile the graph again.
     with torch.inference_mode(False):
         position = torch.zeros((), dtype=torch.long, device=device)
-    make = GrowableLayer if capacity is None else (lambda: FixedLayer(capacity, position))
-    cache.layers = [make() for _ in cache.layers]
+    if capacity is not None:
+        cache.layers = [FixedLayer(capacity, position) for _ in cache.layers]
+    else:
+        cache.layers = [
+            WindowLayer(layer.sliding_window) if isinstance(layer, DynamicSlidingWindowLayer) else GrowableLayer()
+            for layer in cache.layers
+        ]
     return cache
+
+
+PREFILL_CHUNK = 1024  # tokens per forward of a long extend: attention scores stay chunk x length, never L x L
 
 
 class KVCache(Session):
@@ -192,6 +284,7 @@ class KVCache(Session):
         self.capacity = capacity
         self.decoder = decoder
         self.cache = new_cache(model.config, capacity, self.device)
+        self.floor = 0  # keep_from
         self.forwards: list[Forward] = []
         self.ids: list[int] = []  # the tokens cached, in order
         self.eager = 0  # leading cached tokens whose keys and values came from eager forwards (not the decode step)
@@ -225,9 +318,7 @@ class KVCache(Session):
             stepped = False
             if self.before_forward is not None:
                 self.before_forward()
-            keep = 0 if all_logits else max(1, last_logits)
-            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=keep)
-            logits = out.logits[0].float()  # (T, V) or (1, V)
+            logits = self._forward(ids, ids.shape[1] if all_logits else max(1, last_logits))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         n = ids.shape[1]
@@ -241,10 +332,49 @@ class KVCache(Session):
         if self.auto is not None and n == 1 and before > 0:
             if stepped:
                 self.auto.compiled_step(seconds, self.decoder.compile_s - compiled_before)
-            elif self.decoder is None and (decoder := self.auto.observe_eager(seconds)) is not None:
+            elif (
+                self.decoder is None
+                and not self._trimmed()  # the fixed buffers hold every key: those dropped are gone
+                and (decoder := self.auto.observe_eager(seconds)) is not None
+            ):
                 self._recast(self.auto.capacity)
                 self.decoder, self.capacity = decoder, self.auto.capacity
         return logits if all_logits or last_logits else logits[-1]
+
+    def _forward(self, ids: torch.Tensor, wanted: int) -> torch.Tensor:
+        """Eager forwards over `ids` (1, T), PREFILL_CHUNK tokens at a time; the last `wanted` positions' logits
+        (wanted, V). A long prompt then never builds a T x T score matrix, and the output layer runs only where
+        logits are wanted."""
+        n = ids.shape[1]
+        parts = []
+        for start in range(0, n, PREFILL_CHUNK):
+            part = ids[:, start : start + PREFILL_CHUNK]
+            self._compact(part.shape[1])
+            need = min(part.shape[1], wanted - (n - start - part.shape[1]))  # of this chunk's positions
+            out = self.model(input_ids=part, cache=self.cache, use_cache=True, logits_to_keep=max(1, need))
+            if need > 0:
+                parts.append(out.logits[0, -need:].float())
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _compact(self, incoming: int) -> None:
+        for layer in self.cache.layers:
+            if isinstance(layer, WindowLayer):
+                layer.compact(incoming)
+
+    def keep_from(self, floor: int) -> None:
+        """No later rollback of this sequence goes below `floor`: sliding-window layers may drop the keys that
+        only queries before it could see."""
+        self.floor = floor
+        for layer in self.cache.layers:
+            if isinstance(layer, WindowLayer):
+                layer.floor = floor
+
+    def reaches(self, length: int) -> bool:
+        """Whether a rollback to `length` is possible (sliding-window layers may have dropped what it needs)."""
+        return all(layer.reaches(length) for layer in self.cache.layers if isinstance(layer, WindowLayer))
+
+    def _trimmed(self) -> bool:
+        return any(isinstance(layer, WindowLayer) and layer.start > 0 for layer in self.cache.layers)
 
     def _step(self, token: int, length: int) -> torch.Tensor | None:
         """One token through the decode step. Under --compile auto a step that fails (no C++ compiler, an Inductor
@@ -287,13 +417,19 @@ class KVCache(Session):
         if drop < 0:
             raise ValueError(f"cannot roll back to {length}: only {len(self)} tokens are cached")
         if drop:  # crop(0) is a no-op, and a positive argument means "keep", so pass -drop
+            if not self.reaches(length):
+                raise FlashbackError(
+                    f"cannot roll back to {length} tokens: the sliding-window layers kept only what a rollback to "
+                    f"{self.floor} or later needs"
+                )
             self.cache.crop(-drop)
             del self.ids[length:]
             self.eager = min(self.eager, length)
+            self.floor = min(self.floor, length)
 
     def reset(self) -> None:
         self.cache = new_cache(self.model.config, self.capacity, self.device)
-        self.ids, self.eager = [], 0
+        self.ids, self.eager, self.floor = [], 0, 0
 
     def start_from(self, tokens: Sequence[int]) -> int:
         """A fresh cache, or the store's finished sequence sharing the longest prefix with `tokens`, rolled back to
@@ -306,6 +442,9 @@ class KVCache(Session):
         if entry is None:
             return 0
         self.cache, self.ids, self.eager = entry.cache, entry.tokens, len(entry.tokens)
+        if not self.reaches(length):  # the sliding-window layers no longer hold what the shared prefix needs
+            self.reset()
+            return 0
         self.rollback(length)
         return length
 
@@ -320,7 +459,8 @@ class KVCache(Session):
             return
         layers = [layer for layer in self.cache.layers if getattr(layer, "_k", None) is not None]
         keep = min(keep, self.eager)
-        if keep <= 0 or not layers or any(getattr(layer, "_len", 0) != len(self.ids) for layer in self.cache.layers):
+        held = [getattr(layer, "_len", 0) + getattr(layer, "start", 0) for layer in self.cache.layers]
+        if keep <= 0 or not layers or any(n != len(self.ids) for n in held) or not self.reaches(keep):
             return
         self.rollback(keep)
         if self.auto is not None and self.capacity is not None:  # moved for the decode step: back to what an auto
