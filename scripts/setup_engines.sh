@@ -44,6 +44,7 @@ install_python() {  # $1: cmake flags
         mv "$wheels.tmp" "$wheels"
     fi
     pip_q --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
+    pip_q "$wheels"/llama_cpp_python-*.whl  # its own dependencies (diskcache, jinja2), without reinstalling numpy
     # shellcheck disable=SC2086
     native record-python $1
 }
@@ -70,7 +71,7 @@ build_server() {  # $1: cmake flags, $2: destination folder
 }
 # Build with the CPU's own flags; if the build does not run, with AVX2 at most, then with no SIMD at all.
 ensure() {  # $1: python|server
-    local why ceiling flags tried="" dest="$cache/llama-server/$VERSION"
+    local why ceiling flags rc tried="" dest="$cache/llama-server/$VERSION"
     if [ "$1" = python ]; then why=$(native python-stale) || why=""; else why=$(native stale "$dest") || why=""; fi
     [ -x "$dest/llama-server" ] || [ "$1" = python ] || why="llama-server is not built"
     for ceiling in "" avx2 baseline; do
@@ -82,9 +83,11 @@ ensure() {  # $1: python|server
             echo "setup_engines: $why" >&2
             if [ "$1" = python ]; then install_python "$flags"; else build_server "$flags" "$dest"; fi
         fi
-        if [ "$1" = python ] && native check-python; then return 0; fi
-        if [ "$1" = server ] && native check-server "$dest/llama-server"; then return 0; fi
-        why="the build does not run on this CPU; trying a safer set of flags"
+        rc=0
+        if [ "$1" = python ]; then native check-python || rc=$?; else native check-server "$dest/llama-server" || rc=$?; fi
+        [ "$rc" = 0 ] && return 0
+        [ "$rc" = 1 ] || return 1  # it failed without crashing: safer flags would not help (the line says why)
+        why="the build crashed on this CPU; trying a safer set of flags"
     done
     echo "setup_engines: no build of llama.cpp ($1) runs on this CPU: $(native cpu)" >&2
     return 1

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -131,3 +132,52 @@ def test_the_papers_runtime_test_grows_the_sequence_to_a_total_length(capsys, ti
     assert row["flop_limit_speedup"] > 1
     code = main([*map(str, args[:-2]), "--total-length", "64"])
     assert code == 2 and "--total-length must exceed" in capsys.readouterr().err
+
+
+def test_long_contexts_follow_the_models_positions():
+    from flashback.bench import long_contexts
+
+    assert long_contexts(8192, 162) == (8000,)  # SmolLM2: 8,192 positions leave 8,000 for the context
+    assert long_contexts(32768, 162) == (8192, 16384, 32000)  # Gemma 3 270M
+    assert long_contexts(131072, 162) == (8192, 16384, 32768)
+    with pytest.raises(FlashbackError, match="no long context"):
+        long_contexts(4096, 162)
+
+
+def test_sliding_layers_cap_the_attention_flops_and_the_keys_a_decode_step_reads():
+    full = Architecture(18, 640, 256, 1000, 10**8, 10**8 + 1000, 1024)
+    hybrid = Architecture(18, 640, 256, 1000, 10**8, 10**8 + 1000, 1024, sliding_layers=15, window=512)
+    n = 32768
+    assert flops(hybrid, n, 0) < flops(full, n, 0) / 3  # at 32k, 15 of 18 layers see 512 keys, not up to 32k
+    assert flops(hybrid, 16, 100) == flops(full, 16, 100)  # inside the window the two agree
+    assert hybrid.kv_read(32768) == pytest.approx((3 * 32768 + 15 * 512) / 18)
+    assert full.kv_read(32768) == 32768
+
+
+def test_bench_reports_rooflines_and_peak_memory_per_mode(tiny_lm):
+    """The roofline limit bounds what the FLOP model and the decode bytes allow; each mode's peak RSS is read."""
+    from flashback.bench import Roofline
+
+    bc = BenchConfig(
+        context_lengths=(200, 400), new_tokens=24, stride=8, passage_tokens=16, repeats=1, lora_overhead=False
+    )
+    bc = replace(bc, long=True)
+    result = run_bench(tiny_lm, bc)
+    assert result["matmul_peak_gflop_s"] > 0
+    for row in result["rows"]:
+        assert row["roofline_limit"] > 1 and row["after_first_roofline_limit"] > 1
+        assert row["after_first_of_roofline"] == pytest.approx(
+            row["after_first_speedup"] / row["after_first_roofline_limit"]
+        )
+        for mode in ("append", "prepend"):
+            assert 0 < row[mode]["after_first_roofline_s"] < row[mode]["roofline_s"]
+            assert row[mode]["peak_rss_mb"] > 10
+            assert row[mode]["warm_up_compile_choice"] is None or row is result["rows"][0]
+    assert "roofline limit" in format_table(result)
+    # decode steps are charged bytes, the others FLOPs
+    from flashback.engines.base import Forward
+
+    roof = Roofline(tiny_lm, "append", peak=1e9, bandwidth=1e9)
+    one = roof.seconds([Forward("decode", 1, 101, 0.0)])
+    assert one == pytest.approx((roof.weights + roof.per_token * 100) / 1e9)
+    assert roof.seconds([Forward("extend", 10, 110, 0.0)]) == pytest.approx(flops(tiny_lm.arch, 10, 100) / 1e9)

@@ -102,12 +102,14 @@ def test_a_library_that_dies_with_sigill_is_one_clear_line(installed, tmp_path):
     assert "\n" not in smoke.message
     assert "died with SIGILL" in smoke.message and "-DGGML_AVX512=ON" in smoke.message
     assert "setup_engines.sh" in smoke.message
+    assert smoke.crashed  # the setup script then tries safer flags
 
 
 def test_a_library_that_fails_otherwise_names_its_error(installed, tmp_path):
     python = fake_interpreter(tmp_path, "print('llama_model_load: bad file', file=sys.stderr); sys.exit(3)")
     smoke = native.check_llama_cpp(python=python)
     assert not smoke.ok and "exited with status 3" in smoke.message and "bad file" in smoke.message
+    assert not smoke.crashed  # a missing module or a bad file: other flags would not help
     ok = native.check_llama_cpp(python=fake_interpreter(tmp_path, "print('ok 4')"))
     assert ok.ok, ok.message
 

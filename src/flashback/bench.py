@@ -2,14 +2,19 @@
 
 For each context length both modes generate the same number of tokens with the same retrieval
 schedule; runs are interleaved (the order alternates each repeat) after a warm-up, and medians are
-reported. Beside each measured speedup stands the FLOP-model limit, computed from the forward
-passes the two runs actually made, so a reader sees how close the implementation gets.
+reported. Beside each measured speedup stand two limits computed from the forward passes the two runs
+actually made: the FLOP model alone, and a roofline that charges prefills and extends their FLOPs at the
+machine's measured matmul peak and decode steps their bytes (weights + the keys and values they read) at its
+measured copy bandwidth, so that a ratio's ceiling means the same thing on a compute-bound GPU and a
+bandwidth-bound CPU. `--long` runs the contexts FlashBack is for (8k to 32k tokens, as the model allows).
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -75,13 +80,97 @@ class FullRetriever:
         return got
 
 
+# --long: the contexts FlashBack is for; a model whose positions end before one gets the largest thousand that fits
+LONG_CONTEXTS = (8192, 16384, 32768)
+LONG_NEW_TOKENS = 32  # two retrieval steps at stride 16: the first (with the shared prefill) and one more
+WARM_UP_CONTEXT = 512  # --long warms up once at this length: a warm-up at 32k would cost minutes for nothing
+
+
+def long_contexts(max_positions: int, reserve: int) -> tuple[int, ...]:
+    """--long's context lengths for a model of `max_positions` when a run needs `reserve` more positions."""
+    room = max_positions - reserve
+    lengths = [n for n in LONG_CONTEXTS if n <= room]
+    largest = room // 1000 * 1000
+    if largest >= 8000 and largest > (lengths[-1] if lengths else 0) and len(lengths) < len(LONG_CONTEXTS):
+        lengths.append(largest)
+    if not lengths:
+        raise FlashbackError(f"the model's {max_positions} positions hold no long context (--long needs 8,000)")
+    return tuple(lengths)
+
+
 def flops(arch: Architecture, n: int, cached: int) -> float:
     """FLOP model of one forward of n new tokens over `cached` tokens (logits for the last one only).
 
-    2·P·n for the weights (P without the embedding lookup) + 4·layers·width·(n·c + n²/2) for attention.
+    2·P·n for the weights (P without the embedding lookup) + 4·attention width·(keys each query sees) for
+    attention: n·c + n²/2 in a full-attention layer, at most the window per query in a sliding one.
     """
-    attention = 4 * arch.layers * arch.width * (n * cached + n * n / 2)
+    seen_full = n * cached + n * n / 2
+    seen_sliding = min(seen_full, n * arch.window) if arch.sliding_layers else 0.0
+    full = arch.layers - arch.sliding_layers
+    attention = 4 * (arch.attention_width or arch.width) * (full * seen_full + arch.sliding_layers * seen_sliding)
     return 2 * arch.body_params * n + 2 * arch.embedding_params + attention
+
+
+def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 7) -> float:
+    """FLOP/s of a large fp32 matrix product (median of `repeats`): what a compute-bound forward can reach."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    times = []
+    for i in range(repeats + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * size**3 / statistics.median(times)
+
+
+class Roofline:
+    """Seconds a forward needs at best on this machine: its FLOPs at the matmul peak if it runs several tokens,
+    its bytes (weights + keys and values read) at the copy bandwidth if it decodes one."""
+
+    def __init__(self, engine: Engine, mode: str, peak: float, bandwidth: float):
+        self.arch = engine.arch
+        self.weights, self.per_token = decode_bytes(engine, mode)
+        self.peak, self.bandwidth = peak, bandwidth
+
+    def seconds(self, forwards) -> float:
+        total = 0.0
+        for f in forwards:
+            cached = f.cache_len - f.tokens
+            if f.kind == "decode":
+                total += (self.weights + self.per_token * self.arch.kv_read(cached)) / self.bandwidth
+            else:
+                total += flops(self.arch, f.tokens, cached) / self.peak
+        return total
+
+
+class PeakRss:
+    """The process's largest resident set while a block runs (sampled every 20 ms), in MB."""
+
+    def __enter__(self) -> PeakRss:
+        self.peak, self._stop = _rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def trace_flops(arch: Architecture, forwards) -> float:
@@ -126,13 +215,14 @@ def context_tokens(engine: Engine, length: int, index: Index | None, seed: int) 
     return rng.integers(0, len(engine.tokenizer) - 2, length).tolist()
 
 
-def _run(engine: Engine, context, retriever, cfg: GenerationConfig) -> dict:
+def _run(engine: Engine, context, retriever, cfg: GenerationConfig, roofline: Roofline | None = None) -> dict:
     engine.forget()  # a new context for an engine with a prefix cache, as for the others: nothing cached
     _sync(engine.device)
-    t0 = time.perf_counter()
-    result = generate(engine, context, retriever, cfg)
-    _sync(engine.device)
-    wall = time.perf_counter() - t0
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        result = generate(engine, context, retriever, cfg)
+        _sync(engine.device)
+        wall = time.perf_counter() - t0
     trace = result.trace
     if len(result.token_ids) != cfg.max_new_tokens or trace.dropped_prompt_tokens:
         raise FlashbackError("benchmark run was cut short (context too long for the model?)")
@@ -165,6 +255,9 @@ def _run(engine: Engine, context, retriever, cfg: GenerationConfig) -> dict:
         "after_first_flops": trace_flops(arch, trace.forwards) - trace_flops(arch, first),
         "compile_choice": trace.compile,
         "compiled": bool(trace.cache_capacity),  # decoded through the fixed-buffer decode step
+        "peak_rss_mb": rss.peak,
+        "roofline_s": roofline.seconds(trace.forwards) if roofline else None,
+        "after_first_roofline_s": roofline.seconds(trace.forwards) - roofline.seconds(first) if roofline else None,
     }
 
 
@@ -213,9 +306,11 @@ def run_bench(
                 f"--new-tokens ({new_tokens(bc, length)} at L={length}) must exceed --stride ({bc.stride}): the bench "
                 "times the retrieval steps after the first"
             )
-    progress("measuring memory-copy bandwidth")
+    progress("measuring memory-copy bandwidth and the matmul peak")
     bandwidth = copy_bandwidth(engine.device)
-    rows = [_bench_length(engine, bc, index, retriever, length, bandwidth, progress) for length in bc.context_lengths]
+    peak = matmul_peak(engine.device)
+    machine = {"bandwidth": bandwidth, "peak": peak, "warmed": False}
+    rows = [_bench_length(engine, bc, index, retriever, length, machine, progress) for length in bc.context_lengths]
     info = engine.describe()
     out = {
         "model": engine.name,
@@ -228,6 +323,7 @@ def run_bench(
         "quantize": info["quantize"],
         "compile_s": info["compile_s"],
         "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "matmul_peak_gflop_s": peak / 1e9,
         "config": bc.__dict__,
         "rows": rows,
     }
@@ -265,35 +361,40 @@ def _bench_configs(engine: Engine, bc: BenchConfig, new: int) -> dict[str, Gener
     }
 
 
-def _bench_length(engine: Engine, bc: BenchConfig, index, retriever, length: int, bandwidth: float, progress) -> dict:
-    """Both modes at one context length: a warm-up, then interleaved runs; medians and the FLOP limits."""
+def _bench_length(engine: Engine, bc: BenchConfig, index, retriever, length: int, machine: dict, progress) -> dict:
+    """Both modes at one context length: a warm-up, then interleaved runs; medians, the FLOP and roofline limits."""
     passage, new = retriever.max_passage_tokens, new_tokens(bc, length)
     if length + new + bc.k * passage + 2 > engine.max_positions:
         raise FlashbackError(f"context length {length} does not fit the model's {engine.max_positions} positions")
+    bandwidth = machine["bandwidth"]
     context = context_tokens(engine, length, index, bc.seed)
     cfgs = _bench_configs(engine, bc, new)
-    progress(f"L={length}: warm-up")
-    runs_left = len(cfgs) * (bc.repeats + 1)
+    rooflines = {mode: Roofline(engine, mode, machine["peak"], bandwidth) for mode in cfgs}
     warm_up = {}
-    try:
-        for mode in cfgs:
-            runs_left -= 1
-            # the timed runs decode on the warm-up's graphs: --compile auto weighs their tokens too
-            engine.later_decode_tokens = runs_left * decode_steps(cfgs[mode], new)
-            warm_up[mode] = _run(engine, context, retriever, cfgs[mode])
-    finally:
-        engine.later_decode_tokens = 0
+    if not (bc.long and machine["warmed"]):
+        warm_context = context[:WARM_UP_CONTEXT] if bc.long else context  # long: once, short, for the first calls
+        progress(f"L={length}: warm-up" + (f" (at {len(warm_context)} tokens, once)" if bc.long else ""))
+        runs_left = len(cfgs) * (bc.repeats + 1)
+        try:
+            for mode in cfgs:
+                runs_left -= 1
+                # the timed runs decode on the warm-up's graphs: --compile auto weighs their tokens too
+                engine.later_decode_tokens = runs_left * decode_steps(cfgs[mode], new)
+                warm_up[mode] = _run(engine, warm_context, retriever, cfgs[mode])
+        finally:
+            engine.later_decode_tokens = 0
+        machine["warmed"] = True
     runs: dict[str, list[dict]] = {"append": [], "prepend": []}
     for r in range(bc.repeats):
         for mode in ("append", "prepend") if r % 2 == 0 else ("prepend", "append"):
             progress(f"L={length}: {mode} run {r + 1}/{bc.repeats}")
-            runs[mode].append(_run(engine, context, retriever, cfgs[mode]))
+            runs[mode].append(_run(engine, context, retriever, cfgs[mode], rooflines[mode]))
     markers = cfgs["append"].markers
     step_tokens = bc.stride + bc.tail + bc.k * passage + 2 * markers  # what an append retrieval step encodes
     row = {"context_length": length, "new_tokens": new}
     for mode, rs in runs.items():
         row[mode] = _mode_summary(engine, new, mode, rs, bandwidth)
-        row[mode]["warm_up_compile_choice"] = warm_up[mode]["compile_choice"]  # the choice that paid the compile
+        row[mode]["warm_up_compile_choice"] = warm_up[mode]["compile_choice"] if warm_up else None
     a, p = row["append"], row["prepend"]
     arch = engine.arch
     row["speedup"] = p["wall_s"]["median"] / a["wall_s"]["median"]
@@ -302,6 +403,9 @@ def _bench_length(engine: Engine, bc: BenchConfig, index, retriever, length: int
     row["after_first_flop_limit"] = p["after_first_flops"] / a["after_first_flops"]
     row["step_speedup"] = p["retrieval_step_s"] / a["retrieval_step_s"]
     row["step_flop_limit"] = flops(arch, length + bc.k * passage, 0) / flops(arch, step_tokens, length)
+    row["roofline_limit"] = p["roofline_s"] / a["roofline_s"]
+    row["after_first_roofline_limit"] = p["after_first_roofline_s"] / a["after_first_roofline_s"]
+    row["after_first_of_roofline"] = row["after_first_speedup"] / row["after_first_roofline_limit"]
     row["append_step_tokens"] = statistics.median(
         r["computed_tokens"] for r in runs["append"][0]["retrieval_records"][1:]
     )
@@ -330,6 +434,9 @@ def _mode_summary(engine: Engine, new: int, mode: str, rs: list[dict], bandwidth
         "after_first_flops": rs[0]["after_first_flops"],
         "decode": _decode_kind(engine, rs),
         "compile_choice": rs[0]["compile_choice"],
+        "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+        "roofline_s": statistics.median(x["roofline_s"] for x in rs),
+        "after_first_roofline_s": statistics.median(x["after_first_roofline_s"] for x in rs),
     }
     if engine.capabilities.remote:
         out["engine_prompt_tokens"] = rs[0]["engine_prompt_tokens"]
@@ -400,6 +507,21 @@ def _speed_tables(rows: list[dict]) -> list[str]:
     return [*whole, "", *steps]
 
 
+def _roofline_table(rows: list[dict]) -> list[str]:
+    """Each speedup beside its roofline limit, and what each mode held in memory at most."""
+    return _table(
+        "| L | step speedup | step limit | end to end | roofline limit | after the 1st step | roofline limit "
+        "| of the limit | peak RSS MB append / prepend |",
+        [
+            f"| {r['context_length']} | {r['step_speedup']:.1f}x | {r['step_flop_limit']:.1f}x | {r['speedup']:.2f}x | "
+            f"{r['roofline_limit']:.2f}x | {r['after_first_speedup']:.2f}x | {r['after_first_roofline_limit']:.2f}x | "
+            f"{100 * r['after_first_of_roofline']:.0f}% | {r['append']['peak_rss_mb']:.0f} / "
+            f"{r['prepend']['peak_rss_mb']:.0f} |"
+            for r in rows
+        ],
+    )
+
+
 def _time_tables(rows: list[dict]) -> list[str]:
     """The decode step against its bandwidth bound, then where each run's time went."""
     per_mode = [(r["context_length"], mode, r[mode]) for r in rows for mode in ("append", "prepend")]
@@ -460,11 +582,12 @@ def _summary_line(result: dict) -> str:
         + f"decode {decode}"
         + (f" (compiling took {result['compile_s']:.1f} s, in the warm-up)" if result.get("compile_s") else "")
         + f"; memory copy {result.get('copy_bandwidth_gb_s', float('nan')):.1f} GB/s"
+        + f"; matmul peak {result.get('matmul_peak_gflop_s', float('nan')):.0f} GFLOP/s"
     )
 
 
 def format_table(result: dict) -> str:
-    lines = [*_speed_tables(result["rows"]), "", *_time_tables(result["rows"])]
+    lines = [*_speed_tables(result["rows"]), "", *_roofline_table(result["rows"]), "", *_time_tables(result["rows"])]
     if "engine_counts_cached" in result:
         lines += _prefix_cache_table(result)
     if "lora" in result:

@@ -357,7 +357,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---- bench -----------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
-    from flashback.bench import PAPER_REGIME, format_comparison, format_table, new_tokens, plot, run_bench
+    from flashback.bench import (
+        LONG_NEW_TOKENS,
+        PAPER_REGIME,
+        format_comparison,
+        format_table,
+        long_contexts,
+        new_tokens,
+        plot,
+        run_bench,
+    )
     from flashback.engines.load import load_engine, runs_export, tuned_layouts
     from flashback.layout import layout_settings
 
@@ -374,8 +383,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bc = replace(bc, markers=markers, tail=tail, lora_overhead=bc.lora_overhead and not runs_export(ecfg))
     index = _load_index(args.index) if args.index else None
     step = bc.stride + bc.tail + bc.k * bc.passage_tokens + 2  # the bare forward of one step's tokens, too
-    context = max(length + max(new_tokens(bc, length), step) for length in bc.context_lengths) + step
-    engine = load_engine(replace(ecfg, context=ecfg.context or context), adapters={}, markers=bc.markers)
+    if bc.long:  # the lengths follow from the model's positions: load it first, at its whole context
+        engine = load_engine(ecfg, adapters={}, markers=bc.markers)
+        new = given(args, "new_tokens") or LONG_NEW_TOKENS
+        passage = index.chunk_tokens if index is not None else bc.passage_tokens
+        lengths = given(args, "context_lengths") or long_contexts(engine.max_positions, new + bc.k * passage + 2)
+        bc = replace(bc, context_lengths=lengths, new_tokens=new, repeats=given(args, "repeats") or 1)
+        bc = replace(bc, lora_overhead=False)
+    else:
+        context = max(length + max(new_tokens(bc, length), step) for length in bc.context_lengths) + step
+        engine = load_engine(replace(ecfg, context=ecfg.context or context), adapters={}, markers=bc.markers)
     if args.beside_torch and engine.capabilities.adapters:
         raise FlashbackError("--beside-torch compares an engine (--engine llamacpp or --upstream) with PyTorch")
     if _checked_retriever(engine, index) is None:

@@ -345,6 +345,11 @@ class BenchConfig:
     lora_overhead: bool = opt(True, "skip the unmerged-vs-merged LoRA measurement", flag="no-lora", negate=True)
     lora_targets: tuple[str, ...] = opt(("all-linear",), "LoRA targets of that measurement", hidden=True)
     seed: int = opt(0, "seed of random contexts and passages", hidden=True)
+    long: bool = opt(
+        False,
+        "long contexts: 8,192 / 16,384 / 32,768 tokens as the model's positions allow (else the largest thousand "
+        "that fits), 32 new tokens, one run per mode, one short warm-up",
+    )
 
     def validate(self) -> None:
         _at_least(self, ("new_tokens", "stride", "passage_tokens", "k", "repeats", "query_tokens"))

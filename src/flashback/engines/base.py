@@ -62,6 +62,9 @@ class Architecture:
     embedding_params: int
     body_params: int  # every parameter but the embedding (and an untied output matrix)
     params: int  # all of them, a tied output matrix once
+    attention_width: int = 0  # query heads x head size (0: the width)
+    sliding_layers: int = 0  # layers that see only the last `window` positions
+    window: int = 0
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> Architecture:
@@ -72,7 +75,25 @@ class Architecture:
         emb = model.get_input_embeddings().weight.numel()
         params = sum(p.numel() for p in model.parameters())
         body = params - emb * (1 if cfg.tie_word_embeddings else 2)
-        return cls(cfg.num_hidden_layers, cfg.hidden_size, heads * head_dim, emb, body, params)
+        window = getattr(cfg, "sliding_window", None) or 0
+        sliding = sum(t == "sliding_attention" for t in getattr(cfg, "layer_types", None) or []) if window else 0
+        return cls(
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            heads * head_dim,
+            emb,
+            body,
+            params,
+            cfg.num_attention_heads * head_dim,
+            sliding,
+            window,
+        )
+
+    def kv_read(self, cached: float) -> float:
+        """Cached positions whose keys and values one query reads, summed over layers, over `layers`: a sliding
+        layer reads at most its window."""
+        full = self.layers - self.sliding_layers
+        return (full * cached + self.sliding_layers * min(cached, self.window)) / self.layers
 
 
 class Sampling:

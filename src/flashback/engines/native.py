@@ -216,10 +216,12 @@ print("ok", out["usage"]["completion_tokens"])
 
 @dataclass(frozen=True)
 class Smoke:
-    """What a smoke check saw: whether the build ran, and one line saying so."""
+    """What a smoke check saw: whether the build ran, and one line saying so. `crashed`: killed by a signal
+    (an illegal instruction, a segfault), which a build with fewer instruction sets may cure."""
 
     ok: bool
     message: str
+    crashed: bool = False
 
 
 def describe_exit(returncode: int) -> str:
@@ -265,6 +267,7 @@ def check_llama_cpp(
             f"llama-cpp-python {describe_exit(done.returncode)} on {cpu.describe()}; {_flags_note(record)}"
             + (f"; last error: {last}" if last and done.returncode > 0 else "")
             + "; rebuild it for this CPU: bash scripts/setup_engines.sh",
+            crashed=done.returncode < 0,
         )
     return Smoke(True, f"llama-cpp-python decodes on {cpu.describe()}")
 
@@ -293,6 +296,7 @@ def check_llama_server(binary: Path, gguf: Path | None = None, timeout_s: float 
                     f"llama-server {describe_exit(proc.returncode)} on {read_cpu().describe()}; {_flags_note(record)}"
                     + (f"; last error: {last}" if last and proc.returncode > 0 else "")
                     + "; rebuild it for this CPU: bash scripts/setup_engines.sh",
+                    crashed=proc.returncode < 0,
                 )
             if time.monotonic() > deadline:
                 return Smoke(False, f"llama-server did not complete {SMOKE_TOKENS} tokens in {timeout_s:.0f} s")
@@ -364,8 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     record-python FLAGS...               record the installed llama-cpp-python as built with FLAGS
     record DIR WHAT FLAGS...             record a build in DIR (llama-server)
     stale DIR                            exit 0 and say why when the build in DIR must be rebuilt
-    check-python                         smoke-check llama-cpp-python (exit 1 and one line when it fails)
-    check-server BINARY                  smoke-check a llama-server binary
+    check-python                         smoke-check llama-cpp-python: exit 1 when it crashed (a signal), 3 when
+                                         it failed otherwise, with one line saying so
+    check-server BINARY                  smoke-check a llama-server binary (same exit codes)
     cpu                                  this CPU, as the records describe it
     """
     args = list(sys.argv[1:] if argv is None else argv)
@@ -420,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(main.__doc__, file=sys.stderr)
         return 2
     print(smoke.message, file=sys.stdout if smoke.ok else sys.stderr)
-    return 0 if smoke.ok else 1
+    return 0 if smoke.ok else (1 if smoke.crashed else 3)
 
 
 if __name__ == "__main__":
