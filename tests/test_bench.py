@@ -173,6 +173,7 @@ def test_bench_reports_rooflines_and_peak_memory_per_mode(tiny_lm):
             assert 0 < row[mode]["after_first_roofline_s"] < row[mode]["roofline_s"]
             assert row[mode]["peak_rss_mb"] > 10
             assert row[mode]["warm_up_compile_choice"] is None or row is result["rows"][0]
+    assert all(row["bare_extend_s"] is None for row in result["rows"])  # --long skips the extra prefill
     assert "roofline limit" in format_table(result)
     # decode steps are charged bytes, the others FLOPs
     from flashback.engines.base import Forward

@@ -411,8 +411,9 @@ def _bench_length(engine: Engine, bc: BenchConfig, index, retriever, length: int
     )
     for mode in ("append", "prepend"):
         row[mode]["decode_over_bound"] = row[mode]["decode_ms_per_token"] / row[mode]["bound_ms"]
-    row["bare_extend_s"] = bare_extend_seconds(engine, context, step_tokens, max(3, bc.repeats))
-    row["append_step_over_bare"] = a["retrieval_step_s"] / row["bare_extend_s"]
+    # the bare forward needs the context prefilled once more: minutes at 32k, so --long leaves it out
+    row["bare_extend_s"] = None if bc.long else bare_extend_seconds(engine, context, step_tokens, max(3, bc.repeats))
+    row["append_step_over_bare"] = a["retrieval_step_s"] / row["bare_extend_s"] if row["bare_extend_s"] else None
     progress(f"L={length}: speedup {row['speedup']:.2f}x (FLOP limit {row['flop_limit_speedup']:.2f}x)")
     return row
 
@@ -478,6 +479,10 @@ def _table(header: str, rows: list[str]) -> list[str]:
     return [header, "|" + "---|" * (header.count("|") - 1), *rows]
 
 
+def _maybe(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _spread(w: dict) -> str:
     return f"{w['median']:.2f} ({w['min']:.2f}-{w['max']:.2f})"
 
@@ -499,7 +504,7 @@ def _speed_tables(rows: list[dict]) -> list[str]:
         "append step / bare forward | append tokens/step |",
         [
             f"| {r['context_length']} | {r['append']['retrieval_step_s']:.3f} | {r['prepend']['retrieval_step_s']:.3f} "
-            f"| {r['step_speedup']:.2f}x | {r['step_flop_limit']:.2f}x | {r['append_step_over_bare']:.2f} | "
+            f"| {r['step_speedup']:.2f}x | {r['step_flop_limit']:.2f}x | {_maybe(r['append_step_over_bare'])} | "
             f"{r['append_step_tokens']:.0f} |"
             for r in rows
         ],
