@@ -216,31 +216,32 @@ def engine_or_skip(available: bool, what: str) -> None:
 _native_checks: dict[str, object] = {}
 
 
-def llama_cpp_or_skip() -> None:
-    """llama-cpp-python installed and able to run on this CPU: a build for another CPU fails here in one line
-    (the smoke check runs it in a child process, once per test run) instead of killing the whole test run."""
-    from flashback.engines.native import check_llama_cpp
-
-    engine_or_skip(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python")
-    if "python" not in _native_checks:
-        _native_checks["python"] = check_llama_cpp()
-    smoke = _native_checks["python"]
-    if not smoke.ok and not smoke.message.startswith("no GGUF"):
+def _fail_unless_it_runs(name: str, check) -> None:
+    """Fail in the smoke check's one line when a native build crashes on this CPU (checked once per test run)."""
+    if name not in _native_checks:
+        _native_checks[name] = check()
+    smoke = _native_checks[name]
+    if not smoke.ok and smoke.checked:
         pytest.fail(smoke.message, pytrace=False)
 
 
+def llama_cpp_or_skip() -> None:
+    """llama-cpp-python installed and able to run on this CPU: a build for another CPU fails here in one line
+    (the smoke check runs it in a child process) instead of killing the whole test run."""
+    from flashback.engines.native import check_llama_cpp
+
+    engine_or_skip(importlib.util.find_spec("llama_cpp") is not None, "llama-cpp-python")
+    _fail_unless_it_runs("python", check_llama_cpp)
+
+
 def llama_server_or_skip():
-    """A llama-server binary that runs on this CPU (smoke-checked once per test run), or skip/fail as above."""
+    """A llama-server binary that runs on this CPU, or skip/fail as above."""
     from flashback.engines.native import check_llama_server
     from flashback.engines.upstream import llama_server_path
 
     binary = llama_server_path()
     engine_or_skip(binary is not None, "llama-server")
-    if "server" not in _native_checks:
-        _native_checks["server"] = check_llama_server(binary)
-    smoke = _native_checks["server"]
-    if not smoke.ok and not smoke.message.startswith("no GGUF"):
-        pytest.fail(smoke.message, pytrace=False)
+    _fail_unless_it_runs("server", lambda: check_llama_server(binary))
     return binary
 
 

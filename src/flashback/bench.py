@@ -115,15 +115,20 @@ def matmul_peak(device: torch.device, size: int = 2048, repeats: int = 7) -> flo
     """FLOP/s of a large fp32 matrix product (median of `repeats`): what a compute-bound forward can reach."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
+    return 2 * size**3 / _median_seconds(lambda: torch.mm(a, b), device, repeats)
+
+
+def _median_seconds(work: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall time of `work` over `repeats` calls, after two untimed ones."""
     times = []
     for i in range(repeats + 2):
         _sync(device)
         t0 = time.perf_counter()
-        torch.mm(a, b)
+        work()
         _sync(device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    return 2 * size**3 / statistics.median(times)
+    return statistics.median(times)
 
 
 class Roofline:
@@ -187,15 +192,7 @@ def copy_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 1
     (the best of many copies of 256 MB once read 64 GB/s where the median was 36)."""
     src = torch.ones(megabytes * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(repeats + 2):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * src.element_size() / statistics.median(times)
+    return 2 * src.numel() * src.element_size() / _median_seconds(lambda: dst.copy_(src), device, repeats)
 
 
 def decode_bytes(engine: Engine, mode: str) -> tuple[int, int]:

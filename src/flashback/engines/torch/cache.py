@@ -284,7 +284,6 @@ class KVCache(Session):
         self.capacity = capacity
         self.decoder = decoder
         self.cache = new_cache(model.config, capacity, self.device)
-        self.floor = 0  # keep_from
         self.forwards: list[Forward] = []
         self.ids: list[int] = []  # the tokens cached, in order
         self.eager = 0  # leading cached tokens whose keys and values came from eager forwards (not the decode step)
@@ -334,7 +333,7 @@ class KVCache(Session):
                 self.auto.compiled_step(seconds, self.decoder.compile_s - compiled_before)
             elif (
                 self.decoder is None
-                and not self._trimmed()  # the fixed buffers hold every key: those dropped are gone
+                and self.reaches(0)  # nothing dropped yet: the fixed buffers hold every key
                 and (decoder := self.auto.observe_eager(seconds)) is not None
             ):
                 self._recast(self.auto.capacity)
@@ -356,25 +355,22 @@ class KVCache(Session):
                 parts.append(out.logits[0, -need:].float())
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def _windows(self) -> list[WindowLayer]:
+        return [layer for layer in self.cache.layers if isinstance(layer, WindowLayer)]
+
     def _compact(self, incoming: int) -> None:
-        for layer in self.cache.layers:
-            if isinstance(layer, WindowLayer):
-                layer.compact(incoming)
+        for layer in self._windows():
+            layer.compact(incoming)
 
     def keep_from(self, floor: int) -> None:
         """No later rollback of this sequence goes below `floor`: sliding-window layers may drop the keys that
         only queries before it could see."""
-        self.floor = floor
-        for layer in self.cache.layers:
-            if isinstance(layer, WindowLayer):
-                layer.floor = floor
+        for layer in self._windows():
+            layer.floor = floor
 
     def reaches(self, length: int) -> bool:
         """Whether a rollback to `length` is possible (sliding-window layers may have dropped what it needs)."""
-        return all(layer.reaches(length) for layer in self.cache.layers if isinstance(layer, WindowLayer))
-
-    def _trimmed(self) -> bool:
-        return any(isinstance(layer, WindowLayer) and layer.start > 0 for layer in self.cache.layers)
+        return all(layer.reaches(length) for layer in self._windows())
 
     def _step(self, token: int, length: int) -> torch.Tensor | None:
         """One token through the decode step. Under --compile auto a step that fails (no C++ compiler, an Inductor
@@ -417,19 +413,19 @@ class KVCache(Session):
         if drop < 0:
             raise ValueError(f"cannot roll back to {length}: only {len(self)} tokens are cached")
         if drop:  # crop(0) is a no-op, and a positive argument means "keep", so pass -drop
-            if not self.reaches(length):
+            if not self.reaches(length):  # checked before any layer is cropped, so none is left ragged
+                floor = self._windows()[0].floor
                 raise FlashbackError(
                     f"cannot roll back to {length} tokens: the sliding-window layers kept only what a rollback to "
-                    f"{self.floor} or later needs"
+                    f"{floor} or later needs"
                 )
-            self.cache.crop(-drop)
+            self.cache.crop(-drop)  # each WindowLayer lowers its floor to `length`
             del self.ids[length:]
             self.eager = min(self.eager, length)
-            self.floor = min(self.floor, length)
 
     def reset(self) -> None:
         self.cache = new_cache(self.model.config, self.capacity, self.device)
-        self.ids, self.eager, self.floor = [], 0, 0
+        self.ids, self.eager = [], 0
 
     def start_from(self, tokens: Sequence[int]) -> int:
         """A fresh cache, or the store's finished sequence sharing the longest prefix with `tokens`, rolled back to
