@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from flashback.cli import main
 from flashback.config import EvalConfig, GenerationConfig, TrainConfig
 from flashback.engines.torch import load_model
-from flashback.engines.torch.cache import KVCache, WindowLayer
+from flashback.engines.torch.cache import FixedWindowLayer, KVCache, Windowed, WindowLayer
 from flashback.engines.torch.decode import Decoder
 from flashback.errors import FlashbackError
 from flashback.evaluate import ModeSpec, plan_targets, retrieve_all, score_fast, score_slow, segment_size
@@ -275,16 +275,36 @@ def test_packed_training_on_a_model_whose_every_layer_slides(tmp_path):
     assert (unwindowed - plain).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize(("mode", "tail"), [("append", 3), ("append", 12), ("prepend", 0), ("none", 0)])
-def test_sliding_layers_hold_their_window_and_stay_exact(gemma, tiny_gemma_index_dir, monkeypatch, mode, tail):
+@pytest.mark.parametrize(
+    ("mode", "tail", "decode"),
+    [
+        ("append", 3, "eager"),
+        ("append", 12, "eager"),
+        ("prepend", 0, "eager"),
+        ("none", 0, "eager"),
+        ("append", 12, "fixed"),
+        ("none", 0, "fixed"),
+        ("append", 3, "compiled"),
+    ],
+)
+def test_sliding_layers_hold_their_window_and_stay_exact(gemma, tiny_gemma_index_dir, monkeypatch, mode, tail, decode):
     """A context of 40 windows, a passage every 4 tokens: at every step the logits equal a full forward over the
     layout (naive_layout), while each sliding layer holds at most the window plus one step's rollback distance
-    (passage block, tail, stride), not the sequence. Chunked prefill (chunks of 16) runs the long prompt."""
+    (passage block, tail, stride), not the sequence. Chunked prefill (chunks of 16) runs the long prompt.
+
+    `fixed` and `compiled` decode through the decode step's fixed buffers (FixedWindowLayer, made 128 and 256 slots
+    by a smaller WINDOW_ROOM and SLOT_STEP; compiled keeps the blocked attention's multiple of 256): the buffer never
+    grows, so one graph serves the whole generation."""
     from flashback.engines.torch import cache as cache_module
 
     from .test_generate import naive_layout, passages_by_step
 
     monkeypatch.setattr(cache_module, "PREFILL_CHUNK", 16)
+    if decode != "eager":
+        monkeypatch.setattr(cache_module, "WINDOW_ROOM", 64)
+        monkeypatch.setattr(cache_module, "SLOT_STEP", 64 if decode == "fixed" else 256)
+        decoder = Decoder(gemma.model, None, None, compile=decode == "compiled")
+        monkeypatch.setattr(gemma, "decoder", lambda mode, build=False: decoder)
     index = Index.load(tiny_gemma_index_dir)
     retriever = IndexRetriever(index)
     stride, max_new = 4, 24
@@ -299,7 +319,7 @@ def test_sliding_layers_hold_their_window_and_stay_exact(gemma, tiny_gemma_index
 
     def observe(step, logits):
         seen[step] = logits.clone()
-        layers = [la for la in sessions[-1].cache.layers if isinstance(la, WindowLayer)]
+        layers = [la for la in sessions[-1].cache.layers if isinstance(la, Windowed)]
         held.append(max(la._k.shape[-2] for la in layers))
 
     trace = Trace(mode)
@@ -314,8 +334,16 @@ def test_sliding_layers_hold_their_window_and_stay_exact(gemma, tiny_gemma_index
     longest = max(len(p) for p in passages.values()) if passages else 0
     horizon = {"append": longest + 2 + tail + stride, "prepend": stride, "none": max_new}[mode]
     assert len(gemma.head_ids + prompt) > 4 * (WINDOW + horizon + 16)  # the bound below is far from the length
-    assert max(held) <= 2 * (WINDOW + horizon + 16), held  # window + rollback + one chunk, with room to compact
-    assert any(la.start > 0 for la in sessions[-1].cache.layers if isinstance(la, WindowLayer))
+    if decode == "eager":  # window + rollback + one chunk, with room to compact
+        assert max(held) <= 2 * (WINDOW + horizon + 16), held
+    layers = [la for la in sessions[-1].cache.layers if isinstance(la, Windowed)]
+    assert layers and all(la.start > 0 for la in layers)
+    if decode != "eager":
+        assert all(type(la) is FixedWindowLayer for la in layers)
+        assert set(held) == {cache_module.window_slots(WINDOW)} == {128 if decode == "fixed" else 256}, held  # one graph
+        full = [la for la in sessions[-1].cache.layers if not isinstance(la, Windowed)]
+        assert full and all(la._k.shape[-2] >= len(prompt) for la in full)  # full attention keeps every key
+        assert sessions[-1].decoder is decoder and (decode == "fixed" or decoder.compile_s > 0)
 
 
 def test_a_rollback_below_the_floor_is_refused_and_one_above_is_exact(gemma):

@@ -81,6 +81,22 @@ def test_contexts_fit_and_segments_give_enough_context(setup):
         assert context == t.position if t.position < 2 * half else half <= context < 2 * half
 
 
+def test_min_context_keeps_only_long_contexts(setup):
+    index, _, docs = setup
+    half = segment_size(CFG, index.chunk_tokens)
+    every = plan_targets(docs, CFG, half)
+    least = half + CFG.stride
+    cfg = EvalConfig(**{**CFG.__dict__, "min_context": least})
+    long = plan_targets(docs, cfg, half)
+    assert long and len(long) < len(every)
+    assert all(t.position - t.segment_start >= least for t in long)
+    assert {(t.doc_index, t.position) for t in long} <= {(t.doc_index, t.position) for t in every}
+    few = plan_targets(docs, EvalConfig(**{**cfg.__dict__, "limit_tokens": CFG.stride}), half)
+    assert len(few) == 1 and few[0] in long  # a limit below one segment's targets: spread over it
+    with pytest.raises(FlashbackError, match="--min-context"):
+        plan_targets(docs, EvalConfig(**{**CFG.__dict__, "min_context": 2 * half}), half)
+
+
 def test_all_modes_score_the_same_tokens(tiny_lm, setup):
     index, documents, _ = setup
     specs = [ModeSpec.parse(m) for m in ("none", "prepend", "append", "append+markers")]

@@ -306,6 +306,9 @@ class EvalConfig:
     k: int = opt(PASSAGES, "passages per target")
     max_length: int = opt(MAX_LENGTH, "context + markers + passages + target")
     limit_tokens: int | None = opt(None, "score about this many tokens, spread evenly")
+    min_context: int | None = opt(
+        None, "score only targets with at least N tokens of context before them (a long-context evaluation)"
+    )
     ensemble: bool = opt(False, "mix per-passage probabilities instead of concatenating")
     fast: bool = opt(True, "score every example from scratch (no shared cache)", flag="slow", negate=True)
     tail: int = opt(
@@ -319,7 +322,7 @@ class EvalConfig:
             raise FlashbackError("stride, query-tokens, k and max-length must be at least 1")
         if self.tail < 0:
             raise FlashbackError("--tail must be >= 0")
-        _at_least(self, ("limit_tokens",))
+        _at_least(self, ("limit_tokens", "min_context"))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from flashback.config import EvalConfig
 from flashback.data import search_without_leakage
@@ -75,30 +76,42 @@ def segment_size(cfg: EvalConfig, chunk_tokens: int) -> int:
 
 
 def plan_targets(docs: Sequence[list[int]], cfg: EvalConfig, half: int, partial: bool = False) -> list[Target]:
-    """All target slots (every stride tokens after query_tokens), limited to about --limit-tokens; with `partial`,
-    a last, shorter target takes the tokens that remain.
+    """All target slots (every stride tokens after query_tokens) with at least --min-context tokens of context,
+    limited to about --limit-tokens; with `partial`, a last, shorter target takes the tokens that remain.
 
     The limit keeps whole segments, evenly spread over the text, so that the targets kept still share
-    their segment's KV cache in the fast path.
+    their segment's KV cache in the fast path; where one segment alone holds more targets than the limit (long
+    windows), evenly spaced targets over all of them instead.
     """
+    least = cfg.min_context or 0
+    if least >= 2 * half:
+        raise FlashbackError(
+            f"--min-context {least} is more than any target gets: --max-length {cfg.max_length} gives contexts of "
+            f"at most {2 * half - 1} tokens"
+        )
     segments: dict[tuple[int, int], list[Target]] = {}
     for d, tokens in enumerate(docs):
         last = len(tokens) - (1 if partial else cfg.stride) + 1
         for p in range(cfg.query_tokens, max(cfg.query_tokens, last), cfg.stride):
             start = 0 if p < 2 * half else (p // half - 1) * half  # context length in [half, 2 * half)
+            if p - start < least:
+                continue
             segments.setdefault((d, start), []).append(Target(d, p, start))
     groups = list(segments.values())
-    total = sum(len(g) for g in groups)
-    if cfg.limit_tokens is not None and total * cfg.stride > cfg.limit_tokens:
-        share = cfg.limit_tokens / (total * cfg.stride)
-        picked, owed = [], 0.0
-        for g in groups:  # keep a segment whenever the kept share falls behind
-            owed += len(g) * share
-            if owed >= len(g) / 2:
-                picked.append(g)
-                owed -= len(g)
-        groups = picked or groups[:1]
-    return [t for g in groups for t in g]
+    kept = [t for g in groups for t in g]
+    if cfg.limit_tokens is None or len(kept) * cfg.stride <= cfg.limit_tokens:
+        return kept
+    want = max(1, cfg.limit_tokens // cfg.stride)
+    if max(len(g) for g in groups) > want:  # one segment holds more than the limit (long windows): spread over all
+        return [kept[i * len(kept) // want] for i in range(want)]
+    share = cfg.limit_tokens / (len(kept) * cfg.stride)
+    picked, owed = [], 0.0
+    for g in groups:  # keep a segment whenever the kept share falls behind
+        owed += len(g) * share
+        if owed >= len(g) / 2:
+            picked.append(g)
+            owed -= len(g)
+    return [t for g in picked or groups[:1] for t in g]
 
 
 def retrieve_all(
@@ -397,9 +410,10 @@ def evaluate(
     half = segment_size(cfg, index.chunk_tokens if isinstance(index, Index) else index.max_passage_tokens)
     targets = plan_targets(docs, cfg, half)
     if not targets:
+        least = f"--min-context {cfg.min_context} + " if cfg.min_context else ""
         raise FlashbackError(
-            f"no document is longer than query-tokens + stride ({cfg.query_tokens + cfg.stride} "
-            "tokens): nothing to score"
+            f"no document is longer than {least}query-tokens + stride ({(cfg.min_context or 0) + cfg.query_tokens + cfg.stride}"
+            " tokens): nothing to score"
         )
     progress(f"{len(targets)} targets ({len(targets) * cfg.stride} tokens) from {len(docs)} documents; retrieving")
     retrievals = retrieve_all(targets, docs, documents, index, engine.tokenizer, cfg, forbid_titles)
@@ -412,10 +426,10 @@ def _score_mode(engine: Engine, spec: ModeSpec, docs, targets, retrievals, cfg: 
     progress(f"scoring {spec} ({'fast' if fast else 'from scratch'})")
     session = engine.session(spec.position if spec.adapter else None, scoring=True)
     start = time.perf_counter()
-    scorer = score_fast if fast else score_slow
-    nlls = torch.cat(
-        scorer(session, engine.marker_ids, spec, docs, targets, retrievals, cfg, banned, head=engine.head_ids)
-    )
+    scorer = _fast if fast else _slow  # generators: one target's NLLs at a time, so the bar moves with them
+    scored = scorer(session, engine.marker_ids, spec, docs, targets, retrievals, cfg, banned, None, engine.head_ids)
+    bar = tqdm(scored, total=len(targets), desc=str(spec), unit="target", mininterval=5, leave=False)
+    nlls = torch.cat(list(bar))
     seconds = time.perf_counter() - start
     nll = float(nlls.mean())
     progress(f"{spec}: perplexity {math.exp(nll):.3f} over {nlls.numel()} tokens in {seconds:.1f} s")

@@ -79,23 +79,20 @@ class GrowableLayer(DynamicLayer):
         super().reset()
 
 
-class WindowLayer(GrowableLayer):
-    """A sliding-window layer that holds its window plus what a rollback may still need, not every key.
+class Windowed:
+    """What both sliding-window layers share: they hold the keys from absolute position `start` on, and drop those
+    no later query can see.
 
     A query at position q sees keys q - window + 1 .. q. The session says how far back a later rollback can go
     (`floor`); every later query then sits at or after min(floor, length), so keys before that minus
-    `window - 1` are never read again and are dropped. The layer holds at most `window - 1` keys plus the
-    distance from the floor to the end (for FlashBack: one retrieval step's block and the tokens generated
-    since), whatever the sequence's length. Positions stay absolute: `get_seq_length` counts the dropped keys,
-    and `get_mask_sizes` tells transformers' mask builder that the held keys start at `start`, where it
-    applies the window as it does for its own sliding layer.
+    `window - 1` are never read again. Positions stay absolute: `get_seq_length` counts the dropped keys, and
+    `get_mask_sizes` tells transformers' mask builder that the held keys start at `start`, where it applies the
+    window as it does for its own sliding layer.
     """
 
     is_sliding = True
-    min_capacity = 16  # grows to twice what it must hold at most
 
-    def __init__(self, window: int):
-        super().__init__()
+    def _init_window(self, window: int) -> None:
         self.window = window
         self.floor = 0  # no later rollback goes below this position
         self.start = 0  # absolute position of the first held key
@@ -115,22 +112,14 @@ class WindowLayer(GrowableLayer):
         first_query = min(self.floor, self.get_seq_length())
         return max(0, first_query - self.window + 1 - self.start)
 
-    def compact(self, incoming: int) -> None:
-        """Move the keys still needed to the front of the buffer, before a forward of `incoming` tokens (not
-        inside `update`: the forward's mask is sized from the held keys before it runs). Done when the move does
-        not overlap (half or more is droppable) or when the new keys would not fit, so it costs O(1) per token
-        amortized."""
-        drop = self.droppable() if self.is_initialized else 0
-        if drop == 0:
-            return
-        capacity = 0 if self._k is None else self._k.shape[-2]
+    def _drop(self, drop: int, size: int | None = None) -> None:
+        """Move the held keys after the first `drop` to the front of the buffer (a new one of `size` slots, if
+        given)."""
         kept = self._len - drop
-        if drop < kept and self._len + incoming <= capacity:
-            return
-        if capacity > 4 * max(kept + incoming, self.min_capacity):  # held far more once (a long prefill): shrink
-            size = 2 * max(kept + incoming, self.min_capacity)
-            self._k, self._v = (b.new_empty((*b.shape[:-2], size, b.shape[-1])) for b in (self._k, self._v))
-            self._k[..., :kept, :], self._v[..., :kept, :] = self.keys[..., drop:, :], self.values[..., drop:, :]
+        if size is not None:
+            old_k, old_v = self._k, self._v
+            self._k, self._v = (b.new_zeros((*b.shape[:-2], size, b.shape[-1])) for b in (old_k, old_v))
+            self._k[..., :kept, :], self._v[..., :kept, :] = old_k[..., drop : self._len, :], old_v[..., drop : self._len, :]
         else:
             for buffer in (self._k, self._v):
                 source = buffer[..., drop : self._len, :]
@@ -159,6 +148,32 @@ class WindowLayer(GrowableLayer):
     def reset(self) -> None:
         super().reset()
         self.start = self.floor = 0
+
+
+class WindowLayer(Windowed, GrowableLayer):
+    """A sliding-window layer that holds its window plus what a rollback may still need, not every key: at most
+    `window - 1` keys plus the distance from the floor to the end (for FlashBack: one retrieval step's block and
+    the tokens generated since), whatever the sequence's length."""
+
+    min_capacity = 16  # grows to twice what it must hold at most
+
+    def __init__(self, window: int):
+        super().__init__()
+        self._init_window(window)
+
+    def compact(self, incoming: int) -> None:
+        """Drop the keys no later query sees, before a forward of `incoming` tokens (not inside `update`: the
+        forward's mask is sized from the held keys before it runs). Done when the move does not overlap (half or
+        more is droppable) or when the new keys would not fit, so it costs O(1) per token amortized."""
+        drop = self.droppable() if self.is_initialized else 0
+        if drop == 0:
+            return
+        capacity = 0 if self._k is None else self._k.shape[-2]
+        kept = self._len - drop
+        if drop < kept and self._len + incoming <= capacity:
+            return
+        shrink = capacity > 4 * max(kept + incoming, self.min_capacity)  # held far more once (a long prefill)
+        self._drop(drop, 2 * max(kept + incoming, self.min_capacity) if shrink else None)
 
 
 class FixedLayer(GrowableLayer):
@@ -222,14 +237,88 @@ class FixedLayer(GrowableLayer):
         self.static = False
 
 
+class FixedWindowLayer(Windowed, FixedLayer):
+    """A sliding-window layer in a fixed buffer of `slots` (a few hundred more than the window), for the decode step.
+
+    It holds the keys from `start` on, as WindowLayer does; when the next forward would not fit, the keys no later
+    query sees are dropped and the rest moved to the front (outside the decode step, so its graph never changes).
+    The decode step writes at the tensor `slot` (the length less `start`) and tells the mask builder that the
+    buffer's keys start at the tensor `offset`, so one compiled graph serves every position. A session whose floor
+    stays far behind (nothing may be dropped) grows the buffer, which compiles one more graph.
+    """
+
+    def __init__(self, slots: int, position: torch.Tensor, window: int):
+        super().__init__(slots, position)
+        self._init_window(window)
+        with torch.inference_mode(False):  # the compiled step's inputs, like `position` (see new_cache)
+            self.slot = torch.zeros((), dtype=torch.long, device=position.device)
+            self.offset = torch.zeros((), dtype=torch.long, device=position.device)
+
+    def _reserve(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        if needed > self.capacity:
+            self._grow(needed)
+        super()._reserve(needed, like_k, like_v)
+
+    def _grow(self, needed: int) -> None:
+        self.capacity = -(-2 * needed // SLOT_STEP) * SLOT_STEP
+        if self._k is not None:
+            self._drop(0, self.capacity)
+
+    def room(self) -> int:
+        """Tokens the next forward may bring in after the droppable keys go."""
+        if not self.is_initialized:
+            return self.capacity
+        return self.capacity - self._len + self.droppable()
+
+    def compact(self, incoming: int) -> None:
+        """Make room for `incoming` tokens: drop what no later query sees once the buffer would overflow, and grow
+        it if that is not enough."""
+        if not self.is_initialized or self._len + incoming <= self.capacity:
+            return
+        drop = self.droppable()
+        if drop:
+            self._drop(drop)
+        if self._len + incoming > self.capacity:
+            self._grow(self._len + incoming)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.static:
+            return super().update(key_states, value_states, *args, **kwargs)
+        index = self.slot.reshape(1)
+        self._k.index_copy_(2, index, key_states)
+        self._v.index_copy_(2, index, value_states)
+        return self._k, self._v
+
+    def start_decode(self) -> None:
+        self.slot.fill_(self._len)
+        self.offset.fill_(self.start)
+        super().start_decode()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.static:
+            return self.capacity, self.offset
+        return Windowed.get_mask_sizes(self, query_length)
+
+    def get_seq_length(self):
+        return self.position if self.static else Windowed.get_seq_length(self)
+
+
+SLOT_STEP = 256  # FixedWindowLayer buffers are multiples of this (decode.KV_BLOCK: the blocked attention's)
+WINDOW_ROOM = 512  # slots a FixedWindowLayer keeps beyond its window: a retrieval step's block and what follows
+
+
+def window_slots(window: int) -> int:
+    return -(-(window + WINDOW_ROOM) // SLOT_STEP) * SLOT_STEP
+
+
 def new_cache(config, capacity: int | None = None, device: torch.device | None = None) -> DynamicCache:
     """A DynamicCache whose attention layers are GrowableLayers (FixedLayers given a capacity).
 
     Sliding-window layers (Gemma 2/3, Mistral-style, hybrid local/global models) become WindowLayers, which hold
-    the window plus what a rollback may need (the session's floor). In fixed buffers (the decode step) they are
-    FixedLayers that keep every key, the window applied by the attention mask, which transformers builds from
-    `config.layer_types`: exact, at the memory of a full-attention model. Layers that hold a recurrent state
-    (linear attention, Mamba) have no earlier state to go back to and are refused.
+    the window plus what a rollback may need (the session's floor); in fixed buffers (the decode step),
+    FixedWindowLayers of `window_slots` slots, unless `capacity` is no larger (then FixedLayers, which keep every
+    key and apply the window in the mask). Layers that hold a recurrent state (linear attention, Mamba) have no
+    earlier state to go back to and are refused.
     """
     cache = DynamicCache(config=config)
     unknown = {type(layer).__name__ for layer in cache.layers if type(layer) not in ROLLBACK_LAYERS}
@@ -242,17 +331,23 @@ def new_cache(config, capacity: int | None = None, device: torch.device | None =
     # compiled step's guards tell the two kinds apart, and a mismatch would compile the graph again.
     with torch.inference_mode(False):
         position = torch.zeros((), dtype=torch.long, device=device)
-    if capacity is not None:
-        cache.layers = [FixedLayer(capacity, position) for _ in cache.layers]
-    else:
-        cache.layers = [
-            WindowLayer(layer.sliding_window) if isinstance(layer, DynamicSlidingWindowLayer) else GrowableLayer()
-            for layer in cache.layers
-        ]
+
+    def fixed(layer):
+        if isinstance(layer, DynamicSlidingWindowLayer) and window_slots(layer.sliding_window) < capacity:
+            return FixedWindowLayer(window_slots(layer.sliding_window), position, layer.sliding_window)
+        return FixedLayer(capacity, position)
+
+    def growable(layer):
+        if isinstance(layer, DynamicSlidingWindowLayer):
+            return WindowLayer(layer.sliding_window)
+        return GrowableLayer()
+
+    cache.layers = [fixed(layer) if capacity is not None else growable(layer) for layer in cache.layers]
     return cache
 
 
 PREFILL_CHUNK = 1024  # tokens per forward of a long extend: attention scores stay chunk x length, never L x L
+MIN_CHUNK = 64  # a fixed sliding-window buffer with less room than this grows rather than take tiny forwards
 
 
 class KVCache(Session):
@@ -344,19 +439,26 @@ class KVCache(Session):
         """Eager forwards over `ids` (1, T), PREFILL_CHUNK tokens at a time; the last `wanted` positions' logits
         (wanted, V). A long prompt then never builds a T x T score matrix, and the output layer runs only where
         logits are wanted."""
-        n = ids.shape[1]
-        parts = []
-        for start in range(0, n, PREFILL_CHUNK):
-            part = ids[:, start : start + PREFILL_CHUNK]
+        n, start, parts = ids.shape[1], 0, []
+        while start < n:
+            part = ids[:, start : start + self._chunk()]
             self._compact(part.shape[1])
-            need = min(part.shape[1], wanted - (n - start - part.shape[1]))  # of this chunk's positions
+            start += part.shape[1]
+            need = min(part.shape[1], wanted - (n - start))  # of this chunk's positions
             out = self.model(input_ids=part, cache=self.cache, use_cache=True, logits_to_keep=max(1, need))
             if need > 0:
                 parts.append(out.logits[0, -need:].float())
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _windows(self) -> list[WindowLayer]:
-        return [layer for layer in self.cache.layers if isinstance(layer, WindowLayer)]
+    def _chunk(self) -> int:
+        """Tokens in the next eager forward: PREFILL_CHUNK, or what fits in the fixed sliding-window buffers without
+        growing them (they would compile another decode graph), unless that is too few to be worth a forward."""
+        rooms = [layer.room() for layer in self._windows() if isinstance(layer, FixedWindowLayer)]
+        room = min(rooms, default=PREFILL_CHUNK)
+        return min(PREFILL_CHUNK, room) if room >= MIN_CHUNK else PREFILL_CHUNK
+
+    def _windows(self) -> list[Windowed]:
+        return [layer for layer in self.cache.layers if isinstance(layer, Windowed)]
 
     def _compact(self, incoming: int) -> None:
         for layer in self._windows():
@@ -391,9 +493,15 @@ class KVCache(Session):
         self.cache = new_cache(self.model.config, capacity, self.device)
         for layer, before in zip(self.cache.layers, old.layers, strict=True):
             if before.is_initialized and before.keys.shape[-2]:
+                start = getattr(before, "start", 0)
+                if start and not isinstance(layer, Windowed):
+                    raise FlashbackError("a sliding-window layer that dropped keys cannot move into a full buffer")
                 layer.update(before.keys, before.values)
+                if start:
+                    layer.start, layer.floor = start, before.floor
 
     def _decode(self, token: int, length: int) -> torch.Tensor:
+        self._compact(1)
         layers = self.cache.layers
         layers[0].position.fill_(length)  # one tensor, shared by the layers
         for layer in layers:
