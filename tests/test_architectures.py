@@ -340,7 +340,9 @@ def test_sliding_layers_hold_their_window_and_stay_exact(gemma, tiny_gemma_index
     assert layers and all(la.start > 0 for la in layers)
     if decode != "eager":
         assert all(type(la) is FixedWindowLayer for la in layers)
-        assert set(held) == {cache_module.window_slots(WINDOW)} == {128 if decode == "fixed" else 256}, held  # one graph
+        assert set(held) == {cache_module.window_slots(WINDOW)} == {128 if decode == "fixed" else 256}, (
+            held
+        )  # one graph
         full = [la for la in sessions[-1].cache.layers if not isinstance(la, Windowed)]
         assert full and all(la._k.shape[-2] >= len(prompt) for la in full)  # full attention keeps every key
         assert sessions[-1].decoder is decoder and (decode == "fixed" or decoder.compile_s > 0)

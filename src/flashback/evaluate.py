@@ -410,10 +410,10 @@ def evaluate(
     half = segment_size(cfg, index.chunk_tokens if isinstance(index, Index) else index.max_passage_tokens)
     targets = plan_targets(docs, cfg, half)
     if not targets:
-        least = f"--min-context {cfg.min_context} + " if cfg.min_context else ""
+        least = cfg.min_context or 0
         raise FlashbackError(
-            f"no document is longer than {least}query-tokens + stride ({(cfg.min_context or 0) + cfg.query_tokens + cfg.stride}"
-            " tokens): nothing to score"
+            f"no document is longer than {'--min-context + ' if least else ''}query-tokens + stride "
+            f"({least + cfg.query_tokens + cfg.stride} tokens): nothing to score"
         )
     progress(f"{len(targets)} targets ({len(targets) * cfg.stride} tokens) from {len(docs)} documents; retrieving")
     retrievals = retrieve_all(targets, docs, documents, index, engine.tokenizer, cfg, forbid_titles)

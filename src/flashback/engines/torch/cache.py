@@ -119,7 +119,10 @@ class Windowed:
         if size is not None:
             old_k, old_v = self._k, self._v
             self._k, self._v = (b.new_zeros((*b.shape[:-2], size, b.shape[-1])) for b in (old_k, old_v))
-            self._k[..., :kept, :], self._v[..., :kept, :] = old_k[..., drop : self._len, :], old_v[..., drop : self._len, :]
+            self._k[..., :kept, :], self._v[..., :kept, :] = (
+                old_k[..., drop : self._len, :],
+                old_v[..., drop : self._len, :],
+            )
         else:
             for buffer in (self._k, self._v):
                 source = buffer[..., drop : self._len, :]
