@@ -182,3 +182,31 @@ def test_bench_reports_rooflines_and_peak_memory_per_mode(tiny_lm):
     one = roof.seconds([Forward("decode", 1, 101, 0.0)])
     assert one == pytest.approx((roof.weights + roof.per_token * 100) / 1e9)
     assert roof.seconds([Forward("extend", 10, 110, 0.0)]) == pytest.approx(flops(tiny_lm.arch, 10, 100) / 1e9)
+
+
+def test_long_bench_compiles_each_lengths_decode_step_before_its_timed_runs(tiny_model_dir, monkeypatch):
+    """--long --compile on: the short warm-up's cache is smaller than a long context's, so the bench compiles the
+    long cache's graph first; the timed runs then decode through the compiled step and compile nothing."""
+    from flashback import bench
+    from flashback.engines.torch import load_model
+    from flashback.engines.torch import model as torch_model
+
+    engine = load_model(str(tiny_model_dir), compile=True)
+    monkeypatch.setattr(torch_model, "CAPACITY_STEP", 128)  # the tiny model has 512 positions
+    monkeypatch.setattr(bench, "WARM_UP_CONTEXT", 16)  # a 128-token cache; the timed runs need 384
+    compiling = lambda: sum(d.compile_s for d in engine._decoders.values())  # noqa: E731
+    timed, run = [], bench._run
+
+    def watched(engine_, context, retriever, cfg, roofline=None):
+        before = compiling()
+        out = run(engine_, context, retriever, cfg, roofline)
+        if roofline is not None:
+            timed.append((compiling() - before, out["compiled"]))
+        return out
+
+    monkeypatch.setattr(bench, "_run", watched)
+    bc = BenchConfig(context_lengths=(300,), new_tokens=16, stride=8, passage_tokens=16, repeats=1, long=True)
+    result = run_bench(engine, replace(bc, lora_overhead=False))
+    assert timed == [(0.0, True), (0.0, True)]
+    assert {128, 384} <= set().union(*(d.capacities for d in engine._decoders.values()))
+    assert result["rows"][0]["append"]["decode"] == "compiled"

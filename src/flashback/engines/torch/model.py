@@ -161,10 +161,11 @@ class TorchEngine(Engine):
     def warm_up(self, mode: str | None, capacities: Sequence[int]):
         """Compile `mode`'s decode step for each capacity in a background thread, so that requests find the graphs
         built (--compile auto then switches to them at no cost). Meanwhile auto sessions stay eager, so that only
-        this thread compiles. Only with --compile auto (on compiles in the request, as asked; off never)."""
+        this thread compiles. With --compile on the graphs are those its sessions decode on (a bench compiles the
+        long contexts' this way, without a warm-up prefill); off never compiles."""
         import threading
 
-        if self.compile != "auto" or self.quantize:
+        if self.compile == "off" or self.quantize:
             return None
         from flashback.engines.torch.autocompile import remember_failure, use_inductor_cache
 
