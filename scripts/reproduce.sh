@@ -10,7 +10,7 @@
 #   eval-prepend  the prepend adapter on the same tokens (~6 min)
 #   eval-long  long contexts: 8,192-token windows (4,096 to 8,040 tokens of context before each target) on the
 #              held-out Python pages (four of them are 12k-34k tokens long), LONG_TOKENS target tokens (default
-#              1,024) spread over them, none / prepend / append+markers / the shipped adapter (~35 min)
+#              1,024) spread over them, none / prepend / the shipped adapter (LONG_MODES; ~35 min)
 #   bench      append vs prepend speed on the default index (~25 min; BENCH_LENGTHS=2048 for one length)
 #   decode     the compiled decode step at L=2048,4096 (fp32, then int8), the eager one at 2048, then --compile
 #              auto's choice for 48 and 1,536 tokens in fresh processes, compile time included (~55 min)
@@ -111,7 +111,7 @@ if run eval-prepend; then  # fine-tuned vs fine-tuned: the prepend adapter on th
   flashback eval "${EVAL_JARGON[@]}" "${MODES[@]}" --json "$RUNS/eval-jargon-prepend.json"
 fi
 if run eval-long; then
-  MODES=(--modes none,prepend,append+markers,append+markers+adapter --adapter "$SHIPPED")
+  MODES=(--modes "${LONG_MODES:-none,prepend,append+markers+adapter}" --adapter "$SHIPPED")
   flashback eval "$DATA/python-docs.jsonl.gz" "${NOT_LIB[@]}" --heldout 0.1 --index "$WORK/index" --max-length 8192 \
     --min-context 4096 --limit-tokens "${LONG_TOKENS:-1024}" "${MODES[@]}" --json "$RUNS/eval-python-long.json"
 fi
