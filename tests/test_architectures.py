@@ -373,6 +373,30 @@ def test_a_rollback_below_the_floor_is_refused_and_one_above_is_exact(gemma):
         cache.rollback(len(context) - 2 * WINDOW)
 
 
+def test_a_cache_that_dropped_keys_moves_into_fixed_window_buffers(gemma, monkeypatch):
+    """--compile auto moves an eager cache into the decode step's fixed buffers mid-generation: sliding layers that
+    dropped keys keep their start there (FixedWindowLayer), and decoding on stays exact. Into buffers too small for
+    a FixedWindowLayer the move is refused."""
+    from flashback.engines.torch import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "WINDOW_ROOM", 64)
+    monkeypatch.setattr(cache_module, "SLOT_STEP", 64)
+    monkeypatch.setattr(cache_module, "PREFILL_CHUNK", 16)  # compaction runs between chunks
+    context = gemma.head_ids + random_ids(gemma, 30 * WINDOW, 40)
+    cache = KVCache(gemma.model)
+    cache.keep_from(len(context))
+    cache.extend(context)
+    assert not cache.reaches(0) and cache.fits(512) and not cache.fits(128)
+    starts = [la.start for la in cache._windows()]
+    cache._recast(512)
+    assert [la.start for la in cache._windows()] == starts
+    assert all(type(la) is FixedWindowLayer for la in cache._windows())
+    cache.decoder, cache.capacity = Decoder(gemma.model, None, None, compile=False), 512
+    new = random_ids(gemma, 3 * WINDOW, 41)
+    got = torch.stack([cache.extend([t]) for t in new])
+    torch.testing.assert_close(got, full_logits(gemma.model, context + new)[len(context) :], atol=ATOL, rtol=0)
+
+
 def test_chunked_prefill_equals_one_forward(tiny_lm, gemma, monkeypatch):
     """A long extend runs in chunks: same logits (all, last, last N) and the same cache as one forward."""
     from flashback.engines.torch import cache as cache_module

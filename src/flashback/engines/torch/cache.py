@@ -431,7 +431,7 @@ class KVCache(Session):
                 self.auto.compiled_step(seconds, self.decoder.compile_s - compiled_before)
             elif (
                 self.decoder is None
-                and self.reaches(0)  # nothing dropped yet: the fixed buffers hold every key
+                and self.fits(self.auto.capacity)
                 and (decoder := self.auto.observe_eager(seconds)) is not None
             ):
                 self._recast(self.auto.capacity)
@@ -472,6 +472,11 @@ class KVCache(Session):
         only queries before it could see."""
         for layer in self._windows():
             layer.floor = floor
+
+    def fits(self, capacity: int) -> bool:
+        """Whether fixed buffers of `capacity` can take this cache over: a sliding layer that dropped keys needs a
+        FixedWindowLayer there (a FixedLayer would need the keys it dropped)."""
+        return all(layer.start == 0 or window_slots(layer.window) < capacity for layer in self._windows())
 
     def reaches(self, length: int) -> bool:
         """Whether a rollback to `length` is possible (sliding-window layers may have dropped what it needs)."""
