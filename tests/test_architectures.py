@@ -346,6 +346,7 @@ def test_sliding_layers_hold_their_window_and_stay_exact(gemma, tiny_gemma_index
         full = [la for la in sessions[-1].cache.layers if not isinstance(la, Windowed)]
         assert full and all(la._k.shape[-2] >= len(prompt) for la in full)  # full attention keeps every key
         assert sessions[-1].decoder is decoder and (decode == "fixed" or decoder.compile_s > 0)
+        assert decoder.capacities == ({sessions[-1].capacity} if decode == "compiled" else set())
 
 
 def test_a_rollback_below_the_floor_is_refused_and_one_above_is_exact(gemma):
@@ -389,12 +390,33 @@ def test_a_cache_that_dropped_keys_moves_into_fixed_window_buffers(gemma, monkey
     assert not cache.reaches(0) and cache.fits(512) and not cache.fits(128)
     starts = [la.start for la in cache._windows()]
     cache._recast(512)
-    assert [la.start for la in cache._windows()] == starts
-    assert all(type(la) is FixedWindowLayer for la in cache._windows())
+    assert all(la.start >= s > 0 for la, s in zip(cache._windows(), starts, strict=True))  # nothing needed is lost
+    assert all(type(la) is FixedWindowLayer and la.floor == len(context) for la in cache._windows())
+    assert cache.reaches(len(context))
     cache.decoder, cache.capacity = Decoder(gemma.model, None, None, compile=False), 512
     new = random_ids(gemma, 3 * WINDOW, 41)
     got = torch.stack([cache.extend([t]) for t in new])
     torch.testing.assert_close(got, full_logits(gemma.model, context + new)[len(context) :], atol=ATOL, rtol=0)
+
+
+def test_a_fixed_window_buffer_grows_at_most_to_the_cache(gemma, monkeypatch):
+    """A floor that stays behind (mode none: nothing after the prompt may be dropped) makes the sliding buffer grow
+    mid-generation; it never grows past the cache's capacity, which bounds every position, and stays exact."""
+    from flashback.engines.torch import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "WINDOW_ROOM", 8)
+    monkeypatch.setattr(cache_module, "SLOT_STEP", 16)
+    decoder = Decoder(gemma.model, None, None, compile=False)
+    cache = KVCache(gemma.model, capacity=64, decoder=decoder)
+    prompt = gemma.head_ids + random_ids(gemma, 4, 50)
+    cache.keep_from(len(prompt))
+    cache.extend(prompt)
+    new = random_ids(gemma, 64 - len(prompt), 51)
+    got = torch.stack([cache.extend([t]) for t in new])
+    torch.testing.assert_close(got, full_logits(gemma.model, prompt + new)[len(prompt) :], atol=ATOL, rtol=0)
+    sizes = {la.capacity for la in cache._windows()}
+    assert max(sizes) == 64 and all(type(la) is FixedWindowLayer for la in cache._windows())
+    assert decoder.capacities == set() and len(cache) == 64  # eager step: nothing compiled, the cache full
 
 
 def test_chunked_prefill_equals_one_forward(tiny_lm, gemma, monkeypatch):

@@ -250,9 +250,10 @@ class FixedWindowLayer(Windowed, FixedLayer):
     stays far behind (nothing may be dropped) grows the buffer, which compiles one more graph.
     """
 
-    def __init__(self, slots: int, position: torch.Tensor, window: int):
+    def __init__(self, slots: int, position: torch.Tensor, window: int, limit: int):
         super().__init__(slots, position)
         self._init_window(window)
+        self.limit = limit  # the cache's capacity: the most positions the sequence reaches, so never outgrown
         with torch.inference_mode(False):  # the compiled step's inputs, like `position` (see new_cache)
             self.slot = torch.zeros((), dtype=torch.long, device=position.device)
             self.offset = torch.zeros((), dtype=torch.long, device=position.device)
@@ -263,7 +264,7 @@ class FixedWindowLayer(Windowed, FixedLayer):
         super()._reserve(needed, like_k, like_v)
 
     def _grow(self, needed: int) -> None:
-        self.capacity = -(-2 * needed // SLOT_STEP) * SLOT_STEP
+        self.capacity = min(-(-2 * needed // SLOT_STEP) * SLOT_STEP, max(self.limit, needed))
         if self._k is not None:
             self._drop(0, self.capacity)
 
@@ -335,14 +336,19 @@ def new_cache(config, capacity: int | None = None, device: torch.device | None =
     with torch.inference_mode(False):
         position = torch.zeros((), dtype=torch.long, device=device)
 
+    # transformers builds one sliding mask, from the first sliding layer's sizes, for all of them: they may drop keys
+    # only if they all drop the same ones (one window), else they keep every key and the mask applies the windows
+    windows = {layer.sliding_window for layer in cache.layers if isinstance(layer, DynamicSlidingWindowLayer)}
+    window = windows.pop() if len(windows) == 1 else None
+
     def fixed(layer):
-        if isinstance(layer, DynamicSlidingWindowLayer) and window_slots(layer.sliding_window) < capacity:
-            return FixedWindowLayer(window_slots(layer.sliding_window), position, layer.sliding_window)
+        if isinstance(layer, DynamicSlidingWindowLayer) and window and window_slots(window) < capacity:
+            return FixedWindowLayer(window_slots(window), position, window, capacity)
         return FixedLayer(capacity, position)
 
     def growable(layer):
-        if isinstance(layer, DynamicSlidingWindowLayer):
-            return WindowLayer(layer.sliding_window)
+        if isinstance(layer, DynamicSlidingWindowLayer) and window:
+            return WindowLayer(window)
         return GrowableLayer()
 
     cache.layers = [fixed(layer) if capacity is not None else growable(layer) for layer in cache.layers]
@@ -501,12 +507,14 @@ class KVCache(Session):
         self.cache = new_cache(self.model.config, capacity, self.device)
         for layer, before in zip(self.cache.layers, old.layers, strict=True):
             if before.is_initialized and before.keys.shape[-2]:
-                start = getattr(before, "start", 0)
+                windowed = isinstance(before, Windowed) and isinstance(layer, Windowed)
+                drop = before.droppable() if windowed else 0  # what no later query reads
+                start = getattr(before, "start", 0) + drop
                 if start and not isinstance(layer, Windowed):
                     raise FlashbackError("a sliding-window layer that dropped keys cannot move into a full buffer")
-                layer.update(before.keys, before.values)
-                if start:
-                    layer.start, layer.floor = start, before.floor
+                layer.update(before.keys[..., drop:, :], before.values[..., drop:, :])
+                if isinstance(layer, Windowed):
+                    layer.start, layer.floor = start, getattr(before, "floor", 0)
 
     def _decode(self, token: int, length: int) -> torch.Tensor:
         self._compact(1)
@@ -516,7 +524,7 @@ class KVCache(Session):
             layer.start_decode()
         wrote = False
         try:
-            logits = self.decoder(self.cache, token, self.device)
+            logits = self.decoder(self.cache, token, self.device, self.capacity)
             wrote = True
         finally:
             for layer in layers:

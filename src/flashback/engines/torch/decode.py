@@ -200,8 +200,9 @@ class Decoder:
         return linears + emb.shape[1] * emb.element_size()
 
     @torch.inference_mode()
-    def __call__(self, cache, token: int, device: torch.device) -> torch.Tensor:
-        """Logits after `token`, written at the cache layers' shared `position` tensor (already set)."""
+    def __call__(self, cache, token: int, device: torch.device, capacity: int | None = None) -> torch.Tensor:
+        """Logits after `token`, written at the cache layers' shared `position` tensor (already set); `capacity` is
+        the session's (sliding-window layers have buffers of their own size)."""
         ids = torch.tensor([[token]], dtype=torch.long, device=device)
         pos = cache.layers[0].position.view(1, 1)
         if self.cuda_graphs:
@@ -210,7 +211,7 @@ class Decoder:
         graphs = _graphs_compiled()
         start = time.perf_counter()
         logits = self._step(ids, pos, cache)
-        capacity = cache.layers[0]._k.shape[-2]
+        capacity = capacity or max(layer._k.shape[-2] for layer in cache.layers)
         if _graphs_compiled() != graphs:  # this call compiled (first call, or a new cache shape)
             seconds = time.perf_counter() - start
             self.compile_s += seconds
