@@ -189,3 +189,25 @@ def test_eval_reads_a_datasets_dataset_as_it_reads_the_same_text_files(
         assert main([*base, "--dataset", str(saved), "--text-field", "body", *extra]) == 2
         assert message in capsys.readouterr().err
     assert main(base) == 2 and "give TEXT files or --dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["data/my_corpus.parquet", "corpus.jsonl", "a/b/c", "./nowhere"])
+def test_a_mistyped_dataset_path_is_a_local_error_not_a_hub_lookup(monkeypatch, tmp_path, source):
+    datasets = pytest.importorskip("datasets")
+    from flashback.text.corpus import dataset_documents
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: pytest.fail(f"looked up {a} on the hub"))
+    with pytest.raises(FlashbackError, match="no such dataset file or folder"):
+        list(dataset_documents(source, "text"))
+
+
+def test_a_hub_name_with_the_hub_off_fails_at_once(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from flashback.text.corpus import dataset_documents
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: pytest.fail(f"looked up {a} on the hub"))
+    with pytest.raises(FlashbackError, match="hub lookups are off"):
+        list(dataset_documents("someone/some-corpus", "text"))

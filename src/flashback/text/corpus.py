@@ -6,6 +6,8 @@ costs exactly `chunk_tokens` positions, as in the paper. Retrieval lives in retr
 
 from __future__ import annotations
 
+import os
+
 import contextlib
 import fnmatch
 import gzip
@@ -233,6 +235,21 @@ def dataset_documents(
 _DATA_FILES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
+_OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _path_like(source: str) -> bool:
+    """Whether `source` names a local file or folder rather than a hub dataset ("owner/name", "name")."""
+    path = Path(source).expanduser()
+    return (
+        source.startswith(("/", "./", "../", "~", "."))
+        or path.suffix.lower() in (*_DATA_FILES, ".gz", ".arrow")
+        or source.count("/") > 1
+        or "\\" in source
+        or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    )
+
+
 def _load_dataset(datasets, source: str):
     path = Path(source).expanduser()
     try:
@@ -243,8 +260,12 @@ def _load_dataset(datasets, source: str):
             if builder is None:
                 raise FlashbackError(f"{path}: use a parquet, JSON(L) or CSV file, or a save_to_disk folder")
             return datasets.load_dataset(builder, data_files=str(path))
-        if path.exists() or source.startswith(("/", "./", "../", "~")):
+        if path.exists():
             raise FlashbackError(f"{source} is not a dataset folder (save_to_disk writes dataset_info.json)")
+        if _path_like(source):  # a mistyped path is a local error, not a hub lookup
+            raise FlashbackError(f"{source}: no such dataset file or folder")
+        if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in _OFFLINE):
+            raise FlashbackError(f"{source} is not a local file or folder, and hub lookups are off ({_OFFLINE[0]})")
         return datasets.load_dataset(source)
     except FlashbackError:
         raise
