@@ -6,8 +6,6 @@ costs exactly `chunk_tokens` positions, as in the paper. Retrieval lives in retr
 
 from __future__ import annotations
 
-import os
-
 import contextlib
 import fnmatch
 import gzip
@@ -15,6 +13,7 @@ import hashlib
 import importlib
 import io
 import json
+import os
 import pydoc
 import sys
 import warnings
