@@ -183,3 +183,46 @@ def test_sigterm_while_an_index_is_saved_leaves_no_temporary(tiny_model_dir, cor
     assert code == 143 and time.monotonic() - start < 30
     assert "terminated" in proc.stderr.read()
     assert list(tmp_path.iterdir()) == []
+
+
+def _immutable(folder) -> bool:
+    """chattr +i: read-only even for root (chmod is not), where the file system and privileges allow it."""
+    try:
+        return subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("command", ["index", "train", "export", "eval-json"])
+def test_an_unwritable_output_is_refused_before_any_work(
+    capsys, tiny_model_dir, tiny_index_dir, corpus_file, tmp_path, command
+):
+    """/proc/self is a folder nobody can create files in; a 300-character name fits no file system. Both are a
+    one-line error (exit 2) before the model loads or a document is read."""
+    model = ["--model", str(tiny_model_dir)]
+    for out in ("/proc/self/flashback-out", str(tmp_path / ("x" * 300))):
+        argv = {
+            "index": ["index", str(corpus_file), *model, "--out", out],
+            "train": ["train", "--data", str(tmp_path / "no-data"), *model, "--out", out, "--max-steps", "1"],
+            "export": ["export", *model, "--adapter", str(tmp_path / "no-adapter"), "--out", out],
+            "eval-json": ["eval", str(corpus_file), *model, "--index", str(tiny_index_dir), "--json", out],
+        }[command]
+        start = time.perf_counter()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("flashback: error: cannot write") and "Traceback" not in err, err
+        assert ("not writable" in err) if out.startswith("/proc") else ("too long" in err)
+        assert time.perf_counter() - start < 5
+
+
+def test_an_immutable_folder_is_refused_before_the_work(capsys, tiny_model_dir, corpus_file, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if not _immutable(ro):
+        pytest.skip("chattr +i is not available here")
+    try:
+        assert main(["index", str(corpus_file), "--model", str(tiny_model_dir), "--out", str(ro / "idx")]) == 2
+        assert "is not writable" in capsys.readouterr().err
+        assert not any(ro.iterdir())
+    finally:
+        subprocess.run(["chattr", "-i", str(ro)], check=False)

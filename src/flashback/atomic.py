@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from flashback.errors import FlashbackError
+
+NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,9 @@ def resolve_output(out: str | Path) -> Path:
     """The folder an --out names: absolute, a symbolic link followed; a path that cannot become a folder is an
     error now, not after the work."""
     path = Path(os.path.abspath(Path(out).expanduser()))
+    for part in path.parts:
+        if len(part.encode()) > NAME_MAX - len(".tmp-4194304."):  # with room for the temporary sibling's suffix
+            raise FlashbackError(f"cannot write {out}: the name {part[:40]}... is too long for the file system")
     if path.is_symlink():
         target = path.resolve()
         if not target.exists():
@@ -95,8 +101,20 @@ def resolve_output(out: str | Path) -> Path:
         if parent.exists():
             if not parent.is_dir():
                 raise FlashbackError(f"cannot write {out}: {parent} is a file, not a folder")
+            _probe(out, parent)
             break
     return path
+
+
+def _probe(out: str | Path, folder: Path) -> None:
+    """Create and remove a file in `folder`: the only check that sees read-only mounts, immutable folders and
+    /proc as a root user would meet them, before the work whose results would be lost."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".flashback-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise FlashbackError(f"cannot write {out}: {folder} is not writable ({exc.strerror or exc})") from None
 
 
 def check_file(out: str | Path) -> Path:
