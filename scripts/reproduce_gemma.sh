@@ -12,6 +12,9 @@
 #              checkpoints every 10 steps and resumes when re-run (TRAIN_STEPS, default 400: about 2.5-4 h).
 #              MIX=foldoc trains on the Python segments and prepare-foldoc's segments together
 #   eval       the adapter against the untuned baselines on the same tokens
+#   eval-long  long contexts: 8,192-token windows (4,096 to 8,040 tokens of context before each target) on the held-out
+#              Python pages, LONG_TOKENS target tokens (default 512), none / prepend / append+markers, and the
+#              adapter when ADAPTER's folder exists (~20 min without it)
 #   bench      append vs prepend speed at L=2048 and 4096 on the PyTorch engine (real passages, TAIL's layout)
 #   llamacpp   the adapter merged and exported to f16 GGUF, then the same bench on the llama.cpp engine
 #              (needs scripts/setup_engines.sh)
@@ -76,6 +79,13 @@ if run eval; then
   MODES=(--model "$MODEL" --modes none,prepend,append+markers,append+markers+adapter --adapter "$ADAPTER")
   flashback eval "${EVAL_PY[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-python$TAG.json"
   flashback eval "${EVAL_JARGON[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-jargon$TAG.json"
+fi
+if run eval-long; then
+  MODES=(--model "$MODEL" --modes none,prepend,append+markers --tail "${TAIL:-32}")
+  [[ -f $ADAPTER/flashback.json ]] && MODES=(--model "$MODEL" --adapter "$ADAPTER" \
+    --modes none,prepend,append+markers,append+markers+adapter)
+  flashback eval "$DATA/python-docs.jsonl.gz" "${NOT_LIB[@]}" --heldout 0.1 --index "$WORK/index" --max-length 8192 \
+    --min-context 4096 --limit-tokens "${LONG_TOKENS:-512}" "${MODES[@]}" --json "$RUNS/gemma-eval-python-long$TAG.json"
 fi
 if run bench; then
   flashback bench --model "$MODEL" --index "$WORK/index" --context-lengths 2048,4096 --repeats "${REPEATS:-1}" \

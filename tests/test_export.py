@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -27,6 +28,15 @@ def exported(tiny_model_dir, adapter_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "merged"
     card = export(adapter_dir, out, model=str(tiny_model_dir))
     return out, card
+
+
+def test_an_exports_files_have_the_modes_of_a_plain_write(exported):
+    """An engine or server running as another user reads every file of the export (the weights were 0600)."""
+    out, _ = exported
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_exported_folder_gives_the_logits_of_base_plus_adapter(tiny_model_dir, adapter_dir, exported):

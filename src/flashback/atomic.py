@@ -161,6 +161,18 @@ def recover(out: Path) -> list[Path]:
     return removed
 
 
+def _usual_modes(folder: Path) -> None:
+    """Give every file and folder of a finished output the modes a plain write would (0644 / 0755 under the usual
+    umask): writers that go through a temporary file (safetensors) leave 0600, which an engine or a server running
+    as another user cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_folder(out: str | Path, kind: FolderKind) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `out`, on any error it is removed."""
@@ -176,6 +188,7 @@ def atomic_folder(out: str | Path, kind: FolderKind) -> Iterator[Path]:
         if written != kind.format:  # a writer bug, not a user error: never swap in an unmarked folder
             raise RuntimeError(f"{kind.what} written without {kind.marker} format {kind.format!r}")
         check_replaceable(out, kind)  # the folder may have changed while we wrote
+        _usual_modes(tmp)
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
