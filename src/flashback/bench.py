@@ -228,14 +228,15 @@ def _run(engine: Engine, context, retriever, cfg: GenerationConfig, roofline: Ro
         raise FlashbackError("a benchmark retrieval step went without passages: its timing would not be a step")
     multi = [f for f in trace.forwards if f.kind != "decode"]
     decodes = [f for f in trace.forwards if f.kind == "decode"]
-    # KV tokens a decode step reads: the filled cache (eager), or the whole fixed buffer, masked (Decoder)
-    kv_read = trace.cache_capacity or statistics.mean(f.cache_len - 1 for f in decodes)
+    # KV tokens a decode step reads per layer: the filled cache (eager), or the whole fixed buffer, masked (Decoder);
+    # a sliding-window layer needs only its window
+    arch = engine.arch
+    kv_read = arch.kv_read(trace.cache_capacity or statistics.mean(f.cache_len - 1 for f in decodes))
     # Forwards before the first token: the first stretch's (the context's prefill, and in append mode the first
     # passage, which an upstream engine computes in the same request).
     first_stretch = trace.forwards[: trace.stretch_starts[1]] if len(trace.stretch_starts) > 1 else trace.forwards
     first = [f for f in first_stretch if f.kind != "decode"]
     first_s = sum(f.seconds for f in first) + trace.retrieval_s / max(1, len(trace.retrievals))
-    arch = engine.arch
     return {
         "wall_s": wall,
         **trace.timings(),

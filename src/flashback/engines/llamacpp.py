@@ -115,6 +115,7 @@ def load_llamacpp(
         n_threads=threads,
         n_threads_batch=threads,
         flash_attn=flash_attn,
+        swa_full=True,  # a cut sliding-window cache accepts a rollback but leaves it inexact (docs/design.md)
         verbose=False,
     )
     parts["max_positions"] = len(llm.input_ids)  # the context asked for (llama.cpp may round its own n_ctx up)
