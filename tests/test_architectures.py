@@ -164,8 +164,21 @@ def test_eval_fast_path_equals_scoring_each_example_from_scratch(
     banned, spec, head = torch.tensor(gemma.marker_ids), ModeSpec.parse(mode), gemma.head_ids
     args = (gemma.marker_ids, spec, docs, targets, retrievals, cfg, banned)
     record = Recorder(monkeypatch)
-    fast = torch.cat(score_fast(gemma.session(None, scoring=True), *args, head=head))
+    session = gemma.session(None, scoring=True)
+    held, extend = [], session.extend
+
+    def watched(*a, **kw):
+        out = extend(*a, **kw)
+        held.append(max(la._k.shape[-2] for la in session._windows()))
+        return out
+
+    monkeypatch.setattr(session, "extend", watched)
+    fast = torch.cat(score_fast(session, *args, head=head))
     slow = torch.cat(score_slow(gemma.session(None, scoring=True), *args, head=head))
+    # the fast path's sliding layers hold the window plus what its rollbacks need (passage block, tail, target),
+    # with room to compact, and drop the keys before it
+    assert max(held) <= 2 * (WINDOW + index.chunk_tokens + 2 + tail + cfg.stride), held
+    assert tail == 40 or any(la.start > 0 for la in session._windows())
     record.assert_bos_first_and_only_first(gemma.tokenizer.bos_token_id)
     assert fast.numel() > 100
     torch.testing.assert_close(fast, slow, atol=ATOL, rtol=0)
