@@ -256,6 +256,18 @@ def test_echo_scores_the_prompt_as_flashback_eval_does(server, tiny_lm, tiny_ind
     assert any(x["passages"] for x in data["retrievals"] if "position" in x) == (mode != "none")
 
 
+def test_max_length_is_checked_in_the_requests_terms(server):
+    """A max_length that leaves no room is refused naming the request's field, not eval's command-line flag; one
+    sent without echo scoring is refused instead of ignored."""
+    body = {"prompt": "A kludge keeps working", "max_tokens": 1, "echo": True, "logprobs": 1, "max_length": 40}
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith("max_length 40 leaves too little room") and "--" not in message, message
+    r = httpx.post(f"{server}/v1/completions", json={**body, "echo": False, "max_length": 256}, timeout=60)
+    assert r.status_code == 400 and "echo" in r.json()["error"]["message"], r.text
+
+
 def test_stop_sequence(server):
     full = httpx.post(f"{server}/v1/completions", json={"prompt": "A kludge", "max_tokens": 30}, timeout=60).json()
     text = full["choices"][0]["text"]

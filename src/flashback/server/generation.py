@@ -342,7 +342,16 @@ class CompletionService:
             if req.max_length > self.lm.max_positions:
                 raise FlashbackError(f"max_length may be at most the model's {self.lm.max_positions} positions")
             settings["max_length"] = req.max_length
-        return spec, EvalConfig(**settings), self.retriever
+        ecfg = EvalConfig(**settings)
+        passages = ecfg.k * self.retriever.max_passage_tokens if self.retriever is not None else 0
+        least = passages + 2 + ecfg.stride + 2 * ecfg.query_tokens  # eval's segments need twice the query as context
+        if ecfg.max_length < least:  # in the request's terms (eval's own message names its command-line flags)
+            given = "" if req.max_length is not None else " (the default)"
+            raise FlashbackError(
+                f"max_length {ecfg.max_length}{given} leaves too little room: k={ecfg.k} passages, the markers, a "
+                f"{ecfg.stride}-token stride and twice {ecfg.query_tokens} query tokens need at least {least}"
+            )
+        return spec, ecfg, self.retriever
 
     # -- on the event loop -----------------------------------------------------------------------
     def drain(self) -> None:
@@ -371,6 +380,8 @@ class CompletionService:
 
     def check(self, req: CompletionRequest) -> None:
         """Cheap checks that need no tokenizer, so a bad request costs nothing on the model thread."""
+        if req.max_length is not None and not (req.echo and req.logprobs is not None):
+            raise FlashbackError("max_length sets how an echoed prompt is scored: send it with echo and logprobs")
         if (req.max_tokens or 16) > self.limits.max_tokens:
             raise FlashbackError(f"max_tokens may be at most {self.limits.max_tokens}")
         problem = req.unsupported()
