@@ -1002,9 +1002,38 @@ def test_new_generations_go_first_but_never_starve_queued_ones():
     assert 5 <= during.count("heavy") <= 25, during  # the queued one still moves, every few cheap requests
 
 
+def _response(sock: socket.socket) -> bytes:
+    """One whole HTTP response with a Content-Length, read from `sock`."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        rest += sock.recv(4096)
+    return data
+
+
+def _trickled(sock: socket.socket, piece: bytes, every: float, within: float = 20) -> bytes:
+    """Send `piece` every `every` seconds until the server answers or closes (what it sent; b"" when it closed
+    without a word); fails after `within` seconds."""
+    sock.settimeout(every)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(piece)
+            return sock.recv(100)
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return b""
+    raise AssertionError(f"still open after {within} s of trickling")
+
+
 def test_slow_clients_are_cut_off(tiny_lm, tiny_index_dir):
-    """--read-timeout: a connection that sends no complete request headers is closed, a body that stops coming gets
-    a 408; neither holds anything for long. A normal request on the same server is unaffected."""
+    """--read-timeout: a connection that sends no complete request headers is closed, on its first request or a later
+    one; a body that stops coming, or comes too slowly, gets a 408; none holds anything for long. A normal request on
+    the same server is unaffected."""
     import dataclasses
 
     from flashback.server import server_config
@@ -1026,6 +1055,14 @@ def test_slow_clients_are_cut_off(tiny_lm, tiny_index_dir):
         body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
         body.sendall(b'Content-Length: 100\r\n\r\n{"prompt": ')  # then nothing
         assert body.recv(100).startswith(b"HTTP/1.1 408")
+        trickle = socket.create_connection(("127.0.0.1", port), timeout=10)  # a body that keeps coming, too slowly
+        trickle.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        assert _trickled(trickle, b"x", every=0.3).startswith(b"HTTP/1.1 408")  # the whole body is bounded
+        again = socket.create_connection(("127.0.0.1", port), timeout=10)  # keep-alive: the second request's headers
+        again.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _response(again).startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        assert _trickled(again, b"X-Slow: 1\r\n", every=0.3) == b"" and time.monotonic() - start < 8
         ok = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "A kludge", "max_tokens": 4})
         assert ok.status_code == 200, ok.text
     finally:

@@ -38,8 +38,8 @@ log = logging.getLogger("flashback.server")
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets a 413 before anyone parses it, and one whose next part
-    does not come within `timeout` seconds a 408 (a client trickling a body holds no slot for long).
+    """ASGI middleware: a request body over `limit` bytes gets a 413 before anyone parses it, and one that has not
+    all come within `timeout` seconds of its headers a 408 (a client trickling a body holds no slot for long).
 
     The body is read here (at most `limit` bytes are ever held) and replayed to the app.
     """
@@ -54,10 +54,13 @@ class BodyLimit:
         too_large = error_response(413, f"request body larger than {self.limit} bytes")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await too_large(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout  # for the whole body, not each part
         body, more = b"", True
         while more:
             try:
-                message = await asyncio.wait_for(receive(), self.timeout)
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                message = await asyncio.wait_for(receive(), left)
             except TimeoutError:
                 late = error_response(408, f"request body not received within {self.timeout:g} s")
                 return await late(scope, receive, send)
@@ -217,24 +220,34 @@ async def _complete(
 
 
 def server_config(app: FastAPI, host: str, port: int, limits: ServerLimits, log_level: str = "info"):
-    """uvicorn's settings for `app`: the shutdown grace, and connections that send no request headers within
-    --read-timeout closed (uvicorn bounds only idle keep-alive connections)."""
+    """uvicorn's settings for `app`: the shutdown grace, and a connection closed when a request's headers have not
+    all come within --read-timeout of it being ready for one (opened, or its last response sent). uvicorn's own
+    keep-alive timer stops at the first byte, so a client trickling header lines would hold the connection."""
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadersInTime(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            self._await_request()
+
+        def _await_request(self) -> None:
+            self.answered = self.cycle  # the request before the one awaited (None on a new connection)
             self.headers_late = self.loop.call_later(limits.read_timeout_s, self._close_without_request)
 
         def _close_without_request(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():
+            if self.cycle is self.answered and not self.transport.is_closing():
                 self.transport.close()
 
         def handle_events(self) -> None:
             super().handle_events()
-            if self.cycle is not None:
+            if self.cycle is not self.answered:  # the awaited request's headers are in
                 self.headers_late.cancel()
+
+        def on_response_complete(self) -> None:
+            self.headers_late.cancel()
+            self._await_request()  # before uvicorn reads a pipelined request, whose headers then cancel it
+            super().on_response_complete()
 
         def connection_lost(self, exc) -> None:
             self.headers_late.cancel()
