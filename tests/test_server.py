@@ -588,11 +588,14 @@ def test_langchain_openai_completions_client(server, tiny_lm):
     assert isinstance(text, str) and text and streamed == text
 
 
-def test_sigterm_ends_open_streams_within_the_grace_period(tiny_model_dir, tiny_index_dir, tmp_path):
-    """A model without an end-of-text token streams until max_tokens; SIGTERM must not wait for it."""
+def test_sigterm_ends_open_streams_and_answers_waiting_requests_at_once(tiny_model_dir, tiny_index_dir, tmp_path):
+    """A model without an end-of-text token streams until max_tokens; SIGTERM must not wait for it. With
+    --max-active 2, two streams run and two requests wait for a slot: the streams end cleanly, the waiting requests
+    get an OpenAI-shaped 503 at once (not a plain-text 500 after the grace period), and nothing logs a traceback."""
     import signal
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -605,40 +608,47 @@ def test_sigterm_ends_open_streams_within_the_grace_period(tiny_model_dir, tiny_
     tok.eos_token = None
     tok.save_pretrained(endless)
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flashback.cli",
-            "serve",
-            "--no-warm-up",
-            "--model",
-            str(endless),
-            "--index",
-            str(tiny_index_dir),
-        ]
-        + ["--port", str(port), "--max-tokens", "8000", "--shutdown-grace", "1", "--no-adapter"],
+        [sys.executable, "-m", "flashback.cli", "serve", "--no-warm-up", "--model", str(endless)]
+        + ["--index", str(tiny_index_dir), "--port", str(port), "--max-tokens", "8000", "--max-active", "2"]
+        + ["--shutdown-grace", "5", "--no-adapter"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    body = {"prompt": "A socket", "max_tokens": 8000, "mode": "none"}
     try:
         deadline = time.time() + 60
         while True:
             assert proc.poll() is None and time.time() < deadline, "server did not start"
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        body = {"prompt": "A socket", "max_tokens": 8000, "mode": "none", "stream": True}
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))
+        with (
+            httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as first,
+            httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as second,
+            ThreadPoolExecutor(2) as pool,
+        ):
+            lines = [r.iter_lines() for r in (first, second)]
+            for stream in lines:
+                assert next(line for line in stream if line.startswith("data: "))
+            waiting = [pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=60) for _ in range(2)]
+            while httpx.get(f"{url}/health", timeout=5).json()["waiting"] < 2:
+                time.sleep(0.1)
             proc.send_signal(signal.SIGTERM)
             start = time.monotonic()
-            rest = [line for line in lines if line.startswith("data: ")]  # the stream ends: no cut connection
+            refused = [w.result() for w in waiting]
+            refused_after = time.monotonic() - start
+            rests = [[line for line in stream if line.startswith("data: ")] for stream in lines]
         assert time.monotonic() - start < 15, "still streaming long after SIGTERM"
-        assert rest[-1] == "data: [DONE]" and "shutting down" in rest[-2], rest[-3:]
+        for rest in rests:  # the streams end: no cut connection
+            assert rest[-1] == "data: [DONE]" and "shutting down" in rest[-2], rest[-3:]
+        for r in refused:
+            assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
+            assert "shutting down" in r.json()["error"]["message"] and r.json()["error"]["type"] == "server_error"
+        assert refused_after < 4, f"the waiting requests were answered {refused_after:.1f} s after SIGTERM"
         assert proc.wait(timeout=30) == 143  # the model thread finished its step: no abort
         err = proc.stderr.read().decode()
         assert "Traceback" not in err and "terminate called" not in err, err[-2000:]

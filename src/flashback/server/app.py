@@ -27,6 +27,7 @@ from flashback.server.protocol import (
     GENERATION,
     Choice,
     CompletionRequest,
+    ShuttingDown,
     error_response,
     events,
     split_prompts,
@@ -205,6 +206,8 @@ async def _complete(
         for choice, start in zip(choices, starts, strict=True):
             start.cancel()
             choice.cancel()
+        if isinstance(failed, ShuttingDown):
+            return error_response(503, str(failed), "server_error")
         if isinstance(failed, FlashbackError):
             return error_response(400, str(failed))
         raise failed

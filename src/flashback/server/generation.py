@@ -26,7 +26,7 @@ from flashback.errors import FlashbackError
 from flashback.evaluate import ModeSpec, scoring_steps, scoring_work
 from flashback.generate import TextStreamer, Trace, stream
 from flashback.layout import planned_work
-from flashback.server.protocol import DRAIN, GENERATION, CompletionRequest, Drain, Step
+from flashback.server.protocol import DRAIN, GENERATION, CompletionRequest, Drain, ShuttingDown, Step
 from flashback.server.scheduler import Scheduler, _ignore_result
 from flashback.text.chat_template import render
 from flashback.text.retrieval import Retriever
@@ -359,6 +359,7 @@ class CompletionService:
         signal handler)."""
         self.drainer.draining = True
         if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.drainer.stopping.set)
             self.loop.call_soon_threadsafe(lambda: [q.put_nowait(DRAIN) for q in list(self.drainer.queues)])
 
     def model_names(self) -> list[str]:
@@ -397,17 +398,34 @@ class CompletionService:
         if any(len(s) > self.limits.max_stop_chars for s in stops):
             raise FlashbackError(f"stop: each stop string may have at most {self.limits.max_stop_chars} characters")
 
+    async def _admit(self) -> None:
+        """Wait for a slot (--max-active). A shutdown answers every waiting request at once, with ShuttingDown."""
+        acquire = asyncio.ensure_future(self.admission.acquire())
+        stop = asyncio.ensure_future(self.drainer.stopping.wait())
+        admitted = False
+        try:
+            await asyncio.wait((acquire, stop), return_when=asyncio.FIRST_COMPLETED)
+            admitted = acquire.done() and not self.drainer.draining
+        finally:  # also when the client hung up while waiting: a slot taken meanwhile goes back
+            stop.cancel()
+            if not admitted:
+                acquire.cancel()
+                if acquire.done() and not acquire.cancelled():
+                    self.admission.release()
+        if not admitted:
+            raise ShuttingDown()
+
     async def steps(self, req: CompletionRequest, request: Request, work: int | None = None) -> AsyncIterator[Step]:
         """Admit the request, then yield its steps; the echo comes first when asked. `work` is its budget of token
         positions (a batch's prompts share the request's)."""
         if self.drainer.draining:
-            raise FlashbackError("the server is shutting down")
+            raise ShuttingDown()
         req = self.resolve(req)
         self.check(req)
         self.loop = asyncio.get_running_loop()
         self.state["waiting"] += 1
         try:
-            await self.admission.acquire()
+            await self._admit()
         finally:
             self.state["waiting"] -= 1
         self.state["active"] += 1

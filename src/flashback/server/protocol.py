@@ -182,12 +182,21 @@ class Choice:
         self.task.cancel()
 
 
+class ShuttingDown(FlashbackError):
+    """A request the server will not run because it is shutting down: a 503, not the client's fault."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down")
+
+
 class Drain:
-    """Open streams, and whether the server is shutting down: a stream then ends at once, cleanly."""
+    """Open streams, and whether the server is shutting down: a stream then ends at once, cleanly, and a request
+    waiting for a slot is answered at once (`stopping`)."""
 
     def __init__(self) -> None:
         self.draining = False
         self.queues: set[asyncio.Queue] = set()
+        self.stopping = asyncio.Event()
 
 
 def _envelope(cid: str, created: int, model: str, choices: list[dict]) -> dict:

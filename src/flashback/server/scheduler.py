@@ -16,8 +16,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Protocol
 
-from flashback.errors import FlashbackError
-from flashback.server.protocol import Step
+from flashback.server.protocol import ShuttingDown, Step
 
 SHORT_CREDITS = 2  # a generation planned to compute at most this many credits of work is short: it may start early
 
@@ -84,7 +83,7 @@ class Scheduler:
     def _push(self, priority: float, item) -> None:
         with self._cv:
             if self._closed:
-                raise FlashbackError("the server is shutting down")
+                raise ShuttingDown()
             heapq.heappush(self._heap, (priority, next(self._order), item))
             self._cv.notify()
 
@@ -118,7 +117,7 @@ class Scheduler:
             pending, self._heap = self._heap, []
             self._cv.notify_all()
         for _, _, item in pending:
-            item.fail(FlashbackError("the server is shutting down"))
+            item.fail(ShuttingDown())
 
 
 class _Once:
