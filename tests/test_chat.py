@@ -125,6 +125,29 @@ def test_bad_chat_requests_get_openai_errors(chat_server, body, message):
     assert message in r.json()["error"]["message"]
 
 
+def test_chats_render_off_the_model_thread_and_a_huge_one_is_refused_before_rendering(chat_server, monkeypatch):
+    """A chat of thousands of one-letter messages is refused by a bound that needs no tokenizer (each message with
+    text holds a token), and no chat renders on the model thread, where it would hold up every generation."""
+    import threading
+
+    import flashback.server.generation as generation
+
+    rendered_on = []
+
+    def recorded(*args, **kwargs):
+        rendered_on.append(threading.current_thread().name)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "render", recorded)
+    many = [{"role": ("user", "assistant")[i % 2], "content": "a"} for i in range(2001)]
+    r = httpx.post(f"{chat_server}/v1/chat/completions", json={"messages": many, "max_tokens": 4}, timeout=30)
+    assert r.status_code == 400 and "2001 messages" in r.json()["error"]["message"], r.text
+    assert rendered_on == []
+    ok = httpx.post(f"{chat_server}/v1/chat/completions", json={"messages": [QUESTION], "max_tokens": 4}, timeout=30)
+    assert ok.status_code == 200, ok.text
+    assert rendered_on and not any(name.startswith("flashback-model") for name in rendered_on), rendered_on
+
+
 def test_a_model_without_a_chat_template_says_so(tiny_lm, tiny_index_dir):
     for url in serve_in_thread(create_app(tiny_lm, IndexRetriever(Index.load(tiny_index_dir)), LIMITS, True, 4)):
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [QUESTION]}, timeout=30)

@@ -1079,3 +1079,35 @@ def test_slow_clients_are_cut_off(tiny_lm, tiny_index_dir):
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def test_api_keys_guard_every_route_but_health_and_keep_each_keys_prefix_cache_apart(tiny_lm, tiny_index_dir):
+    """serve --api-key: without a valid key a 401 in OpenAI's shape (before the body is read: a huge body is not a
+    413); /health stays open. A victim's prompt cached under one key gives another key's client cached_tokens 0 for
+    the same text, so the prompt cannot be probed digit by digit; the same key with another cache_salt neither."""
+    app = create_app(
+        tiny_lm, IndexRetriever(Index.load(tiny_index_dir)), LIMITS, True, 4, api_keys=("alpha-key", "beta-key")
+    )
+    alpha, beta = ({"Authorization": f"Bearer {k}"} for k in ("alpha-key", "beta-key"))
+    for url in serve_in_thread(app):
+        assert httpx.get(f"{url}/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "alpha-key"}):
+            r = httpx.get(f"{url}/v1/models", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+            assert r.headers["www-authenticate"] == "Bearer"
+        huge = httpx.post(f"{url}/v1/completions", content=b"x" * 300_000, headers={"Content-Type": "text/plain"})
+        assert huge.status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers=beta).status_code == 200
+        body = {"prompt": "My bank PIN is 4821 and my account is at the main branch", "max_tokens": 2, "mode": "none"}
+        completions = f"{url}/v1/completions"
+        assert _cached_tokens(completions, body, alpha) == 0  # the victim
+        assert _cached_tokens(completions, body, beta) == 0  # another key: nothing to learn
+        assert _cached_tokens(completions, {**body, "cache_salt": "tenant-2"}, alpha) == 0  # the same key, another salt
+        assert _cached_tokens(completions, body, alpha) > 0  # the victim's own next request still reuses its cache
+    tiny_lm.forget()
+
+
+def _cached_tokens(url: str, body: dict, headers: dict) -> int:
+    r = httpx.post(url, json=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]

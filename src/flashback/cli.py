@@ -559,7 +559,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     retriever = _checked_retriever(engine, index)
     name = serve.served_model_name or Path(ecfg.model).name  # a folder's name, never where it lies
     app = create_app(
-        engine, retriever, limits, markers=markers, tail=tail, docs=serve.docs, mode=mode, name=name, alias=ecfg.model
+        engine,
+        retriever,
+        limits,
+        markers=markers,
+        tail=tail,
+        docs=serve.docs,
+        mode=mode,
+        name=name,
+        alias=ecfg.model,
+        api_keys=serve.api_keys(),
     )
     if serve.warm_up and engine.warm_up(mode, WARM_CAPACITIES) is not None:
         sizes = ", ".join(map(str, WARM_CAPACITIES))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
-from flashback.errors import FlashbackError
+from flashback.errors import FlashbackError, first_line
 from flashback.registry import DEFAULT_MODEL, default_index_dir
 
 MODES = ("append", "prepend", "none")
@@ -415,10 +416,34 @@ class ServeConfig:
         True,
         "with --compile auto: compile the decode step for 512- and 1,024-token caches in the background at start-up",
     )
+    api_key: tuple[str, ...] = opt(
+        (),
+        "a key clients must send as Authorization: Bearer KEY (repeatable); the prefix cache is kept apart per key",
+        metavar="KEY",
+    )
+    api_key_file: str | None = opt(None, "a file of API keys, one per line (blank lines and # comments skipped)")
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
             raise FlashbackError(f"--port {self.port} is not a TCP port (0-65535)")
+        self.api_keys()
+
+    def api_keys(self) -> tuple[str, ...]:
+        """The keys of --api-key and --api-key-file; none: the server is open to anyone who reaches it."""
+        keys = list(self.api_key)
+        if self.api_key_file is not None:
+            try:
+                lines = Path(self.api_key_file).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise FlashbackError(f"--api-key-file {self.api_key_file}: {first_line(exc)}") from None
+            found = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if not found:
+                raise FlashbackError(f"--api-key-file {self.api_key_file} holds no key")
+            keys += found
+        for key in keys:
+            if not key or not key.isascii() or any(c.isspace() or not c.isprintable() for c in key):
+                raise FlashbackError("an API key must be printable ASCII without spaces")
+        return tuple(keys)
 
 
 DEFAULT_INDEX_HELP = f"index folder (default: {default_index_dir()}, built on first use)"

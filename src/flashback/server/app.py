@@ -7,6 +7,7 @@ interleaves their steps on the model thread(s).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -83,6 +84,34 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class ApiKeys:
+    """ASGI middleware: with keys set, every route but /health needs `Authorization: Bearer KEY`, else a 401 in
+    OpenAI's shape before the body is read. The key's number goes into the scope (`KEY_SCOPE`): the prefix cache is
+    scoped by it, so one key's clients cannot learn another's prompts from `cached_tokens`."""
+
+    def __init__(self, app, keys: tuple[str, ...]):
+        self.app, self.keys = app, [key.encode() for key in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.keys or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        scheme, _, token = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
+        token = token.strip()
+        found = None
+        for number, key in enumerate(self.keys):  # compared in constant time, every key
+            if hmac.compare_digest(token, key):
+                found = number
+        if scheme.lower() != b"bearer" or found is None:
+            message = "a valid API key is needed: send Authorization: Bearer KEY" if token else "no API key given"
+            refused = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return await refused(scope, receive, send)
+        scope[KEY_SCOPE] = found
+        await self.app(scope, receive, send)
+
+
+KEY_SCOPE = "flashback.api_key"  # the request's key, by number (ApiKeys)
+
+
 def create_app(
     lm: Engine,
     retriever: Retriever | None,
@@ -93,9 +122,11 @@ def create_app(
     mode: str = GENERATION["mode"],
     name: str | None = None,
     alias: str | None = None,
+    api_keys: tuple[str, ...] = (),
 ) -> FastAPI:
     """The HTTP app. `docs` serves /docs and /openapi.json (off by default); `mode` is the mode of requests that
-    name none; `name` the served model's name (default: the engine's)."""
+    name none; `name` the served model's name (default: the engine's); `api_keys`, when given, the keys a client
+    must send (see ApiKeys)."""
     limits = limits or ServerLimits()
     name = name or lm.name
     service: CompletionService | None = None
@@ -107,6 +138,7 @@ def create_app(
         app.state.drain = service.drain  # run() calls it when a shutdown signal comes
         yield
         service.scheduler.close()
+        service.front.shutdown(wait=False, cancel_futures=True)
         service.scheduler.join(limits.shutdown_grace_s + 30)  # no model thread may outlive the interpreter
         lm.keep_prefixes(0)  # the engine may outlive the app (tests, the Python API)
 
@@ -119,6 +151,7 @@ def create_app(
         openapi_url="/openapi.json" if docs else None,
     )
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes, timeout=limits.read_timeout_s)
+    app.add_middleware(ApiKeys, keys=tuple(api_keys))  # added last, so it runs first: no body read without a key
 
     _add_error_handlers(app)
 
@@ -198,7 +231,8 @@ async def _complete(
     except FlashbackError as exc:
         return error_response(400, str(exc), param="prompt")
     share = service.limits.max_request_work // len(prompts)
-    choices = [Choice(i, service.steps(one, request, share)) for i, one in enumerate(prompts)]
+    key = request.scope.get(KEY_SCOPE)
+    choices = [Choice(i, service.steps(one, request, share, key)) for i, one in enumerate(prompts)]
     starts = [asyncio.ensure_future(c.start()) for c in choices]
     await asyncio.wait(starts, return_when=asyncio.FIRST_EXCEPTION)  # one bad prompt stops the batch at once
     failed = next((s.exception() for s in starts if s.done() and s.exception() is not None), None)

@@ -54,8 +54,8 @@ class ChatRequest(RequestOptions):
     tool_choice: Literal["none"] | None = None
 
     def completion(self, default_max_tokens: int) -> CompletionRequest:
-        """The completions request that generates the answer; the conversation rides along (rendered on the model
-        thread, which owns the tokenizer)."""
+        """The completions request that generates the answer; the conversation rides along (rendered on the
+        service's front thread)."""
         if self.tools:
             raise FlashbackError("tools are not supported (only none)")
         if self.top_logprobs is not None and not self.logprobs:

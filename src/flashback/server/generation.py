@@ -1,8 +1,9 @@
 """One request's generation on the scheduler: the engine's token stream turned into text, stop strings,
 log-probabilities and retrievals, step by step; and the service that admits requests and opens generations.
 
-Everything that grows with the request (tokenizing the prompt, stop strings, log-probabilities, echo scoring)
-runs on a model thread, never on the event loop. Limits bound the prompt, the stop strings and a request's
+Everything that grows with the request runs off the event loop: tokenizing the prompt and rendering a chat on
+the front thread (with its own tokenizer, so a huge prompt never holds up the model), stop strings,
+log-probabilities and echo scoring on a model thread. Limits bound the prompt, the stop strings and a request's
 total work before any of it starts. A request chooses settings but no paths: nothing it sends reads or writes
 files.
 """
@@ -10,10 +11,13 @@ files.
 from __future__ import annotations
 
 import asyncio
+import copy
 import ctypes
 import gc
+import json
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -263,11 +267,24 @@ class CompletionService:
             if retriever is not None:
                 self.retriever = LockedRetriever(retriever)
         lm.keep_prefixes(limits.cache_mb)  # a conversation's next turn starts from the cache of the last
+        self.reader = copy.deepcopy(lm.tokenizer)  # the front thread's own: a tokenizer is not shared across threads
+        self.front = ThreadPoolExecutor(1, thread_name_prefix="flashback-front")
         self.scheduler = Scheduler(workers, credit=limits.prefill_chunk)
         self.admission = asyncio.Semaphore(limits.max_active)
         self.state = {"active": 0, "waiting": 0, "served": 0}
 
-    # -- on the model thread ---------------------------------------------------------------------
+    # -- on the front thread ---------------------------------------------------------------------
+    def prompt(self, req: CompletionRequest) -> tuple[list[int], str | None]:
+        """The request's token ids, and a chat's first query (None for a completion: the prompt's tail)."""
+        if req._messages is None:
+            return self.prompt_ids(req.prompt), None
+        ids, first_query = render(self.reader, req._messages, req.query_tokens)
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise FlashbackError(
+                f"the conversation has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}"
+            )
+        return ids, first_query
+
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """One prompt's token ids. Text is tokenized as plain text (never special tokens); token ids may hold the
         model's own special tokens (scoring clients start a window with BOS or end-of-text), never the marking
@@ -275,10 +292,10 @@ class CompletionService:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise FlashbackError("the prompt is empty")
-            ids = encode(self.lm.tokenizer, prompt)
+            ids = encode(self.reader, prompt)
         else:
             ids = [int(t) for t in prompt]
-            if any(t < 0 or t >= len(self.lm.tokenizer) for t in ids):
+            if any(t < 0 or t >= len(self.reader) for t in ids):
                 raise FlashbackError("prompt: token ids must lie in this model's vocabulary")
             if set(ids) & set(self.lm.marker_ids or ()):
                 raise FlashbackError("prompt: the marking tokens are FlashBack's own; a prompt may not hold them")
@@ -288,16 +305,18 @@ class CompletionService:
             raise FlashbackError(f"the prompt has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}")
         return ids
 
-    def open(self, req: CompletionRequest, start: float, budget: int | None = None) -> Generation:
-        first_query = None
-        if req._messages is not None:  # a chat: the conversation through the chat template
-            ids, first_query = render(self.lm.tokenizer, req._messages, req.query_tokens)
-            if len(ids) > self.limits.max_prompt_tokens:
-                raise FlashbackError(
-                    f"the conversation has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}"
-                )
-        else:
-            ids = self.prompt_ids(req.prompt)
+    # -- on the model thread ---------------------------------------------------------------------
+    def open(
+        self,
+        req: CompletionRequest,
+        prompt: tuple[list[int], str | None],
+        start: float,
+        budget: int | None = None,
+        key: int | None = None,
+    ) -> Generation:
+        """The request's generation, validated, for its `prompt` (see `prompt`). It may start from a kept prefix
+        cache only of a request with the same API key, `cache_salt` and `user`."""
+        ids, first_query = prompt
         if req.mode != "none" and self.retriever is None:
             raise FlashbackError("this server has no index; use mode 'none'")
         cfg = GenerationConfig(
@@ -330,7 +349,15 @@ class CompletionService:
         gen = Generation(self.lm, req, ids, None, trace, start, scoring=scoring, chunk=chunk)
         observe = gen.observe if req.logprobs is not None else None  # logits are kept only when asked for
         gen.tokens = stream(  # validates now
-            self.lm, ids, self.retriever, cfg, trace, observe, chunk, first_query, cache_salt=req.user
+            self.lm,
+            ids,
+            self.retriever,
+            cfg,
+            trace,
+            observe,
+            chunk,
+            first_query,
+            cache_salt=json.dumps([key, req.cache_salt, req.user]),
         )
         return gen
 
@@ -383,6 +410,13 @@ class CompletionService:
         """Cheap checks that need no tokenizer, so a bad request costs nothing on the model thread."""
         if req.max_length is not None and not (req.echo and req.logprobs is not None):
             raise FlashbackError("max_length sets how an echoed prompt is scored: send it with echo and logprobs")
+        if req._messages is not None:  # each message with text holds at least one token: refused before rendering
+            least = sum(1 for m in req._messages if m["content"].strip())
+            if least > self.limits.max_prompt_tokens:
+                raise FlashbackError(
+                    f"the conversation has {least} messages with text, so at least as many tokens; the limit is "
+                    f"{self.limits.max_prompt_tokens}"
+                )
         if (req.max_tokens or 16) > self.limits.max_tokens:
             raise FlashbackError(f"max_tokens may be at most {self.limits.max_tokens}")
         problem = req.unsupported()
@@ -415,9 +449,11 @@ class CompletionService:
         if not admitted:
             raise ShuttingDown()
 
-    async def steps(self, req: CompletionRequest, request: Request, work: int | None = None) -> AsyncIterator[Step]:
+    async def steps(
+        self, req: CompletionRequest, request: Request, work: int | None = None, key: int | None = None
+    ) -> AsyncIterator[Step]:
         """Admit the request, then yield its steps; the echo comes first when asked. `work` is its budget of token
-        positions (a batch's prompts share the request's)."""
+        positions (a batch's prompts share the request's); `key` the number of the API key it came with."""
         if self.drainer.draining:
             raise ShuttingDown()
         req = self.resolve(req)
@@ -425,6 +461,7 @@ class CompletionService:
         self.loop = asyncio.get_running_loop()
         self.state["waiting"] += 1
         try:
+            prompt = await self.loop.run_in_executor(self.front, self.prompt, req)
             await self._admit()
         finally:
             self.state["waiting"] -= 1
@@ -432,7 +469,7 @@ class CompletionService:
         gen, steps = None, None
         try:
             start = self.scheduler.arrival()
-            gen = await self.scheduler.submit(start, lambda: self.open(req, start, work))
+            gen = await self.scheduler.submit(start, lambda: self.open(req, prompt, start, work, key))
             steps = self.scheduler.stream(gen)  # the echo first, when asked
             while True:
                 step = await steps.next()

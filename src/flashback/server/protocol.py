@@ -60,6 +60,8 @@ class RequestOptions(BaseModel):
     frequency_penalty: float | None = Field(None, strict=True, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     user: StrictStr | None = None
+    # vLLM's field: requests share a kept prefix cache only when they send the same salt (and user and API key)
+    cache_salt: StrictStr | None = Field(None, min_length=1)
     # FlashBack options
     # None: the mode the model name picks (NAME:prepend), else the server's (serve --mode)
     mode: Literal["append", "prepend", "none"] | None = None
@@ -102,9 +104,15 @@ class CompletionRequest(RequestOptions):
 
 
 def error_response(
-    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict | None = None,
 ) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def logprobs_block(steps: list[dict], offset: int) -> dict:
