@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,9 @@ def test_index_search_generate(capsys, tiny_model_dir, corpus_file, tmp_path):
     assert code == 0
     summary = json.loads(out)
     assert summary["documents"] == 18 and summary["passages"] > 18
+    manifest = (out_dir / "manifest.json").read_text()  # names, never the folders the corpus and model lay in
+    assert json.loads(manifest)["sources"] == [Path(corpus_file).name]
+    assert str(Path(corpus_file).parent) not in manifest and str(tiny_model_dir) not in manifest
 
     code, out, _ = run_cli(capsys, "search", out_dir, "reference counting garbage collectors", "-k", 2, "--json")
     hits = json.loads(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,6 +52,8 @@ def test_exported_folder_gives_the_logits_of_base_plus_adapter(tiny_model_dir, a
     ids[10:10] = [lm.marker_ids[0], *ids[:5], lm.marker_ids[1]]  # the markers' rows are trained rows too
     torch.testing.assert_close(full_logits(plain, ids), full_logits(lm.model, ids), atol=1e-4, rtol=0)
     assert card["position"] == "append" and card["tail"] == 3 and card["format"] == "flashback-export/1"
+    assert card["adapter"] == Path(adapter_dir).name  # its name, not where it lay on the machine that exported it
+    assert str(Path(adapter_dir).parent) not in (out / "flashback.json").read_text()
 
 
 def test_flashback_runs_the_export_as_a_plain_model(tiny_model_dir, adapter_dir, tiny_index_dir, exported):
@@ -121,7 +124,9 @@ def test_q4_1_export_is_quantized_by_llama_cpp_and_stays_close_to_f16(gguf_expor
 
     f16_out, f16_card = gguf_export
     out = tmp_path / "q4"
-    card = export(f16_card["adapter"], out, gguf="q4_1")
+    from flashback.registry import SHIPPED_ADAPTER
+
+    card = export(SHIPPED_ADAPTER, out, gguf="q4_1")
     assert card["gguf"] == "model-q4_1.gguf" and sorted(p.name for p in out.glob("*.gguf")) == [card["gguf"]]
     f16_file, q4_file = f16_out / f16_card["gguf"], out / card["gguf"]
     assert q4_file.stat().st_size < 0.4 * f16_file.stat().st_size

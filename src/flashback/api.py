@@ -55,10 +55,11 @@ def build_index(
     if builtin:  # rendered first, so that its progress bar finishes before tokenizing starts
         documents = _chain(list(builtin_documents(builtin, progress)), documents)
     passages = split_passages(select(documents, include, exclude), tokenizer, chunk_tokens, progress=progress)
-    sources = [*(f"builtin:{builtin}" for _ in [builtin] if builtin), *map(str, corpus)]
+    # names only, no folders: an index may be copied to other machines, and where its files lay is nobody's business
+    sources = [*(f"builtin:{builtin}" for _ in [builtin] if builtin), *(Path(c).name for c in corpus)]
     index = Index.build(
         passages,
-        tokenizer_name=model or DEFAULT_MODEL,
+        tokenizer_name=Path(model).name if model and Path(model).exists() else model or DEFAULT_MODEL,
         fingerprint=tokenizer_fingerprint(tokenizer),
         chunk_tokens=chunk_tokens,
         sources=[*sources, *(f"include:{g}" for g in include), *(f"exclude:{g}" for g in exclude)],

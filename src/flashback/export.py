@@ -145,7 +145,7 @@ def export(
         "marker_ids": list(lm.marker_ids),
         "marker_tokens": lm.tokenizer.convert_ids_to_tokens(list(lm.marker_ids)),
         "tail": adapter_tail(adapter),
-        "adapter": str(Path(adapter).resolve()),
+        "adapter": Path(adapter).resolve().name,  # its name only: an export may be copied to other machines
         "base_model": lm.name,
         "dtype": dtype,
         "gguf": f"model-{gguf}.gguf" if gguf else None,
