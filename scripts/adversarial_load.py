@@ -5,13 +5,16 @@
 The server runs alone on the machine (start nothing else). While normal 16-token append requests run one after
 another in the foreground, background clients send: expensive prepend requests (16 passages, a long prompt), long
 echo scoring (echo + logprobs over a ~1,000-token prompt), streams that hang up after their first event, connections
-that never finish their headers, bodies that stop coming, and hostile bodies (over the limits, malformed). Then a
-stream is left open and the server gets SIGTERM.
+that never finish their headers, bodies that stop coming, keep-alive connections that trickle their second
+request's header lines, bodies trickled a byte at a time, 1 MB chats (25,000 one-letter messages; 1,000 of 950 characters)
+and hostile bodies (over the limits, malformed). Then every slot holds a stream, two requests wait for a slot, and
+the server gets SIGTERM.
 
-Printed, as JSON: every status seen (no 5xx expected), the normal request's latency idle and under load (median,
-max, and the requests that arrived behind an expensive one), /health's latency, the server's RSS before and after
-(once the load has ended and the server holds no generation), and how SIGTERM ended (exit status, whether the
-open stream ended with [DONE]).
+Printed, as JSON: every status seen (no 5xx expected) and whether every error came in OpenAI's shape, the normal
+request's latency idle and under load (median, max, and the requests that arrived behind an expensive one),
+/health's latency, the server's RSS before and after (once the load has ended and the server holds no generation),
+and how SIGTERM ended (exit status, whether the open streams ended with [DONE], what the waiting requests got and
+when, a traceback in the log or not).
 Figures are medians of one run on a shared machine: compare them within the run.
 """
 
@@ -30,6 +33,7 @@ import time
 import httpx
 
 WORDS = "garbage collection memory program socket server port lambda function unicode hacker kludge thread "
+MAX_ACTIVE = 8  # serve's default, given explicitly: the shutdown phase fills every slot
 
 
 def free_port() -> int:
@@ -46,6 +50,7 @@ def rss_mb(pid: int) -> float:
 def start_server(args, port: int) -> subprocess.Popen:
     # no background compile at start-up: the latencies measured are the request path's, as in the quoted runs
     cmd = [sys.executable, "-m", "flashback.cli", "serve", "--port", str(port), "--read-timeout", "5", "--no-warm-up"]
+    cmd += ["--max-active", str(MAX_ACTIVE)]
     cmd += ["--max-prompt-tokens", "4096"] + (["--model", args.model] if args.model else [])
     cmd += ["--index", args.index] if args.index else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -90,6 +95,59 @@ async def slow_body(port: int, seconds: float) -> str:
         writer.close()
 
 
+async def trickled_second_request(port: int, every: float, seconds: float) -> str:
+    """A keep-alive connection: one whole GET /health, then a second request's header lines, one every `every`
+    seconds. "closed after N s" when the server cuts it off, "still open" when it is still reading after `seconds`."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(
+            next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        )
+        await reader.readexactly(length)
+        return await _trickle(reader, writer, b"GET /health HTTP/1.1\r\n", b"X-Slow: 1\r\n", every, seconds)
+    finally:
+        writer.close()
+
+
+async def trickled_body(port: int, every: float, seconds: float) -> str:
+    """A body declared 100,000 bytes long, sent one byte every `every` seconds: no gap is long, the whole is."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+        return await _trickle(reader, writer, head, b"x", every, seconds)
+    finally:
+        writer.close()
+
+
+async def _trickle(reader, writer, first: bytes, piece: bytes, every: float, seconds: float) -> str:
+    writer.write(first)
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        try:
+            data = await asyncio.wait_for(reader.read(100), every)
+        except TimeoutError:
+            try:
+                writer.write(piece)
+                await writer.drain()
+            except ConnectionError:
+                return f"closed after {time.monotonic() - start:.0f} s"
+            continue
+        what = data.split(b"\r\n")[0].decode() if data else "closed"
+        return f"{what} after {time.monotonic() - start:.0f} s"
+    return "still open"
+
+
+def openai_error(r: httpx.Response) -> bool:
+    """Whether a refusal came in OpenAI's shape: JSON {"error": {"message", "type", ...}}."""
+    try:
+        error = r.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return r.headers.get("content-type", "").startswith("application/json") and bool(error.get("message"))
+
+
 async def load(base: str, port: int, seconds: float) -> dict:
     normal = {"prompt": "A socket binds to a port and", "max_tokens": 16, "mode": "append"}
     expensive = {"prompt": WORDS * 90, "mode": "prepend", "k": 16, "max_tokens": 1}  # ~1,200 tokens + 16 passages
@@ -100,17 +158,22 @@ async def load(base: str, port: int, seconds: float) -> dict:
         {"prompt": "x", "max_tokens": "16"},
         {"prompt": "a \ud800 b"},
     ]
+    many = {"messages": [{"role": ("user", "assistant")[i % 2], "content": "a"} for i in range(25_000)]}
+    long = {"messages": [{"role": ("user", "assistant")[i % 2], "content": WORDS * 10} for i in range(1_000)]}
     statuses: list[int] = []
+    misshapen: list[int] = []  # refusals not in OpenAI's shape
     normal_times, behind, health_times, sockets = [], [], [], []
     expensive_open = 0
     done = asyncio.Event()
     async with httpx.AsyncClient(base_url=base, timeout=3600) as client:
 
-        async def post(body: dict) -> int:
+        async def post(body: dict, route: str = "/v1/completions") -> int:
             r = await client.post(
-                "/v1/completions", content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+                route, content=json.dumps(body).encode(), headers={"content-type": "application/json"}
             )
             statuses.append(r.status_code)
+            if r.status_code != 200 and not openai_error(r):
+                misshapen.append(r.status_code)
             return r.status_code
 
         async def foreground():
@@ -147,6 +210,9 @@ async def load(base: str, port: int, seconds: float) -> dict:
         background = [heavy(expensive) for _ in range(3)] + [heavy(echo) for _ in range(2)]
         background += [hang_up() for _ in range(6)] + [post(b) for b in hostile]
         background += [slow_headers(port, 15) for _ in range(20)] + [slow_body(port, 15) for _ in range(10)]
+        background += [trickled_second_request(port, 1.0, 30) for _ in range(5)]
+        background += [trickled_body(port, 1.0, 30) for _ in range(5)]
+        background += [post(chat, "/v1/chat/completions") for chat in (many, long)]
         running = asyncio.gather(*background)
         await asyncio.sleep(seconds)  # the load window: normal requests compete with everything above
         done.set()
@@ -155,6 +221,7 @@ async def load(base: str, port: int, seconds: float) -> dict:
     ms = lambda xs: round(1000 * xs, 1)  # noqa: E731
     return {
         "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
+        "refusals_not_in_openai_shape": len(misshapen),
         "slow_connections": {s: sockets.count(s) for s in sorted(set(sockets))},
         "normal_ms": {
             "median": ms(statistics.median(normal_times)),
@@ -192,23 +259,45 @@ def settled_rss(pid: int, base: str) -> float:
     return rss_mb(pid)
 
 
-def sigterm_with_an_open_stream(proc: subprocess.Popen, base: str) -> dict:
-    body = {"prompt": "A socket", "max_tokens": 512, "mode": "none", "stream": True}
-    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
-        lines = r.iter_lines()
-        next(line for line in lines if line.startswith("data: "))
+def sigterm_with_full_slots(proc: subprocess.Popen, base: str) -> dict:
+    """Every slot holds an open stream and two requests wait for a slot; then SIGTERM."""
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
+
+    body = {"prompt": "A socket", "max_tokens": 512, "mode": "none"}
+    with ExitStack() as stack, ThreadPoolExecutor(2) as pool:
+        streams = [
+            stack.enter_context(
+                httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, timeout=300)
+            )
+            for _ in range(MAX_ACTIVE)
+        ]
+        lines = [r.iter_lines() for r in streams]
+        for stream in lines:
+            next(line for line in stream if line.startswith("data: "))
+        waiting = [pool.submit(httpx.post, f"{base}/v1/completions", json=body, timeout=300) for _ in range(2)]
+        while httpx.get(f"{base}/health", timeout=10).json()["waiting"] < 2:
+            time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
-        try:
-            rest = [line for line in lines if line.startswith("data: ")]
-            ended = "[DONE]" if rest and rest[-1] == "data: [DONE]" else "no [DONE]"
-        except httpx.HTTPError as exc:
-            ended = f"cut: {type(exc).__name__}"
+        answers = [w.result() for w in waiting]
+        answered_s = time.monotonic() - start
+        ends = []
+        for stream in lines:
+            try:
+                rest = [line for line in stream if line.startswith("data: ")]
+                ends.append("[DONE]" if rest and rest[-1] == "data: [DONE]" else "no [DONE]")
+            except httpx.HTTPError as exc:
+                ends.append(f"cut: {type(exc).__name__}")
     code = proc.wait(timeout=120)
     err = proc.stderr.read().decode()
     return {
         "exit_status": code,
-        "stream_end": ended,
+        "streams_end": {e: ends.count(e) for e in sorted(set(ends))},
+        "waiting_answers": [
+            f"{a.status_code} {a.json()['error']['message'] if openai_error(a) else a.text[:60]}" for a in answers
+        ],
+        "waiting_answered_s": round(answered_s, 2),
         "seconds": round(time.monotonic() - start, 2),
         "traceback": "Traceback" in err or "terminate called" in err,
     }
@@ -233,7 +322,7 @@ def main() -> None:
         figures["normal_over_idle"] = round(figures["normal_ms"]["median"] / figures["normal_idle_ms"], 2)
         behind = figures["normal_behind_expensive_ms"]["median"]
         figures["behind_expensive_over_idle"] = round(behind / figures["normal_idle_ms"], 2) if behind else None
-        figures["sigterm"] = sigterm_with_an_open_stream(proc, base)
+        figures["sigterm"] = sigterm_with_full_slots(proc, base)
     finally:
         if proc.poll() is None:
             proc.kill()
