@@ -6,9 +6,9 @@ The server runs alone on the machine (start nothing else). While normal 16-token
 another in the foreground, background clients send: expensive prepend requests (16 passages, a long prompt), long
 echo scoring (echo + logprobs over a ~1,000-token prompt), streams that hang up after their first event, connections
 that never finish their headers, bodies that stop coming, keep-alive connections that trickle their second
-request's header lines, bodies trickled a byte at a time, 1 MB chats (25,000 one-letter messages; 1,000 of 950 characters)
-and hostile bodies (over the limits, malformed). Then every slot holds a stream, two requests wait for a slot, and
-the server gets SIGTERM.
+request's header lines, bodies trickled a byte at a time, 1 MB chats (25,000 one-letter messages; 1,000 of 950
+characters) and hostile bodies (over the limits, malformed). Then every slot holds a stream, two requests wait for
+a slot, and the server gets SIGTERM.
 
 Printed, as JSON: every status seen (no 5xx expected) and whether every error came in OpenAI's shape, the normal
 request's latency idle and under load (median, max, and the requests that arrived behind an expensive one),
@@ -127,7 +127,7 @@ async def _trickle(reader, writer, first: bytes, piece: bytes, every: float, sec
     while time.monotonic() - start < seconds:
         try:
             data = await asyncio.wait_for(reader.read(100), every)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             try:
                 writer.write(piece)
                 await writer.drain()
@@ -264,7 +264,8 @@ def sigterm_with_full_slots(proc: subprocess.Popen, base: str) -> dict:
     from concurrent.futures import ThreadPoolExecutor
     from contextlib import ExitStack
 
-    body = {"prompt": "A socket", "max_tokens": 512, "mode": "none"}
+    # streams that cannot end on their own before SIGTERM comes: a passage before every token (stride 1, prepend)
+    body = {"prompt": WORDS * 20, "max_tokens": 200, "mode": "prepend", "k": 2, "stride": 1}  # within the work limit
     with ExitStack() as stack, ThreadPoolExecutor(2) as pool:
         streams = [
             stack.enter_context(
@@ -272,11 +273,17 @@ def sigterm_with_full_slots(proc: subprocess.Popen, base: str) -> dict:
             )
             for _ in range(MAX_ACTIVE)
         ]
+        for r in streams:
+            if r.status_code != 200:
+                raise SystemExit(f"a stream of the shutdown phase was refused: {r.status_code} {r.read()[:200]!r}")
         lines = [r.iter_lines() for r in streams]
         for stream in lines:
             next(line for line in stream if line.startswith("data: "))
         waiting = [pool.submit(httpx.post, f"{base}/v1/completions", json=body, timeout=300) for _ in range(2)]
-        while httpx.get(f"{base}/health", timeout=10).json()["waiting"] < 2:
+        deadline = time.monotonic() + 300
+        while (health := httpx.get(f"{base}/health", timeout=10).json())["waiting"] < 2:
+            if time.monotonic() > deadline or health["active"] < MAX_ACTIVE:
+                raise SystemExit(f"the slots did not stay full: {health}")
             time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
@@ -322,6 +329,7 @@ def main() -> None:
         figures["normal_over_idle"] = round(figures["normal_ms"]["median"] / figures["normal_idle_ms"], 2)
         behind = figures["normal_behind_expensive_ms"]["median"]
         figures["behind_expensive_over_idle"] = round(behind / figures["normal_idle_ms"], 2) if behind else None
+        print(json.dumps(figures), file=sys.stderr)  # the load's figures, whatever the shutdown phase does
         figures["sigterm"] = sigterm_with_full_slots(proc, base)
     finally:
         if proc.poll() is None:

@@ -1069,6 +1069,16 @@ def test_slow_clients_are_cut_off(tiny_lm, tiny_index_dir):
         trickle = socket.create_connection(("127.0.0.1", port), timeout=10)  # a body that keeps coming, too slowly
         trickle.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
         assert _trickled(trickle, b"x", every=0.3).startswith(b"HTTP/1.1 408")  # the whole body is bounded
+        steady = socket.create_connection(("127.0.0.1", port), timeout=10)  # slow but steady (20 KB/s): accepted
+        payload = b'{"prompt": "A kludge", "max_tokens": 2}' + b" " * 60_000
+        steady.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        steady.sendall(b"Content-Length: %d\r\n\r\n" % len(payload))
+        start = time.monotonic()
+        for at in range(0, len(payload), 8_000):
+            steady.sendall(payload[at : at + 8_000])
+            time.sleep(0.4)
+        assert time.monotonic() - start > 2 * limits.read_timeout_s  # longer than the timeout alone allows
+        assert _response(steady).startswith(b"HTTP/1.1 200")
         again = socket.create_connection(("127.0.0.1", port), timeout=10)  # keep-alive: the second request's headers
         again.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert _response(again).startswith(b"HTTP/1.1 200")

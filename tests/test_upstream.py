@@ -305,6 +305,37 @@ def test_openai_stream_is_read_as_tokens_and_counts():
     assert body["prompt"] == list(range(40)) and body["max_tokens"] == 16 and body["return_token_ids"] is True
     assert body["logit_bias"] == {"5": -100.0, "6": -100.0} and body["temperature"] == 0.0 and body["seed"] == 3
     assert client.complete([1], 0).tokens == [] and sent[-1]["max_tokens"] == 1  # prompt only: one token, dropped
+    assert "cache_salt" not in sent[-1]
+    client.complete([1], 0, salt="[0, null, null]")
+    assert sent[-1]["cache_salt"] == "[0, null, null]"  # vLLM keeps the prefix caches of other salts apart
     client.http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(answer(None)))
     done = client.complete(list(range(40)), 16)
     assert (done.prompt_tokens, done.cached_tokens) == (40, 0) and not client.reports_cached_tokens
+
+
+@pytest.mark.parametrize("scopes", [True, False])
+def test_a_scoped_request_sees_upstream_reuse_only_where_the_upstream_keeps_scopes_apart(scopes):
+    """serve --api-key (or cache_salt, user) through --upstream: vLLM gets the scope as its cache_salt and its
+    cached count is reported; llama-server cannot scope its cache, so a scoped request is told of no reuse (else
+    cached_tokens would reveal what other keys' clients sent)."""
+    from flashback.engines.base import Sampling
+    from flashback.engines.upstream.clients import Completion
+    from flashback.engines.upstream.engine import UpstreamSession
+    from flashback.layout import StepPlan
+
+    salts = []
+
+    class Upstream:
+        scopes_cache = scopes
+
+        def complete(self, prompt, n, *, salt=None, **_):
+            salts.append(salt)
+            return Completion([9] * n, False, prompt_tokens=2, cached_tokens=len(prompt) - 2, prompt_s=0, decode_s=0)
+
+    sampling = Sampling(0.0, 1.0, None, (), True)
+    for salt in (None, "[1, null, null]"):
+        stretch = UpstreamSession(Upstream(), salt).begin(StepPlan(0, [], list(range(10))), 2, sampling, None, 0)
+        assert list(stretch.tokens) == [9, 9]
+        reported = stretch.cached_tokens
+        assert reported == (8 if salt is None or scopes else 0)
+    assert salts == [None, "[1, null, null]"]

@@ -56,7 +56,7 @@ def build_index(
         documents = _chain(list(builtin_documents(builtin, progress)), documents)
     passages = split_passages(select(documents, include, exclude), tokenizer, chunk_tokens, progress=progress)
     # names only, no folders: an index may be copied to other machines, and where its files lay is nobody's business
-    sources = [*(f"builtin:{builtin}" for _ in [builtin] if builtin), *(Path(c).name for c in corpus)]
+    sources = [*(f"builtin:{builtin}" for _ in [builtin] if builtin), *(Path(c).resolve().name for c in corpus)]
     index = Index.build(
         passages,
         tokenizer_name=Path(model).name if model and Path(model).exists() else model or DEFAULT_MODEL,

@@ -384,7 +384,9 @@ class ServerLimits:
         "tokens, such as a conversation's next turn (PyTorch engine; 0: off)",
     )
     read_timeout_s: float = opt(
-        10.0, "seconds a client has to send its request headers, and each part of its body", flag="read-timeout"
+        10.0,
+        "seconds a client has to send a request's headers, and its body (plus a second per 16 KiB received)",
+        flag="read-timeout",
     )
     shutdown_grace_s: float = opt(
         5.0,

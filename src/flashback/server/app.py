@@ -39,9 +39,13 @@ from flashback.text.retrieval import Retriever
 log = logging.getLogger("flashback.server")
 
 
+MIN_BODY_RATE = 16 * 1024  # bytes/s: each 16 KiB received extends a body's deadline by a second (slow uplinks)
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets a 413 before anyone parses it, and one that has not
-    all come within `timeout` seconds of its headers a 408 (a client trickling a body holds no slot for long).
+    all come within `timeout` seconds of its headers (plus a second per MIN_BODY_RATE bytes received) a 408: a client
+    trickling a body holds no slot for long, however steadily it trickles.
 
     The body is read here (at most `limit` bytes are ever held) and replayed to the app.
     """
@@ -57,13 +61,15 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await too_large(scope, receive, send)
         loop = asyncio.get_running_loop()
-        deadline = None if self.timeout is None else loop.time() + self.timeout  # for the whole body, not each part
+        start = loop.time()  # the deadline is for the whole body, not each part
         body, more = b"", True
         while more:
             try:
-                left = None if deadline is None else max(0.0, deadline - loop.time())
+                left = None
+                if self.timeout is not None:  # never 0: wait_for(..., 0) would not even take what has arrived
+                    left = max(0.01, start + self.timeout + len(body) / MIN_BODY_RATE - loop.time())
                 message = await asyncio.wait_for(receive(), left)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin on Python 3.10
                 late = error_response(408, f"request body not received within {self.timeout:g} s")
                 return await late(scope, receive, send)
             if message["type"] != "http.request":  # the client left
@@ -157,6 +163,8 @@ def create_app(
 
     @app.get("/health")
     async def health():
+        if api_keys:  # open to anyone: with keys, it says no more than that the server is up
+            return {"status": "ok"}
         return {
             "status": "ok",
             "model": name,

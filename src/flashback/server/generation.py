@@ -227,6 +227,12 @@ class Generation:
         return {"token": text, "logprob": float(logp[token]), "top": top}
 
 
+def scope(key: int | None, req: CompletionRequest) -> str | None:
+    """The prefix-cache scope of a request: its API key's number, `cache_salt` and `user` (None: the shared one)."""
+    parts = [key, req.cache_salt, req.user]
+    return None if parts == [None, None, None] else json.dumps(parts)
+
+
 class LockedRetriever:
     """One search at a time: a retriever (BM25 index, tokenizer) is not promised to be thread-safe, and a search
     takes milliseconds next to an upstream request's hundreds."""
@@ -357,7 +363,7 @@ class CompletionService:
             observe,
             chunk,
             first_query,
-            cache_salt=json.dumps([key, req.cache_salt, req.user]),
+            cache_salt=scope(key, req),
         )
         return gen
 

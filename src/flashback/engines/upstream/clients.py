@@ -113,6 +113,7 @@ class LlamaServerClient(_HTTPEngine):
 
     protocol = "llama.cpp"
     reports_cached_tokens = True  # timings.cache_n
+    scopes_cache = False  # no cache salt: a scoped request's reuse is not reported (UpstreamSession)
 
     def read_props(self, response) -> dict:
         """What the server says of itself (GET /props, already answered): context size and slots."""
@@ -137,8 +138,10 @@ class LlamaServerClient(_HTTPEngine):
         seed: int | None = None,
         banned: Sequence[int] = (),
         ignore_eos: bool = False,
+        salt: str | None = None,
     ) -> Completion:
-        """`n` tokens after `prompt` (n = 0: only evaluate the prompt into the engine's cache)."""
+        """`n` tokens after `prompt` (n = 0: only evaluate the prompt into the engine's cache). llama-server has no
+        cache salt: `salt` is ignored (scopes_cache False)."""
         body = {
             "prompt": [int(t) for t in prompt],
             "n_predict": n,
@@ -181,6 +184,7 @@ class OpenAIClient(_HTTPEngine):
 
     protocol = "openai"
     reports_cached_tokens = True  # until an answer comes without usage.prompt_tokens_details
+    scopes_cache = True  # vLLM's cache_salt
 
     def models(self) -> dict:
         import httpx
@@ -226,9 +230,11 @@ class OpenAIClient(_HTTPEngine):
         seed: int | None = None,
         banned: Sequence[int] = (),
         ignore_eos: bool = False,
+        salt: str | None = None,
     ) -> Completion:
         """`n` tokens after `prompt`; n = 0 asks for one (vLLM's minimum) and drops it: the prompt's forward
-        computes that token's logits anyway."""
+        computes that token's logits anyway. `salt`: vLLM's `cache_salt` (only requests with the same salt share
+        its prefix cache)."""
         body = {
             "model": self.model,
             "prompt": [int(t) for t in prompt],
@@ -248,6 +254,8 @@ class OpenAIClient(_HTTPEngine):
         }
         if seed is not None:
             body["seed"] = int(seed)
+        if salt is not None:
+            body["cache_salt"] = salt
         t0 = time.perf_counter()
         tokens, finish, usage, first = self._stream(body)
         end = time.perf_counter()

@@ -30,8 +30,8 @@ class UpstreamSession(Session):
     prompt diverges there). No logits come back.
     """
 
-    def __init__(self, client: UpstreamClient):
-        self.client = client
+    def __init__(self, client: UpstreamClient, salt: str | None = None):
+        self.client, self.salt = client, salt
         self.tokens: list[int] = []
         self.forwards: list[Forward] = []
 
@@ -43,7 +43,7 @@ class UpstreamSession(Session):
         if not ids:
             raise ValueError("extend() needs at least one token")
         self.tokens += ids
-        done = self.client.complete(self.tokens, 0)
+        done = self.client.complete(self.tokens, 0, salt=self.salt)
         self.forwards += completion_forwards(done)[:1]
 
     def rollback(self, length: int) -> None:
@@ -66,11 +66,14 @@ class UpstreamSession(Session):
             seed=sampling.seed,
             banned=sampling.banned,
             ignore_eos=not sampling.stop_at_eos,
+            salt=self.salt,
         )
         self.forwards += completion_forwards(done)
         tokens = done.tokens[:n]
         self.tokens += tokens
-        return Stretch(iter(tokens), done.prompt_tokens, done.cached_tokens, lambda: done.stopped_at_eos)
+        # a server that cannot keep a scoped request's cache apart (llama-server) must not tell it what others sent
+        cached = done.cached_tokens if self.salt is None or self.client.scopes_cache else 0
+        return Stretch(iter(tokens), done.prompt_tokens, cached, lambda: done.stopped_at_eos)
 
 
 class UpstreamEngine(ExportedEngine):
@@ -100,7 +103,7 @@ class UpstreamEngine(ExportedEngine):
         salt: str | None = None,
         decode_tokens: int | None = None,
     ) -> UpstreamSession:
-        return UpstreamSession(self.client)
+        return UpstreamSession(self.client, salt)
 
     def forget(self) -> None:
         """Make the server drop what it cached (llama-server: each slot then holds one end-of-sequence token; vLLM:
