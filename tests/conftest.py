@@ -139,7 +139,7 @@ def _tiny_llama(vocab_size: int, eos_id: int, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A saved tiny Llama + tokenizer, loadable with flashback.model.load_model(path)."""
+    """A saved tiny Llama + tokenizer, loadable with flashback.engines.torch.load_model(path)."""
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = _train_tokenizer()
     model = _tiny_llama(len(tokenizer), tokenizer.eos_token_id)

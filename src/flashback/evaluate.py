@@ -147,10 +147,6 @@ def retrieve_all(
     return out
 
 
-def _hits(hits) -> list[dict]:
-    return [h.to_json() for h in hits]
-
-
 def _retrieve_each(targets, docs, documents, retriever, tokenizer, cfg: EvalConfig, forbid_titles) -> list[Retrieval]:
     out = []
     for t in targets:
@@ -266,10 +262,6 @@ def _fast(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, 
             nlls.append(target_nll(logits[:-1], target, banned, hook, i))
             cache.rollback(len(head) + cached)
         yield _mix(nlls, r.scores) if len(nlls) > 1 else nlls[0]
-
-
-def _query(engine: Engine, tokens: list[int], t: Target, cfg: EvalConfig) -> str:
-    return engine.tokenizer.decode(tokens[t.position - cfg.query_tokens : t.position])
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Packed training (the default, append position): a segment's text is run once, then every target of
 the segment is one row of a batch, `<MARK_L> passage <MARK_R> tail target`, that attends to the
 segment's keys up to its own split point and to itself, at the positions it has in the layout of
-data.layout(). That is the sharing the evaluation fast path does at inference, and it gives the
+layout.layout(). That is the sharing the evaluation fast path does at inference, and it gives the
 same loss as laying out every example on its own (`--no-pack`, and the only way for prepend, whose
 prefix changes with every passage), at a fraction of the tokens.
 

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flashback import __version__
 from flashback.config import DEFAULT_TAIL, MODES, ServerLimits
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
@@ -150,7 +151,7 @@ def create_app(
 
     app = FastAPI(
         title="FlashBack",
-        version="0.1.0",
+        version=__version__,
         lifespan=lifespan,
         docs_url="/docs" if docs else None,
         redoc_url=None,
