@@ -149,11 +149,6 @@ class FlashBack:
         self.engine, self.retriever, self.index = engine, retriever, index
         self.tail = layout_settings(engine.tuned, "append", None, tail)[1]
 
-    @property
-    def lm(self) -> Engine:
-        """The engine, under its earlier name."""
-        return self.engine
-
     @classmethod
     def load(
         cls,
@@ -179,7 +174,7 @@ class FlashBack:
         own search function (see TextRetriever). `compile` ("auto", "on", "off") / `quantize="int8"` choose the
         decode step, as the CLI's --compile / --quantize."""
         from flashback.config import EngineConfig
-        from flashback.engines.load import load_engine, plan_adapters
+        from flashback.engines.load import setup
         from flashback.text.retrieval import IndexRetriever
         from flashback.text.tokenize import tokenizer_fingerprint
 
@@ -196,7 +191,7 @@ class FlashBack:
             adapters=tuple(str(a) for a in given),
             shipped_adapters=adapter == "auto",
         )
-        loaded = load_engine(cfg, adapters=plan_adapters(cfg), markers=True)
+        loaded = setup(cfg, tail=tail).load(markers=True)  # every mode's layout may be asked for later
         if retriever is not None:
             return cls(loaded, TextRetriever(retriever, loaded.tokenizer, max_passage_tokens), None, tail)
         idx = load_index(index)

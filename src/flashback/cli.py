@@ -178,16 +178,13 @@ def _checked_retriever(engine, index):
 def _generation_setup(args: argparse.Namespace):
     """(engine, retriever, generation config) of `generate` and `chat`: the mode's adapter, its layout settings
     unless the flags say otherwise, the index when the mode retrieves."""
-    from flashback.engines.load import load_engine, plan_adapters, tuned_layouts
-    from flashback.layout import layout_settings
+    from flashback.engines.load import setup
 
     ecfg, cfg = config(EngineConfig, args), config(GenerationConfig, args)
-    adapters = plan_adapters(ecfg, [cfg.mode])
-    tuned = tuned_layouts(ecfg, adapters)
-    markers, tail = layout_settings(tuned, cfg.mode, given(args, "markers"), given(args, "tail"))
-    cfg = replace(cfg, markers=markers, tail=tail)
+    plan = setup(ecfg, cfg.mode, [cfg.mode], markers=given(args, "markers"), tail=given(args, "tail"))
+    cfg = replace(cfg, markers=plan.markers, tail=plan.tail)
     index = _load_index(args.index) if cfg.mode != "none" else None
-    engine = load_engine(ecfg, adapters=adapters, markers=markers and cfg.mode == "append")
+    engine = plan.load(markers=None if cfg.mode == "append" else False)  # only append mode places the markers
     return engine, _checked_retriever(engine, index), cfg
 
 
@@ -293,13 +290,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from flashback.engines.load import load_engine
+    from flashback.engines.load import setup
     from flashback.train import check_outputs, throughput, train
 
     ecfg, cfg = config(EngineConfig, args), config(TrainConfig, args)
     if not args.throughput:
         check_outputs(args.out, args.resume)  # before the model loads
-    engine = load_engine(ecfg, adapters={}, markers=cfg.markers)
+    engine = setup(ecfg, adapters=False).load(markers=cfg.markers)  # the bare model: training adds the adapter
     if args.throughput:
         print(json.dumps(throughput(engine, args.data[0], cfg, args.throughput)))
         return 0
@@ -314,9 +311,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # ---- eval ------------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from flashback.engines.load import load_engine, plan_adapters, tuned_layouts
+    from flashback.engines.load import setup
     from flashback.evaluate import ModeSpec, evaluate, format_table
-    from flashback.layout import layout_settings
 
     sel = config(Selection, args)
     if args.json:
@@ -328,12 +324,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ecfg = config(EngineConfig, args, shipped_adapters=False)  # eval scores only the adapters it is given
     if any(s.adapter for s in specs) and not ecfg.adapters:
         raise FlashbackError("a +adapter mode needs --adapter DIR")
-    plan = plan_adapters(ecfg)
-    tail = layout_settings(tuned_layouts(ecfg, plan), "append", None, given(args, "tail"))[1]
-    cfg = config(EvalConfig, args, tail=tail)
+    plan = setup(ecfg, tail=given(args, "tail"))  # each mode's markers come from --modes
+    cfg = config(EvalConfig, args, tail=plan.tail)
     forbid = _read_lines(sel.forbid_titles, "--forbid-titles")
     index = _load_index(args.index)
-    engine = load_engine(ecfg, adapters=plan, markers=any(s.markers or s.adapter for s in specs))
+    engine = plan.load(markers=any(s.markers or s.adapter for s in specs))
     _checked_retriever(engine, index)
     progress = lambda msg: print(f"[eval] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     results = evaluate(engine, docs, index, specs, cfg, forbid, progress=progress)
@@ -367,8 +362,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plot,
         run_bench,
     )
-    from flashback.engines.load import load_engine, runs_export, tuned_layouts
-    from flashback.layout import layout_settings
+    from flashback.engines.load import runs_export, setup
 
     if args.paper:  # the paper's runtime test, where the user set nothing else
         for name, value in PAPER_REGIME.items():
@@ -378,13 +372,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for path in (args.json, args.plot):
         if path:
             check_file(path)
-    tuned = tuned_layouts(ecfg, {})  # a bare model times the markers too; an export, the layout it was tuned for
-    markers, tail = layout_settings(tuned, "append", given(args, "markers"), given(args, "tail"), not tuned)
-    bc = replace(bc, markers=markers, tail=tail, lora_overhead=bc.lora_overhead and not runs_export(ecfg))
+    # a bare model times the markers too; an export, the layout it was tuned for
+    plan = setup(ecfg, markers=given(args, "markers"), tail=given(args, "tail"), adapters=False, untuned_markers=None)
+    bc = replace(bc, markers=plan.markers, tail=plan.tail, lora_overhead=bc.lora_overhead and not runs_export(ecfg))
     index = _load_index(args.index) if args.index else None
     step = bc.stride + bc.tail + bc.k * bc.passage_tokens + 2  # the bare forward of one step's tokens, too
     if bc.long:  # the lengths follow from the model's positions: load it first, at its whole context
-        engine = load_engine(ecfg, adapters={}, markers=bc.markers)
+        engine = plan.load()
         new = given(args, "new_tokens") or LONG_NEW_TOKENS
         passage = index.chunk_tokens if index is not None else bc.passage_tokens
         lengths = given(args, "context_lengths") or long_contexts(engine.max_positions, new + bc.k * passage + 2)
@@ -392,7 +386,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bc = replace(bc, context_lengths=lengths, new_tokens=new, repeats=repeats, lora_overhead=False)
     else:
         context = max(length + max(new_tokens(bc, length), step) for length in bc.context_lengths) + step
-        engine = load_engine(replace(ecfg, context=ecfg.context or context), adapters={}, markers=bc.markers)
+        engine = plan.load(context=ecfg.context or context)
     if args.beside_torch and engine.capabilities.adapters:
         raise FlashbackError("--beside-torch compares an engine (--engine llamacpp or --upstream) with PyTorch")
     if _checked_retriever(engine, index) is None:
@@ -402,8 +396,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.beside_torch:  # the same export, contexts and passages on the PyTorch engine, in this run
         progress("the same export on the PyTorch engine")
-        pytorch = replace(ecfg, engine="torch", upstream=None, flash_attn=False)
-        torch_engine = load_engine(pytorch, adapters={}, markers=bc.markers)
+        pytorch = replace(plan, cfg=replace(ecfg, engine="torch", upstream=None, flash_attn=False))
+        torch_engine = pytorch.load()
         result["beside_torch"] = run_bench(torch_engine, bc, index, progress=progress)
         print("\nThe same export on the PyTorch engine:\n")
         print(format_table(result["beside_torch"]))
@@ -418,17 +412,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _chat_engine(args: argparse.Namespace):
     """(engine, index, generation config) for the chat bench and the QA evaluation: FlashBack's layout with the
     append adapter (the shipped one, --adapter, or an export's), the other layouts on the bare model."""
-    from flashback.engines.load import load_engine, plan_adapters, tuned_layouts
-    from flashback.layout import layout_settings
+    from flashback.engines.load import setup
 
     ecfg, cfg = config(EngineConfig, args), config(GenerationConfig, args, mode="append")
-    adapters = plan_adapters(ecfg, ["append"])
-    markers, tail = layout_settings(
-        tuned_layouts(ecfg, adapters), "append", given(args, "markers"), given(args, "tail")
-    )
-    cfg = replace(cfg, markers=markers, tail=tail)
+    plan = setup(ecfg, "append", ["append"], markers=given(args, "markers"), tail=given(args, "tail"))
+    cfg = replace(cfg, markers=plan.markers, tail=plan.tail)
     index = _load_index(args.index)
-    engine = load_engine(ecfg, adapters=adapters, markers=markers)
+    engine = plan.load()
     _checked_retriever(engine, index)
     return engine, index, cfg
 
@@ -543,15 +533,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from flashback.server import create_app, run
     except ImportError:
         raise FlashbackError("the server needs its extras: pip install 'flashback[server]'") from None
-    from flashback.engines.load import load_engine, plan_adapters, tuned_layouts
-    from flashback.layout import layout_settings
+    from flashback.engines.load import setup
 
     ecfg, serve, limits = config(EngineConfig, args), config(ServeConfig, args), config(ServerLimits, args)
     mode = config(GenerationConfig, args).mode  # requests that name no mode get this one
     index = _load_index(args.index)
-    plan = plan_adapters(ecfg)
-    markers, tail = layout_settings(tuned_layouts(ecfg, plan), "append", given(args, "markers"), given(args, "tail"))
-    engine = load_engine(ecfg, adapters=plan, markers=markers)
+    plan = setup(ecfg, markers=given(args, "markers"), tail=given(args, "tail"))
+    engine, markers, tail = plan.load(), plan.markers, plan.tail
     held = engine.capabilities.sequences
     if held and limits.max_active > held:  # a generation beyond them would evict another's cache
         print(f"flashback: {engine.name} has {held} slot(s): --max-active {held}", file=sys.stderr)

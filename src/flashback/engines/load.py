@@ -1,18 +1,58 @@
-"""One way to get an engine: the CLI, the Python API, the server and the bench all call `load_engine`.
+"""One way to get an engine: every command and the Python API call `setup`, then its `load`.
 
-It also decides, from the files alone, which adapters a command uses and how the weights were tuned
-(an adapter's or an export's card), so that the layout can be settled before the model loads.
+It decides, from the files alone, which adapters a command uses and how the weights were tuned (an adapter's or an
+export's card), so that the layout is settled before the model loads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from flashback.cards import adapter_position, adapter_tuned, export_tuned, read_export_card
 from flashback.config import EngineConfig
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
-from flashback.layout import Tuned
+from flashback.layout import Tuned, layout_settings
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a command runs, settled from the flags and the cards before anything loads: the engine's config, the
+    adapter for each mode, and the layout settings of the mode it lays out. `load` then loads the engine."""
+
+    cfg: EngineConfig
+    adapters: dict[str, str]
+    markers: bool
+    tail: int
+
+    def load(self, markers: bool | None = None, context: int | None = None) -> Engine:
+        """The engine, with the two marking tokens when `markers` (None: when the layout uses them); `context`:
+        the positions an engine that sizes its cache up front must hold (llama.cpp; None: the config's)."""
+        cfg = self.cfg if context is None else replace(self.cfg, context=context)
+        return load_engine(cfg, adapters=self.adapters, markers=self.markers if markers is None else markers)
+
+
+def setup(
+    cfg: EngineConfig,
+    mode: str = "append",
+    modes: Sequence[str] | None = None,
+    *,
+    markers: bool | None = None,
+    tail: int | None = None,
+    adapters: bool = True,
+    untuned_markers: bool | None = False,
+) -> Setup:
+    """Every command's (and FlashBack.load's) way from flags to an engine, for a command that runs `modes` (None:
+    every mode) and lays out `mode`. The layout is what the user set (`markers`, `tail`), else what the weights
+    were tuned with, else the defaults. `adapters` False: the bare model (or an export) whatever was shipped.
+    `untuned_markers`: markers on in append mode when that layout was not tuned; None: on only when no layout was
+    tuned at all (a bare model, as the paper lays it out)."""
+    plan = plan_adapters(cfg, modes) if adapters else {}
+    tuned = tuned_layouts(cfg, plan)
+    bare = not tuned if untuned_markers is None else untuned_markers
+    markers, tail = layout_settings(tuned, mode, markers, tail, bare)
+    return Setup(cfg, plan, markers, tail)
 
 
 def runs_export(cfg: EngineConfig) -> bool:
