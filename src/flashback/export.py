@@ -23,6 +23,7 @@ from pathlib import Path
 from flashback.atomic import FolderKind, atomic_folder, check_output
 from flashback.cards import EXPORT_FORMAT, adapter_position, adapter_tail, read_card
 from flashback.config import GGUF_TYPES
+from flashback.engines.native import INSTALL_LLAMA_CPP
 from flashback.engines.torch.decode import merged_copy
 from flashback.engines.torch.model import load_model
 from flashback.errors import FlashbackError
@@ -125,7 +126,7 @@ def check_gguf_type(gguf: str | None) -> None:
     if gguf is not None and gguf not in GGUF_TYPES:
         raise FlashbackError(f"unknown GGUF type {gguf!r}; choose one of {', '.join(GGUF_TYPES)}")
     if gguf in QUANTIZED_BY_LLAMA_CPP and importlib.util.find_spec("llama_cpp") is None:
-        raise FlashbackError(f"--gguf {gguf} needs llama-cpp-python: bash scripts/setup_engines.sh")
+        raise FlashbackError(f"--gguf {gguf} needs llama-cpp-python: {INSTALL_LLAMA_CPP}")
 
 
 def export(

@@ -19,6 +19,7 @@ import torch
 from flashback.cards import read_export_card
 from flashback.engines.base import Capabilities, Forward, Session, forward_kind
 from flashback.engines.exported import ExportedEngine, exported_parts
+from flashback.engines.native import INSTALL_LLAMA_CPP
 from flashback.errors import FlashbackError
 
 
@@ -104,7 +105,7 @@ def load_llamacpp(
     try:
         from llama_cpp import Llama
     except ImportError:
-        raise FlashbackError("--engine llamacpp needs llama-cpp-python: bash scripts/setup_engines.sh") from None
+        raise FlashbackError(f"--engine llamacpp needs llama-cpp-python: {INSTALL_LLAMA_CPP}") from None
     ensure_llama_cpp_runs(cache_root())  # a build for another CPU would kill this process at the first decode
     folder = Path(folder).expanduser()
     parts = exported_parts(folder, card)

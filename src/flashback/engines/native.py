@@ -27,6 +27,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+LLAMA_CPP_VERSION = "0.3.36"  # the llama-cpp-python source package the engines are built from
+# what an error tells a user to do, with pip alone (an installed package has no scripts/ folder)
+INSTALL_LLAMA_CPP = (
+    f"pip uninstall -y llama-cpp-python; pip install --no-cache-dir llama-cpp-python=={LLAMA_CPP_VERSION} (compiles "
+    "llama.cpp for this CPU; in a FlashBack clone, bash scripts/setup_engines.sh also builds llama-server)"
+)
+
 # cmake option -> the /proc/cpuinfo flags it needs (all of them).
 X86_OPTIONS: dict[str, tuple[str, ...]] = {
     "GGML_SSE42": ("sse4_2",),
@@ -245,7 +252,7 @@ def _failed(what: str, returncode: int, stderr: str, record: dict | None) -> Smo
         False,
         f"{what} {describe_exit(returncode)} on {read_cpu().describe()}; {flags}"
         + (f"; last error: {last}" if last and returncode > 0 else "")
-        + "; rebuild it for this CPU: bash scripts/setup_engines.sh",
+        + f"; rebuild it for this CPU: {INSTALL_LLAMA_CPP}",
         crashed=returncode < 0,
     )
 

@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import ClassVar
 
 from flashback.engines.base import Forward
+from flashback.engines.native import LLAMA_CPP_VERSION
 from flashback.errors import FlashbackError
 from flashback.registry import cache_root
 
-LLAMA_SERVER_VERSION = "0.3.36"  # the llama-cpp-python source package that scripts/setup_engines.sh builds it from
+LLAMA_SERVER_VERSION = LLAMA_CPP_VERSION  # the llama-cpp-python source package that setup_engines.sh builds it from
 
 
 def llama_server_path() -> Path | None:
