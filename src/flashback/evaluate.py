@@ -29,7 +29,7 @@ from flashback.config import EvalConfig
 from flashback.data import search_without_leakage
 from flashback.engines.base import Engine, Session
 from flashback.errors import FlashbackError
-from flashback.layout import append_parts, layout, split_point
+from flashback.layout import append_parts, banned_ids, layout, split_point, without_markers
 from flashback.text.corpus import Document
 from flashback.text.retrieval import Index
 from flashback.text.tokenize import encode_batch
@@ -168,8 +168,7 @@ LogpHook = Callable[[int, torch.Tensor], None]  # (target number, log-probabilit
 
 def target_logp(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
     """Log-probabilities (S, V) without the marker ids `banned`: the distribution generation samples from."""
-    if banned is not None and len(banned):
-        logits = logits.index_fill(-1, banned, float("-inf"))
+    logits = without_markers(logits, banned)
     return torch.log_softmax(logits.float(), dim=-1)
 
 
@@ -309,7 +308,7 @@ def scoring_steps(
         source = getattr(retriever, "index", retriever)  # an index retrieves all targets in one batch
         nobody = Document("\0request", "\0request", "")  # excludes nothing from the index
         retrievals = retrieve_all(targets, [body], [nobody], source, engine.tokenizer, cfg, frozenset())
-    banned = torch.tensor(engine.marker_ids, device=engine.device) if engine.marker_ids else None
+    banned = banned_ids(engine.marker_ids, engine.device)
     session = engine.session(spec.position if spec.adapter else None, scoring=True)
     logprobs, best = [0.0] * (len(tokens) - 1), [[] for _ in tokens[1:]]
 
@@ -409,7 +408,7 @@ def evaluate(
         )
     progress(f"{len(targets)} targets ({len(targets) * cfg.stride} tokens) from {len(docs)} documents; retrieving")
     retrievals = retrieve_all(targets, docs, documents, index, engine.tokenizer, cfg, forbid_titles)
-    banned = torch.tensor(engine.marker_ids, device=engine.device) if engine.marker_ids else None
+    banned = banned_ids(engine.marker_ids, engine.device)
     return [_score_mode(engine, spec, docs, targets, retrievals, cfg, banned, progress) for spec in specs]
 
 

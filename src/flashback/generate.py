@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from flashback.config import GenerationConfig
 from flashback.engines.base import Engine, Observer, Sampling, Session
 from flashback.errors import FlashbackError
-from flashback.layout import Planner, reserved_positions
+from flashback.layout import Planner, reserved_positions, strip_head
 from flashback.text.retrieval import Retriever
 
 log = logging.getLogger("flashback")
@@ -145,8 +145,7 @@ def stream(
     trace = trace if trace is not None else Trace(cfg.mode)
     prompt = [int(t) for t in prompt_ids]
     head = engine.head_ids  # BOS for tokenizers that add one: the planner puts it first in every layout
-    if head and prompt[: len(head)] == head:  # token-id prompts may bring their own
-        prompt = prompt[len(head) :]
+    prompt = strip_head(prompt, head)  # token-id prompts may bring their own
     if not prompt:
         raise FlashbackError("the prompt is empty")
     if cfg.mode != "none" and retriever is None:

@@ -22,6 +22,29 @@ from flashback.config import DEFAULT_TAIL, GenerationConfig
 from flashback.errors import FlashbackError
 
 
+# ---- token rules: the marking tokens are FlashBack's own, and the head stays first ------------------------
+def strip_head(ids: Sequence[int], head: Sequence[int]) -> list[int]:
+    """`ids` without the head the tokenizer put before them (a rendered chat, a token-id prompt with BOS): the
+    layout places the head itself, once."""
+    ids = list(ids)
+    return ids[len(head) :] if head and ids[: len(head)] == list(head) else ids
+
+
+def banned_ids(marker_ids: Sequence[int] | None, device=None):
+    """The marking tokens as a tensor of ids no one predicts (None without markers): FlashBack places them,
+    generation never emits them, evaluation and training leave them out of the softmax."""
+    import torch
+
+    return torch.tensor(list(marker_ids), dtype=torch.long, device=device) if marker_ids else None
+
+
+def without_markers(logits, banned, dim: int = -1):
+    """`logits` with the ids `banned` (banned_ids) at -inf along `dim`; a new tensor, `logits` is left as it was."""
+    if banned is None or not len(banned):
+        return logits
+    return logits.index_fill(dim, banned.to(logits.device), float("-inf"))
+
+
 def split_point(context_len: int, tail: int) -> int:
     """Where the passage goes: `tail` tokens before the end of the context (never before its start)."""
     return max(0, context_len - tail)

@@ -32,7 +32,7 @@ from flashback.conversation import answer_turn, messages_for
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
 from flashback.evaluate import target_nll
-from flashback.layout import layout
+from flashback.layout import banned_ids, layout, strip_head
 from flashback.text.chat_template import render
 from flashback.text.corpus import quiet_import, stdlib_modules
 from flashback.text.retrieval import Index, IndexRetriever
@@ -151,9 +151,7 @@ def answer_nll(engine: Engine, session, name: str, messages: list[dict], passage
     `cfg.tail` tokens before the end of the conversation (with the markers if `cfg.markers`), the text layouts
     carry them in their messages already."""
     head = engine.head_ids
-    ids, _ = render(engine.tokenizer, messages, cfg.query_tokens)
-    if head and ids[: len(head)] == head:
-        ids = ids[len(head) :]
+    ids = strip_head(render(engine.tokenizer, messages, cfg.query_tokens)[0], head)
     target = encode(engine.tokenizer, answer)
     if name == "flashback":
         markers = engine.marker_ids if cfg.markers else None
@@ -215,7 +213,7 @@ def evaluate_qa(
     if not kept:
         raise FlashbackError("no question has its answer in a passage of this index (use the default index)")
     retriever = IndexRetriever(index)
-    banned = torch.tensor(engine.marker_ids, device=engine.device) if engine.marker_ids else None
+    banned = banned_ids(engine.marker_ids, engine.device)
     results: dict = {"questions": len(kept), "dropped_without_gold": len(questions) - len(kept), "sources": {}}
     records = [{"question": q.question, "answer": q.answer, "gold": index.meta[g]["id"]} for q, g in kept]
     for source in sources:
@@ -284,7 +282,7 @@ def prepare_qa(
         if g is None or len(target) < stride:
             continue
         ids, _ = render(engine.tokenizer, messages_for("flashback", system, [], q.question, ""), 32)
-        ids = ids[len(head) :] if head and ids[: len(head)] == head else ids
+        ids = strip_head(ids, head)
         hits = [g] + [h.index for h in index.search([q.question], 1)[0] if h.index != g]
         split = "val" if zlib.crc32(f"val:{q.module}.{q.function}".encode()) % round(1 / val_fraction) == 0 else "train"
         for i in hits:

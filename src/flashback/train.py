@@ -38,7 +38,7 @@ from flashback.data import Example, Segment, load_segments
 from flashback.engines.torch.adapters import lora_targets
 from flashback.engines.torch.model import TorchEngine
 from flashback.errors import FlashbackError
-from flashback.layout import append_parts, layout
+from flashback.layout import append_parts, banned_ids, layout, without_markers
 from flashback.text.tokenize import tokenizer_fingerprint
 
 
@@ -229,8 +229,7 @@ def target_nll(model, batch: Batch, banned: torch.Tensor | None) -> torch.Tensor
         use_cache=cache is not None,
     )
     logits = out.logits[:, :-1].float()  # (B, S, V): position t predicts token t + 1
-    if banned is not None and len(banned):
-        logits = logits.index_fill(-1, banned, float("-inf"))
+    logits = without_markers(logits, banned)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1), reduction="none")
     return nll.reshape(batch.targets.shape)
 
@@ -364,7 +363,7 @@ class _Loop:
 
         self.model, self.cfg, self.device = model, cfg, lm.device
         self.markers = lm.marker_ids if cfg.markers else None
-        self.banned = torch.tensor(lm.marker_ids, device=lm.device) if lm.marker_ids else None
+        self.banned = banned_ids(lm.marker_ids, lm.device)
         self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
         self.head = lm.head_ids  # BOS first in every row, as at inference
         self.params = [p for p in model.parameters() if p.requires_grad]

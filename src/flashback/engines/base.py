@@ -16,7 +16,7 @@ from functools import cached_property
 
 import torch
 
-from flashback.layout import StepPlan, Tuned
+from flashback.layout import StepPlan, Tuned, banned_ids, without_markers
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,8 @@ class Sampling:
         """The next token from last-position logits (V,)."""
         if self.banned:
             if self._banned is None or self._banned.device != logits.device:
-                self._banned = torch.tensor(self.banned, dtype=torch.long, device=logits.device)
-            logits = logits.index_fill(0, self._banned, float("-inf"))
+                self._banned = banned_ids(self.banned, logits.device)
+            logits = without_markers(logits, self._banned, 0)
         return sample(logits, self.temperature, self.top_p, self.generator)
 
 

@@ -29,7 +29,7 @@ from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
 from flashback.evaluate import ModeSpec, scoring_steps, scoring_work
 from flashback.generate import TextStreamer, Trace, stream
-from flashback.layout import planned_work
+from flashback.layout import banned_ids, planned_work, without_markers
 from flashback.server.protocol import DRAIN, GENERATION, CompletionRequest, Drain, ShuttingDown, Step
 from flashback.server.scheduler import Scheduler, _ignore_result
 from flashback.text.chat_template import render
@@ -215,10 +215,7 @@ class Generation:
         text = self.lm.tokenizer.decode([token])
         if logits is None:
             return {"token": text, "logprob": None, "top": {}}
-        logits = logits.float().clone()
-        if self.lm.marker_ids:
-            logits[list(self.lm.marker_ids)] = float("-inf")
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax(without_markers(logits.float(), banned_ids(self.lm.marker_ids)), dim=-1)
         top = {}
         if self.req.logprobs:
             values, ids = logp.topk(self.req.logprobs)
