@@ -6,8 +6,9 @@ request's generation, the admitting service), app.py (routes and middleware).
 
 from flashback.config import ServerLimits
 from flashback.server.app import create_app, run, server_config
-from flashback.server.generation import CompletionService, Generation, StopFilter
+from flashback.server.generation import CompletionService, Generation
 from flashback.server.protocol import CompletionRequest
+from flashback.server.stops import StopFilter
 
 __all__ = [
     "CompletionRequest",

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import ctypes
-import gc
 import json
 import threading
 from collections.abc import AsyncIterator
@@ -31,78 +29,14 @@ from flashback.evaluate import ModeSpec, scoring_steps, scoring_work
 from flashback.generate import TextStreamer, Trace, stream
 from flashback.layout import banned_ids, planned_work, without_markers
 from flashback.server.protocol import DRAIN, GENERATION, CompletionRequest, Drain, ShuttingDown, Step
-from flashback.server.scheduler import Scheduler, _ignore_result
+from flashback.server.scheduler import Scheduler, ignore_result, release_memory
+from flashback.server.stops import StopFilter
 from flashback.text.chat_template import render
 from flashback.text.retrieval import Retriever
 from flashback.text.tokenize import encode
 
 END = object()  # a generation's token iterator is exhausted
 FIRST = -float("inf")  # housekeeping (freeing a cache, handing memory back) runs before any step, credited ones too
-
-
-def release_memory() -> None:
-    """Return memory freed by finished requests to the OS. glibc keeps freed memory for reuse, so without this a
-    server's RSS stays at the peak of its largest prefill long after the request ended. The collection comes first:
-    measured after the adversarial load, trimming alone returned nothing and both returned the prefills' peak."""
-    gc.collect()
-    with suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class StopFilter:
-    """Cuts the text at the first stop string, holding back any tail that could begin one.
-
-    Each stop string keeps the length of its longest prefix that the text ends with, updated per
-    character with a KMP failure table: linear in the text, whatever the stop strings look like.
-    Without the hold-back a stop string split across two tokens would be half sent already.
-    """
-
-    def __init__(self, stop: str | list[str] | None):
-        self.stops = [s for s in ([stop] if isinstance(stop, str) else (stop or [])) if s]
-        self.fail = [self._failure(s) for s in self.stops]
-        self.matched = [0] * len(self.stops)
-        self.text = ""
-        self.sent = 0
-        self.stopped = False
-
-    @staticmethod
-    def _failure(s: str) -> list[int]:
-        fail, k = [0] * len(s), 0
-        for i in range(1, len(s)):
-            while k and s[i] != s[k]:
-                k = fail[k - 1]
-            if s[i] == s[k]:
-                k += 1
-            fail[i] = k
-        return fail
-
-    def push(self, piece: str) -> str:
-        """Add a piece; return what may be sent now. Sets `stopped` once a stop string appears."""
-        if self.stopped:
-            return ""
-        for ch in piece:
-            self.text += ch
-            found = 0  # the longest stop string ending here starts first
-            for j, s in enumerate(self.stops):
-                k = self.matched[j]
-                while k and ch != s[k]:
-                    k = self.fail[j][k - 1]
-                k += ch == s[k]
-                if k == len(s):
-                    found, k = max(found, k), self.fail[j][k - 1]
-                self.matched[j] = k
-            if found:
-                self.stopped = True
-                return self._send_to(len(self.text) - found)
-        return self._send_to(len(self.text) - max(self.matched, default=0))
-
-    def flush(self) -> str:
-        return "" if self.stopped else self._send_to(len(self.text))
-
-    def _send_to(self, end: int) -> str:
-        out = self.text[self.sent : end]
-        self.sent = max(self.sent, end)
-        return out
 
 
 @dataclass
@@ -486,10 +420,10 @@ class CompletionService:
                 steps.cancel()
             if gen is not None:  # frees the KV cache after any step in flight (gen.busy)
                 with suppress(FlashbackError):
-                    self.scheduler.submit(FIRST, gen.close).add_done_callback(_ignore_result)
+                    self.scheduler.submit(FIRST, gen.close).add_done_callback(ignore_result)
             self.state["active"] -= 1
             self.state["served"] += 1
             if self.state["active"] == 0:  # the last request ended: hand its peak memory back
                 with suppress(FlashbackError):
-                    self.scheduler.submit(FIRST, release_memory).add_done_callback(_ignore_result)
+                    self.scheduler.submit(FIRST, release_memory).add_done_callback(ignore_result)
             self.admission.release()
