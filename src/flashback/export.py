@@ -136,24 +136,24 @@ def export(
     check_gguf_type(gguf)
     check_output(out, EXPORT_FOLDER)  # before the merge
     position = adapter_position(adapter)
-    lm = load_model(model, dtype=dtype, markers=True, adapters={position: str(adapter)})
-    merged = merged_copy(lm.model, position, lm.token_rows)
+    engine = load_model(model, dtype=dtype, markers=True, adapters={position: str(adapter)})
+    merged = merged_copy(engine.model, position, engine.token_rows)
     source = read_card(adapter)
     card = {
         "format": EXPORT_FORMAT,
         "position": position,
         "markers": bool(source.get("markers", True)),
-        "marker_ids": list(lm.marker_ids),
-        "marker_tokens": lm.tokenizer.convert_ids_to_tokens(list(lm.marker_ids)),
+        "marker_ids": list(engine.marker_ids),
+        "marker_tokens": engine.tokenizer.convert_ids_to_tokens(list(engine.marker_ids)),
         "tail": adapter_tail(adapter),
         "adapter": Path(adapter).resolve().name,  # its name only: an export may be copied to other machines
-        "base_model": lm.name,
+        "base_model": engine.name,
         "dtype": dtype,
         "gguf": f"model-{gguf}.gguf" if gguf else None,
     }
     with atomic_folder(out, EXPORT_FOLDER) as tmp:
         merged.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
+        engine.tokenizer.save_pretrained(tmp)
         if gguf:
             write_gguf(tmp, tmp / card["gguf"], gguf)
         (tmp / "flashback.json").write_text(json.dumps(card, indent=2) + "\n")

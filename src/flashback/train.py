@@ -248,15 +248,15 @@ def embedding_module_name(model) -> str:
     raise FlashbackError("cannot find the model's input embedding module")
 
 
-def add_adapter(lm: TorchEngine, cfg: TrainConfig):
+def add_adapter(engine: TorchEngine, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
-    targets = lora_targets(lm.model, cfg.target_modules)
+    targets = lora_targets(engine.model, cfg.target_modules)
     trainable_tokens = None
     if cfg.markers:
-        if lm.marker_ids is None:
+        if engine.marker_ids is None:
             raise FlashbackError("markers asked for but the model was loaded without marking tokens")
-        trainable_tokens = {embedding_module_name(lm.model): list(lm.marker_ids)}
+        trainable_tokens = {embedding_module_name(engine.model): list(engine.marker_ids)}
     config = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -265,7 +265,7 @@ def add_adapter(lm: TorchEngine, cfg: TrainConfig):
         trainable_token_indices=trainable_tokens,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(lm.model, config)
+    return get_peft_model(engine.model, config)
 
 
 def batches(
@@ -358,14 +358,14 @@ class _Progress:
 class _Loop:
     """One run's moving parts: the model under its adapter, the optimizer and schedule, the batching."""
 
-    def __init__(self, lm: TorchEngine, model, cfg: TrainConfig, total_steps: int):
+    def __init__(self, engine: TorchEngine, model, cfg: TrainConfig, total_steps: int):
         from transformers import get_cosine_schedule_with_warmup
 
-        self.model, self.cfg, self.device = model, cfg, lm.device
-        self.markers = lm.marker_ids if cfg.markers else None
-        self.banned = banned_ids(lm.marker_ids, lm.device)
-        self.pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-        self.head = lm.head_ids  # BOS first in every row, as at inference
+        self.model, self.cfg, self.device = model, cfg, engine.device
+        self.markers = engine.marker_ids if cfg.markers else None
+        self.banned = banned_ids(engine.marker_ids, engine.device)
+        self.pad_id = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+        self.head = engine.head_ids  # BOS first in every row, as at inference
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = optimizer_for(model, cfg)
         warmup = min(cfg.warmup_steps, total_steps // 10 + 1)
@@ -399,7 +399,7 @@ class _Loop:
 
 
 def train(
-    lm: TorchEngine,
+    engine: TorchEngine,
     data_dir: str | Path | Sequence[str | Path],
     out: str | Path,
     cfg: TrainConfig,
@@ -409,28 +409,28 @@ def train(
 ) -> TrainResult:
     cfg.validate()
     check_outputs(out, resume)
-    fingerprint = tokenizer_fingerprint(lm.tokenizer)
+    fingerprint = tokenizer_fingerprint(engine.tokenizer)
     train_segments, val_segments, manifest = _load_data(data_dir, fingerprint)
     train_set = training_units(train_segments, cfg)
     val_set = training_units(spread(val_segments, cfg.max_val_segments), cfg)
     out = resolve_output(out)
     torch.manual_seed(cfg.seed)
-    cfg = replace(cfg, target_modules=tuple(lora_targets(lm.model, cfg.target_modules)))  # the card names them
-    model = add_adapter(lm, cfg)
+    cfg = replace(cfg, target_modules=tuple(lora_targets(engine.model, cfg.target_modules)))  # the card names them
+    model = add_adapter(engine, cfg)
     model.train()
     per_step = cfg.batch_size * cfg.grad_accum  # units per optimizer step
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / per_step))
-    loop = _Loop(lm, model, cfg, total_steps)
+    loop = _Loop(engine, model, cfg, total_steps)
     ckpt = out.with_name(out.name + ".checkpoint")
     done = _resume(ckpt, loop, log) if resume else _Progress()
     if done.val_before is None:
         done.val_before = loop.validation(val_set)["loss"] if val_set else float("nan")
         log(f"validation loss before training: {done.val_before:.4f} (ppl {math.exp(done.val_before):.2f})")
-    card = partial(_card, lm, cfg, fingerprint, data_dir, manifest)
+    card = partial(_card, engine, cfg, fingerprint, data_dir, manifest)
     order = _order(len(train_set), cfg.seed, total_steps * per_step)
     bar = tqdm(total=total_steps, initial=done.step, desc="training", unit="step", disable=not progress)
     start = time.perf_counter() - done.seconds
-    with mixed_precision(model, cfg, lm.device):
+    with mixed_precision(model, cfg, engine.device):
         while done.step < total_steps:
             first = done.step * per_step
             step_loss = loop.step([train_set[i] for i in order[first : first + per_step]], done)
@@ -446,7 +446,7 @@ def train(
     with atomic_folder(out, ADAPTER_FOLDER) as tmp:
         _save_adapter(model, tmp, card(result))
     _remove_checkpoint(ckpt, log)
-    lm.model = model
+    engine.model = model
     return result
 
 
@@ -499,20 +499,20 @@ def _record(done: _Progress, step_loss: float, loop: _Loop, val_set, last: bool,
     done.history.append(record)
 
 
-def throughput(lm: TorchEngine, data_dir: str | Path, cfg: TrainConfig, segments: int, repeats: int = 3) -> dict:
+def throughput(engine: TorchEngine, data_dir: str | Path, cfg: TrainConfig, segments: int, repeats: int = 3) -> dict:
     """Target tokens/s of forward + backward: one example per row vs packed, in fp32 and bf16 autocast.
 
     All ways run on the same training segments, interleaved (the order rotates), after a warm-up;
     the median of `repeats` is reported. No optimizer step: only the cost of the gradient is compared.
     """
-    fingerprint = tokenizer_fingerprint(lm.tokenizer)
+    fingerprint = tokenizer_fingerprint(engine.tokenizer)
     train_segments, _ = load_segments(data_dir, "train", fingerprint)
     chosen = spread(train_segments, segments)
-    model = add_adapter(lm, cfg)
+    model = add_adapter(engine, cfg)
     model.train()
-    markers = lm.marker_ids if cfg.markers else None
-    banned = torch.tensor(lm.marker_ids, device=lm.device) if lm.marker_ids else None
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    markers = engine.marker_ids if cfg.markers else None
+    banned = torch.tensor(engine.marker_ids, device=engine.device) if engine.marker_ids else None
+    pad_id = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     ways = {
         f"{layout_name}_{precision}": TrainConfig(
             **{**asdict(cfg), "pack": layout_name == "packed", "autocast": precision}
@@ -520,17 +520,17 @@ def throughput(lm: TorchEngine, data_dir: str | Path, cfg: TrainConfig, segments
         for layout_name in ("per_example", "packed")
         for precision in ("none", "bfloat16")
     }
-    head, window = lm.head_ids, sliding_window(lm.model.config)
+    head, window = engine.head_ids, sliding_window(engine.model.config)
     inputs = {
-        name: batches(training_units(chosen, c), c, markers, pad_id, lm.device, head, window)
+        name: batches(training_units(chosen, c), c, markers, pad_id, engine.device, head, window)
         for name, c in ways.items()
     }
 
     def run(name: str) -> float:
         t0 = time.perf_counter()
-        with mixed_precision(model, ways[name], lm.device):
+        with mixed_precision(model, ways[name], engine.device):
             for b in inputs[name]:
-                with _forward_context(ways[name], lm.device):
+                with _forward_context(ways[name], engine.device):
                     nll = target_nll(model, b, banned)
                 nll.mean().backward()
         model.zero_grad(set_to_none=True)
@@ -543,7 +543,7 @@ def throughput(lm: TorchEngine, data_dir: str | Path, cfg: TrainConfig, segments
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(run(name))
-    lm.model = model.unload()
+    engine.model = model.unload()
     out: dict = {"segments": len(chosen), "tail": cfg.tail, "batch_size_per_example": cfg.batch_size}
     for name in names:
         targets = sum(b.targets.numel() for b in inputs[name])
@@ -584,16 +584,18 @@ def _last_val(history: list[dict]) -> float:
     return next((h["val_loss"] for h in reversed(history) if "val_loss" in h), float("nan"))
 
 
-def _card(lm: TorchEngine, cfg: TrainConfig, fingerprint: str, data_dir, manifest: dict, result: TrainResult) -> dict:
+def _card(
+    engine: TorchEngine, cfg: TrainConfig, fingerprint: str, data_dir, manifest: dict, result: TrainResult
+) -> dict:
     """flashback.json: what the adapter is for (base, tokenizer, layout) and how it was trained."""
     return {
         "format": ADAPTER_FORMAT,
-        "base_model": lm.name,
+        "base_model": engine.name,
         "tokenizer_fingerprint": fingerprint,
         "position": cfg.position,
         "markers": cfg.markers,
         "tail": cfg.tail if cfg.position == "append" else 0,
-        "marker_ids": list(lm.marker_ids) if cfg.markers else None,
+        "marker_ids": list(engine.marker_ids) if cfg.markers else None,
         "settings": {**asdict(cfg), "target_modules": list(cfg.target_modules)},
         "data": str(data_dir) if isinstance(data_dir, (str, Path)) else [str(d) for d in data_dir],
         "data_manifest": manifest,

@@ -120,7 +120,7 @@ KEY_SCOPE = "flashback.api_key"  # the request's key, by number (ApiKeys)
 
 
 def create_app(
-    lm: Engine,
+    engine: Engine,
     retriever: Retriever | None,
     limits: ServerLimits | None = None,
     markers: bool = False,
@@ -135,19 +135,19 @@ def create_app(
     name none; `name` the served model's name (default: the engine's); `api_keys`, when given, the keys a client
     must send (see ApiKeys)."""
     limits = limits or ServerLimits()
-    name = name or lm.name
+    name = name or engine.name
     service: CompletionService | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal service
-        service = CompletionService(lm, retriever, limits, markers, tail, mode, name, alias)
+        service = CompletionService(engine, retriever, limits, markers, tail, mode, name, alias)
         app.state.drain = service.drain  # run() calls it when a shutdown signal comes
         yield
         service.scheduler.close()
         service.front.shutdown(wait=False, cancel_futures=True)
         service.scheduler.join(limits.shutdown_grace_s + 30)  # no model thread may outlive the interpreter
-        lm.keep_prefixes(0)  # the engine may outlive the app (tests, the Python API)
+        engine.keep_prefixes(0)  # the engine may outlive the app (tests, the Python API)
 
     app = FastAPI(
         title="FlashBack",
@@ -169,11 +169,11 @@ def create_app(
         return {
             "status": "ok",
             "model": name,
-            "adapters": {mode: Path(path).name for mode, path in lm.adapters.items()},
+            "adapters": {mode: Path(path).name for mode, path in engine.adapters.items()},
             "tail": tail,
             "mode": mode,
             "index_passages": len(retriever.index) if hasattr(retriever, "index") else None,
-            "warming_up": lm.warming_up(),  # cache sizes whose decode step still compiles in the background
+            "warming_up": engine.warming_up(),  # cache sizes whose decode step still compiles in the background
             **(service.state if service else {}),
         }
 

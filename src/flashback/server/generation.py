@@ -43,7 +43,7 @@ FIRST = -float("inf")  # housekeeping (freeing a cache, handing memory back) run
 class Generation:
     """One request's state; every method runs on the model thread."""
 
-    lm: Engine
+    engine: Engine
     req: CompletionRequest
     prompt_ids: list[int]
     tokens: object  # the generate.stream iterator
@@ -62,7 +62,7 @@ class Generation:
     busy: threading.Lock = field(default_factory=threading.Lock)  # a step or close; workers > 1 may race them
 
     def __post_init__(self) -> None:
-        self.streamer = TextStreamer(self.lm.tokenizer)
+        self.streamer = TextStreamer(self.engine.tokenizer)
         self.stops = StopFilter(self.req.stop)
 
     @property
@@ -75,21 +75,21 @@ class Generation:
     def _echo(self) -> Step:
         """The prompt itself (echo), with its log-probabilities when asked (the first token has none), scored as
         `flashback eval` scores a document in the request's mode (evaluate.scoring_steps), a chunk per step."""
-        text = self.lm.tokenizer.decode(self.prompt_ids)  # as the tokens' own strings: text_offset points into it
+        text = self.engine.tokenizer.decode(self.prompt_ids)  # as the tokens' own strings: text_offset points into it
         if self.scoring is None:
             self.echoed = True
             return Step(text, list(self.prompt_ids), [], [], None, len(self.prompt_ids), echo=True)
         if self.echoing is None:
             spec, cfg, retriever = self.scoring
             top = self.req.logprobs or 0
-            self.echoing = scoring_steps(self.lm, self.prompt_ids, retriever, spec, cfg, top, self.chunk)
+            self.echoing = scoring_steps(self.engine, self.prompt_ids, retriever, spec, cfg, top, self.chunk)
         try:
             self.scored = next(self.echoing)
             return self._tick()
         except StopIteration as done:
             scores = done.value
         self.echoed, self.scored = True, scores.work
-        decode = self.lm.tokenizer.decode
+        decode = self.engine.tokenizer.decode
         probs = [{"token": decode([self.prompt_ids[0]]), "logprob": None, "top": {}}]
         for token, logprob, best in zip(self.prompt_ids[1:], scores.logprobs, scores.top, strict=True):
             top: dict[str, float] = {}
@@ -120,7 +120,7 @@ class Generation:
         text = self.stops.push(self.streamer.push(token))
         probs = [self._logprob(self.last_logits, token)] if self.req.logprobs is not None else []
         finish = None
-        if self.stops.stopped or token in self.lm.eos_ids:
+        if self.stops.stopped or token in self.engine.eos_ids:
             finish = "stop"
         elif self.count >= self.trace.max_new_tokens:
             finish = "length"
@@ -146,15 +146,15 @@ class Generation:
         return new
 
     def _logprob(self, logits: torch.Tensor | None, token: int) -> dict:
-        text = self.lm.tokenizer.decode([token])
+        text = self.engine.tokenizer.decode([token])
         if logits is None:
             return {"token": text, "logprob": None, "top": {}}
-        logp = torch.log_softmax(without_markers(logits.float(), banned_ids(self.lm.marker_ids)), dim=-1)
+        logp = torch.log_softmax(without_markers(logits.float(), banned_ids(self.engine.marker_ids)), dim=-1)
         top = {}
         if self.req.logprobs:
             values, ids = logp.topk(self.req.logprobs)
             for v, i in zip(values.tolist(), ids.tolist(), strict=True):  # best first: ids that decode alike
-                top.setdefault(self.lm.tokenizer.decode([i]), v)  # keep the best one's value
+                top.setdefault(self.engine.tokenizer.decode([i]), v)  # keep the best one's value
         return {"token": text, "logprob": float(logp[token]), "top": top}
 
 
@@ -183,7 +183,7 @@ class CompletionService:
 
     def __init__(
         self,
-        lm: Engine,
+        engine: Engine,
         retriever: Retriever | None,
         limits: ServerLimits,
         markers: bool,
@@ -192,19 +192,19 @@ class CompletionService:
         name: str | None = None,
         alias: str | None = None,
     ) -> None:
-        self.lm, self.retriever, self.limits, self.markers, self.tail = lm, retriever, limits, markers, tail
-        self.name = name or lm.name  # the served model's name
+        self.engine, self.retriever, self.limits, self.markers, self.tail = engine, retriever, limits, markers, tail
+        self.name = name or engine.name  # the served model's name
         self.alias = alias  # another name a client may send for it (the --model string), never shown
         self.drainer = Drain()  # open streams, told when the server shuts down
         self.loop: asyncio.AbstractEventLoop | None = None
         self.mode = mode  # for requests that name no mode, in their fields or their model name
         workers = 1
-        if lm.capabilities.remote:  # each admitted generation may wait on its own request to the engine
+        if engine.capabilities.remote:  # each admitted generation may wait on its own request to the engine
             workers = limits.max_active
             if retriever is not None:
                 self.retriever = LockedRetriever(retriever)
-        lm.keep_prefixes(limits.cache_mb)  # a conversation's next turn starts from the cache of the last
-        self.reader = copy.deepcopy(lm.tokenizer)  # the front thread's own: a tokenizer is not shared across threads
+        engine.keep_prefixes(limits.cache_mb)  # a conversation's next turn starts from the cache of the last
+        self.reader = copy.deepcopy(engine.tokenizer)  # the front thread's own: tokenizers are not shared by threads
         self.front = ThreadPoolExecutor(1, thread_name_prefix="flashback-front")
         self.scheduler = Scheduler(workers, credit=limits.prefill_chunk)
         self.admission = asyncio.Semaphore(limits.max_active)
@@ -234,7 +234,7 @@ class CompletionService:
             ids = [int(t) for t in prompt]
             if any(t < 0 or t >= len(self.reader) for t in ids):
                 raise FlashbackError("prompt: token ids must lie in this model's vocabulary")
-            if set(ids) & set(self.lm.marker_ids or ()):
+            if set(ids) & set(self.engine.marker_ids or ()):
                 raise FlashbackError("prompt: the marking tokens are FlashBack's own; a prompt may not hold them")
         if not ids:
             raise FlashbackError("the prompt is empty")
@@ -283,10 +283,10 @@ class CompletionService:
         trace = Trace(req.mode)
         chunk = self.limits.prefill_chunk
         start = self.scheduler.place(start, work)
-        gen = Generation(self.lm, req, ids, None, trace, start, scoring=scoring, chunk=chunk)
+        gen = Generation(self.engine, req, ids, None, trace, start, scoring=scoring, chunk=chunk)
         observe = gen.observe if req.logprobs is not None else None  # logits are kept only when asked for
         gen.tokens = stream(  # validates now
-            self.lm,
+            self.engine,
             ids,
             self.retriever,
             cfg,
@@ -300,11 +300,11 @@ class CompletionService:
 
     def _scoring(self, req: CompletionRequest, cfg: GenerationConfig) -> tuple:
         """How an echoed prompt is scored: `flashback eval`'s settings taken from the request."""
-        spec = ModeSpec(req.mode, markers=cfg.markers, adapter=req.mode in self.lm.adapters)
+        spec = ModeSpec(req.mode, markers=cfg.markers, adapter=req.mode in self.engine.adapters)
         settings = {"stride": cfg.stride, "query_tokens": cfg.query_tokens, "k": cfg.k, "tail": cfg.tail}
         if req.max_length is not None:
-            if req.max_length > self.lm.max_positions:
-                raise FlashbackError(f"max_length may be at most the model's {self.lm.max_positions} positions")
+            if req.max_length > self.engine.max_positions:
+                raise FlashbackError(f"max_length may be at most the model's {self.engine.max_positions} positions")
             settings["max_length"] = req.max_length
         ecfg = EvalConfig(**settings)
         passages = ecfg.k * self.retriever.max_passage_tokens if self.retriever is not None else 0
@@ -359,9 +359,9 @@ class CompletionService:
         problem = req.unsupported()
         if problem:
             raise FlashbackError(problem)
-        if req.logprobs is not None and self.lm.capabilities.logits == "none":
+        if req.logprobs is not None and self.engine.capabilities.logits == "none":
             raise FlashbackError("logprobs are not available here: an upstream engine decodes (serve --upstream)")
-        if req.echo and req.logprobs is not None and self.lm.capabilities.logits != "all":
+        if req.echo and req.logprobs is not None and self.engine.capabilities.logits != "all":
             raise FlashbackError("echo with logprobs scores the prompt with the PyTorch engine only")
         stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
         if len(stops) > self.limits.max_stop:
