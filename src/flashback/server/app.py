@@ -12,15 +12,14 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flashback import __version__
-from flashback.config import DEFAULT_TAIL, MODES, ServerLimits
+from flashback.config import DEFAULT_TAIL, ServerLimits
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
 from flashback.server.chat import ChatRequest, chat_events, chat_response
@@ -135,13 +134,11 @@ def create_app(
     name none; `name` the served model's name (default: the engine's); `api_keys`, when given, the keys a client
     must send (see ApiKeys)."""
     limits = limits or ServerLimits()
-    name = name or engine.name
-    service: CompletionService | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        nonlocal service
         service = CompletionService(engine, retriever, limits, markers, tail, mode, name, alias)
+        app.state.service = service  # what the routes serve with
         app.state.drain = service.drain  # run() calls it when a shutdown signal comes
         yield
         service.scheduler.close()
@@ -157,47 +154,46 @@ def create_app(
         redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
+    app.state.api_keys = tuple(api_keys)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes, timeout=limits.read_timeout_s)
-    app.add_middleware(ApiKeys, keys=tuple(api_keys))  # added last, so it runs first: no body read without a key
-
+    app.add_middleware(ApiKeys, keys=app.state.api_keys)  # added last, so it runs first: no body read without a key
     _add_error_handlers(app)
-
-    @app.get("/health")
-    async def health():
-        if api_keys:  # open to anyone: with keys, it says no more than that the server is up
-            return {"status": "ok"}
-        return {
-            "status": "ok",
-            "model": name,
-            "adapters": {mode: Path(path).name for mode, path in engine.adapters.items()},
-            "tail": tail,
-            "mode": mode,
-            "index_passages": len(retriever.index) if hasattr(retriever, "index") else None,
-            "warming_up": engine.warming_up(),  # cache sizes whose decode step still compiles in the background
-            **(service.state if service else {}),
-        }
-
-    @app.get("/v1/models")
-    async def models():
-        names = [name, *(f"{name}:{m}" for m in MODES)]  # the mode named in the model, for OpenAI-only clients
-        return {
-            "object": "list",
-            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "flashback"} for n in names],
-        }
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        return await _complete(service, req, request, limits.max_batch, name)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, request: Request):
-        try:
-            completion = req.completion(limits.max_tokens)
-        except FlashbackError as exc:
-            return error_response(400, str(exc))
-        return await _complete(service, completion, request, limits.max_batch, name, chat=True)
-
+    app.include_router(router)
     return app
+
+
+router = APIRouter()  # the routes, over the service in app.state (created at start-up, see create_app)
+
+
+@router.get("/health")
+async def health(request: Request):
+    if request.app.state.api_keys:  # open to anyone: with keys, it says no more than that the server is up
+        return {"status": "ok"}
+    return request.app.state.service.health()
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    names = request.app.state.service.model_names()  # with the mode named in the model, for OpenAI-only clients
+    return {
+        "object": "list",
+        "data": [{"id": n, "object": "model", "created": 0, "owned_by": "flashback"} for n in names],
+    }
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    return await _complete(request.app.state.service, req, request)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatRequest, request: Request):
+    service = request.app.state.service
+    try:
+        completion = req.completion(service.limits.max_tokens)
+    except FlashbackError as exc:
+        return error_response(400, str(exc))
+    return await _complete(service, completion, request, chat=True)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -228,15 +224,13 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal error", "server_error")
 
 
-async def _complete(
-    service: CompletionService, req: CompletionRequest, request: Request, max_batch: int, name: str, chat=False
-):
+async def _complete(service: CompletionService, req: CompletionRequest, request: Request, chat=False):
     """One completions request: each prompt runs as its own generation, a batch within one work budget; the
     response waits for every prompt's first step, so that a bad request gets a status code, not a broken stream.
     `chat`: a chat request's answer, reshaped as a chat completion."""
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     try:
-        prompts = [req] if chat else split_prompts(req, max_batch)
+        prompts = [req] if chat else split_prompts(req, service.limits.max_batch)
     except FlashbackError as exc:
         return error_response(400, str(exc), param="prompt")
     share = service.limits.max_request_work // len(prompts)
@@ -255,13 +249,13 @@ async def _complete(
             return error_response(400, str(failed))
         raise failed
     if req.stream:
-        sse = events(choices, req, cid, created, name, service.drainer)
+        sse = events(choices, req, cid, created, service.name, service.drainer)
         return StreamingResponse(
             chat_events(sse) if chat else sse,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    done = await whole(choices, req, cid, created, name)
+    done = await whole(choices, req, cid, created, service.name)
     return chat_response(done) if chat else done
 
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from fastapi import Request
@@ -209,6 +210,20 @@ class CompletionService:
         self.scheduler = Scheduler(workers, credit=limits.prefill_chunk)
         self.admission = asyncio.Semaphore(limits.max_active)
         self.state = {"active": 0, "waiting": 0, "served": 0}
+        self.index_passages = len(retriever.index) if hasattr(retriever, "index") else None
+
+    def health(self) -> dict:
+        """GET /health: what is served, how, and the requests active, waiting and served so far."""
+        return {
+            "status": "ok",
+            "model": self.name,
+            "adapters": {mode: Path(path).name for mode, path in self.engine.adapters.items()},
+            "tail": self.tail,
+            "mode": self.mode,
+            "index_passages": self.index_passages,
+            "warming_up": self.engine.warming_up(),  # cache sizes whose decode step still compiles in the background
+            **self.state,
+        }
 
     # -- on the front thread ---------------------------------------------------------------------
     def prompt(self, req: CompletionRequest) -> tuple[list[int], str | None]:
