@@ -161,9 +161,10 @@ class Session(ABC):
     def __len__(self) -> int: ...
 
     @abstractmethod
-    def extend(self, token_ids: Sequence[int], all_logits: bool = False) -> torch.Tensor | None:
-        """Run `token_ids` after what is cached; last-position logits (V,), every position's (T, V), or None
-        from an engine that returns none."""
+    def extend(self, token_ids: Sequence[int], all_logits: bool = False, last_logits: int = 0) -> torch.Tensor | None:
+        """Run `token_ids` after what is cached; last-position logits (V,), every position's (T, V), the last
+        `last_logits` positions' (N, V) when N > 1 (scoring: only the target's predictors), or None from an engine
+        that returns none. Only an engine whose capabilities.logits is "all" returns more than the last position."""
 
     @abstractmethod
     def rollback(self, length: int) -> None:

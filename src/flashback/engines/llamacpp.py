@@ -38,10 +38,12 @@ class LlamaCppSession(Session):
     def context_size(self) -> int:
         return len(self.llm.input_ids)  # what was asked for; llama.cpp may round its own n_ctx up
 
-    def extend(self, token_ids: Sequence[int] | torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+    def extend(
+        self, token_ids: Sequence[int] | torch.Tensor, all_logits: bool = False, last_logits: int = 0
+    ) -> torch.Tensor:
         import llama_cpp
 
-        if all_logits:
+        if all_logits or last_logits > 1:
             raise FlashbackError("the llama.cpp engine returns last-position logits only")
         ids = [int(t) for t in token_ids]
         if not ids:

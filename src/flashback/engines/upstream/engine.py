@@ -38,7 +38,7 @@ class UpstreamSession(Session):
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def extend(self, token_ids: Sequence[int] | torch.Tensor, all_logits: bool = False) -> None:
+    def extend(self, token_ids: Sequence[int] | torch.Tensor, all_logits: bool = False, last_logits: int = 0) -> None:
         ids = [int(t) for t in token_ids]
         if not ids:
             raise ValueError("extend() needs at least one token")
