@@ -52,6 +52,7 @@ class Generation:
     start: float  # scheduler clock when admitted
     streamer: TextStreamer = field(init=False)
     stops: StopFilter = field(init=False)
+    banned: torch.Tensor | None = field(init=False)  # the marking tokens, out of every logprob's softmax
     scoring: tuple | None = None  # (mode spec, eval config, retriever) when the echoed prompt is scored
     scored: int = 0  # token positions the echo scoring computed
     chunk: int = 0  # the scoring's token positions between two steps of the scheduler
@@ -65,6 +66,7 @@ class Generation:
     def __post_init__(self) -> None:
         self.streamer = TextStreamer(self.engine.tokenizer)
         self.stops = StopFilter(self.req.stop)
+        self.banned = banned_ids(self.engine.marker_ids, self.engine.device)
 
     @property
     def priority(self) -> float:
@@ -150,7 +152,7 @@ class Generation:
         text = self.engine.tokenizer.decode([token])
         if logits is None:
             return {"token": text, "logprob": None, "top": {}}
-        logp = torch.log_softmax(without_markers(logits.float(), banned_ids(self.engine.marker_ids)), dim=-1)
+        logp = torch.log_softmax(without_markers(logits.float(), self.banned), dim=-1)
         top = {}
         if self.req.logprobs:
             values, ids = logp.topk(self.req.logprobs)
