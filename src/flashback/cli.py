@@ -321,10 +321,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     specs = [ModeSpec.parse(m) for m in args.modes.split(",") if m.strip()]
     if not specs:
         raise FlashbackError("--modes is empty")
-    ecfg = config(EngineConfig, args, shipped_adapters=False)  # eval scores only the adapters it is given
-    if any(s.adapter for s in specs) and not ecfg.adapters:
-        raise FlashbackError("a +adapter mode needs --adapter DIR")
-    plan = setup(ecfg, tail=given(args, "tail"))  # each mode's markers come from --modes
+    # the shipped adapter only when a +adapter mode asks for one; each mode's markers come from --modes
+    ecfg = config(EngineConfig, args, shipped_adapters=any(s.adapter for s in specs))
+    plan = setup(ecfg, tail=given(args, "tail"))
+    if any(s.adapter and s.position not in plan.adapters for s in specs):
+        raise FlashbackError("a +adapter mode needs --adapter DIR: no adapter for that mode is shipped for this model")
     cfg = config(EvalConfig, args, tail=plan.tail)
     forbid = _read_lines(sel.forbid_titles, "--forbid-titles")
     index = _load_index(args.index)

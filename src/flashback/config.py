@@ -101,7 +101,7 @@ class EngineConfig:
         "LoRA adapter folder from `flashback train`; it serves the mode it was trained for (repeatable)",
         flag="adapter",
         metavar="DIR",
-        default_help="the adapters shipped for the default model",
+        default_help="the adapters shipped for the named model (smollm2-135m, gemma3-270m)",
     )
     shipped_adapters: bool = opt(True, "do not use the shipped default adapters", flag="no-adapter", negate=True)
     threads: int | None = opt(None, "CPU threads", default_help="torch's choice")

@@ -24,8 +24,14 @@ from platformdirs import user_cache_dir
 from flashback.errors import FlashbackError
 
 DEFAULT_MODEL = "smollm2-135m"
-SHIPPED_ADAPTERS = {mode: Path(__file__).parent / "adapters" / f"smollm2-135m-{mode}" for mode in ("append", "prepend")}
-SHIPPED_ADAPTER = SHIPPED_ADAPTERS["append"]
+ADAPTERS_DIR = Path(__file__).parent / "adapters"
+# (named model, mode) -> the adapter folder shipped for it. Gemma's folder carries the Gemma Terms of Use and the
+# notice they ask for: the adapter is a derivative of Gemma's weights.
+SHIPPED_ADAPTERS = {
+    (DEFAULT_MODEL, "append"): ADAPTERS_DIR / "smollm2-135m-append",
+    ("gemma3-270m", "append"): ADAPTERS_DIR / "gemma3-270m-append",
+}
+SHIPPED_ADAPTER = SHIPPED_ADAPTERS[DEFAULT_MODEL, "append"]
 
 
 @dataclass(frozen=True)
@@ -153,8 +159,8 @@ def resolve_model_path(name: str | None) -> str:
 
 
 def default_adapter(model: str | None, mode: str) -> str | None:
-    """The adapter shipped with the package for this mode of the default model, if there is one."""
-    path = SHIPPED_ADAPTERS.get(mode)
-    if (model or DEFAULT_MODEL) == DEFAULT_MODEL and path is not None and (path / "adapter_config.json").exists():
+    """The adapter shipped with the package for this mode of a named model, if there is one."""
+    path = SHIPPED_ADAPTERS.get((model or DEFAULT_MODEL, mode))
+    if path is not None and (path / "adapter_config.json").exists():
         return str(path)
     return None
