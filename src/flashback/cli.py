@@ -290,22 +290,31 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from flashback.distributed import join, launched, leave
     from flashback.engines.load import setup
     from flashback.train import check_outputs, throughput, train
 
     ecfg, cfg = config(EngineConfig, args), config(TrainConfig, args)
-    if not args.throughput:
-        check_outputs(args.out, args.resume)  # before the model loads
-    engine = setup(ecfg, adapters=False).load(markers=cfg.markers)  # the bare model: training adds the adapter
-    if args.throughput:
-        print(json.dumps(throughput(engine, args.data[0], cfg, args.throughput)))
-        return 0
-    log = lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    data = args.data[0] if len(args.data) == 1 else args.data
-    result = train(engine, data, args.out, cfg, resume=args.resume, log=log, progress=not args.quiet)
-    summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-    summary["target_tokens_per_s"] = round(result.target_tokens_per_s, 2)
-    print(json.dumps({"out": str(args.out), **summary}))
+    if args.throughput and launched():
+        raise FlashbackError("--throughput measures one process: run it without a launcher")
+    world, device = join(ecfg.device)  # one process per device under torchrun / accelerate launch
+    ecfg = replace(ecfg, device=device)
+    try:
+        if not args.throughput and world.main:
+            check_outputs(args.out, args.resume)  # before the model loads
+        engine = setup(ecfg, adapters=False).load(markers=cfg.markers)  # the bare model: training adds the adapter
+        if args.throughput:
+            print(json.dumps(throughput(engine, args.data[0], cfg, args.throughput)))
+            return 0
+        log = lambda msg: print(f"[train] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+        data = args.data[0] if len(args.data) == 1 else args.data
+        result = train(engine, data, args.out, cfg, resume=args.resume, log=log, progress=not args.quiet, world=world)
+    finally:
+        leave()
+    if world.main:
+        summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+        summary["target_tokens_per_s"] = round(result.target_tokens_per_s, 2)
+        print(json.dumps({"out": str(args.out), "processes": world.size, **summary}))
     return 0
 
 

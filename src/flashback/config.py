@@ -261,8 +261,8 @@ class TrainConfig:
     early_weight: float = opt(1.0, "loss weight of the first --early-tokens target tokens")
     early_tokens: int = opt(2, "target tokens that --early-weight applies to")
     weight_decay: float = opt(0.0, "AdamW weight decay", hidden=True)
-    batch_size: int = opt(1, "segments per step when packing, else examples")
-    grad_accum: int = opt(1, "steps of gradient accumulation")
+    batch_size: int = opt(1, "segments per step and process when packing, else examples")
+    grad_accum: int = opt(1, "micro-steps of gradient accumulation (global batch: batch size x this x processes)")
     epochs: float = opt(1.0, "passes over the training data")
     max_steps: int | None = opt(None, "stop after this many optimizer steps")
     warmup_steps: int = opt(20, "linear warm-up steps")
@@ -275,6 +275,9 @@ class TrainConfig:
         "auto",
         "bf16 matmuls over fp32 weights; auto = where the hardware runs bf16 natively",
         choices=("auto", "bfloat16", "none"),
+    )
+    gradient_checkpointing: bool = opt(
+        False, "recompute activations in the backward pass: less memory for long segments or large models, ~30% slower"
     )
 
     def __post_init__(self) -> None:

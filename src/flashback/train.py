@@ -35,6 +35,7 @@ from flashback.atomic import FolderKind, atomic_folder, check_output, check_repl
 from flashback.cards import ADAPTER_FOLDER, ADAPTER_FORMAT, CARD
 from flashback.config import TrainConfig
 from flashback.data import Example, Segment, load_segments
+from flashback.distributed import ALONE, World
 from flashback.engines.torch.adapters import lora_targets
 from flashback.engines.torch.model import TorchEngine
 from flashback.errors import FlashbackError
@@ -209,6 +210,36 @@ def _offset_weights(s: int, cfg: TrainConfig, device) -> torch.Tensor:
     return w / w.mean()
 
 
+class SharedPrefix(DynamicLayer):
+    """A packed segment's prefix keys and values, read by every row: `update` returns them followed by the row's
+    own and stores nothing, so a layer that gradient checkpointing replays in the backward pass reads the same."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+@contextlib.contextmanager
+def _checkpointing_off(model):
+    """The prefix forward writes its cache, which a replay would write twice: it is never checkpointed."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in layers:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.gradient_checkpointing = True
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass (non-reentrant). The rows' forward reads
+    the prefix cache (SharedPrefix, never written), so their layers may keep it while checkpointed."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m._can_checkpoint_with_cache = True
+
+
 def target_nll(model, batch: Batch, banned: torch.Tensor | None) -> torch.Tensor:
     """Negative log-likelihood of every target token, (B, S), markers excluded from the softmax."""
     s = batch.targets.shape[1]
@@ -216,10 +247,16 @@ def target_nll(model, batch: Batch, banned: torch.Tensor | None) -> torch.Tensor
     if batch.prefix is not None and batch.prefix.shape[1]:
         cache = DynamicCache(config=model.config)
         cache.layers = [DynamicLayer() for _ in cache.layers]  # sliding layers too: the rows' mask sets the window
-        model(input_ids=batch.prefix, cache=cache, use_cache=True, logits_to_keep=1)
+        with _checkpointing_off(model):
+            model(input_ids=batch.prefix, cache=cache, use_cache=True, logits_to_keep=1)
+        shared = []
         for layer in cache.layers:  # every row reads the same prefix keys and values
-            layer.keys = layer.keys.expand(batch.input_ids.shape[0], -1, -1, -1)
-            layer.values = layer.values.expand(batch.input_ids.shape[0], -1, -1, -1)
+            prefix = SharedPrefix()
+            prefix.lazy_initialization(layer.keys, layer.values)
+            prefix.keys = layer.keys.expand(batch.input_ids.shape[0], -1, -1, -1)
+            prefix.values = layer.values.expand(batch.input_ids.shape[0], -1, -1, -1)
+            shared.append(prefix)
+        cache.layers = shared
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -358,10 +395,10 @@ class _Progress:
 class _Loop:
     """One run's moving parts: the model under its adapter, the optimizer and schedule, the batching."""
 
-    def __init__(self, engine: TorchEngine, model, cfg: TrainConfig, total_steps: int):
+    def __init__(self, engine: TorchEngine, model, cfg: TrainConfig, total_steps: int, world: World = ALONE):
         from transformers import get_cosine_schedule_with_warmup
 
-        self.model, self.cfg, self.device = model, cfg, engine.device
+        self.model, self.cfg, self.device, self.world = model, cfg, engine.device, world
         self.markers = engine.marker_ids if cfg.markers else None
         self.banned = banned_ids(engine.marker_ids, engine.device)
         self.pad_id = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
@@ -377,20 +414,26 @@ class _Loop:
         )
 
     def step(self, units: Sequence, done: _Progress) -> float:
-        """One optimizer step on `units`: the gradient of the mean over all their target tokens."""
+        """One optimizer step on `units` (the whole step's, every rank's share): the gradient of the mean over all
+        their target tokens."""
         self.optimizer.zero_grad(set_to_none=True)
         window = sliding_window(self.model.config)
-        step_batches = batches(units, self.cfg, self.markers, self.pad_id, self.device, self.head, window)
-        step_targets = sum(b.targets.numel() for b in step_batches)
-        step_loss = 0.0
+        mine = self.world.share(units)
+        step_batches = batches(mine, self.cfg, self.markers, self.pad_id, self.device, self.head, window)
+        (step_targets,) = self.world.sum([sum(b.targets.numel() for b in step_batches)], self.device)
+        nll_sum = computed = 0.0
         for batch in step_batches:
             with _forward_context(self.cfg, self.device):
                 nll = target_nll(self.model, batch, self.banned)
             weighted = (nll * _offset_weights(nll.shape[1], self.cfg, self.device)).sum() / step_targets
             weighted.backward()
-            step_loss += float(nll.detach().sum()) / step_targets
-            done.tokens_seen += batch.computed
-            done.target_tokens += nll.numel()
+            nll_sum += float(nll.detach().sum())
+            computed += batch.computed
+        self.world.sum_gradients(self.params)
+        nll_sum, computed = self.world.sum([nll_sum, computed], self.device)
+        step_loss = nll_sum / step_targets
+        done.tokens_seen += int(computed)
+        done.target_tokens += int(step_targets)
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -406,27 +449,39 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    world: World = ALONE,
 ) -> TrainResult:
+    """Train an adapter on prepared data. Under a launcher, `world` (distributed.join) splits each step's segments
+    between the ranks; the result is the same for any number of ranks with the same global batch
+    (batch_size x grad_accum x ranks segments or examples per step). Rank 0 validates, logs and writes."""
     cfg.validate()
-    check_outputs(out, resume)
+    if not world.main:
+        log, progress = (lambda msg: None), False
+    else:
+        check_outputs(out, resume)
     fingerprint = tokenizer_fingerprint(engine.tokenizer)
     train_segments, val_segments, manifest = _load_data(data_dir, fingerprint)
     train_set = training_units(train_segments, cfg)
     val_set = training_units(spread(val_segments, cfg.max_val_segments), cfg)
     out = resolve_output(out)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial adapter on every rank
     cfg = replace(cfg, target_modules=tuple(lora_targets(engine.model, cfg.target_modules)))  # the card names them
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(engine.model)
     model = add_adapter(engine, cfg)
     model.train()
-    per_step = cfg.batch_size * cfg.grad_accum  # units per optimizer step
+    if world.size > 1:
+        torch.manual_seed(cfg.seed + world.rank)  # dropout: each rank its own masks
+    per_step = cfg.batch_size * cfg.grad_accum * world.size  # units per optimizer step, all ranks together
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / per_step))
-    loop = _Loop(engine, model, cfg, total_steps)
+    loop = _Loop(engine, model, cfg, total_steps, world)
     ckpt = out.with_name(out.name + ".checkpoint")
-    done = _resume(ckpt, loop, log) if resume else _Progress()
-    if done.val_before is None:
+    done = _resume(ckpt, loop, log, per_step) if resume else _Progress()
+    if done.val_before is None and world.main:
         done.val_before = loop.validation(val_set)["loss"] if val_set else float("nan")
         log(f"validation loss before training: {done.val_before:.4f} (ppl {math.exp(done.val_before):.2f})")
-    card = partial(_card, engine, cfg, fingerprint, data_dir, manifest)
+    batch = {"world_size": world.size, "global_batch": per_step, "per_rank": cfg.batch_size * cfg.grad_accum}
+    card = partial(_card, engine, cfg, fingerprint, data_dir, manifest, batch)
     order = _order(len(train_set), cfg.seed, total_steps * per_step)
     bar = tqdm(total=total_steps, initial=done.step, desc="training", unit="step", disable=not progress)
     start = time.perf_counter() - done.seconds
@@ -437,15 +492,17 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{loop.scheduler.get_last_lr()[0]:.1e}")
             done.seconds = time.perf_counter() - start
-            _record(done, step_loss, loop, val_set, done.step == total_steps, log)
-            if done.step % cfg.save_every == 0 and done.step < total_steps:
+            _record(done, step_loss, loop, val_set if world.main else (), done.step == total_steps, log)
+            if done.step % cfg.save_every == 0 and done.step < total_steps and world.main:
                 _save_checkpoint(ckpt, loop, done, card(done.result()))
     bar.close()
     done.seconds = time.perf_counter() - start
     result = done.result()
-    with atomic_folder(out, ADAPTER_FOLDER) as tmp:
-        _save_adapter(model, tmp, card(result))
-    _remove_checkpoint(ckpt, log)
+    if world.main:
+        with atomic_folder(out, ADAPTER_FOLDER) as tmp:
+            _save_adapter(model, tmp, card(result))
+        _remove_checkpoint(ckpt, log)
+    world.barrier()  # every rank returns once the adapter is written
     engine.model = model
     return result
 
@@ -585,7 +642,7 @@ def _last_val(history: list[dict]) -> float:
 
 
 def _card(
-    engine: TorchEngine, cfg: TrainConfig, fingerprint: str, data_dir, manifest: dict, result: TrainResult
+    engine: TorchEngine, cfg: TrainConfig, fingerprint: str, data_dir, manifest: dict, batch: dict, result: TrainResult
 ) -> dict:
     """flashback.json: what the adapter is for (base, tokenizer, layout) and how it was trained."""
     return {
@@ -597,6 +654,7 @@ def _card(
         "tail": cfg.tail if cfg.position == "append" else 0,
         "marker_ids": list(engine.marker_ids) if cfg.markers else None,
         "settings": {**asdict(cfg), "target_modules": list(cfg.target_modules)},
+        "batch": batch,  # ranks, and segments (or examples) per optimizer step: all ranks', and each rank's
         "data": str(data_dir) if isinstance(data_dir, (str, Path)) else [str(d) for d in data_dir],
         "data_manifest": manifest,
         "steps": result.steps,
@@ -635,17 +693,25 @@ def _save_checkpoint(ckpt: Path, loop: _Loop, done: _Progress, card: dict) -> No
                 "history": done.history,
                 "elapsed": done.seconds,
                 "val_before": done.val_before,
+                "global_batch": loop.world.size * loop.cfg.batch_size * loop.cfg.grad_accum,
             },
             tmp / "state.pt",
         )
 
 
-def _resume(ckpt: Path, loop: _Loop, log) -> _Progress:
+def _resume(ckpt: Path, loop: _Loop, log, global_batch: int) -> _Progress:
+    """Every rank loads the same checkpoint; the run must keep its global batch, so that the data order's steps
+    and the schedule mean what they meant."""
     from peft import set_peft_model_state_dict
 
     if not (ckpt / "state.pt").exists():
         raise FlashbackError(f"nothing to resume: no checkpoint at {ckpt}")
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = torch.load(ckpt / "state.pt", weights_only=False, map_location=loop.device)
+    if state.get("global_batch", global_batch) != global_batch:
+        raise FlashbackError(
+            f"{ckpt} was written by a run of {state['global_batch']} segments per step, and this one takes "
+            f"{global_batch} (--batch-size x --grad-accum x processes): resume with the same global batch"
+        )
     set_peft_model_state_dict(loop.model, state["adapter"])
     loop.optimizer.load_state_dict(state["optimizer"])
     loop.scheduler.load_state_dict(state["scheduler"])
