@@ -406,3 +406,31 @@ def test_adapter_for_another_base_is_rejected(
         ]
     )
     assert code == 2 and "not an adapter folder" in capsys.readouterr().err
+
+
+def test_prepare_with_workers_writes_what_one_process_writes(capsys, tiny_model_dir, tiny_index_dir, tmp_path):
+    from .conftest import corpus_records
+
+    from flashback.data import DOCS_PER_TASK
+
+    records = corpus_records(copies=12)
+    assert len(records) > 2 * DOCS_PER_TASK  # several chunks, so both workers get some
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = ["prepare", str(corpus), "--index", str(tiny_index_dir), "--model", str(tiny_model_dir), "--max-length",
+              "128", "--stride", "8", "--query-tokens", "8", "--val-fraction", "0.3", "--quiet"]  # fmt: skip
+    outs = {}
+    for workers, extra in (("1", []), ("2", []), ("1", ["--max-segments", "40"]), ("2", ["--max-segments", "40"])):
+        out = tmp_path / f"w{workers}{'-sampled' if extra else ''}"
+        assert main([*common, "--out", str(out), "--workers", workers, *extra]) == 0, capsys.readouterr().err
+        outs[out.name] = {name: (out / name).read_bytes() for name in ("train.jsonl", "val.jsonl", "manifest.json")}
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train.jsonl", "val.jsonl"]
+    assert outs["w1"] == outs["w2"] and outs["w1-sampled"] == outs["w2-sampled"]
+    manifest = json.loads(outs["w1"]["manifest.json"])
+    assert manifest["documents"] > DOCS_PER_TASK and sum(manifest["counts"].values()) > 40
+    sampled = json.loads(outs["w1-sampled"]["manifest.json"])
+    assert sum(sampled["counts"].values()) == 40
+    lines = outs["w1-sampled"]["train.jsonl"].splitlines() + outs["w1-sampled"]["val.jsonl"].splitlines()
+    assert set(lines) <= set(outs["w1"]["train.jsonl"].splitlines() + outs["w1"]["val.jsonl"].splitlines())
+    assert main([*common, "--out", str(tmp_path / "bad"), "--workers", "0"]) == 2
+    assert "--workers must be at least 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -283,7 +283,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(model)
     fingerprint = tokenizer_fingerprint(tokenizer)
     manifest = prepare(
-        docs, tokenizer, model, fingerprint, index, args.index, args.out, cfg, forbid, progress=not args.quiet
+        docs, tokenizer, model, fingerprint, index, args.index, args.out, cfg, forbid, not args.quiet, args.workers
     )
     print(json.dumps({"out": str(args.out), **manifest["counts"], "documents": manifest["documents"]}))
     return 0
@@ -603,7 +603,9 @@ COMMANDS = {
     "prepare": (cmd_prepare, "turn running text into (context, passages, target) training examples", [
         TEXT, Arg("--index", required=True, help="index to retrieve passages from"),
         Arg("--out", required=True, help="data folder to write (train.jsonl, val.jsonl, manifest.json)"),
-        MODEL_ONLY, Fields(PrepareConfig), DATASET, SELECT, QUIET]),
+        MODEL_ONLY, Fields(PrepareConfig), DATASET, SELECT,
+        Arg("--workers", type=int, default=1, metavar="N",
+            help="segment documents in N processes (the output is the same as with one)"), QUIET]),
     "train": (cmd_train, "fine-tune a LoRA adapter + marker embeddings (base model frozen)", [
         Fields(EngineConfig, ("model", "device", "dtype", "threads")), Fields(TrainConfig),
         Arg("--data", required=True, action="append",

@@ -189,6 +189,10 @@ def _take(it: Iterator, n: int) -> list:
     return out
 
 
+DOCS_PER_TASK = 32  # documents per unit of work: big enough to batch BM25 queries, small enough to spread
+_JOB: dict = {}  # what the workers of one `prepare` run share (forked, so the index is not copied or reloaded)
+
+
 def prepare(
     documents: Iterable[Document],
     tokenizer,
@@ -200,39 +204,120 @@ def prepare(
     cfg: PrepareConfig,
     forbid_titles: frozenset[str] = frozenset(),
     progress: bool = True,
+    workers: int = 1,
 ) -> dict:
-    """Write train.jsonl, val.jsonl (one segment a line) and manifest.json to `out` (atomically)."""
+    """Write train.jsonl, val.jsonl (one segment a line) and manifest.json to `out` (atomically).
+
+    Streaming: documents are read, segmented and written a few chunks at a time, so memory stays flat whatever
+    the corpus size (with --max-segments, only one offset per segment is kept). `workers` > 1 segments chunks of
+    documents in forked processes and writes their results in input order: the folder is the same byte for byte
+    as with one worker."""
     check_output(out, DATA_FOLDER)  # before the slow part
     index.check_tokenizer(fingerprint)
-    segments = list(make_segments(documents, tokenizer, index, cfg, forbid_titles, progress))
-    if not segments:
-        raise FlashbackError(
-            f"no examples: the text holds no document longer than {cfg.query_tokens + cfg.stride} tokens"
-        )
-    if cfg.max_segments is not None and len(segments) > cfg.max_segments:
-        segments = random.Random(cfg.seed).sample(segments, cfg.max_segments)
-    splits: dict[str, list[Segment]] = {"train": [], "val": []}
-    for seg in segments:
-        splits["val" if is_heldout(f"{cfg.seed}:{seg.doc_id}", cfg.val_fraction) else "train"].append(seg)
-    if not splits["train"]:
-        raise FlashbackError("every example fell in the validation split; lower --val-fraction")
-    manifest = {
-        "format": FORMAT,
-        "tokenizer": {"name": tokenizer_name, "fingerprint": fingerprint},
-        "index": {
-            "path": str(index_path),
-            "chunk_tokens": index.chunk_tokens,
-            "num_passages": len(index),
-            "created": index.manifest.get("created"),
-        },
-        "settings": asdict(cfg),
-        "forbid_titles": len(forbid_titles),
-        "counts": {name: len(rows) for name, rows in splits.items()},
-        "targets": {name: sum(len(s.targets) for s in rows) for name, rows in splits.items()},
-        "documents": len({s.doc_id for s in segments}),
-    }
-    write_data_folder(out, splits, manifest)
+    longest_context(cfg, index.chunk_tokens)
+    if workers < 1:
+        raise FlashbackError("--workers must be at least 1")
+    _JOB.update(tokenizer=tokenizer, index=index, cfg=cfg, forbid=forbid_titles)
+    counts, targets, docs = {"train": 0, "val": 0}, {"train": 0, "val": 0}, set()
+    bar = tqdm(desc="documents", unit="doc", disable=not progress)
+    try:
+        with atomic_folder(out, DATA_FOLDER) as tmp:
+            files = {name: open(tmp / f"{name}.jsonl", "w") for name in counts}  # noqa: SIM115
+            try:
+                for doc_id, n_targets, line in _sampled(_segment_stream(documents, workers, bar), cfg, tmp):
+                    split = "val" if is_heldout(f"{cfg.seed}:{doc_id}", cfg.val_fraction) else "train"
+                    files[split].write(line + "\n")
+                    counts[split] += 1
+                    targets[split] += n_targets
+                    docs.add(doc_id)
+            finally:
+                for fh in files.values():
+                    fh.close()
+            if not counts["train"] and not counts["val"]:
+                raise FlashbackError(
+                    f"no examples: the text holds no document longer than {cfg.query_tokens + cfg.stride} tokens"
+                )
+            if not counts["train"]:
+                raise FlashbackError("every example fell in the validation split; lower --val-fraction")
+            manifest = {
+                "format": FORMAT,
+                "tokenizer": {"name": tokenizer_name, "fingerprint": fingerprint},
+                "index": {
+                    "path": str(index_path),
+                    "chunk_tokens": index.chunk_tokens,
+                    "num_passages": len(index),
+                    "created": index.manifest.get("created"),
+                },
+                "settings": asdict(cfg),
+                "forbid_titles": len(forbid_titles),
+                "counts": counts,
+                "targets": targets,
+                "documents": len(docs),
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    finally:
+        bar.close()
+        _JOB.clear()
     return manifest
+
+
+def _segment_lines(documents: list[Document]) -> list[tuple[str, int, str]]:
+    """(document id, target count, JSON line) of each segment of some documents: one unit of work."""
+    job = _JOB
+    segments = make_segments(documents, job["tokenizer"], job["index"], job["cfg"], job["forbid"], progress=False)
+    return [(s.doc_id, len(s.targets), json.dumps(s.to_json(), separators=(",", ":"))) for s in segments]
+
+
+def _segment_stream(documents: Iterable[Document], workers: int, bar) -> Iterator[tuple[str, int, str]]:
+    """Every segment's line, in document order; with several workers, at most two chunks each in flight."""
+    docs = iter(documents)
+    chunks = iter(lambda: _take(docs, DOCS_PER_TASK), [])
+    if workers == 1:
+        for chunk in chunks:
+            yield from _segment_lines(chunk)
+            bar.update(len(chunk))
+        return
+    import multiprocessing
+    import os
+    from collections import deque
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise FlashbackError("--workers needs the fork start method (Linux); use --workers 1 here")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked Rust tokenizers must not use their own pool
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((len(chunk), pool.apply_async(_segment_lines, (chunk,))))
+            while len(pending) >= 2 * workers:
+                n, result = pending.popleft()
+                yield from result.get()
+                bar.update(n)
+        while pending:
+            n, result = pending.popleft()
+            yield from result.get()
+            bar.update(n)
+
+
+def _sampled(lines: Iterator[tuple[str, int, str]], cfg: PrepareConfig, tmp: Path) -> Iterator[tuple[str, int, str]]:
+    """All lines, or --max-segments of them drawn as random.sample would draw them from the whole list: the
+    lines wait in a scratch file and only their offsets stay in memory."""
+    if cfg.max_segments is None:
+        yield from lines
+        return
+    scratch = tmp / "all.scratch"
+    offsets = []
+    with open(scratch, "w+b") as fh:
+        for doc_id, n_targets, line in lines:
+            offsets.append(fh.tell())
+            fh.write(json.dumps([doc_id, n_targets, line]).encode() + b"\n")
+        chosen = range(len(offsets))
+        if len(offsets) > cfg.max_segments:
+            chosen = random.Random(cfg.seed).sample(chosen, cfg.max_segments)
+        for i in chosen:
+            fh.seek(offsets[i])
+            doc_id, n_targets, line = json.loads(fh.readline())
+            yield doc_id, n_targets, line
+    scratch.unlink()
 
 
 def write_data_folder(out: str | Path, splits: dict[str, list[Segment]], manifest: dict) -> None:
