@@ -1,5 +1,6 @@
 """Shape of the package, measured on the tree: lines per module, the largest functions, engine-kind checks
-outside engines/, and import cycles (module-level and function-level imports alike).
+outside engines/, import cycles (module-level and function-level imports alike), private names imported from
+another module, where the engine set-up sequence is written, and whether the lint covers scripts/.
 
     python scripts/code_stats.py [--json] [--root OTHER_CHECKOUT/src/flashback]
 """
@@ -35,6 +36,48 @@ def imports(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("flashback"))
     return found
+
+
+LIMIT = 60  # lines a function may have
+# The engine set-up sequence: one function (engines.load.setup) calls these; a command calling them is a copy of it.
+# (layout_settings alone is also the per-request rule of a mode's markers and tail, so it is not one of them.)
+SETUP_STEPS = ("plan_adapters", "tuned_layouts", "load_engine")
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from flashback.x import _name`: a module reaching into another's internals."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flashback"):
+            out += [
+                f"{node.lineno}: {node.module}.{a.name}"
+                for a in node.names
+                if a.name.startswith("_") and not a.name.endswith("__")
+            ]
+    return out
+
+
+def setup_callers(modules: dict[str, Path]) -> list[str]:
+    """Functions that call a step of the set-up sequence, outside the module that defines them."""
+    out = set()
+    for name, p in modules.items():
+        if name in ("flashback.engines.load", "flashback.engines.torch.adapters"):  # the steps' own homes
+            continue
+        for fn in ast.walk(ast.parse(p.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                called = node.func if isinstance(node, ast.Call) else None
+                label = getattr(called, "id", None) or getattr(called, "attr", None)
+                if label in SETUP_STEPS:
+                    out.add(f"{name}.{fn.name} calls {label}")
+    return sorted(out)
+
+
+def lint_covers_scripts(root: Path) -> bool:
+    test = root.parent.parent / "scripts" / "test.sh"
+    text = test.read_text() if test.exists() else ""
+    return all(re.search(rf"^ruff {cmd}\b.*\bscripts\b", text, re.M) for cmd in ("check", "format"))
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -96,9 +139,12 @@ def main() -> None:
         "modules": len(modules),
         "lines": dict(sorted(lines.items(), key=lambda kv: -kv[1])),
         "largest_functions": [{"lines": n, "function": f} for n, f in functions[:10]],
-        "functions_over_70_lines": [f for n, f in functions if n > 70],
+        f"functions_over_{LIMIT}_lines": [f for n, f in functions if n > LIMIT],
         "engine_kind_checks_outside_engines": branches,
         "import_cycles": cycles(graph),
+        "private_names_imported": {name: found for name, p in modules.items() if (found := private_imports(p))},
+        "setup_steps_called_outside_engines_load": setup_callers(modules),
+        "ruff_covers_scripts": lint_covers_scripts(root),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -109,11 +155,14 @@ def main() -> None:
     print("largest functions:")
     for row in report["largest_functions"]:
         print(f"  {row['lines']:5d}  {row['function']}")
-    print(f"functions over 70 lines: {report['functions_over_70_lines'] or 'none'}")
+    print(f"functions over {LIMIT} lines: {report[f'functions_over_{LIMIT}_lines'] or 'none'}")
     print(f"engine-kind checks outside engines/: {len(branches)}")
     for b in branches:
         print(f"  {b}")
     print(f"import cycles: {report['import_cycles'] or 'none'}")
+    print(f"private names imported from another module: {report['private_names_imported'] or 'none'}")
+    print(f"set-up steps called outside engines.load: {report['setup_steps_called_outside_engines_load'] or 'none'}")
+    print(f"ruff covers scripts/: {report['ruff_covers_scripts']}")
 
 
 if __name__ == "__main__":

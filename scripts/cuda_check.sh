@@ -10,7 +10,10 @@
 #   smol-q  bench LIKE's shape: compiled int8 weights, compiled bf16
 #   7b      bench a Llama-2-7B shape (bf16): eager and compiled
 #   7b-compiled   the same, compiled only
-#   7b-profile    scripts/profile_decode.py on that shape: the whole decode step, the compiled step alone, the bound
+#   7b-profile    scripts/lab/profile_decode.py on that shape: the whole decode step, the compiled step alone, the bound
+#   7b-train      training throughput on that shape (bf16 weights, fp32 LoRA, bf16 autocast, gradient checkpointing):
+#                 20 steps on `flashback qa --prepare` data (offline, the default tokenizer) in one process, then in
+#                 one process per GPU under torchrun when there are two or more; target tokens/s and peak memory
 set -euo pipefail
 like=$1
 out=$2
@@ -57,11 +60,33 @@ for step in "$@"; do
         7b-compiled) bench 7b-compile /tmp/random-7b --compile --dtype bfloat16 ;;
         7b-profile)
             for n in 2048 4096; do
-                python scripts/profile_decode.py --model /tmp/random-7b --device cuda --dtype bfloat16 --compile \
+                python scripts/lab/profile_decode.py --model /tmp/random-7b --device cuda --dtype bfloat16 --compile \
                     --context $n 2>/dev/null | tee -a "$out/profile-7b.jsonl"
             done
             ;;
         esac
+        ;;
+    7b-train)
+        [ -d /tmp/random-7b ] || python scripts/random_model.py --like "$like" --out /tmp/random-7b --shape llama2-7b \
+            --dtype bfloat16 --device cuda
+        [ -f /tmp/qa-data/manifest.json ] || python -m flashback qa --prepare /tmp/qa-data
+        train=(train --model /tmp/random-7b --data /tmp/qa-data --device cuda --dtype bfloat16 --autocast bfloat16
+            --gradient-checkpointing --max-steps 20 --warmup-steps 2 --eval-every 1000 --save-every 1000
+            --max-val-segments 1 --quiet)
+        echo "== train 7b, 1 process"
+        rm -rf "$out/train-7b-1"
+        /usr/bin/time -v python -m flashback "${train[@]}" --out "$out/train-7b-1" 2>"$out/train-7b-1.err" |
+            tee "$out/train-7b-1.json"
+        python -c "import torch; print(torch.cuda.get_device_name())" >>"$out/train-7b-1.json"
+        gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+        if [ "$gpus" -ge 2 ]; then
+            echo "== train 7b, $gpus processes"
+            rm -rf "$out/train-7b-$gpus"
+            torchrun --standalone --nproc-per-node "$gpus" -m flashback "${train[@]}" --out "$out/train-7b-$gpus" \
+                2>"$out/train-7b-$gpus.err" | tee "$out/train-7b-$gpus.json"
+        else
+            echo "== one GPU: the multi-process run needs two or more"
+        fi
         ;;
     *)
         echo "unknown step $step" >&2

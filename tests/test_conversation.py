@@ -91,6 +91,40 @@ def test_stdlib_questions_come_from_docstrings():
     assert all(5 <= len(q.answer.split()) <= 30 for q in questions)
 
 
+def test_entry_questions_come_from_a_glossarys_definitions(tmp_path):
+    """Jargon File and FOLDOC shapes: the title line, part-of-speech lines and sense, usage and subject labels are
+    skipped; "esp." and "e.g." do not end the answer; entries without a usable sentence give no question."""
+    from flashback.qa import entry_definition, entry_questions
+
+    jargon = (
+        "bar\n /bar/, n.\n\n    1. [very common] The second {metasyntactic variable}, after {foo} and\n"
+        "    before {baz}. More."
+    )
+    assert entry_definition(jargon, "bar").startswith("The second {metasyntactic variable}, after {foo} and before")
+    foldoc = "56k line\n\n   <communications> A digital connection capable of carrying {56 kbps}.\n\n   (2000-07-16)"
+    assert entry_definition(foldoc, "56k line") == "A digital connection capable of carrying {56 kbps}."
+    rows = [
+        {"id": "j:1", "title": "bar", "text": jargon},
+        {"id": "j:2", "title": "Big Red Switch",
+         "text": "Big Red Switch\n n.\n\n    The power switch on a computer, esp. the big red one on an IBM PC."},
+        {"id": "j:3", "title": "x", "text": "x\n n.\n\n    Too short."},
+        {"id": "j:4", "title": "", "text": "An untitled entry that has a long enough sentence here."},
+    ]  # fmt: skip
+    path = tmp_path / "glossary.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    questions = entry_questions(path)
+    assert [(q.question, q.key) for q in questions] == [
+        ("What is bar?", "bar"),
+        ("What is Big Red Switch?", "Big Red Switch"),
+    ]
+    assert questions[0].answer == "The second {metasyntactic variable}, after {foo} and before {baz}."
+    assert questions[1].answer == "The power switch on a computer, esp. the big red one on an IBM PC."
+    assert questions[1].docstring.startswith(questions[1].answer)
+    path.write_text(json.dumps(rows[2]) + "\n")
+    with pytest.raises(FlashbackError, match="no entry with a title"):
+        entry_questions(path)
+
+
 @pytest.fixture(scope="module")
 def docs_index(tiny_model_dir, tmp_path_factory):
     """An index of the rendered documentation of three standard-library modules, as the default index has it."""

@@ -409,9 +409,9 @@ def test_adapter_for_another_base_is_rejected(
 
 
 def test_prepare_with_workers_writes_what_one_process_writes(capsys, tiny_model_dir, tiny_index_dir, tmp_path):
-    from .conftest import corpus_records
-
     from flashback.data import DOCS_PER_TASK
+
+    from .conftest import corpus_records
 
     records = corpus_records(copies=12)
     assert len(records) > 2 * DOCS_PER_TASK  # several chunks, so both workers get some

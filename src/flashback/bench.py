@@ -123,10 +123,10 @@ def _median_seconds(work: Callable[[], object], device: torch.device, repeats: i
     """Median wall time of `work` over `repeats` calls, after two untimed ones."""
     times = []
     for i in range(repeats + 2):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         work()
-        _sync(device)
+        synchronize(device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -183,7 +183,7 @@ def trace_flops(arch: Architecture, forwards) -> float:
     return sum(flops(arch, f.tokens, f.cache_len - f.tokens) for f in forwards)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -215,11 +215,11 @@ def context_tokens(engine: Engine, length: int, index: Index | None, seed: int) 
 
 def _run(engine: Engine, context, retriever, cfg: GenerationConfig, roofline: Roofline | None = None) -> dict:
     engine.forget()  # a new context for an engine with a prefix cache, as for the others: nothing cached
-    _sync(engine.device)
+    synchronize(engine.device)
     with PeakRss() as rss:
         t0 = time.perf_counter()
         result = generate(engine, context, retriever, cfg)
-        _sync(engine.device)
+        synchronize(engine.device)
         wall = time.perf_counter() - t0
     trace = result.trace
     if len(result.token_ids) != cfg.max_new_tokens or trace.dropped_prompt_tokens:
@@ -269,7 +269,7 @@ def bare_extend_seconds(engine: Engine, context: list[int], n: int, repeats: int
         ids = context[r : r + n]  # new tokens each time: an engine with a prefix cache must not find them cached
         t0 = time.perf_counter()
         cache.extend(ids)
-        _sync(engine.device)
+        synchronize(engine.device)
         times.append(time.perf_counter() - t0)
         cache.rollback(len(context))
     return statistics.median(times)

@@ -290,7 +290,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from flashback.distributed import join, launched, leave
+    from flashback.distributed import join, launched, leave, peak_memory
     from flashback.engines.load import setup
     from flashback.train import check_outputs, throughput, train
 
@@ -314,6 +314,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if world.main:
         summary = {k: v for k, v in result.__dict__.items() if k != "history"}
         summary["target_tokens_per_s"] = round(result.target_tokens_per_s, 2)
+        summary.update(peak_memory(device))  # rank 0's
         print(json.dumps({"out": str(args.out), "processes": world.size, **summary}))
     return 0
 
@@ -433,12 +434,15 @@ def _chat_engine(args: argparse.Namespace):
     return engine, index, cfg
 
 
-def _questions(n: int):
-    from flashback.qa import sample, stdlib_questions
+def _questions(args: argparse.Namespace):
+    """The question set: the standard library's docstrings, or a glossary's entries (--entries)."""
+    from flashback.qa import entry_questions, stdlib_questions
+    from flashback.text.corpus import expand_paths
 
-    if n < 1:
-        raise FlashbackError("--questions must be at least 1")
-    return sample(stdlib_questions(), n)
+    if args.entries:
+        expand_paths([args.entries])  # a missing file is one line, before the model loads
+        return entry_questions(args.entries)
+    return stdlib_questions()
 
 
 def cmd_bench_chat(args: argparse.Namespace) -> int:
@@ -483,7 +487,7 @@ def cmd_bench_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_qa(args: argparse.Namespace) -> int:
-    from flashback.qa import PASSAGE_SOURCES, QALayout, evaluate_qa, format_table
+    from flashback.qa import PASSAGE_SOURCES, QALayout, evaluate_qa, format_table, sample
 
     layouts = [QALayout.parse(v) for v in args.layouts.split(",") if v.strip()]
     if not layouts:
@@ -493,24 +497,30 @@ def cmd_qa(args: argparse.Namespace) -> int:
         raise FlashbackError(f"--passages takes a comma-separated list of {', '.join(PASSAGE_SOURCES)}")
     if args.json:
         check_file(args.json)
+    if args.questions is not None and args.questions < 1:
+        raise FlashbackError("--questions must be at least 1")
     progress = lambda msg: print(f"[qa] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     if args.prepare:
         from flashback.data import DATA_FOLDER
-        from flashback.qa import prepare_qa, stdlib_questions
+        from flashback.qa import prepare_qa
 
         check_output(args.prepare, DATA_FOLDER)
+        questions = _questions(args)
+        if args.questions is not None:  # a spread of that many of the questions not held out
+            questions = sample(questions, args.questions, heldout=False)
         engine, index, _ = _chat_engine(args)
-        manifest = prepare_qa(engine, index, stdlib_questions(), args.prepare, args.system, progress=progress)
+        manifest = prepare_qa(engine, index, questions, args.prepare, args.system, progress=progress)
         print(json.dumps({"out": args.prepare, "counts": manifest["counts"]}))
         return 0
-    questions = _questions(args.questions)
+    questions = sample(_questions(args), args.questions or 100)
     engine, index, cfg = _chat_engine(args)
     results = evaluate_qa(
         engine, index, questions, layouts, cfg, sources, args.system, args.generate_tokens, progress=progress
     )
     print(format_table(results))
     if args.json:
-        results["config"] = {**vars(cfg), "system": args.system, "engine": engine.describe()}
+        asked = Path(args.entries).name if args.entries else "stdlib docstrings"
+        results["config"] = {**vars(cfg), "system": args.system, "questions": asked, "engine": engine.describe()}
         Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
 
@@ -638,10 +648,14 @@ COMMANDS = {
         Arg("--system", default=SYSTEM, help=f"the system message (default: {SYSTEM!r})"),
         Arg("--cache-mb", type=float, default=256, help="the PyTorch engine's prefix cache (default: 256)"),
         Arg("--json", help="write every turn to this JSON file")]),
-    "qa": (cmd_qa, "grounded QA from the standard library's docstrings: answer perplexity and F1 per chat layout", [
+    "qa": (cmd_qa, "grounded QA (stdlib docstrings or a glossary): answer perplexity and F1 per chat layout", [
         Fields(EngineConfig, ("model", "device", "dtype", "adapters", "shipped_adapters")), INDEX,
         Fields(GenerationConfig, ("k", "tail", "markers", "query_tokens")),
-        Arg("--questions", type=int, default=100, help="questions to ask (default: 100)"),
+        Arg("--questions", type=int, default=None,
+            help="questions to ask (default: 100); with --prepare, how many of the others to train on (default: all)"),
+        Arg("--entries", metavar="FILE", default=None,
+            help="ask about a glossary's entries instead (JSONL of id/title/text, e.g. the Jargon File): "
+            "'What is TITLE?', answered by the definition's first sentence; --index must hold the entries"),
         Arg("--layouts", default="none,system,user,flashback,flashback+adapter",
             help="comma-separated: none, system, user, flashback, flashback+adapter (default: all)"),
         Arg("--passages", default="bm25,gold", help="bm25 (retrieved), gold (the one holding the answer), or both"),

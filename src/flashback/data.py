@@ -206,12 +206,9 @@ def prepare(
     progress: bool = True,
     workers: int = 1,
 ) -> dict:
-    """Write train.jsonl, val.jsonl (one segment a line) and manifest.json to `out` (atomically).
-
-    Streaming: documents are read, segmented and written a few chunks at a time, so memory stays flat whatever
-    the corpus size (with --max-segments, only one offset per segment is kept). `workers` > 1 segments chunks of
-    documents in forked processes and writes their results in input order: the folder is the same byte for byte
-    as with one worker."""
+    """Write train.jsonl, val.jsonl (one segment a line) and manifest.json to `out` (atomically), streaming: memory
+    stays flat whatever the corpus size (--max-segments keeps one offset per segment). `workers` > 1 segments chunks
+    of documents in forked processes, written in input order: the same folder byte for byte as with one worker."""
     check_output(out, DATA_FOLDER)  # before the slow part
     index.check_tokenizer(fingerprint)
     longest_context(cfg, index.chunk_tokens)
@@ -242,12 +239,7 @@ def prepare(
             manifest = {
                 "format": FORMAT,
                 "tokenizer": {"name": tokenizer_name, "fingerprint": fingerprint},
-                "index": {
-                    "path": str(index_path),
-                    "chunk_tokens": index.chunk_tokens,
-                    "num_passages": len(index),
-                    "created": index.manifest.get("created"),
-                },
+                "index": index_record(index, index_path),
                 "settings": asdict(cfg),
                 "forbid_titles": len(forbid_titles),
                 "counts": counts,
@@ -259,6 +251,17 @@ def prepare(
         bar.close()
         _JOB.clear()
     return manifest
+
+
+def index_record(index: Index, path: str | Path | None = None) -> dict:
+    """What a data folder's manifest says about the index its passages came from."""
+    where = {"path": str(path)} if path is not None else {}
+    return {
+        **where,
+        "chunk_tokens": index.chunk_tokens,
+        "num_passages": len(index),
+        "created": index.manifest.get("created"),
+    }
 
 
 def _segment_lines(documents: list[Document]) -> list[tuple[str, int, str]]:

@@ -98,6 +98,16 @@ def join(device: str) -> tuple[World, str]:
     return World(dist.get_rank(), dist.get_world_size()), device
 
 
+def peak_memory(device: str) -> dict:
+    """This process's peak resident memory, and on CUDA the peak memory its tensors took on the device, in MiB."""
+    import resource
+
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    if device.startswith("cuda"):
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return out
+
+
 def leave() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

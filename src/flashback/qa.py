@@ -7,6 +7,10 @@ the first of its module's passages that holds the whole sentence. Questions with
 was trained on: the adapters learn from the Python documentation's running text (tutorial, howto, ...), never from
 docstrings or the index.
 
+A second genre comes from a glossary (`--entries FILE`, a JSONL of id/title/text such as the Jargon File): "What is
+TITLE?", answered by the first sentence of the entry's definition, its gold passage the first passage titled TITLE
+that holds the sentence (the index must hold the entries, or copies of them).
+
 Each question is asked as a one-turn chat in every layout of conversation.LAYOUTS, with the passage BM25 retrieves
 for it and with its gold passage, and scored two ways: the reference answer's perplexity as the assistant's reply
 (its tokens only), and the token F1 of a greedy answer against the reference (SQuAD's metric).
@@ -40,6 +44,9 @@ from flashback.text.tokenize import encode
 
 HELDOUT_MODULES = 5  # one module in five is held out
 SENTENCE = re.compile(r"(.+?[.!?])(?:\s|$)")
+# a glossary's sentences also hold "esp.", "e.g." and the like, which do not end them
+NOT_ENDS = "".join(rf"(?<!\b{re.escape(a)})" for a in ("esp", "e.g", "i.e", "etc", "cf", "vs", "incl"))
+ENTRY_SENTENCE = re.compile(rf"(.+?{NOT_ENDS}[.!?])(?:\s|$)")
 PASSAGE_SOURCES = ("bm25", "gold")
 
 
@@ -50,6 +57,11 @@ class Question:
     question: str
     answer: str
     docstring: str = ""  # the whole docstring, its first sentence being the answer (training targets)
+
+    @property
+    def key(self) -> str:
+        """module.function, or a glossary entry's title."""
+        return f"{self.module}.{self.function}" if self.function else self.module
 
     @property
     def heldout(self) -> bool:
@@ -101,6 +113,39 @@ def stdlib_questions() -> list[Question]:
     return out
 
 
+LABEL = re.compile(r"^(?:\d+\.\s+|\[[^\]]*\]\s*|<[^>]*>\s*)+")  # sense numbers, [usage] and <subject> labels
+
+
+def entry_definition(text: str, title: str) -> str | None:
+    """The definition of a glossary entry, from its first sentence on: the title line, part-of-speech or
+    pronunciation lines ("n.", "/bar/, n.") and leading sense, usage and subject labels are skipped."""
+    lines = text.strip().split("\n")
+    if lines and lines[0].strip().lower() == title.strip().lower():
+        lines = lines[1:]
+    for paragraph in "\n".join(lines).split("\n\n"):
+        flat = LABEL.sub("", " ".join(paragraph.split()))
+        if len(flat.split()) >= 5:
+            return flat
+    return None
+
+
+def entry_questions(path: str | Path) -> list[Question]:
+    """One question per entry of a glossary file whose definition opens with a sentence of 5 to 30 words; the
+    entry's title stands where a stdlib question has its module (held out by a hash of it, gold found by it)."""
+    from flashback.text.corpus import read_documents
+
+    out = []
+    for doc in read_documents([path]):
+        definition = entry_definition(doc.text, doc.title) if doc.title else None
+        found = ENTRY_SENTENCE.match(definition) if definition else None
+        answer = found.group(1) if found else None
+        if answer and 5 <= len(answer.split()) <= 30:
+            out.append(Question(doc.title, "", f"What is {doc.title}?", answer, definition))
+    if not out:
+        raise FlashbackError(f"{path}: no entry with a title and a definition sentence of 5 to 30 words")
+    return out
+
+
 def _flat(text: str) -> str:
     return " ".join(text.split())
 
@@ -124,12 +169,10 @@ def gold_passages(index: Index, questions: Sequence[Question]) -> list[int | Non
     return gold
 
 
-def sample(questions: Sequence[Question], n: int, seed: int = 0) -> list[Question]:
-    """A deterministic spread of n held-out questions (by a hash of the name and the seed)."""
-    keyed = sorted(
-        (q for q in questions if q.heldout), key=lambda q: zlib.crc32(f"{seed}:{q.module}.{q.function}".encode())
-    )
-    return keyed[:n]
+def sample(questions: Sequence[Question], n: int, seed: int = 0, heldout: bool = True) -> list[Question]:
+    """A deterministic spread of n held-out questions (or of n others), by a hash of the name and the seed."""
+    chosen = (q for q in questions if q.heldout == heldout)
+    return sorted(chosen, key=lambda q: zlib.crc32(f"{seed}:{q.key}".encode()))[:n]
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -267,7 +310,7 @@ def prepare_qa(
     question as a one-turn chat whose target is its docstring's first `stride` tokens, once with its gold passage and
     once with its BM25 passage (when that is another one). Mixed with running text by `flashback train --data A
     --data B`."""
-    from flashback.data import DATA_FOLDER, FORMAT, Segment, write_data_folder
+    from flashback.data import DATA_FOLDER, FORMAT, Segment, index_record, write_data_folder
     from flashback.text.tokenize import tokenizer_fingerprint
 
     check_output(out, DATA_FOLDER)
@@ -284,11 +327,11 @@ def prepare_qa(
         ids, _ = render(engine.tokenizer, messages_for("flashback", system, [], q.question, ""), 32)
         ids = strip_head(ids, head)
         hits = [g] + [h.index for h in index.search([q.question], 1)[0] if h.index != g]
-        split = "val" if zlib.crc32(f"val:{q.module}.{q.function}".encode()) % round(1 / val_fraction) == 0 else "train"
+        split = "val" if zlib.crc32(f"val:{q.key}".encode()) % round(1 / val_fraction) == 0 else "train"
         for i in hits:
             splits[split].append(
                 Segment(
-                    f"qa:{q.module}.{q.function}",
+                    f"qa:{q.key}",
                     0,
                     stride,
                     ids + target,
@@ -302,11 +345,7 @@ def prepare_qa(
     manifest = {
         "format": FORMAT,
         "tokenizer": {"name": engine.name, "fingerprint": fingerprint},
-        "index": {
-            "chunk_tokens": index.chunk_tokens,
-            "num_passages": len(index),
-            "created": index.manifest.get("created"),
-        },
+        "index": index_record(index),
         "settings": {"source": "qa", "stride": stride, "system": system, "heldout_modules": f"1 in {HELDOUT_MODULES}"},
         "counts": {name: len(rows) for name, rows in splits.items()},
         "targets": {name: len(rows) for name, rows in splits.items()},

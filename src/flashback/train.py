@@ -464,14 +464,7 @@ def train(
     train_set = training_units(train_segments, cfg)
     val_set = training_units(spread(val_segments, cfg.max_val_segments), cfg)
     out = resolve_output(out)
-    torch.manual_seed(cfg.seed)  # the same initial adapter on every rank
-    cfg = replace(cfg, target_modules=tuple(lora_targets(engine.model, cfg.target_modules)))  # the card names them
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(engine.model)
-    model = add_adapter(engine, cfg)
-    model.train()
-    if world.size > 1:
-        torch.manual_seed(cfg.seed + world.rank)  # dropout: each rank its own masks
+    cfg, model = _adapted(engine, cfg, world)
     per_step = cfg.batch_size * cfg.grad_accum * world.size  # units per optimizer step, all ranks together
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_set) / per_step))
     loop = _Loop(engine, model, cfg, total_steps, world)
@@ -505,6 +498,20 @@ def train(
     world.barrier()  # every rank returns once the adapter is written
     engine.model = model
     return result
+
+
+def _adapted(engine: TorchEngine, cfg: TrainConfig, world: World):
+    """The model under a fresh adapter, initialised alike on every rank (then each rank draws its own dropout
+    masks), and the settings with the target modules resolved to names for the card."""
+    torch.manual_seed(cfg.seed)
+    cfg = replace(cfg, target_modules=tuple(lora_targets(engine.model, cfg.target_modules)))
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(engine.model)
+    model = add_adapter(engine, cfg)
+    model.train()
+    if world.size > 1:
+        torch.manual_seed(cfg.seed + world.rank)
+    return cfg, model
 
 
 def _load_data(data_dir, fingerprint: str) -> tuple[list, list, dict]:

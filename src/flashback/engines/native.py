@@ -355,6 +355,22 @@ def ensure_llama_cpp_runs(cache: Path) -> None:
         raise FlashbackError(smoke.message)
 
 
+def _python_build(command: str, flags: list[str], cpu: Cpu, cache: Path) -> int:
+    """main's python-stale and record-python: the installed llama-cpp-python against its record."""
+    package = llama_cpp_dir()
+    if package is None:
+        print("llama-cpp-python is not installed", file=sys.stdout if command == "python-stale" else sys.stderr)
+        return 0 if command == "python-stale" else 1
+    if command == "record-python":
+        write_record(llama_cpp_record_dir(cache), flags, cpu, "llama-cpp-python", library_identity(package))
+        return 0
+    why = stale(read_record(llama_cpp_record_dir(cache)), cpu, library_identity(package))
+    if why:
+        print(f"llama-cpp-python: {why}")
+        return 0
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m flashback.engines.native COMMAND`, for scripts/setup_engines.sh:
 
@@ -388,23 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "cpu":
         print(cpu.describe())
         return 0
-    if command == "python-stale":
-        package = llama_cpp_dir()
-        if package is None:
-            print("llama-cpp-python is not installed")
-            return 0
-        why = stale(read_record(llama_cpp_record_dir(cache)), cpu, library_identity(package))
-        if why:
-            print(f"llama-cpp-python: {why}")
-            return 0
-        return 1
-    if command == "record-python":
-        package = llama_cpp_dir()
-        if package is None:
-            print("llama-cpp-python is not installed", file=sys.stderr)
-            return 1
-        write_record(llama_cpp_record_dir(cache), rest, cpu, "llama-cpp-python", library_identity(package))
-        return 0
+    if command in ("python-stale", "record-python"):
+        return _python_build(command, rest, cpu, cache)
     if command == "record" and len(rest) >= 2:
         write_record(Path(rest[0]), rest[2:], cpu, rest[1])
         return 0

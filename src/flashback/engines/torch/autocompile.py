@@ -27,7 +27,7 @@ from flashback.registry import cache_root
 
 EAGER_STEPS = 4  # eager decode steps timed before choosing (the median: the first can carry one-time costs)
 # Until this machine has compiled the graph once: SmolLM2-135M on this project's 2-core CPU, fp32, a 2,048-token
-# buffer (scripts/compile_default.py, docs/results.md#compile-auto): compiled 37.9 ms/token against 58.8 eager,
+# buffer (scripts/lab/compile_default.py, docs/results.md#compile-auto): compiled 37.9 ms/token against 58.8 eager,
 # compiling 60.2 s cold and 14.4 s with Inductor's on-disk cache warm.
 DEFAULT_RATIO = 0.65
 DEFAULT_COLD_S = 60.0

@@ -12,7 +12,7 @@ the keys a rolled-back query needs may be gone. For each setting this script mea
   16 new tokens extended; their last logits against a fresh context's prefill of the same tokens (max |difference|),
   and whether llama.cpp refused the rollback.
 
-Usage: python scripts/llamacpp_swa.py EXPORT_DIR_OR_GGUF --context 32000 [--json FILE]
+Usage: python scripts/lab/llamacpp_swa.py EXPORT_DIR_OR_GGUF --context 32000 [--json FILE]
 (a base model's GGUF: python -c "from flashback.export import write_gguf; ..." as in docs/results.md)
 """
 

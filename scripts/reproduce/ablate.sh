@@ -2,11 +2,11 @@
 # Recipe ablations for the append adapter (README "Choosing the recipe"): short packed runs on the
 # prepared data, compared by validation loss. Each run resumes if a checkpoint exists and is skipped
 # if its adapter is already there, so the script can be re-run after an interruption.
-# Usage: bash scripts/ablate.sh [RUN...]   (default: every run below but the tail-* ones; needs `reproduce.sh index
+# Usage: bash scripts/reproduce/ablate.sh [RUN...]   (default: every run below but the tail-* ones; needs `reproduce/smollm2.sh index
 # prepare`). The tail-* runs are the tail choice in the recipe of the second model (all linear layers, marker lr
-# 5e-3): `reproduce_gemma.sh tails` runs them with ABLATE_MODEL=gemma3-270m on its own data.
+# 5e-3): `reproduce/gemma.sh tails` runs them with ABLATE_MODEL=gemma3-270m on its own data.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 WORK=${FLASHBACK_WORK:-$HOME/.cache/flashback/recipe}
 OUT=${ABLATE_OUT:-$WORK/ablate}
 STEPS=${ABLATE_STEPS:-60}

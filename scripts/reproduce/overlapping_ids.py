@@ -6,7 +6,7 @@ corpus's titles, when it names the other corpus (--mention), or when more than -
 occur in the other corpus. The ids go to stdout; a summary, with the share of the other corpus's 8-grams that the
 kept documents still contain, goes to stderr as JSON.
 
-Usage: python scripts/overlapping_ids.py CORPUS.jsonl.gz --against OTHER.jsonl.gz [--mention TEXT] > ids.txt
+Usage: python scripts/reproduce/overlapping_ids.py CORPUS.jsonl.gz --against OTHER.jsonl.gz [--mention TEXT] > ids.txt
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Time the default path of each mode: `FlashBack.load()` (default model, shipped adapter, default index), one prompt.
 
-    python scripts/time_modes.py [--tokens 32] [--repeats 4]
+    python scripts/lab/time_modes.py [--tokens 32] [--repeats 4]
 
 Prints JSON: per mode, the median wall time of a generation, the median decode step and the text (the first run is
 a warm-up and not counted). Run it on two checkouts (PYTHONPATH=CHECKOUT/src) to compare them in one sitting.

@@ -3,7 +3,7 @@
 #   index      retrieval corpus: FOLDOC + the Python library reference (~30 s)
 #   prepare    training segments from the other Python pages, a tenth held out (~2 min)
 #   throughput training target tokens/s: one example per row vs packed, fp32 vs bf16 (~10 min)
-#   ablate     the recipe ablations, 60 steps each (scripts/ablate.sh, ~80 min)
+#   ablate     the recipe ablations, 60 steps each (scripts/reproduce/ablate.sh, ~80 min)
 #   train      the shipped append adapter (~80 min; resumes from its checkpoint when re-run)
 #   prepend    a prepend adapter with the ablations' budget, for the fine-tuned-vs-fine-tuned comparison (~25 min)
 #   eval       perplexity on the held-out Python pages and the Jargon File (~25 min)
@@ -30,12 +30,14 @@
 #              one after the other (~40 min; the engines need the llamacpp step's export and setup_engines.sh --vllm)
 #   qa         the grounded QA evaluation: 100 held-out questions, answer perplexity and F1 per layout, BM25 and gold
 #              passages (~30 min)
-#   chat-adapter  an append adapter for chat: the prepare step's running text mixed with one-turn questions from the
-#              modules the QA evaluation does not hold out (`flashback qa --prepare`), then the QA evaluation and the
-#              perplexity evaluations with it (~70 min; needs the index and prepare steps)
-# Usage: bash scripts/reproduce.sh [STEP|all]
+#   qa-jargon  the same on the second genre: 100 held-out Jargon File entries ("What is TITLE?", the definition's
+#              first sentence), over a glossary index of the Jargon File and FOLDOC (built first, ~1 min; ~30 min)
+#   chat-adapter  an append adapter for chat: the prepare step's running text mixed with one-turn chats of both
+#              genres from what the QA evaluations do not hold out (`flashback qa --prepare [--entries]`), then both
+#              QA evaluations with it (~90 min; needs the index and prepare steps)
+# Usage: bash scripts/reproduce/smollm2.sh [STEP|all]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DATA=${FLASHBACK_DATA:-../shared/data}
 WORK=${FLASHBACK_WORK:-$HOME/.cache/flashback/recipe}
 RUNS=${FLASHBACK_RUNS:-runs}
@@ -82,7 +84,7 @@ if run throughput; then
     > "$RUNS/throughput.json"
 fi
 if run ablate; then
-  bash scripts/ablate.sh > "$RUNS/ablate.md"
+  bash scripts/reproduce/ablate.sh > "$RUNS/ablate.md"
 fi
 ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj  # the ablation's best LoRA targets
 if run train; then  # the recipe the ablations chose: tail 32, LoRA on all linear layers, marker rows at 10x lr
@@ -128,7 +130,7 @@ if run decode; then
     --json "$RUNS/bench-compile-int8.json"
   flashback bench --index "$INDEX" --context-lengths 2048 --repeats 3 --no-lora --compile off \
     --json "$RUNS/bench-eager.json"
-  python3 scripts/compile_default.py --json "$RUNS/compile-default.json"
+  python3 scripts/lab/compile_default.py --json "$RUNS/compile-default.json"
 fi
 if run eval-int8; then
   for q in "" "--quantize int8"; do  # same tokens, same adapter; int8 = the decode step's weights
@@ -178,7 +180,7 @@ with open(sys.argv[2], "w") as out:
         out.write(json.dumps({"id": doc.id, "text": doc.text[:6000]}) + "\n")
 PY
   mkdir -p "$WORK/harness-tasks"
-  sed "s|\${HARNESS_DOCS}|$HARNESS_DOCS|" scripts/harness/heldout.yaml > "$WORK/harness-tasks/heldout.yaml"
+  sed "s|\${HARNESS_DOCS}|$HARNESS_DOCS|" scripts/reproduce/harness/heldout.yaml > "$WORK/harness-tasks/heldout.yaml"
   start_server "$RUNS/harness-serve.log" "http://127.0.0.1:$PORT/health" \
     flashback serve --index "$WORK/index" --port "$PORT"
   MODEL=$(curl -sf "http://127.0.0.1:$PORT/v1/models" | python3 -c "import json,sys; print(json.load(sys.stdin)['data'][0]['id'])")
@@ -205,18 +207,29 @@ if run chat; then
     --json "$RUNS/bench-chat-vllm.json"
   stop_server
 fi
+GLOSSARY=(--entries "$DATA/jargon.jsonl.gz" --index "$WORK/index-glossary")
+glossary_index() {
+  [[ -f $WORK/index-glossary/manifest.json ]] ||
+    flashback index "$DATA/jargon.jsonl.gz" "$DATA/foldoc.jsonl.gz" --out "$WORK/index-glossary"
+}
 if run qa; then
   flashback qa --questions 100 --json "$RUNS/qa-smollm2.json"
 fi
+if run qa-jargon; then
+  glossary_index
+  flashback qa --questions 100 "${GLOSSARY[@]}" --json "$RUNS/qa-jargon-smollm2.json"
+fi
 if run chat-adapter; then
+  glossary_index
   [[ -f $WORK/qa-data/manifest.json ]] || flashback qa --prepare "$WORK/qa-data"
-  resume=(); [[ -f $WORK/adapter-chat.checkpoint/state.pt ]] && resume=(--resume)
-  flashback train --data "$WORK/data" --data "$WORK/qa-data" --out "$WORK/adapter-chat" --tail 32 \
-    --target-modules "$ALL" --marker-lr 5e-3 --max-steps "${CHAT_STEPS:-200}" --batch-size 1 --lr 5e-4 \
-    --warmup-steps 20 --eval-every 100 --save-every 25 --max-val-segments 16 "${resume[@]}"
-  flashback qa --questions 100 --adapter "$WORK/adapter-chat" --layouts flashback+adapter \
-    --json "$RUNS/qa-smollm2-chat-adapter.json"
-  MODES=(--modes append+markers+adapter --adapter "$WORK/adapter-chat")
-  flashback eval "${EVAL_PY[@]}" "${MODES[@]}" --json "$RUNS/eval-python-chat-adapter.json"
-  flashback eval "${EVAL_JARGON[@]}" "${MODES[@]}" --json "$RUNS/eval-jargon-chat-adapter.json"
+  [[ -f $WORK/qa-jargon-data/manifest.json ]] || flashback qa --prepare "$WORK/qa-jargon-data" "${GLOSSARY[@]}" \
+    --questions 250
+  resume=(); [[ -f $WORK/adapter-chat2.checkpoint/state.pt ]] && resume=(--resume)
+  flashback train --data "$WORK/data" --data "$WORK/qa-data" --data "$WORK/qa-jargon-data" \
+    --out "$WORK/adapter-chat2" --tail 32 --target-modules "$ALL" --marker-lr 5e-3 --max-steps "${CHAT_STEPS:-200}" \
+    --batch-size 1 --lr 5e-4 --warmup-steps 20 --eval-every 50 --save-every 10 --max-val-segments 16 "${resume[@]}"
+  flashback qa --questions 100 --adapter "$WORK/adapter-chat2" --layouts flashback+adapter \
+    --json "$RUNS/qa-smollm2-chat-adapter2.json"
+  flashback qa --questions 100 "${GLOSSARY[@]}" --adapter "$WORK/adapter-chat2" --layouts flashback+adapter \
+    --json "$RUNS/qa-jargon-smollm2-chat-adapter2.json"
 fi

@@ -2,7 +2,7 @@
 one export): a 1,500-token prefill, a 160-token extend over that cache (the paper regime's retrieval step, median
 of 5, rolled back each time) and single-token decode (median of 20). Random token ids, 2 threads by default.
 
-    python scripts/llamacpp_gguf_types.py EXPORT/model-f16.gguf /tmp/model-bf16.gguf [--flash-attn]
+    python scripts/lab/llamacpp_gguf_types.py EXPORT/model-f16.gguf /tmp/model-bf16.gguf [--flash-attn]
 
 (convert an export's folder to another type with llama.cpp's convert_hf_to_gguf.py --outtype bf16|f32)
 """

@@ -1,6 +1,6 @@
 """A bounded adversarial load against a real `flashback serve` process (loopback), with the figures a reader needs.
 
-    python scripts/adversarial_load.py [--model M] [--index DIR] [--seconds 60] [--json FILE]
+    python scripts/lab/adversarial_load.py [--model M] [--index DIR] [--seconds 60] [--json FILE]
 
 The server runs alone on the machine (start nothing else). While normal 16-token append requests run one after
 another in the foreground, background clients send: expensive prepend requests (16 passages, a long prompt), long
