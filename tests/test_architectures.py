@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from flashback.cli import main
 from flashback.config import EvalConfig, GenerationConfig, TrainConfig
+from flashback.engines.base import SCORING
 from flashback.engines.torch import load_model
 from flashback.engines.torch.cache import FixedWindowLayer, KVCache, Windowed, WindowLayer
 from flashback.engines.torch.decode import Decoder
@@ -164,7 +165,7 @@ def test_eval_fast_path_equals_scoring_each_example_from_scratch(
     banned, spec, head = torch.tensor(gemma.marker_ids), ModeSpec.parse(mode), gemma.head_ids
     args = (gemma.marker_ids, spec, docs, targets, retrievals, cfg, banned)
     record = Recorder(monkeypatch)
-    session = gemma.session(None, scoring=True)
+    session = gemma.session(SCORING)
     held, extend = [], session.extend
 
     def watched(*a, **kw):
@@ -174,7 +175,7 @@ def test_eval_fast_path_equals_scoring_each_example_from_scratch(
 
     monkeypatch.setattr(session, "extend", watched)
     fast = torch.cat(score_fast(session, *args, head=head))
-    slow = torch.cat(score_slow(gemma.session(None, scoring=True), *args, head=head))
+    slow = torch.cat(score_slow(gemma.session(SCORING), *args, head=head))
     # the fast path's sliding layers hold the window plus what its rollbacks need (passage block, tail, target),
     # with room to compact, and drop the keys before it
     assert max(held) <= 2 * (WINDOW + index.chunk_tokens + 2 + tail + cfg.stride), held
@@ -182,7 +183,7 @@ def test_eval_fast_path_equals_scoring_each_example_from_scratch(
     record.assert_bos_first_and_only_first(gemma.tokenizer.bos_token_id)
     assert fast.numel() > 100
     torch.testing.assert_close(fast, slow, atol=ATOL, rtol=0)
-    without_bos = torch.cat(score_fast(gemma.session(None, scoring=True), *args))
+    without_bos = torch.cat(score_fast(gemma.session(SCORING), *args))
     assert (without_bos - fast).abs().max() > 1e-3  # the head is scored with, not ignored
 
 

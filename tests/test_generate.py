@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flashback.config import GenerationConfig
+from flashback.engines.base import SCORING
 from flashback.errors import FlashbackError
 from flashback.generate import Trace, generate, stream
 from flashback.text.retrieval import Index, IndexRetriever
@@ -281,7 +282,7 @@ def test_forwards_pass_the_cache_argument_transformers_keeps(tiny_model_dir, ind
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = generate(lm, prompt, IndexRetriever(index), GenerationConfig(max_new_tokens=20, stride=8))
-        lm.session(None, scoring=True).extend(prompt, all_logits=True)
+        lm.session(SCORING).extend(prompt, all_logits=True)
         segment = Segment("d", 0, 4, prompt[:28], [24], [[prompt[:6]]], [["p"]])  # one target after 24 tokens
         target_nll(lm.model, pack(segment, lm.marker_ids, 4, 0, lm.device), None)
     assert len(result.token_ids) == 20 and any(f.kind == "decode" for f in result.trace.forwards)

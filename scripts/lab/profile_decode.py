@@ -18,6 +18,7 @@ import time
 import torch
 
 from flashback.bench import copy_bandwidth, decode_bound, synchronize
+from flashback.engines.base import SessionSpec
 from flashback.engines.torch import load_model
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     decoder = lm.decoder(None)
     if decoder is None:
         raise SystemExit("profile_decode needs --compile or --quantize (the eager model has no separate step)")
-    cache = lm.session(None, positions=args.context + 1)
+    cache = lm.session(SessionSpec(positions=args.context + 1))
     g = torch.Generator().manual_seed(0)
     cache.extend(torch.randint(0, len(lm.tokenizer), (args.context,), generator=g).tolist())
 

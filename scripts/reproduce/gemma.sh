@@ -19,8 +19,8 @@
 #   llamacpp   the adapter merged and exported to f16 GGUF, then the same bench on the llama.cpp engine
 #              (needs scripts/setup_engines.sh)
 # The adapter of the README's Gemma rows: prepare-foldoc, then `TAIL=64 MIX=foldoc TRAIN_STEPS=300` train and eval.
-# The adapter is derived from Gemma's weights, so the Gemma Terms of Use apply to it; it is not shipped in the
-# repository: this script recreates it.
+# The adapter is derived from Gemma's weights, so the Gemma Terms of Use apply to it. The one these steps train is
+# shipped in src/flashback/adapters/gemma3-270m-append/ with the terms and their notice; this script recreates it.
 # Usage: bash scripts/reproduce/gemma.sh [STEP|all]
 set -euo pipefail
 cd "$(dirname "$0")/../.."

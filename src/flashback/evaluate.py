@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from flashback.config import EvalConfig
 from flashback.data import search_without_leakage
-from flashback.engines.base import Engine, Session
+from flashback.engines.base import Engine, Session, SessionSpec
 from flashback.errors import FlashbackError
 from flashback.layout import append_parts, banned_ids, layout, split_point, without_markers
 from flashback.text.corpus import Document
@@ -309,7 +309,7 @@ def scoring_steps(
         nobody = Document("\0request", "\0request", "")  # excludes nothing from the index
         retrievals = retrieve_all(targets, [body], [nobody], source, engine.tokenizer, cfg, frozenset())
     banned = banned_ids(engine.marker_ids, engine.device)
-    session = engine.session(spec.position if spec.adapter else None, scoring=True)
+    session = engine.session(SessionSpec(spec.position if spec.adapter else None, scoring=True))
     logprobs, best = [0.0] * (len(tokens) - 1), [[] for _ in tokens[1:]]
 
     def keep(first: int, logp: torch.Tensor) -> None:  # logp (S, V) predicts tokens[first : first + S]
@@ -415,7 +415,7 @@ def evaluate(
 def _score_mode(engine: Engine, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, progress):
     fast = cfg.fast and spec.position != "prepend"
     progress(f"scoring {spec} ({'fast' if fast else 'from scratch'})")
-    session = engine.session(spec.position if spec.adapter else None, scoring=True)
+    session = engine.session(SessionSpec(spec.position if spec.adapter else None, scoring=True))
     start = time.perf_counter()
     scorer = _fast if fast else _slow  # generators: one target's NLLs at a time, so the bar moves with them
     scored = scorer(session, engine.marker_ids, spec, docs, targets, retrievals, cfg, banned, None, engine.head_ids)

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 from flashback.config import GenerationConfig
-from flashback.engines.base import Engine, Observer, Sampling, Session
+from flashback.engines.base import Engine, Observer, Sampling, Session, SessionSpec
 from flashback.errors import FlashbackError
 from flashback.layout import Planner, reserved_positions, strip_head
 from flashback.text.retrieval import Retriever
@@ -159,8 +159,9 @@ def stream(
     prompt, max_new = fit_to_positions(prompt, cfg, reserve, engine.max_positions, trace)
     trace.prompt_tokens = len(prompt)
     trace.max_new_tokens = max_new
-    session = engine.session(  # room for the most it holds
-        cfg.mode, positions=len(prompt) + reserve + max_new, salt=cache_salt, decode_tokens=decode_steps(cfg, max_new)
+    positions = len(prompt) + reserve + max_new  # room for the most it holds
+    session = engine.session(
+        SessionSpec(cfg.mode, positions, salt=cache_salt, decode_tokens=decode_steps(cfg, max_new))
     )
     planner = Planner(cfg.mode, engine.marker_ids if use_markers else None, cfg.tail, head)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed, engine.marker_ids or (), cfg.stop_at_eos)

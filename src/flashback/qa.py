@@ -33,7 +33,7 @@ import torch
 from flashback.atomic import check_output
 from flashback.config import GenerationConfig
 from flashback.conversation import answer_turn, messages_for
-from flashback.engines.base import Engine
+from flashback.engines.base import Engine, SessionSpec
 from flashback.errors import FlashbackError
 from flashback.evaluate import target_nll
 from flashback.layout import banned_ids, layout, strip_head
@@ -208,7 +208,7 @@ def answer_nll(engine: Engine, session, name: str, messages: list[dict], passage
 
 def _score_layout(engine, index, spec, kept, found, cfg, system, generate_tokens, banned, marks) -> dict:
     """One layout over every question with the given passages: its row, each question's scores added to `marks`."""
-    session = engine.session("append" if spec.adapter else None, scoring=True)
+    session = engine.session(SessionSpec("append" if spec.adapter else None, scoring=True))
     nlls, f1s = [], []
     for mark, (q, _), passages in zip(marks, kept, found, strict=True):
         text = "\n\n".join(engine.tokenizer.decode(r.token_ids) for r in passages)

@@ -42,6 +42,20 @@ def forward_kind(cached_before: int, tokens: int) -> str:
 
 
 @dataclass(frozen=True)
+class SessionSpec:
+    """What a new session is for; the engine chooses its adapter, cache size and decode step from it."""
+
+    mode: str | None = None  # whose adapter its forwards run with (where engines switch them); None: none
+    positions: int | None = None  # the most tokens the sequence holds
+    scoring: bool = False  # every position's logits are wanted (evaluation)
+    salt: str | None = None  # sequences of different salts (clients) never start from each other's caches
+    decode_tokens: int | None = None  # single-token steps the generation expects (it may choose the decode)
+
+
+SCORING = SessionSpec(scoring=True)  # the bare model, every position's logits
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What an engine can do, for the code that drives it."""
 
@@ -245,18 +259,8 @@ class Engine(ABC):
     kind: str  # for reports ("torch", "llama.cpp", "upstream"); code asks `capabilities`, never this
 
     @abstractmethod
-    def session(
-        self,
-        mode: str | None = None,
-        positions: int | None = None,
-        scoring: bool = False,
-        salt: str | None = None,
-        decode_tokens: int | None = None,
-    ) -> Session:
-        """A new cache for one sequence generated in `mode` (its adapter, where the engine switches them),
-        with room for `positions` tokens; `scoring`: for every position's logits (evaluation). Sequences with
-        different `salt`s (a client's `user`) never start from each other's caches. `decode_tokens`: how many
-        single-token steps the generation expects (an engine may choose its decode step by it)."""
+    def session(self, spec: SessionSpec = SessionSpec()) -> Session:  # noqa: B008 - frozen
+        """A new cache for one sequence, as `spec` describes it."""
 
     @cached_property
     def head_ids(self) -> list[int]:

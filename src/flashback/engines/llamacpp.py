@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from flashback.cards import read_export_card
-from flashback.engines.base import Capabilities, Forward, Session, forward_kind
+from flashback.engines.base import Capabilities, Forward, Session, SessionSpec, forward_kind
 from flashback.engines.exported import ExportedEngine, exported_parts
 from flashback.engines.native import INSTALL_LLAMA_CPP
 from flashback.errors import FlashbackError
@@ -77,14 +77,7 @@ class LlamaCppEngine(ExportedEngine):
         super().__init__(**parts)
         self.llm = llm
 
-    def session(
-        self,
-        mode: str | None = None,
-        positions: int | None = None,
-        scoring: bool = False,
-        salt: str | None = None,
-        decode_tokens: int | None = None,
-    ) -> LlamaCppSession:
+    def session(self, spec: SessionSpec = SessionSpec()) -> LlamaCppSession:  # noqa: B008 - frozen
         return LlamaCppSession(self.llm)
 
 

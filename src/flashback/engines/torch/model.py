@@ -13,7 +13,7 @@ import torch
 
 from flashback.cards import adapter_position, adapter_tuned
 from flashback.config import DTYPES, QUANTIZE, TrainConfig, compile_setting, defaults
-from flashback.engines.base import Architecture, Capabilities, Engine
+from flashback.engines.base import Architecture, Capabilities, Engine, SessionSpec
 from flashback.errors import FlashbackError, first_line
 from flashback.registry import DEFAULT_MODEL, resolve_model_path
 from flashback.text.tokenize import MARKERS, load_tokenizer
@@ -100,30 +100,24 @@ class TorchEngine(Engine):
             "compile_s": self.compile_s,
         }
 
-    def session(
-        self,
-        mode: str | None = None,
-        positions: int | None = None,
-        scoring: bool = False,
-        salt: str | None = None,
-        decode_tokens: int | None = None,
-    ):
-        """A KV cache whose forwards run with `mode`'s adapter. Given `positions` (a generation's most), single
+    def session(self, spec: SessionSpec = SessionSpec()):  # noqa: B008 - frozen
+        """A KV cache whose forwards run with `spec.mode`'s adapter. Given `positions` (a generation's most), single
         tokens go through the decode step when one is asked for (--compile on / --quantize), over a buffer of that
         many positions rounded up; with --compile auto, when the `decode_tokens` the generation expects repay the
         compile (autocompile.py). `scoring` with --quantize runs every forward on the decode weights: what the
         quantization costs in perplexity."""
         from flashback.engines.torch.cache import KVCache
 
-        if scoring and self.quantize:
+        mode, positions = spec.mode, spec.positions
+        if spec.scoring and self.quantize:
             return KVCache(self.decoder(mode).model, self.device)
         capacity = _capacity(positions) if positions is not None else None
         decoder = self.decoder(mode) if positions is not None else None
         adapter = mode if mode in self._adapters else None  # the keys and values depend on it
         auto = None
-        if decoder is None and capacity is not None and self.compile == "auto" and decode_tokens:
-            auto = self._auto(adapter, capacity, decode_tokens)
-        prefixes = None if scoring else self.prefixes
+        if decoder is None and capacity is not None and self.compile == "auto" and spec.decode_tokens:
+            auto = self._auto(adapter, capacity, spec.decode_tokens)
+        prefixes = None if spec.scoring else self.prefixes
         return KVCache(
             self.model,
             self.device,
@@ -131,7 +125,7 @@ class TorchEngine(Engine):
             decoder,
             lambda: self.activate(mode),
             prefixes,
-            (adapter, salt),
+            (adapter, spec.salt),
             auto,
         )
 

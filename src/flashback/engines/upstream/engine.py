@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from flashback.engines.base import Capabilities, Forward, Observer, Sampling, Session, Stretch
+from flashback.engines.base import Capabilities, Forward, Observer, Sampling, Session, SessionSpec, Stretch
 from flashback.engines.exported import ExportedEngine, export_card, exported_parts
 from flashback.engines.upstream.clients import Completion, UpstreamClient, completion_forwards, connect
 from flashback.errors import FlashbackError
@@ -95,15 +95,8 @@ class UpstreamEngine(ExportedEngine):
             counts_cached_tokens=getattr(self.client, "reports_cached_tokens", False),
         )
 
-    def session(
-        self,
-        mode: str | None = None,
-        positions: int | None = None,
-        scoring: bool = False,
-        salt: str | None = None,
-        decode_tokens: int | None = None,
-    ) -> UpstreamSession:
-        return UpstreamSession(self.client, salt)
+    def session(self, spec: SessionSpec = SessionSpec()) -> UpstreamSession:  # noqa: B008 - frozen
+        return UpstreamSession(self.client, spec.salt)
 
     def forget(self) -> None:
         """Make the server drop what it cached (llama-server: each slot then holds one end-of-sequence token; vLLM:
