@@ -328,7 +328,7 @@ def run_bench(
     }
     if engine.capabilities.remote:  # whether the engine's counts of cached prompt tokens can be read
         out["engine_counts_cached"] = engine.capabilities.counts_cached_tokens
-    if bc.lora_overhead and engine.capabilities.adapters:  # LoRA on weights this process holds
+    if bc.lora_overhead and engine.capabilities.adapters:  # only an engine running unmerged adapters has the cost
         out["lora"] = lora_overhead(engine, bc, retriever, progress)
     if isinstance(retriever, FullRetriever):  # queries that matched nothing, filled with random index passages
         out["filled_passages"] = retriever.filled
@@ -463,9 +463,9 @@ def _mode_summary(engine: Engine, new: int, mode: str, rs: list[dict], bandwidth
 
 def _decode_kind(engine: Engine, rs: list[dict]) -> str:
     """How the timed runs decoded: "compiled", "eager", "int8", or "mixed" when runs differed."""
-    if not engine.capabilities.adapters:  # not the PyTorch engine: its own decode
-        return engine.kind
     info = engine.describe()
+    if info["compile"] is None:  # an engine that decodes its own way
+        return engine.kind
     kinds = {"compiled" if r["compiled"] and info["compile"] != "off" else "eager" for r in rs}
     kind = kinds.pop() if len(kinds) == 1 else "mixed"
     return f"{kind}, int8 weights" if info["quantize"] else kind
@@ -476,7 +476,11 @@ def lora_overhead(engine: Engine, bc: BenchConfig, retriever, progress) -> dict:
     length = min(bc.context_lengths[-1], 2048)
     context = context_tokens(engine, length, getattr(retriever, "index", None), bc.seed)
     cfg = _bench_configs(engine, bc, bc.new_tokens)["append"]
-    with engine.fresh_lora(bc.lora_targets) as (unmerged, peft_model, targets):
+    from flashback.config import TrainConfig, defaults
+    from flashback.engines.torch.adapters import fresh_lora
+
+    shape = defaults(TrainConfig)  # an untrained adapter of the shipped recipe's shape
+    with fresh_lora(engine, bc.lora_targets, shape["r"], shape["alpha"]) as (unmerged, peft_model, targets):
         times = {"unmerged": [], "merged": []}
         _run(unmerged, context, retriever, cfg)
         for r in range(bc.repeats):

@@ -398,7 +398,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         context = max(length + max(new_tokens(bc, length), step) for length in bc.context_lengths) + step
         engine = plan.load(context=ecfg.context or context)
-    if args.beside_torch and engine.capabilities.adapters:
+    if args.beside_torch and engine.capabilities.adapters:  # adapters unmerged: not an export's engine
         raise FlashbackError("--beside-torch compares an engine (--engine llamacpp or --upstream) with PyTorch")
     if _checked_retriever(engine, index) is None:
         print("flashback: passages are random tokens (no --index given)", file=sys.stderr)

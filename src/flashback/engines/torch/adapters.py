@@ -6,7 +6,8 @@ alters prepend or none; each is loaded under its mode's name and switched per fo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -121,3 +122,23 @@ class TokenRows:
                 for role, (index, values) in rows.items():
                     weight = weights[role]  # the model may have moved since (load_model folds, then moves)
                     weight.index_copy_(0, index.to(weight.device), values.to(weight))
+
+
+@contextmanager
+def fresh_lora(engine, targets: Sequence[str], r: int, alpha: int) -> Iterator[tuple]:
+    """(engine, PEFT model, layer names): a PyTorch engine's model under a new, untrained LoRA adapter (r, alpha on
+    `targets`, named as `train --target-modules`), and the PEFT model to merge and unmerge it, for timing what an
+    unmerged adapter costs (bench). The plain model comes back afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    from flashback.engines.torch.model import TorchEngine
+
+    base = engine.model
+    names = lora_targets(base, targets)
+    peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=names))
+    peft_model.eval()
+    try:
+        adapted = TorchEngine(peft_model, engine.tokenizer, engine.name, engine.device, engine.marker_ids)
+        yield adapted, peft_model, names
+    finally:
+        engine.model = peft_model.unload()

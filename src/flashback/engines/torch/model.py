@@ -6,19 +6,17 @@ Sessions are KV caches (cache.py); single-token steps may go through a compiled 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 
 from flashback.cards import adapter_position, adapter_tuned
-from flashback.config import DTYPES, QUANTIZE, TrainConfig, compile_setting, defaults
+from flashback.config import DTYPES, QUANTIZE, compile_setting
 from flashback.engines.base import Architecture, Capabilities, Engine, SessionSpec
 from flashback.errors import FlashbackError, first_line
 from flashback.registry import DEFAULT_MODEL, resolve_model_path
 from flashback.text.tokenize import MARKERS, load_tokenizer
 
-LORA = defaults(TrainConfig)  # an untrained adapter of the shipped recipe's shape (bench)
 CAPACITY_STEP = 512  # compiled decode steps have one graph per cache capacity: capacities are rounded to this
 
 
@@ -243,24 +241,6 @@ class TorchEngine(Engine):
         if self.token_rows:
             self.token_rows.write(self.model, want)
         self._active = want
-
-    @contextmanager
-    def fresh_lora(self, targets: Sequence[str], r: int = LORA["r"], alpha: int = LORA["alpha"]) -> Iterator[tuple]:
-        """(engine, PEFT model, layer names): this engine's model under a new, untrained LoRA adapter (r, alpha on
-        `targets`, named as `train --target-modules`), and the PEFT model to merge and unmerge it, for timing what
-        an unmerged adapter costs (bench). The plain model comes back afterwards."""
-        from peft import LoraConfig, get_peft_model
-
-        from flashback.engines.torch.adapters import lora_targets
-
-        base = self.model
-        names = lora_targets(base, targets)
-        peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=names))
-        peft_model.eval()
-        try:
-            yield TorchEngine(peft_model, self.tokenizer, self.name, self.device, self.marker_ids), peft_model, names
-        finally:
-            self.model = peft_model.unload()
 
 
 def add_marker_tokens(model, tokenizer) -> tuple[int, int]:
