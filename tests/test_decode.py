@@ -78,7 +78,7 @@ def test_blocked_attention_equals_sdpa_over_the_filled_keys():
 
 
 def test_decoder_merges_the_adapter_of_its_mode(tiny_model_dir, adapter_dir):
-    lm = load_model(str(tiny_model_dir), adapter=str(adapter_dir), quantize="int8", device=TEST_DEVICE)
+    lm = load_model(str(tiny_model_dir), adapters={"append": str(adapter_dir)}, quantize="int8", device=TEST_DEVICE)
     ids = random_ids(lm, 20, 7)
     lm.activate("append")
     with_adapter = full_logits(lm.model, ids)
@@ -104,8 +104,8 @@ def test_decoder_merges_the_adapter_of_its_mode(tiny_model_dir, adapter_dir):
 def test_compiled_decode_gives_the_eager_greedy_tokens(tiny_model_dir, tiny_index_dir, adapter_dir):
     """One compiled graph per cache capacity serves every mode."""
     index = IndexRetriever(Index.load(tiny_index_dir))
-    eager = load_model(str(tiny_model_dir), adapter=str(adapter_dir), device=TEST_DEVICE)
-    compiled = load_model(str(tiny_model_dir), adapter=str(adapter_dir), compile=True, device=TEST_DEVICE)
+    eager = load_model(str(tiny_model_dir), adapters={"append": str(adapter_dir)}, device=TEST_DEVICE)
+    compiled = load_model(str(tiny_model_dir), adapters={"append": str(adapter_dir)}, compile=True, device=TEST_DEVICE)
     prompt = eager.tokenizer(PROMPT)["input_ids"]
     for mode in ("append", "prepend", "none"):
         cfg = GenerationConfig(mode=mode, stride=6, max_new_tokens=20, tail=3, stop_at_eos=False)

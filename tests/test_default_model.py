@@ -92,7 +92,7 @@ def test_shipped_adapter_is_the_default_for_append_and_generates(real):
     _, retriever = real
     assert default_adapter(None, "append") == str(SHIPPED_ADAPTER)
     assert default_adapter(None, "prepend") is None and default_adapter("other/model", "append") is None
-    lm = load_model(adapter=default_adapter(None, "append"))
+    lm = load_model(adapters={"append": default_adapter(None, "append")})
     card = json.loads((SHIPPED_ADAPTER / "flashback.json").read_text())
     assert card["markers"] and card["position"] == "append" and lm.marker_ids is not None
     size = sum(f.stat().st_size for f in SHIPPED_ADAPTER.iterdir())

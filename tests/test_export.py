@@ -42,7 +42,7 @@ def test_an_exports_files_have_the_modes_of_a_plain_write(exported):
 
 def test_exported_folder_gives_the_logits_of_base_plus_adapter(tiny_model_dir, adapter_dir, exported):
     out, card = exported
-    lm = load_model(str(tiny_model_dir), adapter=str(adapter_dir))
+    lm = load_model(str(tiny_model_dir), adapters={"append": str(adapter_dir)})
     lm.activate("append")
     plain = AutoModelForCausalLM.from_pretrained(out).eval()  # no FlashBack, no PEFT
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -58,7 +58,7 @@ def test_exported_folder_gives_the_logits_of_base_plus_adapter(tiny_model_dir, a
 
 def test_flashback_runs_the_export_as_a_plain_model(tiny_model_dir, adapter_dir, tiny_index_dir, exported):
     retriever = IndexRetriever(Index.load(tiny_index_dir))
-    tuned = load_model(str(tiny_model_dir), adapter=str(adapter_dir))
+    tuned = load_model(str(tiny_model_dir), adapters={"append": str(adapter_dir)})
     merged = load_model(str(exported[0]), markers=True)
     assert merged.marker_ids == tuned.marker_ids and not merged.adapters
     prompt = tuned.tokenizer("A lambda expression creates a function and a socket binds to a port")["input_ids"]

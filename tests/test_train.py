@@ -187,7 +187,7 @@ def test_training_changes_only_markers_and_lora_and_reloads_exactly(fresh_lm, ti
     files = sorted(f.name for f in (tmp_path / "adapter").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors", "flashback.json"], files
 
-    reloaded = load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
+    reloaded = load_model(str(tiny_model_dir), adapters={"append": str(tmp_path / "adapter")})
     ids = torch.tensor([[120, 130, lm.marker_ids[0], 60, 61, lm.marker_ids[1], 70]])
     peft_model.eval()
     with torch.no_grad():
@@ -216,7 +216,7 @@ def test_switching_modes_gives_each_mode_its_own_marker_rows(fresh_lm, tiny_mode
     (tmp_path / "a" / "flashback.json").write_text(
         json.dumps({"format": ADAPTER_FORMAT, "position": "append", "markers": True})
     )
-    engine = load_model(str(tiny_model_dir), adapter=str(tmp_path / "a"))
+    engine = load_model(str(tiny_model_dir), adapters={"append": str(tmp_path / "a")})
     bare = load_model(str(tiny_model_dir), markers=True).model
     reference = PeftModel.from_pretrained(load_model(str(tiny_model_dir), markers=True).model, str(tmp_path / "a"))
     marks = engine.marker_ids
@@ -391,7 +391,7 @@ def test_adapter_for_another_base_is_rejected(
     data = write_data(tmp_path / "data", fresh_lm, copy_task(8, 0), [])
     train(fresh_lm, data, tmp_path / "adapter", TrainConfig(max_steps=1, **TOY_CFG), progress=False, log=lambda m: None)
     with pytest.raises(FlashbackError, match="another tokenizer"):
-        load_model(str(other_tokenizer_model_dir), adapter=str(tmp_path / "adapter"))
+        load_model(str(other_tokenizer_model_dir), adapters={"append": str(tmp_path / "adapter")})
     code = main(
         [
             "generate",

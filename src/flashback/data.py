@@ -287,7 +287,7 @@ def _segment_stream(documents: Iterable[Document], workers: int, bar) -> Iterato
     if "fork" not in multiprocessing.get_all_start_methods():
         raise FlashbackError("--workers needs the fork start method (Linux); use --workers 1 here")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked Rust tokenizers must not use their own pool
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append((len(chunk), pool.apply_async(_segment_lines, (chunk,))))
@@ -299,6 +299,16 @@ def _segment_stream(documents: Iterable[Document], workers: int, bar) -> Iterato
             n, result = pending.popleft()
             yield from result.get()
             bar.update(n)
+        pool.close()  # done: the workers exit on their own, never by a signal
+        pool.join()
+
+
+def _worker_signals() -> None:
+    """A worker leaves Ctrl-C and SIGTERM to its parent (which stops the pool) instead of the CLI's handlers."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _sampled(lines: Iterator[tuple[str, int, str]], cfg: PrepareConfig, tmp: Path) -> Iterator[tuple[str, int, str]]:

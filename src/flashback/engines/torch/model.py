@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flashback.cards import adapter_position, adapter_tuned
+from flashback.cards import adapter_tuned
 from flashback.config import DTYPES, QUANTIZE, compile_setting
 from flashback.engines.base import Architecture, Capabilities, Engine, SessionSpec
 from flashback.errors import FlashbackError, first_line
@@ -265,15 +265,13 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     markers: bool = False,
-    adapter: str | None = None,
     adapters: dict[str, str] | None = None,
     compile: str | bool = "off",
     quantize: str | None = None,
 ) -> TorchEngine:
     """Load model + tokenizer; add marking tokens when asked or when an adapter needs them.
 
-    `adapters` maps modes to adapter folders (adapters.plan_adapters); `adapter` alone is filed under the mode
-    its card names.
+    `adapters` maps modes to adapter folders (adapters.plan_adapters).
     """
     from transformers import AutoModelForCausalLM
 
@@ -294,8 +292,6 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise FlashbackError(f"cannot load model from {path!r}: {first_line(exc)}") from None
     plan = dict(adapters or {})
-    if adapter:
-        plan.setdefault(adapter_position(adapter), str(adapter))
     marker_ids = add_marker_tokens(model, tokenizer) if (markers or plan) else None
     rows = None
     if plan:
