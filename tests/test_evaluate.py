@@ -37,7 +37,7 @@ def scored(lm, spec, setup, cfg):
     targets = plan_targets(docs, cfg, segment_size(cfg, index.chunk_tokens))
     retrievals = retrieve_all(targets, docs, documents, index, lm.tokenizer, cfg, frozenset())
     banned = torch.tensor(lm.marker_ids)
-    session = lm.session(SessionSpec(spec.position if spec.adapter else None, scoring=True))
+    session = lm.session(SessionSpec(spec.mode if spec.adapter else None, scoring=True))
     return (
         torch.cat(score_fast(session, lm.marker_ids, spec, docs, targets, retrievals, cfg, banned)),
         torch.cat(score_slow(session, lm.marker_ids, spec, docs, targets, retrievals, cfg, banned)),

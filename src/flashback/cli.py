@@ -334,7 +334,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # the shipped adapter only when a +adapter mode asks for one; each mode's markers come from --modes
     ecfg = config(EngineConfig, args, shipped_adapters=any(s.adapter for s in specs))
     plan = setup(ecfg, tail=given(args, "tail"))
-    if any(s.adapter and s.position not in plan.adapters for s in specs):
+    if any(s.adapter and s.mode not in plan.adapters for s in specs):
         raise FlashbackError("a +adapter mode needs --adapter DIR: no adapter for that mode is shipped for this model")
     cfg = config(EvalConfig, args, tail=plan.tail)
     forbid = _read_lines(sel.forbid_titles, "--forbid-titles")

@@ -37,7 +37,7 @@ from flashback.text.tokenize import encode_batch
 
 @dataclass(frozen=True)
 class ModeSpec:
-    position: str  # none | prepend | append
+    mode: str  # none | prepend | append
     markers: bool = False
     adapter: bool = False
 
@@ -51,7 +51,7 @@ class ModeSpec:
         return cls(parts[0], "markers" in parts, "adapter" in parts)
 
     def __str__(self) -> str:
-        return self.position + ("+markers" if self.markers else "") + ("+adapter" if self.adapter else "")
+        return self.mode + ("+markers" if self.markers else "") + ("+adapter" if self.adapter else "")
 
 
 @dataclass(frozen=True)
@@ -207,8 +207,8 @@ def _slow(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, 
         tokens = docs[t.doc_index]
         context, target = tokens[t.segment_start : t.position], tokens[t.position : t.position + cfg.stride]
         nlls = []
-        for passages in _passage_sets(r, cfg) if spec.position != "none" else [[]]:
-            ids, start = layout(context, passages, target, spec.position, markers, cfg.tail, head)
+        for passages in _passage_sets(r, cfg) if spec.mode != "none" else [[]]:
+            ids, start = layout(context, passages, target, spec.mode, markers, cfg.tail, head)
             session.reset()
             logits = session.extend(ids, last_logits=len(ids) - start + 1)  # the target's predictors only
             nlls.append(target_nll(logits[:-1], target, banned, hook, i))
@@ -223,7 +223,7 @@ def score_fast(
     The cache holds [head] + the segment's text up to where the layout puts the passage (layout.append_parts);
     each target extends it with the passage block and the target, is scored, and is rolled back.
     """
-    if spec.position == "prepend":
+    if spec.mode == "prepend":
         raise FlashbackError("prepend has no fast path: its prefix changes with every passage")
     return list(_fast(session, markers, spec, docs, targets, retrievals, cfg, banned, hook, head))
 
@@ -240,7 +240,7 @@ def _fast(session: Session, markers, spec: ModeSpec, docs, targets, retrievals, 
             cache.reset()
             if head:
                 last = cache.extend(list(head))
-        plain = spec.position == "none" or not r.passages  # nothing retrieved: scored like none
+        plain = spec.mode == "none" or not r.passages  # nothing retrieved: scored like none
         keep = len(context) if plain else split_point(len(context), cfg.tail)
         if keep < cached:  # the previous target kept more (it had no passage)
             cache.rollback(len(head) + keep)
@@ -302,14 +302,14 @@ def scoring_steps(
     body = tokens[len(lead) :]
     passage_tokens = retriever.max_passage_tokens if retriever is not None else 0
     targets = plan_targets([body], cfg, segment_size(cfg, passage_tokens), partial=True)
-    if spec.position == "none":
+    if spec.mode == "none":
         retrievals = [Retrieval([], []) for _ in targets]
     else:
         source = getattr(retriever, "index", retriever)  # an index retrieves all targets in one batch
         nobody = Document("\0request", "\0request", "")  # excludes nothing from the index
         retrievals = retrieve_all(targets, [body], [nobody], source, engine.tokenizer, cfg, frozenset())
     banned = banned_ids(engine.marker_ids, engine.device)
-    session = engine.session(SessionSpec(spec.position if spec.adapter else None, scoring=True))
+    session = engine.session(SessionSpec(spec.mode if spec.adapter else None, scoring=True))
     logprobs, best = [0.0] * (len(tokens) - 1), [[] for _ in tokens[1:]]
 
     def keep(first: int, logp: torch.Tensor) -> None:  # logp (S, V) predicts tokens[first : first + S]
@@ -325,7 +325,7 @@ def scoring_steps(
         session.reset()
         keep(1, target_logp(session.extend(start, all_logits=True)[:-1], banned))
     hook = lambda i, logp: keep(len(lead) + targets[i].position, logp)  # noqa: E731
-    scorer = _fast if spec.position != "prepend" else _slow
+    scorer = _fast if spec.mode != "prepend" else _slow
     reported = 0
     for _ in scorer(session, engine.marker_ids, spec, [body], targets, retrievals, cfg, banned, hook, lead):
         work = sum(f.tokens for f in session.forwards)
@@ -344,14 +344,14 @@ def scoring_steps(
     return TokenScores(logprobs, best, records, sum(f.tokens for f in session.forwards))
 
 
-def scoring_work(n: int, cfg: EvalConfig, passage_tokens: int, position: str) -> int:
+def scoring_work(n: int, cfg: EvalConfig, passage_tokens: int, mode: str) -> int:
     """Token positions score_tokens computes at most for n tokens: what bounds an echo request in the server.
     Overlapping segments encode each token about twice; each target adds itself and, in its layout, passages."""
     half = segment_size(cfg, passage_tokens)
     targets = max(0, -(-(n - cfg.query_tokens) // cfg.stride))
-    if position == "prepend":  # every target from scratch, after its whole context
+    if mode == "prepend":  # every target from scratch, after its whole context
         return cfg.query_tokens + targets * (2 * half + cfg.k * passage_tokens + cfg.stride)
-    per_target = cfg.stride + (cfg.k * passage_tokens + 2 + cfg.tail if position == "append" else 0)
+    per_target = cfg.stride + (cfg.k * passage_tokens + 2 + cfg.tail if mode == "append" else 0)
     return cfg.query_tokens + 2 * n + targets * per_target
 
 
@@ -393,8 +393,8 @@ def evaluate(
     if not documents:
         raise FlashbackError("no text to evaluate")
     for s in specs:
-        if s.adapter and s.position not in engine.adapters:
-            raise FlashbackError(f"mode {s} needs an adapter trained for {s.position} (--adapter)")
+        if s.adapter and s.mode not in engine.adapters:
+            raise FlashbackError(f"mode {s} needs an adapter trained for {s.mode} (--adapter)")
     if any(s.markers for s in specs) and engine.marker_ids is None:
         raise FlashbackError("a +markers mode needs a model loaded with marking tokens")
     docs = encode_batch(engine.tokenizer, [d.text for d in documents])
@@ -413,9 +413,9 @@ def evaluate(
 
 
 def _score_mode(engine: Engine, spec: ModeSpec, docs, targets, retrievals, cfg: EvalConfig, banned, progress):
-    fast = cfg.fast and spec.position != "prepend"
+    fast = cfg.fast and spec.mode != "prepend"
     progress(f"scoring {spec} ({'fast' if fast else 'from scratch'})")
-    session = engine.session(SessionSpec(spec.position if spec.adapter else None, scoring=True))
+    session = engine.session(SessionSpec(spec.mode if spec.adapter else None, scoring=True))
     start = time.perf_counter()
     scorer = _fast if fast else _slow  # generators: one target's NLLs at a time, so the bar moves with them
     scored = scorer(session, engine.marker_ids, spec, docs, targets, retrievals, cfg, banned, None, engine.head_ids)
@@ -426,10 +426,10 @@ def _score_mode(engine: Engine, spec: ModeSpec, docs, targets, retrievals, cfg: 
     progress(f"{spec}: perplexity {math.exp(nll):.3f} over {nlls.numel()} tokens in {seconds:.1f} s")
     return ModeResult(
         str(spec),
-        engine.adapters[spec.position] if spec.adapter else None,
+        engine.adapters[spec.mode] if spec.adapter else None,
         spec.markers,
         cfg.k,
-        cfg.ensemble and spec.position != "none",
+        cfg.ensemble and spec.mode != "none",
         math.exp(nll),
         nll,
         nlls.numel(),

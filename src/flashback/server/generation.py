@@ -233,11 +233,7 @@ class CompletionService:
         if req._messages is None:
             return self.prompt_ids(req.prompt), None
         ids, first_query = render(self.reader, req._messages, req.query_tokens)
-        if len(ids) > self.limits.max_prompt_tokens:
-            raise FlashbackError(
-                f"the conversation has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}"
-            )
-        return ids, first_query
+        return self._within_limit(ids, "the conversation"), first_query
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """One prompt's token ids. Text is tokenized as plain text (never special tokens); token ids may hold the
@@ -255,8 +251,11 @@ class CompletionService:
                 raise FlashbackError("prompt: the marking tokens are FlashBack's own; a prompt may not hold them")
         if not ids:
             raise FlashbackError("the prompt is empty")
+        return self._within_limit(ids, "the prompt")
+
+    def _within_limit(self, ids: list[int], what: str) -> list[int]:
         if len(ids) > self.limits.max_prompt_tokens:
-            raise FlashbackError(f"the prompt has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}")
+            raise FlashbackError(f"{what} has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}")
         return ids
 
     # -- on the model thread ---------------------------------------------------------------------
