@@ -12,7 +12,7 @@ from flashback.config import GenerationConfig
 from flashback.conversation import messages_for, run_conversation
 from flashback.errors import FlashbackError
 from flashback.evaluate import target_nll
-from flashback.qa import QALayout, Question, evaluate_qa, first_sentence, gold_passages, stdlib_questions, token_f1
+from flashback.qa import ChatLayout, Question, evaluate_qa, first_sentence, gold_passages, stdlib_questions, token_f1
 from flashback.text.chat_template import render
 from flashback.text.corpus import module_document
 from flashback.text.retrieval import Index, IndexRetriever
@@ -152,7 +152,7 @@ def test_qa_scores_the_reference_answer_in_each_layout(chat_lm, docs_index):  # 
     assert gold[-1] is None and all(g is not None for g in gold[:-1])
     assert all(q.answer.split()[0] in docs_index.passage_text(g) for q, g in zip(questions, gold[:-1], strict=False))
     cfg = GenerationConfig(mode="append", k=1, tail=6, markers=True)
-    layouts = [QALayout.parse(v) for v in ("none", "system", "user", "flashback")]
+    layouts = [ChatLayout.parse(v) for v in ("none", "system", "user", "flashback")]
     got = evaluate_qa(chat_lm, docs_index, questions, layouts, cfg, ["gold", "bm25"], "Answer.", generate_tokens=4)
     assert got["questions"] == 3 and got["dropped_without_gold"] == 1
     assert got["sources"]["gold"]["answer_in_passage"] == 1.0
@@ -174,9 +174,9 @@ def test_qa_scores_the_reference_answer_in_each_layout(chat_lm, docs_index):  # 
             assert 0.0 <= record["gold"][name]["f1"] <= 1.0
         assert record["bm25"]["none"] == record["gold"]["none"]  # no passage: scored once
     with pytest.raises(FlashbackError, match="append adapter"):
-        evaluate_qa(chat_lm, docs_index, questions, [QALayout.parse("flashback+adapter")], cfg)
+        evaluate_qa(chat_lm, docs_index, questions, [ChatLayout.parse("flashback+adapter")], cfg)
     with pytest.raises(FlashbackError, match="bad QA layout"):
-        QALayout.parse("system+adapter")
+        ChatLayout.parse("system+adapter")
 
 
 def test_cli_refuses_bad_layouts_before_loading_anything(capsys, tmp_path):

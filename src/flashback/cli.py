@@ -446,12 +446,12 @@ def _questions(args: argparse.Namespace):
 
 
 def cmd_bench_chat(args: argparse.Namespace) -> int:
-    from flashback.conversation import LAYOUTS, ratios, run_conversation, summary
+    from flashback.conversation import CHAT_LAYOUTS, ratios, run_conversation, summary
     from flashback.text.retrieval import IndexRetriever
 
     layouts = [v.strip() for v in args.layouts.split(",") if v.strip()]
-    if not layouts or any(v not in LAYOUTS for v in layouts):
-        raise FlashbackError(f"--layouts takes a comma-separated list of {', '.join(LAYOUTS)}")
+    if not layouts or any(v not in CHAT_LAYOUTS for v in layouts):
+        raise FlashbackError(f"--layouts takes a comma-separated list of {', '.join(CHAT_LAYOUTS)}")
     if args.json:
         check_file(args.json)
     questions = [q.question for q in _questions(args.turns)]
@@ -487,9 +487,9 @@ def cmd_bench_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_qa(args: argparse.Namespace) -> int:
-    from flashback.qa import PASSAGE_SOURCES, QALayout, evaluate_qa, format_table, sample
+    from flashback.qa import PASSAGE_SOURCES, ChatLayout, evaluate_qa, format_table, sample
 
-    layouts = [QALayout.parse(v) for v in args.layouts.split(",") if v.strip()]
+    layouts = [ChatLayout.parse(v) for v in args.layouts.split(",") if v.strip()]
     if not layouts:
         raise FlashbackError("--layouts names no layout: none, system, user, flashback, flashback+adapter")
     sources = [v.strip() for v in args.passages.split(",") if v.strip()]

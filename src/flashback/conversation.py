@@ -27,14 +27,14 @@ from flashback.generate import Trace, stream
 from flashback.text.chat_template import render
 from flashback.text.retrieval import Retrieved
 
-LAYOUTS = ("flashback", "system", "user", "none")
+CHAT_LAYOUTS = ("flashback", "system", "user", "none")
 CONTEXT_HEADER = "Use the following context to answer."
 
 
 def messages_for(layout: str, system: str | None, history: Sequence[dict], question: str, passages: str) -> list[dict]:
     """The messages a client sends for one turn in `layout` (flashback and none send the plain conversation)."""
-    if layout not in LAYOUTS:
-        raise FlashbackError(f"unknown chat layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if layout not in CHAT_LAYOUTS:
+        raise FlashbackError(f"unknown chat layout {layout!r}; choose from {', '.join(CHAT_LAYOUTS)}")
     head = [{"role": "system", "content": system}] if system else []
     ask = {"role": "user", "content": question}
     if layout == "system":

@@ -11,7 +11,7 @@ A second genre comes from a glossary (`--entries FILE`, a JSONL of id/title/text
 TITLE?", answered by the first sentence of the entry's definition, its gold passage the first passage titled TITLE
 that holds the sentence (the index must hold the entries, or copies of them).
 
-Each question is asked as a one-turn chat in every layout of conversation.LAYOUTS, with the passage BM25 retrieves
+Each question is asked as a one-turn chat in every layout of conversation.CHAT_LAYOUTS, with the passage BM25 retrieves
 for it and with its gold passage, and scored two ways: the reference answer's perplexity as the assistant's reply
 (its tokens only), and the token F1 of a greedy answer against the reference (SQuAD's metric).
 """
@@ -70,14 +70,14 @@ class Question:
 
 
 @dataclass(frozen=True)
-class QALayout:
+class ChatLayout:
     """A chat layout to score; FlashBack's with or without its append adapter."""
 
     layout: str
     adapter: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> QALayout:
+    def parse(cls, text: str) -> ChatLayout:
         name, _, extra = text.strip().partition("+")
         if name not in ("flashback", "system", "user", "none") or extra not in ("", "adapter"):
             raise FlashbackError(f"bad QA layout {text!r}: use flashback[+adapter], system, user or none")
@@ -236,7 +236,7 @@ def evaluate_qa(
     engine: Engine,
     index: Index,
     questions: Sequence[Question],
-    layouts: Sequence[QALayout],
+    layouts: Sequence[ChatLayout],
     cfg: GenerationConfig,
     sources: Sequence[str] = PASSAGE_SOURCES,
     system: str | None = None,
