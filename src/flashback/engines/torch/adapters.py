@@ -131,14 +131,12 @@ def fresh_lora(engine, targets: Sequence[str], r: int, alpha: int) -> Iterator[t
     unmerged adapter costs (bench). The plain model comes back afterwards."""
     from peft import LoraConfig, get_peft_model
 
-    from flashback.engines.torch.model import TorchEngine
-
     base = engine.model
     names = lora_targets(base, targets)
     peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=names))
     peft_model.eval()
     try:
-        adapted = TorchEngine(peft_model, engine.tokenizer, engine.name, engine.device, engine.marker_ids)
+        adapted = type(engine)(peft_model, engine.tokenizer, engine.name, engine.device, engine.marker_ids)
         yield adapted, peft_model, names
     finally:
         engine.model = peft_model.unload()
