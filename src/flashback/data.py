@@ -253,6 +253,11 @@ def prepare(
     return manifest
 
 
+def segment_line(segment: Segment) -> str:
+    """A segment as one line of train.jsonl or val.jsonl (compact JSON)."""
+    return json.dumps(segment.to_json(), separators=(",", ":"))
+
+
 def index_record(index: Index, path: str | Path | None = None) -> dict:
     """What a data folder's manifest says about the index its passages came from."""
     where = {"path": str(path)} if path is not None else {}
@@ -268,7 +273,7 @@ def _segment_lines(documents: list[Document]) -> list[tuple[str, int, str]]:
     """(document id, target count, JSON line) of each segment of some documents: one unit of work."""
     job = _JOB
     segments = make_segments(documents, job["tokenizer"], job["index"], job["cfg"], job["forbid"], progress=False)
-    return [(s.doc_id, len(s.targets), json.dumps(s.to_json(), separators=(",", ":"))) for s in segments]
+    return [(s.doc_id, len(s.targets), segment_line(s)) for s in segments]
 
 
 def _segment_stream(documents: Iterable[Document], workers: int, bar) -> Iterator[tuple[str, int, str]]:
@@ -339,7 +344,7 @@ def write_data_folder(out: str | Path, splits: dict[str, list[Segment]], manifes
         for name, rows in splits.items():
             with open(tmp / f"{name}.jsonl", "w") as fh:
                 for seg in rows:
-                    fh.write(json.dumps(seg.to_json(), separators=(",", ":")) + "\n")
+                    fh.write(segment_line(seg) + "\n")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 

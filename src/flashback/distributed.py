@@ -80,7 +80,7 @@ def join(device: str) -> tuple[World, str]:
     the ranks talk over NCCL; on CPUs over gloo.
     """
     if not launched():
-        return World(), device
+        return ALONE, device
     import torch.distributed as dist
 
     cuda = device.startswith("cuda")

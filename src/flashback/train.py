@@ -700,7 +700,7 @@ def _save_checkpoint(ckpt: Path, loop: _Loop, done: _Progress, card: dict) -> No
                 "history": done.history,
                 "elapsed": done.seconds,
                 "val_before": done.val_before,
-                "global_batch": loop.world.size * loop.cfg.batch_size * loop.cfg.grad_accum,
+                "global_batch": card["batch"]["global_batch"],  # the run's one figure, as its card states it
             },
             tmp / "state.pt",
         )
