@@ -64,6 +64,11 @@ def test_openai_client_chat_plain_streamed_and_multi_turn(chat_server, chat_lm):
     assert done.usage.completion_tokens == 12 and done.usage.prompt_tokens > 20
     retrievals = done.model_extra["retrievals"]
     assert len(retrievals) == 3 and retrievals[0]["query"] in QUESTION["content"]  # the question, not the template
+    assert all(r["query"].startswith(retrievals[0]["query"] + " ") for r in retrievals[1:])  # and the answer's tail
+    recent = client.chat.completions.create(
+        messages=[SYSTEM, QUESTION], **{**common, "extra_body": {"stride": 4, "chat_query": "recent"}}
+    )
+    assert not any(r["query"].startswith(retrievals[0]["query"]) for r in recent.model_extra["retrievals"][1:])
     chunks = list(
         client.chat.completions.create(
             messages=[SYSTEM, QUESTION], stream=True, stream_options={"include_usage": True}, **common

@@ -233,3 +233,42 @@ def test_qa_training_data_leaves_the_heldout_modules_out(tiny_model_dir, docs_in
     assert result.steps == 2
     card = json.loads((tmp_path / "adapter" / "flashback.json").read_text())
     assert card["data"] == [str(text), str(tmp_path / "qa")] and len(card["data_manifest"]["mixed"]) == 2
+
+
+def test_qa_live_passages_score_each_stretch_after_what_its_query_finds(chat_lm, docs_index):  # noqa: F811
+    """With live passages FlashBack's reference answer is scored a stride at a time, each stretch after the passage
+    that stretch's query finds (the question, then the question and the answer so far): equal to a plain forward of
+    that layout. The text layouts retrieve once, by the question, as with bm25 passages; the row counts the
+    retrievals that came from the gold passage's document."""
+    from flashback.generate import retrieval_query
+
+    questions = [q for q in stdlib_questions() if q.module in ("textwrap", "fnmatch")][:2]
+    cfg = GenerationConfig(mode="append", k=1, tail=6, markers=True, stride=4, chat_query="question+recent")
+    layouts = [ChatLayout.parse(v) for v in ("user", "flashback")]
+    got = evaluate_qa(chat_lm, docs_index, questions, layouts, cfg, ["bm25", "live"], "Answer.", generate_tokens=9)
+    tok, model = chat_lm.tokenizer, chat_lm.model
+    retriever, banned = IndexRetriever(docs_index), torch.tensor(chat_lm.marker_ids)
+    for q, record in zip(questions, got["records"], strict=True):
+        assert record["live"]["user"]["nll"] == pytest.approx(record["bm25"]["user"]["nll"], abs=1e-4)
+        ids, _ = render(tok, messages_for("flashback", "Answer.", [], q.question, ""), 32)
+        answer, want, gold_from = encode(tok, q.answer), 0.0, []
+        gold_doc = docs_index.meta[gold_passages(docs_index, [q])[0]]["doc_id"]
+        for start in range(0, len(answer), 4):
+            history = ids + answer[:start]
+            found = retriever(retrieval_query(tok, cfg, history, start, q.question), 1)[0]
+            gold_from.append(found.hit.doc_id == gold_doc)
+            cut = len(history) - 6
+            seq = history[:cut] + [chat_lm.marker_ids[0], *found.token_ids.tolist(), chat_lm.marker_ids[1]]
+            seq += history[cut:]
+            stretch = answer[start : start + 4]
+            with torch.inference_mode():
+                logits = model(torch.tensor([seq + stretch])).logits[0, len(seq) - 1 : -1]
+            want += float(target_nll(logits, stretch, banned).sum())
+        live = record["live"]["flashback"]
+        assert live["nll"] == pytest.approx(want, abs=2e-3) and live["scored_from_gold"] == gold_from
+        assert len(live["passages"]) == 3 and len(live["answered_from_gold"]) == 3  # 9 tokens, stride 4
+    stats = got["sources"]["live"]["layouts"]["flashback"]["retrievals"]
+    assert stats["answers"] == 2 and stats["later"] == 4
+    marks = [r["live"]["flashback"]["answered_from_gold"] for r in got["records"]]
+    assert stats["later_from_gold"] == sum(sum(m[1:]) for m in marks) / 4
+    assert "retrievals" not in got["sources"]["bm25"]["layouts"]["flashback"]

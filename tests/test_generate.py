@@ -287,3 +287,33 @@ def test_forwards_pass_the_cache_argument_transformers_keeps(tiny_model_dir, ind
         target_nll(lm.model, pack(segment, lm.marker_ids, 4, 0, lm.device), None)
     assert len(result.token_ids) == 20 and any(f.kind == "decode" for f in result.trace.forwards)
     assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_a_chat_queries_later_retrievals_as_its_policy_says(tiny_lm, index):
+    """Completions query the last tokens at every retrieval; a chat's first query is its question, and the later
+    ones the question with the answer's last tokens, the question alone, or the last tokens alone."""
+    tok = tiny_lm.tokenizer
+    prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    question = "What does a garbage collector free?"
+    queries = {}
+    for policy in ("recent", "question+recent", "question"):
+        cfg = GenerationConfig(mode="append", max_new_tokens=20, stride=8, query_tokens=6, chat_query=policy)
+        trace = Trace("append")
+        tokens = list(stream(tiny_lm, prompt, IndexRetriever(index), cfg, trace, question=question))
+        queries[policy] = [r["query"] for r in trace.retrievals]
+        assert [r["step"] for r in trace.retrievals] == [0, 8, 16]
+        assert queries[policy][0] == question
+        answer_tail = [tok.decode(tokens[:step][-6:], skip_special_tokens=True) for step in (8, 16)]
+        history_tail = [tok.decode((prompt + tokens[:step])[-6:], skip_special_tokens=True) for step in (8, 16)]
+        want = {
+            "recent": history_tail,
+            "question+recent": [f"{question} {t}" for t in answer_tail],
+            "question": [question, question],
+        }[policy]
+        assert queries[policy][1:] == want
+    completion = Trace("append")
+    cfg = GenerationConfig(mode="append", max_new_tokens=20, stride=8, query_tokens=6, chat_query="question")
+    list(stream(tiny_lm, prompt, IndexRetriever(index), cfg, completion))
+    assert completion.retrievals[0]["query"] == tok.decode(prompt[-6:])  # no question: the paper's queries
+    with pytest.raises(FlashbackError, match="unknown chat query"):
+        GenerationConfig(chat_query="answer").validate()

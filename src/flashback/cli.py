@@ -230,7 +230,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line.rstrip("\n")})
         ids, query = render(engine.tokenizer, messages, cfg.query_tokens)
         trace, streamer, tokens = Trace(cfg.mode), TextStreamer(engine.tokenizer), []
-        for token in stream(engine, ids, retriever, cfg, trace, first_query=query):
+        for token in stream(engine, ids, retriever, cfg, trace, question=query):
             tokens.append(token)
             if not args.json:
                 sys.stdout.write(streamer.push(token))
@@ -650,7 +650,7 @@ COMMANDS = {
         Arg("--json", help="write every turn to this JSON file")]),
     "qa": (cmd_qa, "grounded QA (stdlib docstrings or a glossary): answer perplexity and F1 per chat layout", [
         Fields(EngineConfig, ("model", "device", "dtype", "adapters", "shipped_adapters")), INDEX,
-        Fields(GenerationConfig, ("k", "tail", "markers", "query_tokens")),
+        Fields(GenerationConfig, ("k", "tail", "markers", "query_tokens", "stride", "chat_query")),
         Arg("--questions", type=int, default=None,
             help="questions to ask (default: 100); with --prepare, how many of the others to train on (default: all)"),
         Arg("--entries", metavar="FILE", default=None,
@@ -658,7 +658,9 @@ COMMANDS = {
             "'What is TITLE?', answered by the definition's first sentence; --index must hold the entries"),
         Arg("--layouts", default="none,system,user,flashback,flashback+adapter",
             help="comma-separated: none, system, user, flashback, flashback+adapter (default: all)"),
-        Arg("--passages", default="bm25,gold", help="bm25 (retrieved), gold (the one holding the answer), or both"),
+        Arg("--passages", default="bm25,gold",
+            help="comma-separated: bm25 (retrieved by the question), gold (the one holding the answer), live "
+            "(FlashBack retrieves again every --stride tokens of the answer, queried as --chat-query says)"),
         Arg("--generate-tokens", type=int, default=32, help="greedy answer length for F1; 0: perplexity only"),
         Arg("--system", default=SYSTEM, help=f"the system message (default: {SYSTEM!r})"),
         Arg("--json", help="write the table and every question's scores to this JSON file"),

@@ -28,6 +28,10 @@ DEFAULT_TAIL = 32
 # one passage of 128 model tokens; examples of at most 512 positions.
 STRIDE = 16
 QUERY_TOKENS = 32
+# What a chat's retrievals after the first query (completions always query the last `query_tokens` tokens, as the
+# paper does): the last tokens alone, the question and the answer's last tokens, or the question alone.
+CHAT_QUERIES = ("recent", "question+recent", "question")
+CHAT_QUERY = "question+recent"
 PASSAGES = 1
 PASSAGE_TOKENS = 128
 MAX_LENGTH = 512
@@ -141,6 +145,12 @@ class GenerationConfig:
         "append mode: put the passage this many context tokens before the end of the context",
         default_help=f"the adapter's own, else {DEFAULT_TAIL}",
     )
+    chat_query: str = opt(
+        CHAT_QUERY,
+        "chat: the query of the retrievals after the first: the question and the answer's last query-tokens tokens, "
+        "the question alone, or the last tokens alone (completions always query the last tokens)",
+        choices=CHAT_QUERIES,
+    )
     temperature: float = opt(0.0, "0 = greedy")
     top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this probability")
     seed: int | None = opt(None, "sampling seed")
@@ -149,6 +159,8 @@ class GenerationConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise FlashbackError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.chat_query not in CHAT_QUERIES:
+            raise FlashbackError(f"unknown chat query {self.chat_query!r}; choose one of {', '.join(CHAT_QUERIES)}")
         for name in ("stride", "query_tokens", "k", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise FlashbackError(f"{name.replace('_', '-')} must be at least 1")

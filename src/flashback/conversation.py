@@ -25,7 +25,7 @@ from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
 from flashback.generate import Trace, stream
 from flashback.text.chat_template import render
-from flashback.text.retrieval import Retrieved
+from flashback.text.retrieval import Retrieved, Retriever
 
 CHAT_LAYOUTS = ("flashback", "system", "user", "none")
 CONTEXT_HEADER = "Use the following context to answer."
@@ -78,17 +78,20 @@ def answer_turn(
     found: list[Retrieved],
     passage_tokens: int,
     cfg: GenerationConfig,
+    live: Retriever | None = None,
 ) -> tuple[list[int], Trace, float, float]:
     """Generate one answer: (tokens, trace, seconds to the first token, seconds in all). FlashBack retrieves once,
-    before the first token (its stride covers the answer), so that every layout sees the same passages."""
+    before the first token (its stride covers the answer), so that every layout sees the same passages; given a
+    `live` retriever, it retrieves from it every `cfg.stride` tokens instead, as it serves a chat."""
     ids, _ = render(engine.tokenizer, messages, cfg.query_tokens)
     flashback = layout == "flashback"
     mode = "append" if flashback else "none"
-    gen = replace(cfg, mode=mode, stride=max(cfg.stride, cfg.max_new_tokens), markers=cfg.markers and flashback)
-    retriever = FixedRetriever(found, passage_tokens) if flashback else None
+    stride = cfg.stride if live is not None else max(cfg.stride, cfg.max_new_tokens)
+    gen = replace(cfg, mode=mode, stride=stride, markers=cfg.markers and flashback)
+    retriever = (live or FixedRetriever(found, passage_tokens)) if flashback else None
     trace, tokens, first = Trace(mode), [], None
     start = time.perf_counter()
-    for token in stream(engine, ids, retriever, gen, trace, first_query=question):
+    for token in stream(engine, ids, retriever, gen, trace, question=question):
         if token is None:
             continue
         if first is None:

@@ -129,12 +129,13 @@ def stream(
     trace: Trace | None = None,
     observe: Observer | None = None,
     chunk: int | None = None,
-    first_query: str | None = None,
+    question: str | None = None,
     cache_salt: str | None = None,
 ) -> Iterator[int]:
     """Check the request, then return an iterator of generated token ids that fills `trace`.
 
-    `first_query` replaces the first retrieval's query (a chat: the last user message, not the template's tail).
+    `question` makes it a chat's answer: the question is the first retrieval's query (not the template's tail), and
+    the later ones' are what `cfg.chat_query` says (retrieval_query).
     `cache_salt` keeps the sequence from starting from the kept caches of sequences with another salt.
 
     Validation happens here, before the first token is asked for, so callers can reject bad input
@@ -165,9 +166,7 @@ def stream(
     )
     planner = Planner(cfg.mode, engine.marker_ids if use_markers else None, cfg.tail, head)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed, engine.marker_ids or (), cfg.stop_at_eos)
-    return _loop(
-        engine, session, planner, sampling, prompt, retriever, cfg, max_new, trace, observe, chunk, first_query
-    )
+    return _loop(engine, session, planner, sampling, prompt, retriever, cfg, max_new, trace, observe, chunk, question)
 
 
 def _loop(
@@ -182,7 +181,7 @@ def _loop(
     trace: Trace,
     observe: Observer | None,
     chunk: int | None,
-    first_query: str | None = None,
+    question: str | None = None,
 ) -> Iterator[int]:
     trace.forwards = session.forwards
     retrieving = cfg.mode != "none"
@@ -192,10 +191,7 @@ def _loop(
         while len(generated) < max_new:
             step = len(generated)
             history = prompt + generated
-            recent = history[-cfg.query_tokens :]  # as text, without special tokens (a chat's turn tokens)
-            query = (
-                first_query if step == 0 and first_query else engine.tokenizer.decode(recent, skip_special_tokens=True)
-            )
+            query = retrieval_query(engine.tokenizer, cfg, history, len(generated), question) if retrieving else ""
             passages = _retrieve(retriever, query, cfg, step, trace) if retrieving else None
             plan = planner.plan(history, passages, first=step == 0)
             n = min(cfg.stride, max_new - step) if retrieving else max_new - step
@@ -226,6 +222,20 @@ def _loop(
         session.release(planner.reusable(len(session)))
         trace.cache_capacity = session.capacity  # --compile auto may have moved the cache into a fixed buffer
         trace.compile = session.compile_choice
+
+
+def retrieval_query(tokenizer, cfg: GenerationConfig, history: Sequence[int], generated: int, question: str | None):
+    """The query of the retrieval before the next stretch, `generated` tokens into the answer: the last
+    `query_tokens` tokens of `history` as text (the paper's), and, for a chat's `question`, what `cfg.chat_query` says.
+
+    A chat's answer queried by its own last tokens drifts to generic passages; with the question in the query, the
+    passage stays on the question's subject (docs/results.md, "Chat retrieval queries")."""
+    recent = lambda ids: tokenizer.decode(list(ids)[-cfg.query_tokens :], skip_special_tokens=True)  # noqa: E731
+    if question is None or (generated and cfg.chat_query == "recent"):
+        return recent(history)
+    if not generated or cfg.chat_query == "question":
+        return question
+    return f"{question} {recent(history[len(history) - generated :])}"
 
 
 def decode_steps(cfg: GenerationConfig, max_new: int) -> int:

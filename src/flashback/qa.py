@@ -14,6 +14,12 @@ that holds the sentence (the index must hold the entries, or copies of them).
 Each question is asked as a one-turn chat in every layout of conversation.CHAT_LAYOUTS, with the passage BM25 retrieves
 for it and with its gold passage, and scored two ways: the reference answer's perplexity as the assistant's reply
 (its tokens only), and the token F1 of a greedy answer against the reference (SQuAD's metric).
+
+The `live` passages are FlashBack's as it serves a chat: retrieved again every `stride` tokens of the answer, the
+later queries built as `chat_query` says (generate.retrieval_query); the reference answer is scored a stride at a
+time, each stretch after the passage its query (on the reference's tokens so far) finds. Each retrieval is marked
+as coming from the gold passage's document or not. The text layouts retrieve once, by the question, as RAG
+front-ends do, so their live rows are their bm25 rows.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from flashback.conversation import answer_turn, messages_for
 from flashback.engines.base import Engine, SessionSpec
 from flashback.errors import FlashbackError
 from flashback.evaluate import target_nll
+from flashback.generate import retrieval_query
 from flashback.layout import banned_ids, layout, strip_head
 from flashback.text.chat_template import render
 from flashback.text.corpus import quiet_import, stdlib_modules
@@ -47,7 +54,7 @@ SENTENCE = re.compile(r"(.+?[.!?])(?:\s|$)")
 # a glossary's sentences also hold "esp.", "e.g." and the like, which do not end them
 NOT_ENDS = "".join(rf"(?<!\b{re.escape(a)})" for a in ("esp", "e.g", "i.e", "etc", "cf", "vs", "incl"))
 ENTRY_SENTENCE = re.compile(rf"(.+?{NOT_ENDS}[.!?])(?:\s|$)")
-PASSAGE_SOURCES = ("bm25", "gold")
+PASSAGE_SOURCES = ("bm25", "gold", "live")
 
 
 @dataclass(frozen=True)
@@ -206,28 +213,91 @@ def answer_nll(engine: Engine, session, name: str, messages: list[dict], passage
     return target_nll(logits[:-1], target, banned)
 
 
-def _score_layout(engine, index, spec, kept, found, cfg, system, generate_tokens, banned, marks) -> dict:
-    """One layout over every question with the given passages: its row, each question's scores added to `marks`."""
+def answer_nll_live(engine: Engine, session, messages: list[dict], question: str, answer: str, retriever, cfg, banned):
+    """Per-token NLL of `answer` as FlashBack's reply when it retrieves every `cfg.stride` tokens: each stretch
+    after the passages its query finds (the question first, then as `cfg.chat_query` says on the answer so far).
+    Returns the NLL and each retrieval's hits."""
+    head = engine.head_ids
+    ids = strip_head(render(engine.tokenizer, messages, cfg.query_tokens)[0], head)
+    target = encode(engine.tokenizer, answer)
+    markers = engine.marker_ids if cfg.markers else None
+    nlls, found = [], []
+    for start in range(0, len(target), cfg.stride):
+        history = ids + target[:start]
+        passages = retriever(retrieval_query(engine.tokenizer, cfg, history, start, question), cfg.k)
+        found.append([r.hit for r in passages])
+        stretch = target[start : start + cfg.stride]
+        seq, _ = layout(history, [r.token_ids for r in passages], stretch, "append", markers, cfg.tail, head)
+        session.reset()
+        logits = session.extend(seq, last_logits=len(stretch) + 1)
+        nlls.append(target_nll(logits[:-1], stretch, banned))
+    return torch.cat(nlls), found
+
+
+def _from_gold(docs: Sequence[str | None], gold_doc: str) -> list[bool]:
+    """For each retrieval (its first passage's document, None when nothing matched), whether it is the gold
+    passage's document."""
+    return [doc == gold_doc for doc in docs]
+
+
+def _score_layout(engine, index, spec, kept, found, cfg, system, generate_tokens, banned, marks, live=None) -> dict:
+    """One layout over every question with the given passages (`live`: FlashBack retrieves from this retriever as
+    it answers): its row, each question's scores added to `marks`."""
     session = engine.session(SessionSpec("append" if spec.adapter else None, scoring=True))
-    nlls, f1s = [], []
-    for mark, (q, _), passages in zip(marks, kept, found, strict=True):
+    live = live if spec.layout == "flashback" else None
+    nlls, f1s, later = [], [], []
+    for mark, (q, g), passages in zip(marks, kept, found, strict=True):
         text = "\n\n".join(engine.tokenizer.decode(r.token_ids) for r in passages)
         messages = messages_for(spec.layout, system, [], q.question, text)
-        nll = answer_nll(engine, session, spec.layout, messages, passages, q.answer, cfg, banned)
+        if live is not None:
+            nll, hits = answer_nll_live(engine, session, messages, q.question, q.answer, live, cfg, banned)
+            docs = [h[0].doc_id if h else None for h in hits]
+            mark[str(spec)] = {"nll": round(float(nll.sum()), 4), "scored_from_gold": _from_gold(docs, _doc(index, g))}
+        else:
+            nll = answer_nll(engine, session, spec.layout, messages, passages, q.answer, cfg, banned)
+            mark[str(spec)] = {"nll": round(float(nll.sum()), 4)}
         nlls.append(nll)
-        mark[str(spec)] = {"nll": round(float(nll.sum()), 4)}
         if generate_tokens and (spec.adapter or spec.layout != "flashback" or "append" not in engine.adapters):
             gen = replace(cfg, max_new_tokens=generate_tokens, temperature=0.0)
-            tokens, *_ = answer_turn(engine, spec.layout, messages, q.question, passages, index.chunk_tokens, gen)
+            tokens, trace, *_ = answer_turn(
+                engine, spec.layout, messages, q.question, passages, index.chunk_tokens, gen, live
+            )
             said = engine.tokenizer.decode(tokens, skip_special_tokens=True)
             f1s.append(token_f1(said, q.answer))
             mark[str(spec)].update(text=said, f1=round(f1s[-1], 4))
+            if live is not None:
+                firsts = [r["passages"][0] if r["passages"] else {} for r in trace.retrievals]
+                mark[str(spec)]["passages"] = [p.get("id") for p in firsts]
+                mark[str(spec)]["answered_from_gold"] = _from_gold([p.get("doc_id") for p in firsts], _doc(index, g))
+                later.append(mark[str(spec)])
     all_nll = torch.cat(nlls)
-    return {
+    row = {
         "perplexity": math.exp(float(all_nll.mean())),
         "nll_per_question": float(all_nll.sum()) / len(kept),
         "answer_tokens": all_nll.numel(),
         "f1": sum(f1s) / len(f1s) if f1s else None,
+    }
+    if later:
+        row["retrievals"] = _retrieval_stats(later)
+    return row
+
+
+def _doc(index: Index, i: int) -> str:
+    return index.meta[i]["doc_id"]
+
+
+def _retrieval_stats(marks: list[dict]) -> dict:
+    """How the answers' retrievals went: the first's and the later ones' share from the gold document, and the
+    answers whose passage changed after the first retrieval."""
+    first = [m["answered_from_gold"][0] for m in marks if m["answered_from_gold"]]
+    later = [hit for m in marks for hit in m["answered_from_gold"][1:]]
+    changed = sum(len(set(m["passages"])) > 1 for m in marks)
+    return {
+        "first_from_gold": sum(first) / len(first) if first else None,
+        "later": len(later),
+        "later_from_gold": sum(later) / len(later) if later else None,
+        "answers_changed_passage": changed,
+        "answers": len(marks),
     }
 
 
@@ -261,8 +331,8 @@ def evaluate_qa(
     records = [{"question": q.question, "answer": q.answer, "gold": index.meta[g]["id"]} for q, g in kept]
     for source in sources:
         found = [
-            retriever(q.question, cfg.k) if source == "bm25" else [retriever.passage(g)] for q, g in kept
-        ]  # the same passages for every layout
+            [retriever.passage(g)] if source == "gold" else retriever(q.question, cfg.k) for q, g in kept
+        ]  # the same passages for every layout (live: for the text layouts, and FlashBack's first retrieval)
         has_answer = [
             any(_flat(q.answer) in _flat(engine.tokenizer.decode(r.token_ids)) for r in f)
             for (q, _), f in zip(kept, found, strict=True)
@@ -278,8 +348,9 @@ def evaluate_qa(
                 continue
             progress(f"{source} passages, {spec}: scoring {len(kept)} answers")
             marks = [record[source] for record in records]
+            live = retriever if source == "live" else None
             rows[str(spec)] = _score_layout(
-                engine, index, spec, kept, found, cfg, system, generate_tokens, banned, marks
+                engine, index, spec, kept, found, cfg, system, generate_tokens, banned, marks, live
             )
             progress(f"{source} passages, {spec}: perplexity {rows[str(spec)]['perplexity']:.3f}")
         results["sources"][source] = {"answer_in_passage": sum(has_answer) / len(kept), "layouts": rows}
@@ -288,12 +359,23 @@ def evaluate_qa(
 
 
 def format_table(results: dict) -> str:
-    lines = ["| passages | layout | answer perplexity | F1 | answer in passage |", "|---|---|---|---|---|"]
+    lines = [
+        "| passages | layout | answer perplexity | F1 | answer in passage | retrievals from the gold document |",
+        "|---|---|---|---|---|---|",
+    ]
     for source, got in results["sources"].items():
         for name, row in got["layouts"].items():
             f1 = "-" if row["f1"] is None else f"{row['f1']:.3f}"
-            lines.append(f"| {source} | {name} | {row['perplexity']:.3f} | {f1} | {got['answer_in_passage']:.0%} |")
+            r = row.get("retrievals")
+            gold = "-" if r is None else f"first {_share(r['first_from_gold'])}, later {_share(r['later_from_gold'])}"
+            lines.append(
+                f"| {source} | {name} | {row['perplexity']:.3f} | {f1} | {got['answer_in_passage']:.0%} | {gold} |"
+            )
     return "\n".join(lines)
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
 
 
 def prepare_qa(

@@ -229,11 +229,11 @@ class CompletionService:
 
     # -- on the front thread ---------------------------------------------------------------------
     def prompt(self, req: CompletionRequest) -> tuple[list[int], str | None]:
-        """The request's token ids, and a chat's first query (None for a completion: the prompt's tail)."""
+        """The request's token ids, and a chat's question (None for a completion, which queries the prompt's tail)."""
         if req._messages is None:
             return self.prompt_ids(req.prompt), None
-        ids, first_query = render(self.reader, req._messages, req.query_tokens)
-        return self._within_limit(ids, "the conversation"), first_query
+        ids, question = render(self.reader, req._messages, req.query_tokens)
+        return self._within_limit(ids, "the conversation"), question
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """One prompt's token ids. Text is tokenized as plain text (never special tokens); token ids may hold the
@@ -269,7 +269,7 @@ class CompletionService:
     ) -> Generation:
         """The request's generation, validated, for its `prompt` (see `prompt`). It may start from a kept prefix
         cache only of a request with the same API key, `cache_salt` and `user`."""
-        ids, first_query = prompt
+        ids, question = prompt
         if req.mode != "none" and self.retriever is None:
             raise FlashbackError("this server has no index; use mode 'none'")
         cfg = GenerationConfig(
@@ -280,6 +280,7 @@ class CompletionService:
             max_new_tokens=req.max_tokens or 16,
             markers=self.markers and req.mode == "append",
             tail=self.tail if req.tail is None else req.tail,
+            chat_query=req.chat_query,
             temperature=0.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed,
@@ -309,7 +310,7 @@ class CompletionService:
             trace,
             observe,
             chunk,
-            first_query,
+            question,
             cache_salt=scope(key, req),
         )
         return gen

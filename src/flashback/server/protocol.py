@@ -69,6 +69,8 @@ class RequestOptions(BaseModel):
     k: int = Field(GENERATION["k"], ge=1, le=16, strict=True)
     query_tokens: int = Field(GENERATION["query_tokens"], ge=1, le=512, strict=True)
     tail: int | None = Field(None, ge=0, le=512, strict=True)  # None: the server's tail (the adapter's own)
+    # a chat's retrievals after the first: what their query holds (completions query the last tokens)
+    chat_query: Literal["recent", "question+recent", "question"] = GENERATION["chat_query"]
 
     def options(self) -> dict:
         """The shared fields' values, to carry into another request shape."""
