@@ -35,6 +35,9 @@
 #   chat-adapter  an append adapter for chat: the prepare step's running text mixed with one-turn chats of both
 #              genres from what the QA evaluations do not hold out (`flashback qa --prepare [--entries]`), then both
 #              QA evaluations with it (~90 min; needs the index and prepare steps)
+#   chat-query the chat retrieval policy: FlashBack with the chat adapter (CHAT_ADAPTER, default the shipped one)
+#              answers 48 tokens of both QA genres retrieving every 16, its later queries the last tokens (the
+#              paper's), the question and the answer's last tokens, or the question alone (~30 min)
 # Usage: bash scripts/reproduce/smollm2.sh [STEP|all]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -232,4 +235,14 @@ if run chat-adapter; then
     --json "$RUNS/qa-smollm2-chat-adapter2.json"
   flashback qa --questions 100 "${GLOSSARY[@]}" --adapter "$WORK/adapter-chat2" --layouts flashback+adapter \
     --json "$RUNS/qa-jargon-smollm2-chat-adapter2.json"
+fi
+if run chat-query; then
+  glossary_index
+  adapter=(); [[ -n ${CHAT_ADAPTER:-} ]] && adapter=(--adapter "$CHAT_ADAPTER")
+  for policy in recent question+recent question; do
+    LIVE=(--questions 100 "${adapter[@]}" --layouts flashback+adapter --passages live --generate-tokens 48
+      --chat-query "$policy")
+    flashback qa "${LIVE[@]}" --json "$RUNS/qa-live-$policy.json"
+    flashback qa "${LIVE[@]}" "${GLOSSARY[@]}" --json "$RUNS/qa-jargon-live-$policy.json"
+  done
 fi
