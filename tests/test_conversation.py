@@ -233,6 +233,12 @@ def test_qa_training_data_leaves_the_heldout_modules_out(tiny_model_dir, docs_in
     assert result.steps == 2
     card = json.loads((tmp_path / "adapter" / "flashback.json").read_text())
     assert card["data"] == [str(text), str(tmp_path / "qa")] and len(card["data_manifest"]["mixed"]) == 2
+    assert card["endpoint"] == "chat"  # its data held chats: it serves chat requests (cards.pick_slot)
+    from flashback.cards import adapter_endpoint
+
+    del card["endpoint"]  # a card written before the key: the data manifest says it
+    (tmp_path / "adapter" / "flashback.json").write_text(json.dumps(card))
+    assert adapter_endpoint(tmp_path / "adapter") == "chat"
 
 
 def test_qa_live_passages_score_each_stretch_after_what_its_query_finds(chat_lm, docs_index):  # noqa: F811

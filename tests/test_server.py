@@ -1121,3 +1121,81 @@ def _cached_tokens(url: str, body: dict, headers: dict) -> int:
     r = httpx.post(url, json=body, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_chat_requests_run_the_chat_adapter_and_completions_the_text_one(
+    tiny_model_dir, tiny_index_dir, adapter_dir, tmp_path
+):
+    """`serve` with a text and a chat adapter for append mode: a completion generates what an engine holding only the
+    text adapter generates, a chat what one holding only the chat adapter generates for that chat (its tail too);
+    /health names both. A request whose endpoint has no adapter of its own takes the other's."""
+    from fastapi.testclient import TestClient
+
+    from flashback.config import GenerationConfig
+    from flashback.engines.torch import load_model
+    from flashback.engines.torch.adapters import plan_adapters
+    from flashback.generate import Trace, generate, stream
+    from flashback.text.chat_template import render
+
+    from .conftest import random_adapter
+    from .test_chat import CHATML, QUESTION
+
+    chat_adapter = random_adapter(str(tiny_model_dir), tmp_path / "chat", 0.6, tail=5, endpoint="chat")
+    plan = plan_adapters(str(tiny_model_dir), [str(adapter_dir), str(chat_adapter)])
+    assert plan == {"append": str(adapter_dir), "append-chat": str(chat_adapter)}
+    engines = {}
+    alone = {"text": {"append": plan["append"]}, "chat": {"append-chat": plan["append-chat"]}}
+    for name, adapters in {"both": plan, **alone}.items():
+        engines[name] = load_model(str(tiny_model_dir), adapters=adapters)
+        engines[name].tokenizer.chat_template = CHATML
+    retriever = IndexRetriever(Index.load(tiny_index_dir))
+    prompt, messages = "A lambda expression creates", [QUESTION]
+    app = create_app(engines["both"], retriever, markers=True, tail=3, chat=(True, 5))
+    with TestClient(app) as client:
+        completion = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "stride": 4}).json()
+        body = {"messages": messages, "max_tokens": 12, "stride": 4}
+        chat = client.post("/v1/chat/completions", json=body).json()
+        health = client.get("/health").json()
+    assert health["adapters"] == {"append": "append", "append-chat": "chat"} and health["chat_tail"] == 5
+    ids = engines["text"].tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    cfg = GenerationConfig(mode="append", max_new_tokens=12, stride=4, tail=3)
+    assert completion["choices"][0]["text"] == generate(engines["text"], ids, retriever, cfg).text
+
+    def answer(engine, tail: int) -> str:
+        chat_ids, question = render(engine.tokenizer, messages, 32)
+        gen = GenerationConfig(mode="append", max_new_tokens=12, stride=4, tail=tail)
+        tokens = list(stream(engine, chat_ids, retriever, gen, Trace("append"), question=question))
+        return engine.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    assert chat["choices"][0]["message"]["content"] == answer(engines["chat"], 5) != answer(engines["text"], 5)
+    text_only = create_app(engines["text"], retriever, markers=True, tail=3)  # no chat adapter: chats take the text one
+    with TestClient(text_only) as client:
+        chat = client.post("/v1/chat/completions", json=body).json()
+    assert chat["choices"][0]["message"]["content"] == answer(engines["text"], 3)
+
+
+def test_adapters_given_for_a_mode_replace_the_shipped_ones_of_both_endpoints(tiny_model_dir, adapter_dir, tmp_path):
+    """The default model's plan holds its shipped text and chat adapters; an adapter given for append replaces both
+    (serving both endpoints unless one is given for each); a command that serves one endpoint loads only the
+    adapters that serve it."""
+    from flashback.config import EngineConfig
+    from flashback.engines.load import plan_adapters as plan_for
+    from flashback.engines.torch.adapters import plan_adapters
+    from flashback.errors import FlashbackError
+    from flashback.registry import SHIPPED_ADAPTERS
+
+    from .conftest import random_adapter
+
+    shipped = {slot: str(path) for (model, slot), path in SHIPPED_ADAPTERS.items() if model == "smollm2-135m"}
+    assert set(shipped) == {"append", "append-chat"} and plan_adapters(None) == shipped
+    chat = str(random_adapter(str(tiny_model_dir), tmp_path / "chat", 0.6, endpoint="chat"))
+    assert plan_adapters(None, [str(adapter_dir)]) == {"append": str(adapter_dir)}
+    assert plan_adapters(None, [chat]) == {"append-chat": chat}
+    with pytest.raises(FlashbackError, match="two chat adapters for append mode"):
+        plan_adapters(None, [chat, chat])
+    both = EngineConfig(model=str(tiny_model_dir), adapters=(str(adapter_dir), chat))
+    assert plan_for(both, ["append"], chat=True) == {"append-chat": chat}
+    assert plan_for(both, ["append"], chat=False) == {"append": str(adapter_dir)}
+    assert plan_for(both, None, chat=None) == {"append": str(adapter_dir), "append-chat": chat}
+    text = EngineConfig(model=str(tiny_model_dir), adapters=(str(adapter_dir),))
+    assert plan_for(text, ["append"], chat=True) == {"append": str(adapter_dir)}  # it serves chats too

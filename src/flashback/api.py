@@ -144,10 +144,12 @@ class FlashBack:
     """An engine, a retriever and generation defaults: text in, text out."""
 
     def __init__(self, engine: Engine, retriever, index=None, tail: int | None = None):
+        from flashback.cards import for_endpoint
         from flashback.layout import layout_settings
 
         self.engine, self.retriever, self.index = engine, retriever, index
-        self.tail = layout_settings(engine.tuned, "append", None, tail)[1]
+        self.tail = layout_settings(for_endpoint(engine.tuned, False), "append", None, tail)[1]
+        self.chat_tail = layout_settings(for_endpoint(engine.tuned, True), "append", None, tail)[1]
 
     @classmethod
     def load(
@@ -191,20 +193,25 @@ class FlashBack:
             adapters=tuple(str(a) for a in given),
             shipped_adapters=adapter == "auto",
         )
-        loaded = setup(cfg, tail=tail).load(markers=True)  # every mode's layout may be asked for later
+        loaded = setup(cfg, tail=tail, chat=None).load(markers=True)  # every mode's layout may be asked for later
         if retriever is not None:
             return cls(loaded, TextRetriever(retriever, loaded.tokenizer, max_passage_tokens), None, tail)
         idx = load_index(index)
         idx.check_tokenizer(tokenizer_fingerprint(loaded.tokenizer))
         return cls(loaded, IndexRetriever(idx), idx, tail)
 
-    def config(self, mode: str = "append", **settings):
+    def config(self, mode: str = "append", chat: bool = False, **settings):
+        """The GenerationConfig of a request: `settings` over the layout the weights for `mode` (a chat's, with
+        `chat`) were tuned with."""
+        from flashback.cards import for_endpoint
         from flashback.config import GenerationConfig
         from flashback.layout import layout_settings
 
-        untuned = not self.engine.tuned  # a bare model: markers on in append mode, as the paper lays it out
-        markers, _ = layout_settings(self.engine.tuned, mode, settings.pop("markers", None), None, untuned)
-        return GenerationConfig(mode=mode, markers=markers, **{"tail": self.tail, **settings})
+        tuned = for_endpoint(self.engine.tuned, chat)
+        untuned = not tuned  # a bare model: markers on in append mode, as the paper lays it out
+        markers, _ = layout_settings(tuned, mode, settings.pop("markers", None), None, untuned)
+        tail = self.chat_tail if chat else self.tail
+        return GenerationConfig(mode=mode, markers=markers, **{"tail": tail, **settings})
 
     def generate(self, text: str, mode: str = "append", stream: bool = False, **settings):
         """A GenerationResult; with stream=True an iterator of text pieces instead.
@@ -230,6 +237,23 @@ class FlashBack:
                 yield rest
 
         return pieces()
+
+    def chat(self, messages: Sequence[dict] | str, mode: str = "append", **settings):
+        """The assistant's answer to a conversation (a list of role/content messages, or one user message) as a
+        GenerationResult: the chat template applied, the question as the first query, the chat adapter where one is
+        shipped or given. settings: as `generate`'s (chat_query: what later retrievals' queries hold)."""
+        from flashback.generate import GenerationResult, Trace
+        from flashback.generate import stream as stream_tokens
+        from flashback.text.chat_template import render
+
+        messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        cfg = self.config(mode, chat=True, **settings)
+        ids, question = render(self.engine.tokenizer, messages, cfg.query_tokens)
+        retriever = self.retriever if mode != "none" else None
+        trace = Trace(mode)
+        tokens = list(stream_tokens(self.engine, ids, retriever, cfg, trace, question=question))
+        text = self.engine.tokenizer.decode(tokens, skip_special_tokens=True)
+        return GenerationResult(text=text, token_ids=tokens, trace=trace, config=cfg)
 
     def search(self, text: str, k: int = 3) -> list[dict]:
         """The top-k passages for a query: id, title, score and text."""

@@ -1,13 +1,19 @@
 """The cards FlashBack writes beside its artefacts, and what they say about the layout.
 
 `flashback train` writes, beside the PEFT files of an adapter, `flashback.json`: which base model and
-tokenizer the adapter was trained for and how (position, markers, tail). `flashback export` writes a
-card of the same name into the merged model folder. Engines read cards; only their writers write them.
+tokenizer the adapter was trained for and how (position, markers, tail), and which endpoint (chat or text: whether
+its data held chats). `flashback export` writes a card of the same name into the merged model folder. Engines read
+cards; only their writers write them.
+
+An engine holds its adapters by slot: the mode's name for a text adapter, `MODE-chat` for a chat adapter. A request
+takes its endpoint's slot of its mode, else the other endpoint's (pick_slot), so one adapter given for a mode serves
+both completions and chats.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from flashback.atomic import FolderKind
@@ -15,6 +21,7 @@ from flashback.errors import FlashbackError
 from flashback.layout import Tuned
 
 CARD = "flashback.json"
+ENDPOINTS = ("text", "chat")
 ADAPTER_FORMAT = "flashback-adapter/1"
 EXPORT_FORMAT = "flashback-export/1"
 ADAPTER_FOLDER = FolderKind(
@@ -52,6 +59,54 @@ def adapter_position(path: str | Path) -> str:
     if position not in ("append", "prepend"):
         raise FlashbackError(f"adapter {path}: unknown position {position!r} in its card")
     return position
+
+
+def adapter_endpoint(path: str | Path) -> str:
+    """What an adapter was trained for: "chat" when its card says so (or, for cards written before the key existed,
+    when its training data held chats, `qa --prepare`'s), else "text"."""
+    card = read_card(path)
+    if "endpoint" in card:
+        if card["endpoint"] not in ENDPOINTS:
+            raise FlashbackError(f"adapter {path}: unknown endpoint {card['endpoint']!r} in its card")
+        return card["endpoint"]
+    return data_endpoint(card.get("data_manifest") or {})
+
+
+def data_endpoint(manifest: dict) -> str:
+    """ "chat" when a training data manifest (or a mix of them) holds chats, else "text"."""
+    parts = manifest.get("mixed", [manifest])
+    return "chat" if any(part.get("settings", {}).get("source") == "qa" for part in parts) else "text"
+
+
+def slot_name(mode: str, chat: bool) -> str:
+    return f"{mode}-chat" if chat else mode
+
+
+def adapter_slot(path: str | Path) -> str:
+    """The slot an adapter fills: its mode, and its endpoint."""
+    return slot_name(adapter_position(path), adapter_endpoint(path) == "chat")
+
+
+def slot_mode(slot: str) -> str:
+    return slot.removesuffix("-chat")
+
+
+def pick_slot(slots: Iterable[str], mode: str | None, chat: bool) -> str | None:
+    """The slot that serves `mode` for a chat (or a completion): the endpoint's own, else the other endpoint's of the
+    same mode, else None."""
+    if mode is None:
+        return None
+    held = set(slots)
+    for slot in (slot_name(mode, chat), slot_name(mode, not chat)):
+        if slot in held:
+            return slot
+    return None
+
+
+def for_endpoint(tuned: dict[str, Tuned], chat: bool) -> dict[str, Tuned]:
+    """Mode -> how the weights that serve it were tuned, for chats or for completions (slots read as pick_slot)."""
+    modes = {slot_mode(slot) for slot in tuned}
+    return {mode: tuned[pick_slot(tuned, mode, chat)] for mode in modes}
 
 
 def adapter_tuned(path: str | Path) -> Tuned:

@@ -20,6 +20,7 @@ from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 
 from flashback.atomic import check_file, check_output
+from flashback.cards import pick_slot
 from flashback.config import (
     DEFAULT_INDEX_HELP,
     GGUF_TYPES,
@@ -175,13 +176,14 @@ def _checked_retriever(engine, index):
     return IndexRetriever(index)
 
 
-def _generation_setup(args: argparse.Namespace):
-    """(engine, retriever, generation config) of `generate` and `chat`: the mode's adapter, its layout settings
-    unless the flags say otherwise, the index when the mode retrieves."""
+def _generation_setup(args: argparse.Namespace, chat: bool = False):
+    """(engine, retriever, generation config) of `generate` and `chat`: the mode's adapter for the endpoint (a
+    chat's, where there is one), its layout settings unless the flags say otherwise, the index when the mode
+    retrieves."""
     from flashback.engines.load import setup
 
     ecfg, cfg = config(EngineConfig, args), config(GenerationConfig, args)
-    plan = setup(ecfg, cfg.mode, [cfg.mode], markers=given(args, "markers"), tail=given(args, "tail"))
+    plan = setup(ecfg, cfg.mode, [cfg.mode], markers=given(args, "markers"), tail=given(args, "tail"), chat=chat)
     cfg = replace(cfg, markers=plan.markers, tail=plan.tail)
     index = _load_index(args.index) if cfg.mode != "none" else None
     engine = plan.load(markers=None if cfg.mode == "append" else False)  # only append mode places the markers
@@ -214,7 +216,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from flashback.generate import TextStreamer, Trace, stream
     from flashback.text.chat_template import render
 
-    engine, retriever, cfg = _generation_setup(args)
+    engine, retriever, cfg = _generation_setup(args, chat=True)
     engine.keep_prefixes(256)  # each turn starts from the last one's cache (PyTorch engine)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty() and not args.json
@@ -334,7 +336,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # the shipped adapter only when a +adapter mode asks for one; each mode's markers come from --modes
     ecfg = config(EngineConfig, args, shipped_adapters=any(s.adapter for s in specs))
     plan = setup(ecfg, tail=given(args, "tail"))
-    if any(s.adapter and s.mode not in plan.adapters for s in specs):
+    if any(s.adapter and pick_slot(plan.adapters, s.mode, chat=False) is None for s in specs):
         raise FlashbackError("a +adapter mode needs --adapter DIR: no adapter for that mode is shipped for this model")
     cfg = config(EvalConfig, args, tail=plan.tail)
     forbid = _read_lines(sel.forbid_titles, "--forbid-titles")
@@ -422,11 +424,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _chat_engine(args: argparse.Namespace):
     """(engine, index, generation config) for the chat bench and the QA evaluation: FlashBack's layout with the
-    append adapter (the shipped one, --adapter, or an export's), the other layouts on the bare model."""
+    append adapter for chats (the shipped one, --adapter, or an export's), the other layouts on the bare model."""
     from flashback.engines.load import setup
 
     ecfg, cfg = config(EngineConfig, args), config(GenerationConfig, args, mode="append")
-    plan = setup(ecfg, "append", ["append"], markers=given(args, "markers"), tail=given(args, "tail"))
+    plan = setup(ecfg, "append", ["append"], markers=given(args, "markers"), tail=given(args, "tail"), chat=True)
     cfg = replace(cfg, markers=plan.markers, tail=plan.tail)
     index = _load_index(args.index)
     engine = plan.load()
@@ -558,7 +560,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ecfg, serve, limits = config(EngineConfig, args), config(ServeConfig, args), config(ServerLimits, args)
     mode = config(GenerationConfig, args).mode  # requests that name no mode get this one
     index = _load_index(args.index)
-    plan = setup(ecfg, markers=given(args, "markers"), tail=given(args, "tail"))
+    plan = setup(ecfg, markers=given(args, "markers"), tail=given(args, "tail"), chat=None)
     engine, markers, tail = plan.load(), plan.markers, plan.tail
     held = engine.capabilities.sequences
     if held and limits.max_active > held:  # a generation beyond them would evict another's cache
@@ -577,6 +579,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name=name,
         alias=ecfg.model,
         api_keys=serve.api_keys(),
+        chat=(plan.chat_markers, plan.chat_tail),
     )
     if serve.warm_up and engine.warm_up(mode, WARM_CAPACITIES) is not None:
         sizes = ", ".join(map(str, WARM_CAPACITIES))

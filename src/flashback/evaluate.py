@@ -393,7 +393,7 @@ def evaluate(
     if not documents:
         raise FlashbackError("no text to evaluate")
     for s in specs:
-        if s.adapter and s.mode not in engine.adapters:
+        if s.adapter and engine.adapter_for(s.mode) is None:
             raise FlashbackError(f"mode {s} needs an adapter trained for {s.mode} (--adapter)")
     if any(s.markers for s in specs) and engine.marker_ids is None:
         raise FlashbackError("a +markers mode needs a model loaded with marking tokens")
@@ -426,7 +426,7 @@ def _score_mode(engine: Engine, spec: ModeSpec, docs, targets, retrievals, cfg: 
     progress(f"{spec}: perplexity {math.exp(nll):.3f} over {nlls.numel()} tokens in {seconds:.1f} s")
     return ModeResult(
         str(spec),
-        engine.adapters[spec.mode] if spec.adapter else None,
+        engine.adapter_for(spec.mode) if spec.adapter else None,
         spec.markers,
         cfg.k,
         cfg.ensemble and spec.mode != "none",

@@ -162,7 +162,9 @@ def stream(
     trace.max_new_tokens = max_new
     positions = len(prompt) + reserve + max_new  # room for the most it holds
     session = engine.session(
-        SessionSpec(cfg.mode, positions, salt=cache_salt, decode_tokens=decode_steps(cfg, max_new))
+        SessionSpec(
+            cfg.mode, positions, salt=cache_salt, decode_tokens=decode_steps(cfg, max_new), chat=question is not None
+        )
     )
     planner = Planner(cfg.mode, engine.marker_ids if use_markers else None, cfg.tail, head)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed, engine.marker_ids or (), cfg.stop_at_eos)

@@ -243,8 +243,9 @@ def _from_gold(docs: Sequence[str | None], gold_doc: str) -> list[bool]:
 def _score_layout(engine, index, spec, kept, found, cfg, system, generate_tokens, banned, marks, live=None) -> dict:
     """One layout over every question with the given passages (`live`: FlashBack retrieves from this retriever as
     it answers): its row, each question's scores added to `marks`."""
-    session = engine.session(SessionSpec("append" if spec.adapter else None, scoring=True))
+    session = engine.session(SessionSpec("append" if spec.adapter else None, scoring=True, chat=True))
     live = live if spec.layout == "flashback" else None
+    adapted = engine.adapter_for("append", chat=True) is not None  # then generation runs FlashBack with it
     nlls, f1s, later = [], [], []
     for mark, (q, g), passages in zip(marks, kept, found, strict=True):
         text = "\n\n".join(engine.tokenizer.decode(r.token_ids) for r in passages)
@@ -257,7 +258,7 @@ def _score_layout(engine, index, spec, kept, found, cfg, system, generate_tokens
             nll = answer_nll(engine, session, spec.layout, messages, passages, q.answer, cfg, banned)
             mark[str(spec)] = {"nll": round(float(nll.sum()), 4)}
         nlls.append(nll)
-        if generate_tokens and (spec.adapter or spec.layout != "flashback" or "append" not in engine.adapters):
+        if generate_tokens and (spec.adapter or spec.layout != "flashback" or not adapted):
             gen = replace(cfg, max_new_tokens=generate_tokens, temperature=0.0)
             tokens, trace, *_ = answer_turn(
                 engine, spec.layout, messages, q.question, passages, index.chunk_tokens, gen, live
@@ -317,7 +318,7 @@ def evaluate_qa(
     if engine.capabilities.logits != "all":
         raise FlashbackError(f"{engine.name} does not return logits: run the QA evaluation on the PyTorch engine")
     for spec in layouts:
-        if spec.adapter and "append" not in engine.adapters:
+        if spec.adapter and engine.adapter_for("append", chat=True) is None:
             raise FlashbackError("layout flashback+adapter needs an append adapter (the shipped one, or --adapter)")
     if any(s not in PASSAGE_SOURCES for s in sources):
         raise FlashbackError(f"passage sources are {', '.join(PASSAGE_SOURCES)}")

@@ -25,10 +25,12 @@ from flashback.errors import FlashbackError
 
 DEFAULT_MODEL = "smollm2-135m"
 ADAPTERS_DIR = Path(__file__).parent / "adapters"
-# (named model, mode) -> the adapter folder shipped for it. Gemma's folder carries the Gemma Terms of Use and the
-# notice they ask for: the adapter is a derivative of Gemma's weights.
+# (named model, slot) -> the adapter folder shipped for it; a slot is a mode (completions) or MODE-chat (chats,
+# cards.pick_slot). Gemma's folder carries the Gemma Terms of Use and the notice they ask for: the adapter is a
+# derivative of Gemma's weights.
 SHIPPED_ADAPTERS = {
     (DEFAULT_MODEL, "append"): ADAPTERS_DIR / "smollm2-135m-append",
+    (DEFAULT_MODEL, "append-chat"): ADAPTERS_DIR / "smollm2-135m-append-chat",
     ("gemma3-270m", "append"): ADAPTERS_DIR / "gemma3-270m-append",
 }
 SHIPPED_ADAPTER = SHIPPED_ADAPTERS[DEFAULT_MODEL, "append"]
@@ -158,9 +160,15 @@ def resolve_model_path(name: str | None) -> str:
     return str(path) if path.exists() else name
 
 
-def default_adapter(model: str | None, mode: str) -> str | None:
-    """The adapter shipped with the package for this mode of a named model, if there is one."""
-    path = SHIPPED_ADAPTERS.get((model or DEFAULT_MODEL, mode))
+def default_adapter(model: str | None, slot: str) -> str | None:
+    """The adapter shipped with the package for this slot (a mode, or MODE-chat) of a named model, if there is one."""
+    path = SHIPPED_ADAPTERS.get((model or DEFAULT_MODEL, slot))
     if path is not None and (path / "adapter_config.json").exists():
         return str(path)
     return None
+
+
+def shipped_adapters(model: str | None) -> dict[str, str]:
+    """Slot -> the adapter shipped for it, for a named model (none for any other)."""
+    slots = (slot for name, slot in SHIPPED_ADAPTERS if name == (model or DEFAULT_MODEL))
+    return {slot: path for slot in slots if (path := default_adapter(model, slot))}

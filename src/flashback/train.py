@@ -32,7 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from flashback.atomic import FolderKind, atomic_folder, check_output, check_replaceable, resolve_output
-from flashback.cards import ADAPTER_FOLDER, ADAPTER_FORMAT, CARD
+from flashback.cards import ADAPTER_FOLDER, ADAPTER_FORMAT, CARD, data_endpoint
 from flashback.config import TrainConfig
 from flashback.data import Example, Segment, load_segments
 from flashback.distributed import ALONE, World
@@ -659,6 +659,7 @@ def _card(
         "position": cfg.position,
         "markers": cfg.markers,
         "tail": cfg.tail if cfg.position == "append" else 0,
+        "endpoint": data_endpoint(manifest),  # chat adapters serve chats, the others completions
         "marker_ids": list(engine.marker_ids) if cfg.markers else None,
         "settings": {**asdict(cfg), "target_modules": list(cfg.target_modules)},
         "batch": batch,  # ranks, and segments (or examples) per optimizer step: all ranks', and each rank's

@@ -16,6 +16,7 @@ from functools import cached_property
 
 import torch
 
+from flashback.cards import pick_slot
 from flashback.layout import StepPlan, Tuned, banned_ids, without_markers
 
 
@@ -50,6 +51,7 @@ class SessionSpec:
     scoring: bool = False  # every position's logits are wanted (evaluation)
     salt: str | None = None  # sequences of different salts (clients) never start from each other's caches
     decode_tokens: int | None = None  # single-token steps the generation expects (it may choose the decode)
+    chat: bool = False  # a chat's answer: the mode's chat adapter where there is one (cards.pick_slot)
 
 
 SCORING = SessionSpec(scoring=True)  # the bare model, every position's logits
@@ -255,7 +257,7 @@ class Engine(ABC):
     device: torch.device
     arch: Architecture
     capabilities: Capabilities
-    tuned: dict[str, Tuned]  # modes whose layout the weights were tuned for (adapters or an export's card)
+    tuned: dict[str, Tuned]  # slots whose layout the weights were tuned for (adapters or an export's card)
     kind: str  # for reports ("torch", "llama.cpp", "upstream"); code asks `capabilities`, never this
 
     @abstractmethod
@@ -271,8 +273,14 @@ class Engine(ABC):
 
     @property
     def adapters(self) -> dict[str, str]:
-        """Mode -> adapter folder, for engines that run unmerged adapters."""
+        """Slot (a mode for a text adapter, MODE-chat for a chat adapter) -> adapter folder, for engines that run
+        unmerged adapters."""
         return {}
+
+    def adapter_for(self, mode: str | None, chat: bool = False) -> str | None:
+        """The folder of the adapter that serves `mode` for a chat (or a completion), or None."""
+        slot = pick_slot(self.adapters, mode, chat)
+        return None if slot is None else self.adapters[slot]
 
     def keep_prefixes(self, budget_mb: float) -> None:  # noqa: B027 - servers upstream keep their own
         """Keep finished sequences' caches (up to `budget_mb`) so that requests that start alike skip their prefix."""

@@ -129,15 +129,17 @@ def create_app(
     name: str | None = None,
     alias: str | None = None,
     api_keys: tuple[str, ...] = (),
+    chat: tuple[bool, int] | None = None,
 ) -> FastAPI:
     """The HTTP app. `docs` serves /docs and /openapi.json (off by default); `mode` is the mode of requests that
     name none; `name` the served model's name (default: the engine's); `api_keys`, when given, the keys a client
-    must send (see ApiKeys)."""
+    must send (see ApiKeys); `chat` the (markers, tail) of chat requests, their adapter's (default: as
+    completions)."""
     limits = limits or ServerLimits()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service = CompletionService(engine, retriever, limits, markers, tail, mode, name, alias)
+        service = CompletionService(engine, retriever, limits, markers, tail, mode, name, alias, chat)
         app.state.service = service  # what the routes serve with
         app.state.drain = service.drain  # run() calls it when a shutdown signal comes
         yield

@@ -194,8 +194,11 @@ class CompletionService:
         mode: str = GENERATION["mode"],
         name: str | None = None,
         alias: str | None = None,
+        chat: tuple[bool, int] | None = None,
     ) -> None:
         self.engine, self.retriever, self.limits, self.markers, self.tail = engine, retriever, limits, markers, tail
+        # (markers, tail) of chat requests: their adapter's layout (None: the completions')
+        self.chat_markers, self.chat_tail = chat if chat is not None else (markers, tail)
         self.name = name or engine.name  # the served model's name
         self.alias = alias  # another name a client may send for it (the --model string), never shown
         self.drainer = Drain()  # open streams, told when the server shuts down
@@ -221,6 +224,7 @@ class CompletionService:
             "model": self.name,
             "adapters": {mode: Path(path).name for mode, path in self.engine.adapters.items()},
             "tail": self.tail,
+            "chat_tail": self.chat_tail,
             "mode": self.mode,
             "index_passages": self.index_passages,
             "warming_up": self.engine.warming_up(),  # cache sizes whose decode step still compiles in the background
@@ -272,14 +276,16 @@ class CompletionService:
         ids, question = prompt
         if req.mode != "none" and self.retriever is None:
             raise FlashbackError("this server has no index; use mode 'none'")
+        chat = question is not None  # a chat's answer: its adapter and layout
+        markers, tail = (self.chat_markers, self.chat_tail) if chat else (self.markers, self.tail)
         cfg = GenerationConfig(
             mode=req.mode,
             stride=req.stride,
             query_tokens=req.query_tokens,
             k=req.k,
             max_new_tokens=req.max_tokens or 16,
-            markers=self.markers and req.mode == "append",
-            tail=self.tail if req.tail is None else req.tail,
+            markers=markers and req.mode == "append",
+            tail=tail if req.tail is None else req.tail,
             chat_query=req.chat_query,
             temperature=0.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
@@ -317,7 +323,7 @@ class CompletionService:
 
     def _scoring(self, req: CompletionRequest, cfg: GenerationConfig) -> tuple:
         """How an echoed prompt is scored: `flashback eval`'s settings taken from the request."""
-        spec = ModeSpec(req.mode, markers=cfg.markers, adapter=req.mode in self.engine.adapters)
+        spec = ModeSpec(req.mode, markers=cfg.markers, adapter=self.engine.adapter_for(req.mode) is not None)
         settings = {"stride": cfg.stride, "query_tokens": cfg.query_tokens, "k": cfg.k, "tail": cfg.tail}
         if req.max_length is not None:
             if req.max_length > self.engine.max_positions:

@@ -1,7 +1,8 @@
-"""Which LoRA adapter serves which mode, and attaching them (PEFT) to a base model.
+"""Which LoRA adapter serves which mode and endpoint, and attaching them (PEFT) to a base model.
 
 An adapter serves only the layout it was trained for (its card's `position`), so an append adapter never
-alters prepend or none; each is loaded under its mode's name and switched per forward.
+alters prepend or none; a chat adapter (its card's `endpoint`) serves the chats of its mode, a text adapter the
+completions. Each is loaded under its slot's name (cards.pick_slot) and switched per forward.
 """
 
 from __future__ import annotations
@@ -11,40 +12,40 @@ from contextlib import contextmanager
 
 import torch
 
-from flashback.cards import adapter_position, read_card
+from flashback.cards import adapter_slot, read_card, slot_mode
 from flashback.errors import FlashbackError, first_line
-from flashback.registry import default_adapter
+from flashback.registry import shipped_adapters
 from flashback.text.tokenize import tokenizer_fingerprint
 
 
 def plan_adapters(model: str | None, adapters: Sequence[str] = (), no_default: bool = False) -> dict[str, str]:
-    """Mode -> adapter folder: the one place that decides it (CLI, Python API, server).
+    """Slot (a mode, or MODE-chat) -> adapter folder: the one place that decides it (CLI, Python API, server).
 
-    Modes without an adapter given fall back to the adapter shipped for that mode of the default model,
-    unless `no_default`. `none` never has one.
+    Modes without an adapter given take the adapters shipped for that mode of a named model (completions' and
+    chats'), unless `no_default`; an adapter given for a mode replaces them all, and serves both endpoints unless
+    another is given for the other. `none` never has one.
     """
     plan: dict[str, str] = {}
     for path in adapters:
-        mode = adapter_position(path)
-        if mode in plan:
-            raise FlashbackError(f"two adapters for {mode} mode: {plan[mode]} and {path}")
-        plan[mode] = str(path)
+        slot = adapter_slot(path)
+        if slot in plan:
+            kind = "chat adapters" if slot != slot_mode(slot) else "adapters"
+            raise FlashbackError(f"two {kind} for {slot_mode(slot)} mode: {plan[slot]} and {path}")
+        plan[slot] = str(path)
     if not no_default:
-        for mode in ("append", "prepend"):
-            shipped = default_adapter(model, mode)
-            if mode not in plan and shipped:
-                plan[mode] = shipped
+        given = {slot_mode(slot) for slot in plan}
+        plan.update({s: p for s, p in shipped_adapters(model).items() if slot_mode(s) not in given})
     return plan
 
 
 def attach_adapters(model, tokenizer, plan: dict[str, str], base_name: str):
-    """Wrap `model` in the PEFT adapters of `plan` (mode -> folder), each named after its mode.
+    """Wrap `model` in the PEFT adapters of `plan` (slot -> folder), each named after its slot.
 
     The tokenizer must already hold the markers. Each adapter's card must match the tokenizer.
     """
     from peft import PeftModel
 
-    for mode, path in plan.items():
+    for slot, path in plan.items():
         card = read_card(path)
         want = card.get("tokenizer_fingerprint")
         if want and want != tokenizer_fingerprint(tokenizer):
@@ -54,9 +55,9 @@ def attach_adapters(model, tokenizer, plan: dict[str, str], base_name: str):
             )
         try:
             if isinstance(model, PeftModel):
-                model.load_adapter(str(path), adapter_name=mode)
+                model.load_adapter(str(path), adapter_name=slot)
             else:
-                model = PeftModel.from_pretrained(model, str(path), adapter_name=mode)
+                model = PeftModel.from_pretrained(model, str(path), adapter_name=slot)
         except (OSError, ValueError, RuntimeError) as exc:
             raise FlashbackError(f"cannot load adapter {path} onto {base_name}: {first_line(exc)}") from None
     return model

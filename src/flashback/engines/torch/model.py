@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from flashback.cards import adapter_tuned
+from flashback.cards import adapter_tuned, pick_slot
 from flashback.config import DTYPES, QUANTIZE, compile_setting
 from flashback.engines.base import Architecture, Capabilities, Engine, SessionSpec
 from flashback.errors import FlashbackError, first_line
@@ -43,10 +43,10 @@ class TorchEngine(Engine):
     ):
         self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, torch.device(device)
         self.marker_ids = marker_ids
-        self._adapters = dict(adapters or {})  # mode -> adapter folder (peft adapter name = mode)
+        self._adapters = dict(adapters or {})  # slot (cards.pick_slot) -> adapter folder; peft's adapter name = slot
         self.compile = compile_setting(compile)  # on, off, or auto (autocompile.py): the decode step (decode.py)
         self.quantize = quantize  # decode weights: None (as loaded) or "int8"
-        self.tuned = {mode: adapter_tuned(path) for mode, path in self._adapters.items()}
+        self.tuned = {slot: adapter_tuned(path) for slot, path in self._adapters.items()}
         self._active = next(iter(self._adapters), None)  # PeftModel activates the first adapter it loads
         self._decoders: dict = {}
         self.token_rows = token_rows  # the adapters' marker rows, outside PEFT (adapters.TokenRows)
@@ -99,19 +99,19 @@ class TorchEngine(Engine):
         }
 
     def session(self, spec: SessionSpec = SessionSpec()):  # noqa: B008 - frozen
-        """A KV cache whose forwards run with `spec.mode`'s adapter. Given `positions` (a generation's most), single
-        tokens go through the decode step when one is asked for (--compile on / --quantize), over a buffer of that
-        many positions rounded up; with --compile auto, when the `decode_tokens` the generation expects repay the
-        compile (autocompile.py). `scoring` with --quantize runs every forward on the decode weights: what the
-        quantization costs in perplexity."""
+        """A KV cache whose forwards run with the adapter of `spec.mode` for its endpoint (chat or not). Given
+        `positions` (a generation's most), single tokens go through the decode step when one is asked for (--compile
+        on / --quantize), over a buffer of that many positions rounded up; with --compile auto, when the
+        `decode_tokens` the generation expects repay the compile (autocompile.py). `scoring` with --quantize runs
+        every forward on the decode weights: what the quantization costs in perplexity."""
         from flashback.engines.torch.cache import KVCache
 
-        mode, positions = spec.mode, spec.positions
+        positions = spec.positions
+        adapter = pick_slot(self._adapters, spec.mode, spec.chat)  # the keys and values depend on it
         if spec.scoring and self.quantize:
-            return KVCache(self.decoder(mode).model, self.device)
+            return KVCache(self.decoder(adapter).model, self.device)
         capacity = _capacity(positions) if positions is not None else None
-        decoder = self.decoder(mode) if positions is not None else None
-        adapter = mode if mode in self._adapters else None  # the keys and values depend on it
+        decoder = self.decoder(adapter) if positions is not None else None
         auto = None
         if decoder is None and capacity is not None and self.compile == "auto" and spec.decode_tokens:
             auto = self._auto(adapter, capacity, spec.decode_tokens)
@@ -121,7 +121,7 @@ class TorchEngine(Engine):
             self.device,
             capacity if decoder is not None else None,
             decoder,
-            lambda: self.activate(mode),
+            lambda: self.activate(adapter),
             prefixes,
             (adapter, spec.salt),
             auto,
@@ -162,7 +162,7 @@ class TorchEngine(Engine):
         from flashback.engines.torch.autocompile import remember_failure, use_inductor_cache
 
         use_inductor_cache()
-        adapter = mode if mode in self._adapters else None
+        adapter = pick_slot(self._adapters, mode, chat=False)
         sizes = sorted({_capacity(c) for c in capacities})
         self.warming.update((adapter, c) for c in sizes)
 
@@ -204,12 +204,13 @@ class TorchEngine(Engine):
         emb = self.model.get_input_embeddings().weight
         return sum(w.numel() * w.element_size() for w in linears.values()) + emb.shape[1] * emb.element_size()
 
-    def decoder(self, mode: str | None, build: bool = False):
-        """The decode step for `mode` (its adapter merged), or None when decoding stays on the eager model
-        (--compile off or auto, without --quantize, unless `build`: auto chose to compile)."""
+    def decoder(self, slot: str | None, build: bool = False):
+        """The decode step for an adapter slot (a text adapter's is its mode; that adapter merged; the base model for
+        a slot without one), or None when decoding stays on the eager model (--compile off or auto, without
+        --quantize, unless `build`: auto chose to compile)."""
         if not (self.compile == "on" or self.quantize or build):
             return None
-        adapter = mode if mode in self._adapters else None
+        adapter = slot if slot in self._adapters else None
         if adapter not in self._decoders:
             from flashback.engines.torch.decode import Decoder
 
@@ -222,15 +223,15 @@ class TorchEngine(Engine):
             self._decoders[adapter] = decoder
         return self._decoders[adapter]
 
-    def activate(self, mode: str | None) -> None:
-        """Switch the model to the adapter planned for `mode`, or to the bare base model.
+    def activate(self, slot: str | None) -> None:
+        """Switch the model to the adapter of `slot` (a text adapter's is its mode), or to the bare base model.
 
-        Called before every eager forward, so interleaved requests of different modes on one model (the
-        server) each run with their own adapter. A no-op when nothing changes.
+        Called before every eager forward, so interleaved requests of different modes and endpoints on one model
+        (the server) each run with their own adapter. A no-op when nothing changes.
         """
         if not self._adapters:
             return
-        want = mode if mode in self._adapters else None
+        want = slot if slot in self._adapters else None
         if want == self._active:
             return
         if want is None:
@@ -271,7 +272,7 @@ def load_model(
 ) -> TorchEngine:
     """Load model + tokenizer; add marking tokens when asked or when an adapter needs them.
 
-    `adapters` maps modes to adapter folders (adapters.plan_adapters).
+    `adapters` maps slots (a mode, or MODE-chat) to adapter folders (adapters.plan_adapters).
     """
     from transformers import AutoModelForCausalLM
 
