@@ -84,6 +84,7 @@ def test_real_retrieval_finds_a_passage_from_its_own_words(real):
 
 
 def test_shipped_adapter_is_the_default_for_append_and_generates(real):
+    from flashback.cards import card_mode
     from flashback.config import GenerationConfig
     from flashback.engines.torch import load_model
     from flashback.generate import generate
@@ -94,7 +95,7 @@ def test_shipped_adapter_is_the_default_for_append_and_generates(real):
     assert default_adapter(None, "prepend") is None and default_adapter("other/model", "append") is None
     lm = load_model(adapters={"append": default_adapter(None, "append")})
     card = json.loads((SHIPPED_ADAPTER / "flashback.json").read_text())
-    assert card["markers"] and card["position"] == "append" and lm.marker_ids is not None
+    assert card["markers"] and card_mode(card) == "append" and lm.marker_ids is not None
     size = sum(f.stat().st_size for f in SHIPPED_ADAPTER.iterdir())
     assert size < 25_000_000, "the shipped adapter must stay a plug-in (no embedding matrix)"
     prompt = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]

@@ -51,7 +51,7 @@ def test_exported_folder_gives_the_logits_of_base_plus_adapter(tiny_model_dir, a
     ids = torch.randint(0, len(lm.tokenizer) - 2, (30,), generator=g).tolist()
     ids[10:10] = [lm.marker_ids[0], *ids[:5], lm.marker_ids[1]]  # the markers' rows are trained rows too
     torch.testing.assert_close(full_logits(plain, ids), full_logits(lm.model, ids), atol=1e-4, rtol=0)
-    assert card["position"] == "append" and card["tail"] == 3 and card["format"] == "flashback-export/1"
+    assert card["mode"] == "append" and card["tail"] == 3 and card["format"] == "flashback-export/1"
     assert card["adapter"] == Path(adapter_dir).name  # its name, not where it lay on the machine that exported it
     assert str(Path(adapter_dir).parent) not in (out / "flashback.json").read_text()
 

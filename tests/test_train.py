@@ -195,7 +195,7 @@ def test_training_changes_only_markers_and_lora_and_reloads_exactly(fresh_lm, ti
             reloaded.model(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5, rtol=0
         )
     card = json.loads((tmp_path / "adapter" / "flashback.json").read_text())
-    assert card["steps"] == 4 and card["markers"] and card["position"] == "append"
+    assert card["steps"] == 4 and card["markers"] and card["mode"] == "append"
 
 
 def test_switching_modes_gives_each_mode_its_own_marker_rows(fresh_lm, tiny_model_dir, tmp_path):
@@ -381,7 +381,7 @@ def test_bad_training_input(
     assert code == 2 and "not a prepared data folder" in capsys.readouterr().err
 
     base_args = ["train", "--model", str(tiny_model_dir), "--data", str(empty), "--out", str(tmp_path / "a")]
-    code = main([*base_args, "--position", "prepend", "--no-markers", "--tail", "5"])
+    code = main([*base_args, "--mode", "prepend", "--no-markers", "--tail", "5"])
     assert code == 2 and "--tail only makes sense" in capsys.readouterr().err and not (tmp_path / "a").exists()
 
 

@@ -99,7 +99,7 @@ if run train; then  # the recipe the ablations chose: tail 32, LoRA on all linea
 fi
 if run prepend; then  # the same LoRA and the ablations' budget (60 steps of ~20 targets), one example per row
   resume=(); [[ -f $WORK/adapter-prepend.checkpoint/state.pt ]] && resume=(--resume)
-  flashback train --data "$WORK/data" --out "$WORK/adapter-prepend" --position prepend --no-markers --no-pack \
+  flashback train --data "$WORK/data" --out "$WORK/adapter-prepend" --mode prepend --no-markers --no-pack \
     --target-modules "$ALL" --max-steps 60 --batch-size 4 --grad-accum 5 --lr 5e-4 --warmup-steps 4 \
     --eval-every 30 --save-every 10 --max-val-segments 8 "${resume[@]}"
 fi

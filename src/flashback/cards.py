@@ -1,7 +1,7 @@
 """The cards FlashBack writes beside its artefacts, and what they say about the layout.
 
 `flashback train` writes, beside the PEFT files of an adapter, `flashback.json`: which base model and
-tokenizer the adapter was trained for and how (position, markers, tail), and which endpoint (chat or text: whether
+tokenizer the adapter was trained for and how (mode, markers, tail), and which endpoint (chat or text: whether
 its data held chats). `flashback export` writes a card of the same name into the merged model folder. Engines read
 cards; only their writers write them.
 
@@ -53,12 +53,18 @@ def adapter_tail(path: str | Path | None) -> int | None:
     return int(card.get("tail", 0)) if card else None
 
 
-def adapter_position(path: str | Path) -> str:
-    """The layout an adapter was trained for (append unless its card says otherwise)."""
-    position = read_card(path).get("position", "append")
-    if position not in ("append", "prepend"):
-        raise FlashbackError(f"adapter {path}: unknown position {position!r} in its card")
-    return position
+def card_mode(card: dict) -> str:
+    """The mode a card's weights were tuned for: its `mode` (`position` in cards written before the key was renamed),
+    append when it says neither."""
+    return card.get("mode", card.get("position", "append"))
+
+
+def adapter_mode(path: str | Path) -> str:
+    """The mode an adapter was trained for (append unless its card says otherwise)."""
+    mode = card_mode(read_card(path))
+    if mode not in ("append", "prepend"):
+        raise FlashbackError(f"adapter {path}: unknown mode {mode!r} in its card")
+    return mode
 
 
 def adapter_endpoint(path: str | Path) -> str:
@@ -84,7 +90,7 @@ def slot_name(mode: str, chat: bool) -> str:
 
 def adapter_slot(path: str | Path) -> str:
     """The slot an adapter fills: its mode, and its endpoint."""
-    return slot_name(adapter_position(path), adapter_endpoint(path) == "chat")
+    return slot_name(adapter_mode(path), adapter_endpoint(path) == "chat")
 
 
 def slot_mode(slot: str) -> str:
@@ -125,6 +131,5 @@ def read_export_card(folder: str | Path | None) -> dict | None:
 
 
 def export_tuned(card: dict) -> dict[str, Tuned]:
-    """Mode -> layout the export's merged weights were tuned for (its card's position)."""
-    position = card.get("position", "append")
-    return {position: Tuned(markers=bool(card.get("markers")), tail=card.get("tail"))}
+    """Mode -> layout the export's merged weights were tuned for (its card's mode)."""
+    return {card_mode(card): Tuned(markers=bool(card.get("markers")), tail=card.get("tail"))}

@@ -250,7 +250,7 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    position: str = opt(
+    mode: str = opt(
         "append",
         "the layout to train for: append (FlashBack) or prepend (In-Context RALM)",
         choices=("append", "prepend"),
@@ -294,15 +294,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.tail is None:  # the layout's own default: prepend has no tail
-            object.__setattr__(self, "tail", DEFAULT_TAIL if self.position == "append" else 0)
+            object.__setattr__(self, "tail", DEFAULT_TAIL if self.mode == "append" else 0)
 
     def validate(self) -> None:
-        if self.position not in ("append", "prepend"):
-            raise FlashbackError("--position must be append or prepend")
-        if self.markers and self.position != "append":
-            raise FlashbackError("markers only make sense with --position append")
-        if self.tail and self.position != "append":
-            raise FlashbackError("--tail only makes sense with --position append")
+        if self.mode not in ("append", "prepend"):
+            raise FlashbackError("--mode must be append or prepend")
+        if self.markers and self.mode != "append":
+            raise FlashbackError("markers only make sense with --mode append")
+        if self.tail and self.mode != "append":
+            raise FlashbackError("--tail only makes sense with --mode append")
         _at_least(self, ("r", "alpha", "batch_size", "grad_accum", "eval_every", "save_every", "max_steps"))
         if self.tail < 0 or self.early_tokens < 0 or self.early_weight <= 0:
             raise FlashbackError("--tail and --early-tokens must be >= 0, --early-weight > 0")
@@ -312,7 +312,7 @@ class TrainConfig:
 
     @property
     def packed(self) -> bool:
-        return self.pack and self.position == "append"
+        return self.pack and self.mode == "append"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from flashback.atomic import FolderKind, atomic_folder, check_output
-from flashback.cards import EXPORT_FORMAT, adapter_position, adapter_tail, read_card
+from flashback.cards import EXPORT_FORMAT, adapter_mode, adapter_tail, read_card
 from flashback.config import GGUF_TYPES
 from flashback.engines.native import INSTALL_LLAMA_CPP
 from flashback.engines.torch.decode import merged_copy
@@ -135,13 +135,13 @@ def export(
     """Write the merged model to `out` (whole or nothing), with `gguf` also as `model-<type>.gguf`; return its card."""
     check_gguf_type(gguf)
     check_output(out, EXPORT_FOLDER)  # before the merge
-    position = adapter_position(adapter)
-    engine = load_model(model, dtype=dtype, markers=True, adapters={position: str(adapter)})
-    merged = merged_copy(engine.model, position, engine.token_rows)
+    mode = adapter_mode(adapter)
+    engine = load_model(model, dtype=dtype, markers=True, adapters={mode: str(adapter)})
+    merged = merged_copy(engine.model, mode, engine.token_rows)
     source = read_card(adapter)
     card = {
         "format": EXPORT_FORMAT,
-        "position": position,
+        "mode": mode,
         "markers": bool(source.get("markers", True)),
         "marker_ids": list(engine.marker_ids),
         "marker_tokens": engine.tokenizer.convert_ids_to_tokens(list(engine.marker_ids)),

@@ -76,21 +76,21 @@ def layout(
     context: Sequence[int],
     passages: Sequence[Sequence[int]],
     target: Sequence[int],
-    position: str,
+    mode: str,
     markers: tuple[int, int] | None,
     tail: int = 0,
     head: Sequence[int] = (),
 ) -> tuple[list[int], int]:
     """Token ids of one example and the index where the target starts (see the module docstring)."""
-    if position == "append":
+    if mode == "append":
         kept, block = append_parts(context, passages, markers, tail, head)
         ids = kept + block
-    elif position == "prepend":
+    elif mode == "prepend":
         ids = [*head, *passage_block(passages, None), *context]
-    elif position == "none":
+    elif mode == "none":
         ids = [*head, *context]
     else:
-        raise FlashbackError(f"unknown position {position!r}")
+        raise FlashbackError(f"unknown mode {mode!r}")
     return ids + list(target), len(ids)
 
 

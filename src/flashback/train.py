@@ -57,7 +57,7 @@ class Batch:
 
 def collate(
     examples: Sequence[Example],
-    position: str,
+    mode: str,
     markers: tuple[int, int] | None,
     pad_id: int,
     device: torch.device,
@@ -66,7 +66,7 @@ def collate(
 ) -> Batch:
     """One example per row, each laid out by layout.layout() (`head`: BOS first), left-padded so every target ends
     its row."""
-    rows = [layout(ex.context, ex.passages, ex.target, position, markers, tail, head)[0] for ex in examples]
+    rows = [layout(ex.context, ex.passages, ex.target, mode, markers, tail, head)[0] for ex in examples]
     span = {len(ex.target) for ex in examples}
     if len(span) != 1:
         raise FlashbackError("all targets in a batch must have the same length")
@@ -314,7 +314,7 @@ def batches(
         size, mixed = window or (None, True)
         return [pack(seg, markers, cfg.tail, pad_id, device, head=head, window=size, mixed=mixed) for seg in units]
     return [
-        collate(units[i : i + cfg.batch_size], cfg.position, markers, pad_id, device, cfg.tail, head)
+        collate(units[i : i + cfg.batch_size], cfg.mode, markers, pad_id, device, cfg.tail, head)
         for i in range(0, len(units), cfg.batch_size)
     ]
 
@@ -656,9 +656,9 @@ def _card(
         "format": ADAPTER_FORMAT,
         "base_model": engine.name,
         "tokenizer_fingerprint": fingerprint,
-        "position": cfg.position,
+        "mode": cfg.mode,
         "markers": cfg.markers,
-        "tail": cfg.tail if cfg.position == "append" else 0,
+        "tail": cfg.tail if cfg.mode == "append" else 0,
         "endpoint": data_endpoint(manifest),  # chat adapters serve chats, the others completions
         "marker_ids": list(engine.marker_ids) if cfg.markers else None,
         "settings": {**asdict(cfg), "target_modules": list(cfg.target_modules)},

@@ -82,7 +82,7 @@ class LlamaCppEngine(ExportedEngine):
 
 
 def gguf_export_card(folder: str | Path) -> dict:
-    """The card of a `flashback export --gguf` folder (position, markers, tail, the GGUF's name)."""
+    """The card of a `flashback export --gguf` folder (mode, markers, tail, the GGUF's name)."""
     card = read_export_card(folder) or {}
     if not card.get("gguf"):
         raise FlashbackError(f"{folder} is not an export with a GGUF file: run flashback export --gguf f16 --out DIR")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from flashback.cards import (
-    adapter_position,
+    adapter_mode,
     adapter_tuned,
     export_tuned,
     for_endpoint,
@@ -93,7 +93,7 @@ def plan_adapters(cfg: EngineConfig, modes: Sequence[str] | None = None, chat: b
     if modes is None:
         return chosen
     for path in cfg.adapters:
-        trained = adapter_position(path)
+        trained = adapter_mode(path)
         if trained not in modes:
             raise FlashbackError(f"adapter {path} was trained for {trained} mode; --mode {modes[0]} does not use it")
     return {slot: path for slot, path in chosen.items() if slot_mode(slot) in modes}

@@ -1,6 +1,6 @@
 """Which LoRA adapter serves which mode and endpoint, and attaching them (PEFT) to a base model.
 
-An adapter serves only the layout it was trained for (its card's `position`), so an append adapter never
+An adapter serves only the layout it was trained for (its card's `mode`), so an append adapter never
 alters prepend or none; a chat adapter (its card's `endpoint`) serves the chats of its mode, a text adapter the
 completions. Each is loaded under its slot's name (cards.pick_slot) and switched per forward.
 """
