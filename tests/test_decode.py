@@ -312,3 +312,28 @@ def test_warm_up_compiles_in_the_background_while_sessions_stay_eager(
     assert got.token_ids == want.token_ids
     assert got.trace.compile["compiled"] and "earlier in this process" in got.trace.compile["reason"]
     assert counters["stats"]["unique_graphs"] == graphs  # the warm-up's graph, not a recompiled one
+
+
+def test_warm_up_builds_the_decode_steps_of_both_endpoints(tiny_model_dir, adapter_dir, tmp_path, monkeypatch):
+    """A server holding a text and a chat adapter for append mode warms both adapters' decode steps (chats decode
+    on the chat adapter's merged weights), each for every capacity asked for."""
+    import flashback.engines.torch.autocompile as autocompile
+
+    from .conftest import random_adapter
+
+    chat = random_adapter(str(tiny_model_dir), tmp_path / "chat", 0.6, endpoint="chat")
+    lm = load_model(
+        str(tiny_model_dir), adapters={"append": str(adapter_dir), "append-chat": str(chat)}, compile="auto"
+    )
+    built, failed = [], []
+
+    def decoder(slot, build=False):
+        built.append(slot)
+        raise RuntimeError("not compiled in this test")
+
+    monkeypatch.setattr(lm, "decoder", decoder)
+    monkeypatch.setattr(autocompile, "remember_failure", lambda key, exc: failed.append(key))
+    thread = lm.warm_up("append", (300, 700))
+    thread.join(timeout=60)
+    assert built == ["append", "append", "append-chat", "append-chat"] and len(failed) == 4
+    assert not lm.warming  # each size is done (here: failed), so sessions stop waiting for it

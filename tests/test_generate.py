@@ -315,5 +315,8 @@ def test_a_chat_queries_later_retrievals_as_its_policy_says(tiny_lm, index):
     cfg = GenerationConfig(mode="append", max_new_tokens=20, stride=8, query_tokens=6, chat_query="question")
     list(stream(tiny_lm, prompt, IndexRetriever(index), cfg, completion))
     assert completion.retrievals[0]["query"] == tok.decode(prompt[-6:])  # no question: the paper's queries
+    empty = Trace("append")  # a chat whose last user message is empty: queried by its last tokens
+    list(stream(tiny_lm, prompt, IndexRetriever(index), cfg, empty, question=""))
+    assert empty.retrievals[0]["query"] == tok.decode(prompt[-6:])
     with pytest.raises(FlashbackError, match="unknown chat query"):
         GenerationConfig(chat_query="answer").validate()

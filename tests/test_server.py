@@ -1150,7 +1150,7 @@ def test_chat_requests_run_the_chat_adapter_and_completions_the_text_one(
         engines[name].tokenizer.chat_template = CHATML
     retriever = IndexRetriever(Index.load(tiny_index_dir))
     prompt, messages = "A lambda expression creates", [QUESTION]
-    app = create_app(engines["both"], retriever, markers=True, tail=3, chat=(True, 5))
+    app = create_app(engines["both"], retriever, markers=True, tail=3)  # chats: the chat adapter's card's layout
     with TestClient(app) as client:
         completion = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "stride": 4}).json()
         body = {"messages": messages, "max_tokens": 12, "stride": 4}

@@ -216,11 +216,11 @@ glossary_index() {
     flashback index "$DATA/jargon.jsonl.gz" "$DATA/foldoc.jsonl.gz" --out "$WORK/index-glossary"
 }
 if run qa; then
-  flashback qa --questions 100 --json "$RUNS/qa-smollm2.json"
+  flashback qa --questions 100 --adapter "$SHIPPED" --json "$RUNS/qa-smollm2.json"  # the running-text adapter
 fi
 if run qa-jargon; then
   glossary_index
-  flashback qa --questions 100 "${GLOSSARY[@]}" --json "$RUNS/qa-jargon-smollm2.json"
+  flashback qa --questions 100 "${GLOSSARY[@]}" --adapter "$SHIPPED" --json "$RUNS/qa-jargon-smollm2.json"
 fi
 if run chat-adapter; then
   glossary_index

@@ -169,8 +169,8 @@ class FlashBack:
         quantize: str | None = None,
         flash_attn: bool = False,
     ) -> FlashBack:
-        """Load everything the CLI would: `adapter="auto"` takes the adapters shipped for the default model
-        (one per mode, never applied to another mode), None none, a folder (or several) exactly those.
+        """Load everything the CLI would: `adapter="auto"` takes the adapters shipped for the model (each for the mode
+        and endpoint its card names, never applied to another mode), None none, a folder (or several) exactly those.
         `engine="llamacpp"` runs an export's GGUF (model=EXPORT) in llama.cpp; `upstream=URL` decodes on an
         inference server that serves the export (model=EXPORT). `retriever` replaces the BM25 index with your
         own search function (see TextRetriever). `compile` ("auto", "on", "off") / `quantize="int8"` choose the

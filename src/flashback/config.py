@@ -147,8 +147,8 @@ class GenerationConfig:
     )
     chat_query: str = opt(
         CHAT_QUERY,
-        "chat: the query of the retrievals after the first: the question and the answer's last query-tokens tokens, "
-        "the question alone, or the last tokens alone (completions always query the last tokens)",
+        "chat: the query of the retrievals after the first: the last query-tokens tokens (the paper's), the question "
+        "and the answer's last tokens, or the question alone (completions always query the last tokens)",
         choices=CHAT_QUERIES,
     )
     temperature: float = opt(0.0, "0 = greedy")

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from flashback.atomic import FolderKind, atomic_folder, check_output
-from flashback.cards import EXPORT_FORMAT, adapter_mode, adapter_tail, read_card
+from flashback.cards import EXPORT_FORMAT, adapter_endpoint, adapter_mode, adapter_tail, read_card
 from flashback.config import GGUF_TYPES
 from flashback.engines.native import INSTALL_LLAMA_CPP
 from flashback.engines.torch.decode import merged_copy
@@ -142,6 +142,7 @@ def export(
     card = {
         "format": EXPORT_FORMAT,
         "mode": mode,
+        "endpoint": adapter_endpoint(adapter),  # what the merged adapter was trained to serve
         "markers": bool(source.get("markers", True)),
         "marker_ids": list(engine.marker_ids),
         "marker_tokens": engine.tokenizer.convert_ids_to_tokens(list(engine.marker_ids)),

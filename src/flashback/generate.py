@@ -233,7 +233,7 @@ def retrieval_query(tokenizer, cfg: GenerationConfig, history: Sequence[int], ge
     A chat's answer queried by its own last tokens drifts to generic passages; with the question in the query, the
     passage stays on the question's subject (docs/results.md, "Chat retrieval queries")."""
     recent = lambda ids: tokenizer.decode(list(ids)[-cfg.query_tokens :], skip_special_tokens=True)  # noqa: E731
-    if question is None or (generated and cfg.chat_query == "recent"):
+    if not question or (generated and cfg.chat_query == "recent"):  # an empty question queries the last tokens
         return recent(history)
     if not generated or cfg.chat_query == "question":
         return question

@@ -3,9 +3,9 @@
 Every public function of an importable standard-library module that has a docstring gives one question, "What does
 module.function() do?", whose reference answer is the docstring's first sentence. The default index renders the same
 modules' documentation (pydoc), so the answer lies in one of the index's passages: the question's gold passage,
-the first of its module's passages that holds the whole sentence. Questions without one are dropped. None of it
-was trained on: the adapters learn from the Python documentation's running text (tutorial, howto, ...), never from
-docstrings or the index.
+the first of its module's passages that holds the whole sentence. Questions without one are dropped. The evaluation
+asks only the held-out fifth of the modules: the running-text adapter never saw docstrings, and the chat adapter
+learnt from the other modules' (`prepare_qa`).
 
 A second genre comes from a glossary (`--entries FILE`, a JSONL of id/title/text such as the Jargon File): "What is
 TITLE?", answered by the first sentence of the entry's definition, its gold passage the first passage titled TITLE

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from fastapi import Request
 
+from flashback.cards import pick_slot
 from flashback.config import MODES, EvalConfig, GenerationConfig, ServerLimits
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
@@ -181,6 +182,16 @@ class LockedRetriever:
             return self.retriever(query, k)
 
 
+def chat_layout(engine: Engine, markers: bool, tail: int) -> tuple[bool, int]:
+    """(markers, tail) for chats when the caller gave only the completions': a chat adapter's own card's, where the
+    engine holds one for append mode, else the completions'."""
+    slot = pick_slot(engine.tuned, "append", chat=True)
+    if slot is None or slot == pick_slot(engine.tuned, "append", chat=False):
+        return markers, tail
+    own = engine.tuned[slot]
+    return own.markers, tail if own.tail is None else own.tail
+
+
 class CompletionService:
     """Turns requests into generations on the scheduler and their steps into OpenAI responses."""
 
@@ -197,8 +208,8 @@ class CompletionService:
         chat: tuple[bool, int] | None = None,
     ) -> None:
         self.engine, self.retriever, self.limits, self.markers, self.tail = engine, retriever, limits, markers, tail
-        # (markers, tail) of chat requests: their adapter's layout (None: the completions')
-        self.chat_markers, self.chat_tail = chat if chat is not None else (markers, tail)
+        # (markers, tail) of chat requests: their adapter's layout
+        self.chat_markers, self.chat_tail = chat if chat is not None else chat_layout(engine, markers, tail)
         self.name = name or engine.name  # the served model's name
         self.alias = alias  # another name a client may send for it (the --model string), never shown
         self.drainer = Drain()  # open streams, told when the server shuts down
@@ -222,7 +233,7 @@ class CompletionService:
         return {
             "status": "ok",
             "model": self.name,
-            "adapters": {mode: Path(path).name for mode, path in self.engine.adapters.items()},
+            "adapters": {slot: Path(path).name for slot, path in self.engine.adapters.items()},
             "tail": self.tail,
             "chat_tail": self.chat_tail,
             "mode": self.mode,

@@ -151,10 +151,10 @@ class TorchEngine(Engine):
         return sorted(capacity for _, capacity in set(self.warming))
 
     def warm_up(self, mode: str | None, capacities: Sequence[int]):
-        """Compile `mode`'s decode step for each capacity in a background thread, so that requests find the graphs
-        built (--compile auto then switches to them at no cost). Meanwhile auto sessions stay eager, so that only
-        this thread compiles. With --compile on the graphs are those its sessions decode on (a bench compiles the
-        long contexts' this way, without a warm-up prefill); off never compiles."""
+        """Compile `mode`'s decode steps (its text and chat adapters') for each capacity in a background thread, so
+        that requests find the graphs built (--compile auto then switches to them at no cost). Meanwhile auto
+        sessions stay eager, so that only this thread compiles. With --compile on the graphs are those its sessions
+        decode on (a bench compiles the long contexts' this way, without a warm-up prefill); off never compiles."""
         import threading
 
         if self.compile == "off" or self.quantize:
@@ -162,23 +162,24 @@ class TorchEngine(Engine):
         from flashback.engines.torch.autocompile import remember_failure, use_inductor_cache
 
         use_inductor_cache()
-        adapter = pick_slot(self._adapters, mode, chat=False)
+        slots = list(dict.fromkeys(pick_slot(self._adapters, mode, chat) for chat in (False, True)))  # both endpoints'
         sizes = sorted({_capacity(c) for c in capacities})
-        self.warming.update((adapter, c) for c in sizes)
+        self.warming.update((adapter, c) for adapter in slots for c in sizes)
 
         def work() -> None:
             from flashback.engines.torch.cache import KVCache
 
-            for capacity in sizes:
-                try:
-                    decoder = self.decoder(adapter, build=True)
-                    cache = KVCache(decoder.model, self.device, capacity, decoder)
-                    cache.extend(self.head_ids or [0])  # eager, on the decode step's own merged weights
-                    cache.extend([0])  # the step: compiles this capacity's graph
-                except Exception as exc:  # noqa: BLE001 - a failed compile leaves requests eager, as in auto
-                    remember_failure(self._graph_key(adapter, capacity), exc)
-                finally:
-                    self.warming.discard((adapter, capacity))
+            for adapter in slots:
+                for capacity in sizes:
+                    try:
+                        decoder = self.decoder(adapter, build=True)
+                        cache = KVCache(decoder.model, self.device, capacity, decoder)
+                        cache.extend(self.head_ids or [0])  # eager, on the decode step's own merged weights
+                        cache.extend([0])  # the step: compiles this capacity's graph
+                    except Exception as exc:  # noqa: BLE001 - a failed compile leaves requests eager, as in auto
+                        remember_failure(self._graph_key(adapter, capacity), exc)
+                    finally:
+                        self.warming.discard((adapter, capacity))
 
         thread = threading.Thread(target=work, name="flashback-warm-up", daemon=True)
         thread.start()
