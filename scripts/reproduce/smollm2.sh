@@ -37,7 +37,7 @@
 #              QA evaluations with it (~90 min; needs the index and prepare steps)
 #   chat-query the chat retrieval policy: FlashBack with the chat adapter (CHAT_ADAPTER, default the shipped one)
 #              answers 48 tokens of both QA genres retrieving every 16, its later queries the last tokens (the
-#              paper's), the question and the answer's last tokens, or the question alone (~30 min)
+#              paper's) or the question and the answer's last tokens (CHAT_QUERIES; ~60 min)
 # Usage: bash scripts/reproduce/smollm2.sh [STEP|all]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -239,7 +239,7 @@ fi
 if run chat-query; then
   glossary_index
   adapter=(); [[ -n ${CHAT_ADAPTER:-} ]] && adapter=(--adapter "$CHAT_ADAPTER")
-  for policy in recent question+recent question; do
+  for policy in ${CHAT_QUERIES:-recent question+recent}; do
     LIVE=(--questions 100 "${adapter[@]}" --layouts flashback+adapter --passages live --generate-tokens 48
       --chat-query "$policy")
     flashback qa "${LIVE[@]}" --json "$RUNS/qa-live-$policy.json"

@@ -230,8 +230,8 @@ def retrieval_query(tokenizer, cfg: GenerationConfig, history: Sequence[int], ge
     """The query of the retrieval before the next stretch, `generated` tokens into the answer: the last
     `query_tokens` tokens of `history` as text (the paper's), and, for a chat's `question`, what `cfg.chat_query` says.
 
-    A chat's answer queried by its own last tokens drifts to generic passages; with the question in the query, the
-    passage stays on the question's subject (docs/results.md, "Chat retrieval queries")."""
+    A chat's answer queried by its own last tokens can drift to generic passages; with the question in the query,
+    more of the later passages come from the question's document (docs/results.md, "Chat retrieval queries")."""
     recent = lambda ids: tokenizer.decode(list(ids)[-cfg.query_tokens :], skip_special_tokens=True)  # noqa: E731
     if not question or (generated and cfg.chat_query == "recent"):  # an empty question queries the last tokens
         return recent(history)
