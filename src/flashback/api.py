@@ -242,18 +242,13 @@ class FlashBack:
         """The assistant's answer to a conversation (a list of role/content messages, or one user message) as a
         GenerationResult: the chat template applied, the question as the first query, the chat adapter where one is
         shipped or given. settings: as `generate`'s (chat_query: what later retrievals' queries hold)."""
-        from flashback.generate import GenerationResult, Trace
-        from flashback.generate import stream as stream_tokens
+        from flashback.generate import generate
         from flashback.text.chat_template import render
 
         messages = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
         cfg = self.config(mode, chat=True, **settings)
         ids, question = render(self.engine.tokenizer, messages, cfg.query_tokens)
-        retriever = self.retriever if mode != "none" else None
-        trace = Trace(mode)
-        tokens = list(stream_tokens(self.engine, ids, retriever, cfg, trace, question=question))
-        text = self.engine.tokenizer.decode(tokens, skip_special_tokens=True)
-        return GenerationResult(text=text, token_ids=tokens, trace=trace, config=cfg)
+        return generate(self.engine, ids, self.retriever if mode != "none" else None, cfg, question=question)
 
     def search(self, text: str, k: int = 3) -> list[dict]:
         """The top-k passages for a query: id, title, score and text."""

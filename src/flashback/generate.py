@@ -267,10 +267,15 @@ def _retrieve(retriever: Retriever, query: str, cfg: GenerationConfig, step: int
 
 
 def generate(
-    engine: Engine, prompt_ids: Sequence[int], retriever: Retriever | None, cfg: GenerationConfig
+    engine: Engine,
+    prompt_ids: Sequence[int],
+    retriever: Retriever | None,
+    cfg: GenerationConfig,
+    question: str | None = None,
 ) -> GenerationResult:
+    """The whole generation at once (`stream`'s, `question` making it a chat's answer)."""
     trace = Trace(cfg.mode)
-    tokens = list(stream(engine, prompt_ids, retriever, cfg, trace))
+    tokens = list(stream(engine, prompt_ids, retriever, cfg, trace, question=question))
     text = engine.tokenizer.decode(tokens, skip_special_tokens=True)
     return GenerationResult(text=text, token_ids=tokens, trace=trace, config=cfg)
 

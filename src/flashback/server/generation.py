@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from fastapi import Request
 
-from flashback.cards import pick_slot
+from flashback.cards import for_endpoint, pick_slot
 from flashback.config import MODES, EvalConfig, GenerationConfig, ServerLimits
 from flashback.engines.base import Engine
 from flashback.errors import FlashbackError
 from flashback.evaluate import ModeSpec, scoring_steps, scoring_work
 from flashback.generate import TextStreamer, Trace, stream
-from flashback.layout import banned_ids, planned_work, without_markers
+from flashback.layout import banned_ids, layout_settings, planned_work, without_markers
 from flashback.server.protocol import DRAIN, GENERATION, CompletionRequest, Drain, ShuttingDown, Step
 from flashback.server.scheduler import Scheduler, ignore_result, release_memory
 from flashback.server.stops import StopFilter
@@ -183,13 +183,11 @@ class LockedRetriever:
 
 
 def chat_layout(engine: Engine, markers: bool, tail: int) -> tuple[bool, int]:
-    """(markers, tail) for chats when the caller gave only the completions': a chat adapter's own card's, where the
-    engine holds one for append mode, else the completions'."""
-    slot = pick_slot(engine.tuned, "append", chat=True)
-    if slot is None or slot == pick_slot(engine.tuned, "append", chat=False):
+    """(markers, tail) for chats when the caller gave only the completions': the layout the chat adapter was tuned
+    with, where the engine holds its own one for append mode, else the completions'."""
+    if pick_slot(engine.tuned, "append", chat=True) == pick_slot(engine.tuned, "append", chat=False):
         return markers, tail
-    own = engine.tuned[slot]
-    return own.markers, tail if own.tail is None else own.tail
+    return layout_settings(for_endpoint(engine.tuned, chat=True), "append", None, None)
 
 
 class CompletionService:
